@@ -1,0 +1,34 @@
+# The README's commands. Everything a fresh machine needs is installed here, nothing by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The local CPU wheel; on a GPU machine set TORCH_SPEC to the CUDA build you want.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, so the project's torch range is already satisfied and no CUDA wheels are pulled
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/vaectl demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m benchmarks.embed
+	$(BIN)/python -m benchmarks.train
+
+lint: setup
+	$(BIN)/ruff check vae ray_jobs tests benchmarks feature_repo
+
+clean:
+	rm -rf demo_output ray_results feature_repo/data benchmarks/results

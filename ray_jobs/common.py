@@ -1,0 +1,131 @@
+"""What every job shares: its typed config from YAML and flags, the error boundary, Ray start-up."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from vae.errors import InputError
+
+log = logging.getLogger("ray_jobs")
+
+
+class JobConfig(BaseModel):
+    """Base for the one config object of each job: unknown keys are errors, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+ConfigT = TypeVar("ConfigT", bound=JobConfig)
+
+
+def parse_config(config_class: type[ConfigT], argv: list[str] | None, prog: str) -> ConfigT:
+    """Defaults < YAML file (--config) < one flag per field (values parsed as YAML: 16, [256,128])."""
+    parser = argparse.ArgumentParser(prog=prog, description=(config_class.__doc__ or "").strip())
+    parser.add_argument("--config", metavar="YAML", help="YAML file with any of the options below")
+    for name, field in config_class.model_fields.items():
+        default = "required" if field.is_required() else f"default: {field.default!r}"
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, metavar="VALUE",
+            help=f"{field.description or ''} ({default})",
+        )
+    args = vars(parser.parse_args(argv))
+    values: dict = {}
+    if config_path := args.pop("config", None):
+        try:
+            values = yaml.safe_load(Path(config_path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise InputError(f"config {config_path}: {error}") from None
+        if not isinstance(values, dict):
+            raise InputError(f"config {config_path}: expected a mapping of option names to values")
+    values.update({name: _parse_flag(raw) for name, raw in args.items()})
+    try:
+        return config_class(**values)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise InputError(f"invalid {prog} config: {problems}") from None
+
+
+def _parse_flag(raw: str):
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def find_input_error(error: BaseException) -> InputError | None:
+    """The InputError behind an exception, looking through Ray's task and training wrappers."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, InputError):
+            return current
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+        pending += list(getattr(current, "worker_failures", {}).values())  # ray.train WorkerGroupError
+    return None
+
+
+def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Run a job's main: bad input ends with one line on stderr and exit code 2, no traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        job(argv)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as error:
+        input_error = find_input_error(error)
+        if input_error is None:
+            raise
+        print(f"error: {_first_line(input_error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _first_line(error: InputError) -> str:
+    # Ray re-raises user exceptions with its own traceback text appended after the message.
+    return str(error.args[0] if error.args else error).strip().splitlines()[0]
+
+
+@contextlib.contextmanager
+def ray_session() -> Iterator[None]:
+    """Use the Ray already running (a submitted job, a test, RAY_ADDRESS) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(log_to_driver=True, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def parquet_schema(path: str) -> pa.Schema:
+    """The Arrow schema of a Parquet file or directory, with a clear error if it can't be read."""
+    try:
+        dataset = pads.dataset(path, format="parquet")
+        if not dataset.files:
+            raise InputError(f"{path}: no Parquet files found; check the path")
+        return dataset.schema
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file or directory") from None
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputError(f"{path}: not readable as Parquet ({_short(error)})") from None
+
+
+def _short(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0][:300]

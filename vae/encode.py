@@ -1,0 +1,22 @@
+"""Encoding for inference: posterior means and a deterministic anomaly score."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vae.losses import elbo_terms
+from vae.model import VAE
+from vae.preprocessing import Normalizer
+
+
+@torch.inference_mode()
+def encode_matrix(model: VAE, normalizer: Normalizer, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(posterior_mean, anomaly_score) for raw feature rows.
+
+    The anomaly score is the negative ELBO in nats evaluated at the posterior mean, so the same
+    row always gets the same score; higher means more unusual.
+    """
+    x = torch.from_numpy(normalizer(matrix))
+    terms = elbo_terms(model, x, sample=False)
+    return terms.posterior.mean.numpy(), terms.negative_elbo.numpy()

@@ -1,0 +1,69 @@
+"""ELBO terms in nats per example. log p(x) >= E_q[log p(x|z)] - KL(q(z|x) || p(z))."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vae.model import VAE, DiagonalGaussian
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_d log Bern(x_d; sigmoid(logits_d)) per example.
+
+    For x in [0, 1] that is not binary this equals the expected log-likelihood of a dynamically
+    binarized x (b_d ~ Bern(x_d)), so it stays a normalized likelihood in expectation.
+    """
+    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=-1)
+
+
+def gaussian_log_likelihood(mean: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_d log N(x_d; mean_d, exp(logvar_d)) per example."""
+    return -0.5 * torch.sum(LOG_2PI + logvar + (x - mean).pow(2) / logvar.exp(), dim=-1)
+
+
+def reconstruction_nll(model: VAE, decoded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) per example under the model's likelihood, given the decoder's output for z."""
+    if model.config.likelihood == "bernoulli":
+        return -bernoulli_log_likelihood(decoded, x)
+    # Bounded so a constant feature cannot drive its variance (and the loss) to minus infinity.
+    logvar = model.decoder_logvar.clamp(-7.0, 7.0).expand_as(decoded)
+    return -gaussian_log_likelihood(decoded, logvar, x)
+
+
+@dataclass
+class ElboTerms:
+    """Per-example terms; the negative ELBO is reconstruction + kl (nats)."""
+
+    reconstruction: torch.Tensor  # -E_q[log p(x|z)], one sample
+    kl: torch.Tensor  # KL(q(z|x) || N(0, I)), closed form
+    posterior: DiagonalGaussian
+
+    @property
+    def negative_elbo(self) -> torch.Tensor:
+        return self.reconstruction + self.kl
+
+    def loss(self, beta: float = 1.0) -> torch.Tensor:
+        """Mean over the batch of reconstruction + beta * KL: the training objective."""
+        return (self.reconstruction + beta * self.kl).mean()
+
+
+def elbo_terms(
+    model: VAE | torch.nn.parallel.DistributedDataParallel,
+    x: torch.Tensor,
+    sample: bool = True,
+    generator: torch.Generator | None = None,
+) -> ElboTerms:
+    """One-sample ELBO terms; sample=False evaluates at the posterior mean (deterministic).
+
+    Accepts a DDP-wrapped model: the forward pass goes through the wrapper, the likelihood's
+    settings are read from the wrapped module.
+    """
+    posterior, decoded = model(x, sample=sample, generator=generator)
+    vae = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return ElboTerms(reconstruction_nll(vae, decoded, x), posterior.kl(), posterior)

@@ -1,0 +1,274 @@
+"""Arrow batches -> float32 matrices, validated, and the statistics that normalize them.
+
+A dataset holds its features either as one list column (a vector or a flattened image) or as
+several numeric scalar columns. Fixed-size list columns of float32 convert without a copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from vae.errors import InputError
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """Which columns of a dataset the model reads, and how many features they make."""
+
+    key_column: str
+    dim: int
+    vector_column: str | None = None  # one list column of length dim ...
+    feature_columns: tuple[str, ...] = ()  # ... or dim numeric scalar columns
+    image_shape: tuple[int, ...] | None = None  # declared shape of the vector, e.g. (1, 8, 8)
+
+    def __post_init__(self) -> None:
+        if (self.vector_column is None) == (not self.feature_columns):
+            raise InputError("name either one vector column or a list of feature columns, not both or neither")
+        if self.image_shape is not None and int(np.prod(self.image_shape)) != self.dim:
+            raise InputError(f"image shape {self.image_shape} has {int(np.prod(self.image_shape))} values, not {self.dim}")
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.key_column, *([self.vector_column] if self.vector_column else self.feature_columns)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> FeatureSchema:
+        shape = values.get("image_shape")
+        return cls(
+            **{**values, "feature_columns": tuple(values.get("feature_columns", ())), "image_shape": tuple(shape) if shape else None}
+        )
+
+
+def infer_feature_schema(
+    schema: pa.Schema,
+    source: str,
+    key_column: str,
+    vector_column: str | None = None,
+    feature_columns: tuple[str, ...] = (),
+    image_shape: tuple[int, ...] | None = None,
+) -> FeatureSchema:
+    """Check a dataset's Arrow schema and derive the feature dimension from it.
+
+    A variable-length list column takes its length from image_shape; without one, use a
+    fixed_size_list column (vector lengths are then checked row by row as batches arrive).
+    """
+    if vector_column:
+        dim = _list_size(schema, source, vector_column)
+        if dim is None:
+            if image_shape is None:
+                raise InputError(
+                    f"{source}: column '{vector_column}' is a variable-length list; write it as "
+                    "fixed_size_list or declare image_shape so its length is known"
+                )
+            dim = int(np.prod(image_shape))
+    else:
+        dim = len(feature_columns)
+    features = FeatureSchema(key_column, dim, vector_column, tuple(feature_columns), image_shape)
+    check_arrow_schema(schema, features, source)
+    return features
+
+
+def _list_size(schema: pa.Schema, source: str, column: str) -> int | None:
+    _require_columns(schema, [column], source)
+    column_type = schema.field(column).type
+    if pa.types.is_fixed_size_list(column_type):
+        return column_type.list_size
+    return None
+
+
+def _require_columns(schema: pa.Schema, columns: list[str], source: str) -> None:
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise InputError(
+            f"{source}: missing column(s) {', '.join(repr(c) for c in missing)}; "
+            f"the dataset has {', '.join(schema.names)}"
+        )
+
+
+def check_arrow_schema(schema: pa.Schema, features: FeatureSchema, source: str) -> None:
+    """Raise InputError naming the column if a dataset cannot feed a model with `features`."""
+    _require_columns(schema, features.columns, source)
+    key_type = schema.field(features.key_column).type
+    if not (pa.types.is_integer(key_type) or pa.types.is_string(key_type) or pa.types.is_large_string(key_type)):
+        raise InputError(f"{source}: key column '{features.key_column}' is {key_type}; it must be a string or an integer")
+    if features.vector_column:
+        column_type = schema.field(features.vector_column).type
+        if not (pa.types.is_list(column_type) or pa.types.is_large_list(column_type) or pa.types.is_fixed_size_list(column_type)):
+            raise InputError(f"{source}: column '{features.vector_column}' is {column_type}; it must be a list of numbers")
+        if not _is_numeric(column_type.value_type):
+            raise InputError(f"{source}: column '{features.vector_column}' holds {column_type.value_type}; it must hold numbers")
+        if pa.types.is_fixed_size_list(column_type) and column_type.list_size != features.dim:
+            raise InputError(
+                f"{source}: column '{features.vector_column}' has vectors of length {column_type.list_size}; "
+                f"the model expects length {features.dim}"
+            )
+    for name in features.feature_columns:
+        if not _is_numeric(schema.field(name).type):
+            raise InputError(f"{source}: feature column '{name}' is {schema.field(name).type}; it must be numeric")
+
+
+def _is_numeric(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+
+
+def features_to_numpy(batch: pa.Table | pa.RecordBatch, features: FeatureSchema) -> np.ndarray:
+    """The batch's features as a float32 (rows, dim) matrix, validated.
+
+    Zero-copy for a float32 fixed_size_list column without nulls held in one chunk; any other
+    layout is copied once. Raises InputError naming the column and the row's key on nulls,
+    wrong vector lengths and NaN/inf.
+    """
+    if features.vector_column:
+        matrix = _vector_column_to_numpy(batch, features)
+    else:
+        matrix = _scalar_columns_to_numpy(batch, features)
+    if not np.isfinite(matrix).all():
+        row = int(np.flatnonzero(~np.isfinite(matrix).all(axis=1))[0])
+        raise InputError(f"{_describe_row(batch, features, row)} has NaN or infinite feature values; clean or drop such rows")
+    return matrix
+
+
+def _vector_column_to_numpy(batch: pa.Table | pa.RecordBatch, features: FeatureSchema) -> np.ndarray:
+    column = batch.column(features.vector_column)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    name = features.vector_column
+    if column.null_count:
+        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(f"{_describe_row(batch, features, row)} has no value in column '{name}'")
+    if not pa.types.is_fixed_size_list(column.type):
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        wrong = np.flatnonzero(lengths != features.dim)
+        if wrong.size:
+            row = int(wrong[0])
+            raise InputError(
+                f"{_describe_row(batch, features, row)} has a vector of length {lengths[row]} in column "
+                f"'{name}'; the model expects length {features.dim} ({wrong.size} such rows in this batch)"
+            )
+    elif column.type.list_size != features.dim:
+        raise InputError(f"column '{name}' has vectors of length {column.type.list_size}; the model expects {features.dim}")
+    values = column.flatten()  # respects the array's offset, so slices stay correct
+    if values.null_count:
+        raise InputError(f"column '{name}' has null elements inside vectors; fill or drop them")
+    if values.type == pa.float32():
+        flat = values.to_numpy(zero_copy_only=True)
+    else:
+        flat = values.to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat.reshape(-1, features.dim)
+
+
+def _scalar_columns_to_numpy(batch: pa.Table | pa.RecordBatch, features: FeatureSchema) -> np.ndarray:
+    matrix = np.empty((batch.num_rows, features.dim), dtype=np.float32)
+    for j, name in enumerate(features.feature_columns):
+        column = batch.column(name)
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise InputError(f"{_describe_row(batch, features, row)} has no value in column '{name}'")
+        matrix[:, j] = column.to_numpy()
+    return matrix
+
+
+def _describe_row(batch: pa.Table | pa.RecordBatch, features: FeatureSchema, row: int) -> str:
+    key = batch.column(features.key_column)[row].as_py() if features.key_column in batch.schema.names else row
+    return f"row {features.key_column}={key!r}"
+
+
+@dataclass
+class FeatureStats:
+    """Mergeable per-feature statistics of a dataset, plus an order-independent fingerprint."""
+
+    count: int
+    total: np.ndarray  # float64 sums
+    total_squares: np.ndarray
+    minimum: np.ndarray
+    maximum: np.ndarray
+    fingerprint: int = 0  # sum over rows of a 64-bit hash of the row's feature bits, mod 2**64
+
+    @classmethod
+    def of(cls, matrix: np.ndarray) -> FeatureStats:
+        values = matrix.astype(np.float64)
+        return cls(
+            count=len(matrix),
+            total=values.sum(axis=0),
+            total_squares=np.square(values).sum(axis=0),
+            minimum=values.min(axis=0) if len(matrix) else np.full(matrix.shape[1], np.inf),
+            maximum=values.max(axis=0) if len(matrix) else np.full(matrix.shape[1], -np.inf),
+            fingerprint=_rows_fingerprint(matrix),
+        )
+
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        return FeatureStats(
+            count=self.count + other.count,
+            total=self.total + other.total,
+            total_squares=self.total_squares + other.total_squares,
+            minimum=np.minimum(self.minimum, other.minimum),
+            maximum=np.maximum(self.maximum, other.maximum),
+            fingerprint=(self.fingerprint + other.fingerprint) % 2**64,
+        )
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / self.count
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(np.maximum(self.total_squares / self.count - np.square(self.mean), 0.0))
+
+
+def _rows_fingerprint(matrix: np.ndarray) -> int:
+    # A multiply-add hash of each row's float32 bit patterns with a splitmix64 finalizer: any
+    # change to a value changes the row hash; summing rows makes it independent of order and
+    # of how the dataset is split into files and blocks.
+    bits = np.ascontiguousarray(matrix, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    weights = np.random.default_rng(20261123).integers(1, 2**63, size=bits.shape[1], dtype=np.uint64) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        h = (bits * weights).sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return int(h.sum(dtype=np.uint64))
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """x -> (x - offset) / scale, fitted on the training data and stored in the model version.
+
+    Bernoulli models get one global range mapping the data to [0, 1] (pixels share a scale);
+    Gaussian models get per-feature standardization.
+    """
+
+    offset: tuple[float, ...]
+    scale: tuple[float, ...]
+    clip_unit_interval: bool
+
+    @classmethod
+    def fit(cls, stats: FeatureStats, likelihood: Literal["bernoulli", "gaussian"]) -> Normalizer:
+        dim = len(stats.total)
+        if likelihood == "bernoulli":
+            low, high = float(stats.minimum.min()), float(stats.maximum.max())
+            return cls((low,) * dim, (max(high - low, 1e-12),) * dim, clip_unit_interval=True)
+        # A constant feature keeps scale 1 rather than dividing by zero.
+        std = np.where(stats.std > 1e-8, stats.std, 1.0)
+        return cls(tuple(map(float, stats.mean)), tuple(map(float, std)), clip_unit_interval=False)
+
+    def __call__(self, matrix: np.ndarray) -> np.ndarray:
+        normalized = (matrix - np.asarray(self.offset, np.float32)) / np.asarray(self.scale, np.float32)
+        # Unseen data outside the training range must stay a valid Bernoulli target.
+        return np.clip(normalized, 0.0, 1.0) if self.clip_unit_interval else normalized
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Normalizer:
+        return cls(tuple(values["offset"]), tuple(values["scale"]), bool(values["clip_unit_interval"]))
