@@ -73,7 +73,9 @@ def find_input_error(error: BaseException) -> InputError | None:
             continue
         seen.add(id(current))
         if isinstance(current, InputError):
-            return current
+            # Ray's RayTaskError(InputError) carries the original as .cause, without Ray's traceback text.
+            original = getattr(current, "cause", None)
+            return original if isinstance(original, InputError) else current
         pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
         pending += list(getattr(current, "worker_failures", {}).values())  # ray.train WorkerGroupError
     return None
@@ -95,8 +97,7 @@ def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = 
 
 
 def _first_line(error: InputError) -> str:
-    # Ray re-raises user exceptions with its own traceback text appended after the message.
-    return str(error.args[0] if error.args else error).strip().splitlines()[0]
+    return str(error).strip().splitlines()[0]
 
 
 @contextlib.contextmanager
@@ -104,6 +105,9 @@ def ray_session() -> Iterator[None]:
     """Use the Ray already running (a submitted job, a test, RAY_ADDRESS) or start a local one."""
     import ray
 
+    # Re-raise a failing map function's own exception (an InputError naming the row) rather
+    # than Ray Data's UserCodeException, which keeps only its text.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     if ray.is_initialized():
         yield
         return

@@ -57,18 +57,18 @@ def infer_feature_schema(
 ) -> FeatureSchema:
     """Check a dataset's Arrow schema and derive the feature dimension from it.
 
-    A variable-length list column takes its length from image_shape; without one, use a
-    fixed_size_list column (vector lengths are then checked row by row as batches arrive).
+    The vector length comes from a declared image_shape, else from a fixed_size_list column's
+    type. Variable-length list columns need image_shape; their rows are checked as batches arrive.
     """
-    if vector_column:
+    if vector_column and image_shape is not None:
+        dim = int(np.prod(image_shape))  # the declared shape sets the length; the column is checked against it
+    elif vector_column:
         dim = _list_size(schema, source, vector_column)
         if dim is None:
-            if image_shape is None:
-                raise InputError(
-                    f"{source}: column '{vector_column}' is a variable-length list; write it as "
-                    "fixed_size_list or declare image_shape so its length is known"
-                )
-            dim = int(np.prod(image_shape))
+            raise InputError(
+                f"{source}: column '{vector_column}' is a variable-length list; write it as "
+                "fixed_size_list or declare image_shape so its length is known"
+            )
     else:
         dim = len(feature_columns)
     features = FeatureSchema(key_column, dim, vector_column, tuple(feature_columns), image_shape)
@@ -154,7 +154,7 @@ def _vector_column_to_numpy(batch: pa.Table | pa.RecordBatch, features: FeatureS
                 f"'{name}'; the model expects length {features.dim} ({wrong.size} such rows in this batch)"
             )
     elif column.type.list_size != features.dim:
-        raise InputError(f"column '{name}' has vectors of length {column.type.list_size}; the model expects {features.dim}")
+        raise InputError(f"column '{name}' has vectors of length {column.type.list_size}; the model expects length {features.dim}")
     values = column.flatten()  # respects the array's offset, so slices stay correct
     if values.null_count:
         raise InputError(f"column '{name}' has null elements inside vectors; fill or drop them")

@@ -1,0 +1,49 @@
+"""Shared fixtures: one real local Ray cluster per test session, and one trained model version."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster with the machine's 2 CPUs, torn down after the session."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_parquet(tmp_path_factory) -> Path:
+    from ray_jobs.demo import write_digits_parquet
+
+    return write_digits_parquet(tmp_path_factory.mktemp("data") / "digits.parquet")
+
+
+@pytest.fixture(scope="session")
+def trained(ray_cluster, digits_parquet, tmp_path_factory) -> dict:
+    """A model version trained once with 2 DDP workers, shared by the train, embed and publish tests."""
+    from ray_jobs.train import TrainConfig, train
+
+    work = tmp_path_factory.mktemp("train")
+    config = TrainConfig(
+        data=str(digits_parquet), vector_column="pixels", image_shape=[1, 8, 8], model_root=str(work / "models"),
+        latent_dim=8, hidden_dims=[64, 32], epochs=6, batch_size=32, num_workers=2, storage_path=str(work / "ray_results"),
+    )
+    version = train(config)
+    return {"model_root": work / "models", "version": version, "data": digits_parquet}
+
+
+@pytest.fixture
+def feature_repo(tmp_path) -> Path:
+    """A private copy of the project's Feast repo, so tests never touch feature_repo/data."""
+    repo = tmp_path / "feature_repo"
+    repo.mkdir()
+    for name in ("feature_store.yaml", "features.py"):
+        shutil.copy(REPO / "feature_repo" / name, repo / name)
+    return repo
