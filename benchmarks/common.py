@@ -1,0 +1,61 @@
+"""Helpers shared by the benchmarks: synthetic data, a quick model version, result files."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from vae import VAE, FeatureSchema, FeatureStats, ModelConfig, Normalizer, save_model_version
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_vectors(directory: Path, rows: int, dim: int, files: int = 4, seed: int = 0) -> Path:
+    """rows x dim float32 vectors from a mixture of Gaussians, split into `files` Parquet files."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(10, dim)).astype(np.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    per_file = rows // files
+    for i in range(files):
+        values = centers[rng.integers(0, 10, per_file)] + 0.3 * rng.standard_normal((per_file, dim), dtype=np.float32)
+        table = pa.table({
+            "item_id": pa.array(np.arange(i * per_file, (i + 1) * per_file), pa.int64()),
+            "vec": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), dim),
+        })
+        pq.write_table(table, directory / f"part-{i:03d}.parquet", row_group_size=65536)
+    return directory
+
+
+def untrained_version(model_root: Path, dim: int, latent_dim: int = 16, hidden=(256, 128)) -> str:
+    """A model version with random weights: encoding cost does not depend on training."""
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(dim, latent_dim, hidden, "gaussian"))
+    stats = FeatureStats.of(np.random.default_rng(0).standard_normal((1000, dim)).astype(np.float32))
+    return save_model_version(model_root, model, Normalizer.fit(stats, "gaussian"), FeatureSchema("item_id", dim, vector_column="vec"),
+                              {}, {}, {"source": "synthetic"})
+
+
+def timed(fn) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def save(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    print(f"saved {path}")
+    return path
