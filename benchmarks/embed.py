@@ -69,7 +69,8 @@ def main() -> None:
         with ray_session():
             for repeat in range(args.repeats):
                 for threads in (1, 2):
-                    seconds, rows = timed(lambda: plain_loop(data, work / "models", version, work / f"plain-{repeat}-{threads}", threads, args.batch_size))
+                    output = work / f"plain-{repeat}-{threads}"
+                    seconds, rows = timed(lambda: plain_loop(data, work / "models", version, output, threads, args.batch_size))  # noqa: B023
                     assert rows == args.rows
                     plain[threads].append(args.rows / seconds)
                 seconds, _ = timed(lambda: embed(EmbedConfig(data=str(data), model_root=str(work / "models"), output=str(work / "ray"),

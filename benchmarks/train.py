@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -78,7 +77,7 @@ def main() -> None:
                 hidden_dims=list(hidden), latent_dim=latent_dim, epochs=args.epochs, batch_size=args.batch_size,
                 num_workers=2, storage_path=str(work / "ray_results"),
             )
-            seconds, version = timed(lambda: train(config))
+            seconds, version = timed(lambda: train(config))  # noqa: B023
             history = load_model_version(work / "models", version).metadata["metrics"]["history"]
             epoch_seconds = [h["epoch_seconds"] for h in history]
             ray_steady.append(history[-1]["rows"] / median(epoch_seconds[1:]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -102,7 +103,9 @@ def _first_line(error: InputError) -> str:
 
 @contextlib.contextmanager
 def ray_session() -> Iterator[None]:
-    """Use the Ray already running (a submitted job, a test, RAY_ADDRESS) or start a local one."""
+    """Use Ray if this process already started it, join the cluster RAY_ADDRESS names (set for
+    every submitted job; `auto` finds a `ray start` cluster on this machine), or else start a
+    private local cluster and stop it afterwards. Never a stale cluster left on the machine."""
     import ray
 
     # Re-raise a failing map function's own exception (an InputError naming the row) rather
@@ -111,7 +114,7 @@ def ray_session() -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    ray.init(log_to_driver=True, logging_level=logging.WARNING)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True, logging_level=logging.WARNING)
     try:
         yield
     finally:

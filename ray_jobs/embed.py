@@ -15,12 +15,13 @@ import os
 import shutil
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import ray
+import torch
 from pydantic import Field
 
 from ray_jobs.common import JobConfig, parquet_schema, parse_config, ray_session, run_cli
@@ -48,10 +49,8 @@ class Encoder:
     """A Ray Data actor: loads the model version once, then turns Arrow batches into embeddings."""
 
     def __init__(self, model_root: str, version: str, event_timestamp: datetime, timestamp_column: str | None):
-        torch_threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-        import torch
-
-        torch.set_num_threads(torch_threads)
+        # One torch thread per reserved CPU, so actors sharing a node do not oversubscribe it.
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.model_version = load_model_version(model_root, version)
         self.event_timestamp = event_timestamp
         self.timestamp_column = timestamp_column
@@ -111,7 +110,7 @@ def _embed_on_ray(config: EmbedConfig, version: str, columns: list[str], started
             Encoder,
             fn_constructor_kwargs={
                 "model_root": str(Path(config.model_root).absolute()), "version": version,
-                "event_timestamp": datetime.now(timezone.utc), "timestamp_column": config.timestamp_column,
+                "event_timestamp": datetime.now(UTC), "timestamp_column": config.timestamp_column,
             },
             batch_format="pyarrow", batch_size=config.batch_size,
             compute=ray.data.ActorPoolStrategy(size=num_encoders), num_cpus=config.cpus_per_encoder,

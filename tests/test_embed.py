@@ -18,7 +18,7 @@ def embedded(trained, tmp_path_factory):
 
 
 def test_one_row_per_input_row_keys_unchanged(embedded):
-    directory, trained = embedded
+    directory, _ = embedded
     table = pq.read_table(directory)
     assert table.num_rows == 1797
     assert sorted(table.column("item_id").to_pylist()) == list(range(1797))

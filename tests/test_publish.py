@@ -1,6 +1,6 @@
 """Publishing into a real Feast repo: SQLite online store, DuckDB offline store, file registry."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -41,14 +41,14 @@ def test_offline_point_in_time_retrieval_reads_the_same_vectors(embeddings_root,
     from feast import FeatureStore
 
     store = FeatureStore(repo_path=str(feature_repo))
-    entity_df = pd.DataFrame({"item_id": [3, 7, 11], "event_timestamp": [datetime.now(timezone.utc)] * 3})
+    entity_df = pd.DataFrame({"item_id": [3, 7, 11], "event_timestamp": [datetime.now(UTC)] * 3})
     offline = store.get_historical_features(entity_df=entity_df, features=["item_embeddings:latent", "item_embeddings:model_version"]).to_df()
     table = pq.read_table(embeddings_root / trained["version"]).to_pandas().set_index("item_id")
     for _, row in offline.iterrows():
         assert row["model_version"] == trained["version"]
         np.testing.assert_array_equal(np.asarray(row["latent"], np.float32), np.asarray(table.loc[row["item_id"], "latent"], np.float32))
     # before the vectors existed, point-in-time retrieval must find none
-    early = pd.DataFrame({"item_id": [3], "event_timestamp": [datetime(2000, 1, 1, tzinfo=timezone.utc)]})
+    early = pd.DataFrame({"item_id": [3], "event_timestamp": [datetime(2000, 1, 1, tzinfo=UTC)]})
     assert store.get_historical_features(entity_df=early, features=["item_embeddings:model_version"]).to_df()["model_version"].isna().all()
 
 

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ def save_model_version(
         weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
         save_file(weights, staging / WEIGHTS_FILE)
         weights_sha256 = _sha256(staging / WEIGHTS_FILE)
-        created = datetime.now(timezone.utc)
+        created = datetime.now(UTC)
         # Sortable by time; the hash suffix tells apart versions made in the same second.
         version = f"{created:%Y%m%dT%H%M%SZ}-{weights_sha256[:8]}"
         metadata = {
@@ -167,7 +167,7 @@ def code_version() -> str:
 
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--short", "HEAD"], check=False, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
