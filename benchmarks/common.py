@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -46,10 +45,6 @@ def timed(fn) -> tuple[float, object]:
     started = time.perf_counter()
     result = fn()
     return time.perf_counter() - started, result
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def save(name: str, result: dict) -> Path:

@@ -14,14 +14,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from statistics import median
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.common import median, save, timed, untrained_version, write_vectors
+from benchmarks.common import save, timed, untrained_version, write_vectors
 from vae import encode_matrix, features_to_numpy, load_model_version
+from vae.encode import latent_column
 
 
 def plain_loop(data: Path, model_root: Path, version: str, output: Path, threads: int, batch_size: int) -> int:
@@ -34,10 +35,9 @@ def plain_loop(data: Path, model_root: Path, version: str, output: Path, threads
         with pq.ParquetWriter(output / f"part-{i}.parquet", schema=_schema()) as writer:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["item_id", "vec"]):
                 mean, score = encode_matrix(loaded.model, loaded.normalizer, features_to_numpy(batch, loaded.features))
-                n, z = mean.shape
-                latent = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * z, z, dtype=np.int32)), pa.array(mean.ravel()))
-                writer.write_table(pa.table({"item_id": batch.column("item_id"), "latent": latent, "anomaly_score": score}, schema=_schema()))
-                rows += n
+                columns = {"item_id": batch.column("item_id"), "latent": latent_column(mean), "anomaly_score": score}
+                writer.write_table(pa.table(columns, schema=_schema()))
+                rows += len(mean)
     return rows
 
 

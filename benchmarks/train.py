@@ -15,11 +15,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.common import median, save, timed, write_vectors
+from benchmarks.common import save, timed, write_vectors
 from vae import VAE, FeatureSchema, FeatureStats, ModelConfig, Normalizer, elbo_terms, features_to_numpy, load_model_version
 
 

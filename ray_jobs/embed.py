@@ -27,6 +27,7 @@ from pydantic import Field
 from ray_jobs.common import JobConfig, parquet_schema, parse_config, ray_session, run_cli
 from vae import InputError, encode_matrix, features_to_numpy, load_model_version
 from vae.artifacts import resolve_model_version
+from vae.encode import latent_column
 from vae.preprocessing import check_arrow_schema
 
 log = logging.getLogger("ray_jobs.embed")
@@ -60,18 +61,14 @@ class Encoder:
         posterior_mean, anomaly_score = encode_matrix(
             self.model_version.model, self.model_version.normalizer, features_to_numpy(batch, features)
         )
-        rows, latent_dim = posterior_mean.shape
-        # A plain list<float32> column: Ray's tensor extension type is rejected by Feast.
-        latent = pa.ListArray.from_arrays(
-            pa.array(np.arange(0, (rows + 1) * latent_dim, latent_dim, dtype=np.int32)), pa.array(posterior_mean.ravel())
-        )
+        rows = len(posterior_mean)
         if self.timestamp_column:
             event_timestamp = batch.column(self.timestamp_column).cast(pa.timestamp("us", tz="UTC"))
         else:
             event_timestamp = pa.array([self.event_timestamp] * rows, pa.timestamp("us", tz="UTC"))
         return pa.table({
             features.key_column: batch.column(features.key_column),
-            "latent": latent,
+            "latent": latent_column(posterior_mean),
             "anomaly_score": pa.array(anomaly_score.astype(np.float32)),
             "model_version": pa.array([self.model_version.version] * rows, pa.string()),
             "event_timestamp": event_timestamp,

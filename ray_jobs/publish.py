@@ -57,15 +57,14 @@ def publish(config: PublishConfig) -> dict:
             f"{version_dir}: missing column(s) {', '.join(missing)}; feature view '{config.feature_view}' joins on "
             f"'{join_key}' (edit {config.feature_repo}/features.py if your key column is named differently)"
         )
-    columns = [join_key, *EMBEDDING_COLUMNS]
+    table = pads.dataset(version_dir, format="parquet").to_table(columns=[join_key, *EMBEDDING_COLUMNS])
     rows = 0
-    for batch in pads.dataset(version_dir, format="parquet").to_batches(columns=columns, batch_size=config.write_batch_rows):
+    for batch in table.to_batches(max_chunksize=config.write_batch_rows):
         store.write_to_online_store(config.feature_view, batch.to_pandas())
         rows += batch.num_rows
     write_seconds = time.perf_counter() - started
     log.info("wrote %d rows of %s to the online store in %.1fs (%.0f rows/s)", rows, version_dir.name, write_seconds, rows / write_seconds)
 
-    table = pads.dataset(version_dir, format="parquet").to_table(columns=columns)
     verify_online(store, config.feature_view, table, join_key, config.verify_rows)
     sample = fetch_online(store, config.feature_view, table.column(join_key).to_pylist()[: config.show], join_key)
     for entity in sample:
