@@ -33,10 +33,11 @@ def trained(ray_cluster, digits_parquet, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("train")
     config = TrainConfig(
         data=str(digits_parquet), vector_column="pixels", image_shape=[1, 8, 8], model_root=str(work / "models"),
-        latent_dim=8, hidden_dims=[64, 32], epochs=6, batch_size=32, num_workers=2, storage_path=str(work / "ray_results"),
+        label_column="label", latent_dim=8, hidden_dims=[64, 32], epochs=6, batch_size=32, num_workers=2,
+        storage_path=str(work / "ray_results"),
     )
     version = train(config)
-    return {"model_root": work / "models", "version": version, "data": digits_parquet}
+    return {"model_root": work / "models", "version": version, "data": digits_parquet, "config": config}
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from vae import InputError
 def test_yaml_then_flags_override(tmp_path):
     config_file = tmp_path / "train.yaml"
     config_file.write_text("data: digits.parquet\nvector_column: pixels\nlatent_dim: 8\nhidden_dims: [64, 32]\nepochs: 3\n")
-    config = parse_config(TrainConfig, ["--config", str(config_file), "--epochs", "7", "--use-gpu", "true"], "vaectl train")
+    config = parse_config(TrainConfig, ["--config", str(config_file), "--epochs", "7", "--gpus-per-worker", "1", "--worker-resources", "{trainer: 1}"], "vaectl train")
     assert config.data == "digits.parquet" and config.latent_dim == 8 and config.hidden_dims == [64, 32]
-    assert config.epochs == 7 and config.use_gpu is True
+    assert config.epochs == 7 and config.gpus_per_worker == 1.0 and config.worker_resources == {"trainer": 1.0}
     assert config.batch_size == TrainConfig.model_fields["batch_size"].default
 
 

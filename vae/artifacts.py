@@ -4,6 +4,7 @@
     <model_root>/<version>/model.json          architecture, normalizer, feature schema,
                                                training config, metrics, data fingerprint,
                                                code version, sha256 of the weights
+    <model_root>/<version>/report/*.png        training report (loss curves, KL per dim, PCA)
 
 A version is written under <model_root>/.staging-*/ and renamed into place last, so a crash
 never leaves a directory that looks complete. Loading verifies the checksum and every tensor
@@ -57,8 +58,12 @@ def save_model_version(
     training: dict[str, Any],
     metrics: dict[str, Any],
     data: dict[str, Any],
+    report_dir: str | os.PathLike | None = None,
 ) -> str:
-    """Write a new immutable version under model_root and return its name."""
+    """Write a new immutable version under model_root and return its name.
+
+    report_dir: files (the training report) copied into <version>/report/ before the commit.
+    """
     root = Path(model_root)
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
@@ -83,6 +88,9 @@ def save_model_version(
             "code_version": code_version(),
             "weights_sha256": weights_sha256,
         }
+        if report_dir is not None:
+            shutil.copytree(report_dir, staging / "report")
+            metadata["report"] = sorted(p.name for p in (staging / "report").iterdir())
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
         os.rename(staging, root / version)  # the commit: atomic on one filesystem
     except BaseException:

@@ -48,9 +48,16 @@ class ElboTerms:
     def negative_elbo(self) -> torch.Tensor:
         return self.reconstruction + self.kl
 
-    def loss(self, beta: float = 1.0) -> torch.Tensor:
-        """Mean over the batch of reconstruction + beta * KL: the training objective."""
-        return (self.reconstruction + beta * self.kl).mean()
+    def loss(self, beta: float = 1.0, free_bits: float = 0.0) -> torch.Tensor:
+        """The training objective: batch mean of reconstruction + beta * KL.
+
+        free_bits > 0 (Kingma et al. 2016): each latent dimension's batch-mean KL counts as at
+        least free_bits nats, so the optimizer gains nothing by shutting a dimension off entirely.
+        """
+        if free_bits <= 0.0:
+            return (self.reconstruction + beta * self.kl).mean()
+        kl_per_dim = self.posterior.kl_per_dim().mean(dim=0)
+        return self.reconstruction.mean() + beta * kl_per_dim.clamp(min=free_bits).sum()
 
 
 def elbo_terms(
@@ -66,4 +73,5 @@ def elbo_terms(
     """
     posterior, decoded = model(x, sample=sample, generator=generator)
     vae = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    return ElboTerms(reconstruction_nll(vae, decoded, x), posterior.kl(), posterior)
+    # float32 even under bf16 autocast: sums over hundreds of features need the precision.
+    return ElboTerms(reconstruction_nll(vae, decoded.float(), x), posterior.kl(), posterior)

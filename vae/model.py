@@ -1,4 +1,5 @@
-"""A Gaussian-posterior VAE with MLP encoder and decoder. The loss lives in `vae.losses`."""
+"""A Gaussian-posterior VAE: MLP encoder/decoder for vectors and tabular rows, convolutional for
+images with a declared shape. The loss lives in `vae.losses`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 Likelihood = Literal["bernoulli", "gaussian"]
+Architecture = Literal["mlp", "conv"]
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -23,22 +25,40 @@ class ModelConfig:
     hidden_dims: tuple[int, ...] = (256, 128)
     # bernoulli: data in [0, 1] (images); gaussian: standardized real-valued data (tabular)
     likelihood: Likelihood = "bernoulli"
+    # conv: stride-2 convolutions over image_shape (C, H, W), then the MLP layers in hidden_dims
+    architecture: Architecture = "mlp"
+    image_shape: tuple[int, ...] | None = None
+    conv_channels: tuple[int, ...] = (32, 64)
+
+    def __post_init__(self) -> None:
+        if self.architecture == "conv":
+            if self.image_shape is None or len(self.image_shape) != 3:
+                raise ValueError(f"a conv model needs image_shape (channels, height, width), got {self.image_shape}")
+            if math.prod(self.image_shape) != self.input_dim:
+                raise ValueError(f"image_shape {self.image_shape} does not hold {self.input_dim} features")
+            if min(self.image_shape[1:]) < 2 ** len(self.conv_channels):
+                raise ValueError(f"image {self.image_shape} is too small for {len(self.conv_channels)} stride-2 convolutions")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
-        return cls(**{**values, "hidden_dims": tuple(values["hidden_dims"])})
+        shape = values.get("image_shape")
+        return cls(**{
+            **values, "hidden_dims": tuple(values["hidden_dims"]),
+            "image_shape": tuple(shape) if shape else None, "conv_channels": tuple(values.get("conv_channels", (32, 64))),
+        })
 
 
 class DiagonalGaussian:
     """The posterior q(z|x) = N(mean, diag(exp(logvar))) for a batch of examples."""
 
     def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
-        self.mean = mean
+        # float32 even under bf16 autocast: the KL and densities need the precision.
+        self.mean = mean.float()
         # Clamped so exp() cannot overflow early in training.
-        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.logvar = logvar.float().clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -49,9 +69,13 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
+    def kl_per_dim(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per example and latent dimension, in nats: 0.5 * (mean^2 + var - 1 - logvar)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+
     def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) per example, in nats: 0.5 * sum(mean^2 + var - 1 - logvar)."""
-        return 0.5 * torch.sum(self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar, dim=-1)
+        """KL(q || N(0, I)) per example, in nats."""
+        return self.kl_per_dim().sum(dim=-1)
 
     def nll(self, z: torch.Tensor) -> torch.Tensor:
         """-log q(z|x) per example, in nats."""
@@ -67,14 +91,68 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ConvEncoder(nn.Module):
+    """Flat image rows -> stride-2 convolutions (each halves height and width) -> MLP head."""
+
+    def __init__(self, image_shape: tuple[int, ...], channels: tuple[int, ...], hidden: list[int], out_features: int):
+        super().__init__()
+        self.image_shape = image_shape
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in itertools.pairwise([image_shape[0], *channels]):
+            layers += [nn.Conv2d(fan_in, fan_out, kernel_size=4, stride=2, padding=1), nn.SiLU()]
+        self.convolutions = nn.Sequential(*layers, nn.Flatten())
+        height, width = _conv_sizes(image_shape, len(channels))[-1]
+        self.head = _mlp([channels[-1] * height * width, *hidden, out_features])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.convolutions(x.view(-1, *self.image_shape)))
+
+
+class ConvDecoder(nn.Module):
+    """The mirror of ConvEncoder: MLP -> transposed convolutions back to the exact image size -> flat rows."""
+
+    def __init__(self, image_shape: tuple[int, ...], channels: tuple[int, ...], hidden: list[int], latent_dim: int):
+        super().__init__()
+        self.sizes = _conv_sizes(image_shape, len(channels))  # (height, width) after each encoder stage
+        height, width = self.sizes[-1]
+        self.start_shape = (channels[-1], height, width)
+        self.body = nn.Sequential(_mlp([latent_dim, *reversed(hidden), channels[-1] * height * width]), nn.SiLU())
+        up = [*reversed(channels), image_shape[0]]
+        self.upsample = nn.ModuleList(
+            nn.ConvTranspose2d(fan_in, fan_out, kernel_size=4, stride=2, padding=1) for fan_in, fan_out in itertools.pairwise(up)
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.body(z).view(-1, *self.start_shape)
+        # output_size undoes the floor of odd sizes (28 -> 14 -> 7 -> 3 comes back as 3 -> 7 -> 14 -> 28).
+        for i, layer in enumerate(self.upsample):
+            h = layer(h, output_size=self.sizes[-2 - i])
+            if i < len(self.upsample) - 1:
+                h = nn.functional.silu(h)
+        return h.flatten(1)
+
+
+def _conv_sizes(image_shape: tuple[int, ...], stages: int) -> list[tuple[int, int]]:
+    sizes = [(image_shape[1], image_shape[2])]
+    for _ in range(stages):
+        height, width = sizes[-1]
+        sizes.append(((height - 2) // 2 + 1, (width - 2) // 2 + 1))  # kernel 4, stride 2, padding 1
+    return sizes
+
+
 class VAE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         hidden = list(config.hidden_dims)
         # The encoder emits mean and logvar side by side.
-        self.encoder = _mlp([config.input_dim, *hidden, 2 * config.latent_dim])
-        self.decoder = _mlp([config.latent_dim, *reversed(hidden), config.input_dim])
+        if config.architecture == "conv":
+            assert config.image_shape is not None
+            self.encoder: nn.Module = ConvEncoder(config.image_shape, config.conv_channels, hidden, 2 * config.latent_dim)
+            self.decoder: nn.Module = ConvDecoder(config.image_shape, config.conv_channels, hidden, config.latent_dim)
+        else:
+            self.encoder = _mlp([config.input_dim, *hidden, 2 * config.latent_dim])
+            self.decoder = _mlp([config.latent_dim, *reversed(hidden), config.input_dim])
         # Gaussian likelihood: one learned log-variance per feature, so the likelihood is a real
         # normalized density rather than a squared error with an arbitrary scale.
         self.decoder_logvar = nn.Parameter(torch.zeros(config.input_dim), requires_grad=config.likelihood == "gaussian")

@@ -6,6 +6,7 @@ several numeric scalar columns. Fixed-size list columns of float32 convert witho
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -272,3 +273,39 @@ class Normalizer:
     @classmethod
     def from_dict(cls, values: dict) -> Normalizer:
         return cls(tuple(values["offset"]), tuple(values["scale"]), bool(values["clip_unit_interval"]))
+
+
+def key_hash(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A stable 64-bit hash per entity key (integer or string), the same on every machine and run.
+
+    Used to hold out validation rows and to shard rows over workers by key, so neither depends
+    on file layout, block order or worker count.
+    """
+    if pa.types.is_integer(keys.type):
+        values = np.asarray(keys.to_numpy(zero_copy_only=False), dtype=np.int64).view(np.uint64)
+        return _splitmix64(values)
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(str(key).encode(), digest_size=8).digest(), "little") for key in keys.to_pylist()),
+        dtype=np.uint64, count=len(keys),
+    )
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h = values + np.uint64(0x9E3779B97F4A7C15)
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
+
+
+_SPLIT_BUCKETS = 1 << 20
+
+
+def is_validation(hashes: np.ndarray, validation_fraction: float) -> np.ndarray:
+    """True for rows held out for validation: the low 20 bits of the key hash fall below the fraction."""
+    return (hashes % np.uint64(_SPLIT_BUCKETS)) < np.uint64(round(validation_fraction * _SPLIT_BUCKETS))
+
+
+def worker_of(hashes: np.ndarray, num_workers: int) -> np.ndarray:
+    """Which of num_workers owns each row: independent bits of the same hash, so shards stay balanced."""
+    return ((hashes >> np.uint64(20)) % np.uint64(num_workers)).astype(np.int64)
