@@ -8,7 +8,9 @@ active units. Bar: Ray's validation -ELBO within 1 nat of the plain loop's.
 Speed: steady-state training samples/s (median epoch, first excluded) of the Ray job vs the
 plain loop (best of 1 and 2 torch threads); the Ray job's fixed cost (start-up, dataset pass,
 checkpoints, final diagnostics) separately; and per-epoch time with the dataset held in worker
-memory (materialize) vs streamed from Ray Data every epoch. Bar: ratio >= 0.9.
+memory (materialize) vs streamed from Ray Data every epoch. Bar: ratio >= 0.9. Ray runs both
+as 2 DDP workers x 1 thread and as 1 worker x 2 threads: on one 2-core machine DDP between two
+processes adds a gloo all-reduce of every gradient per step that a single process does not pay.
 
     python -m benchmarks.train [--epochs 20] [--repeats 3] [--iw-samples 1000]
 """
@@ -49,15 +51,15 @@ def load_split(data: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def plain_loop(x_train: torch.Tensor, x_val: torch.Tensor, epochs: int, threads: int, kl_warmup_epochs: float,
-               iw_samples: int) -> dict:
+               iw_samples: int, seed: int = 0) -> dict:
     """The baseline: one process, the library's model, loss and schedule, nothing else."""
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = VAE(ModelConfig(784, LATENT_DIM, HIDDEN, "bernoulli"))
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     steps = math.ceil(len(x_train) / GLOBAL_BATCH)
     schedule = Schedule(LEARNING_RATE, epochs * steps, kl_warmup_steps=round(kl_warmup_epochs * steps))
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     step, epoch_seconds = 0, []
     for _ in range(epochs):
         model.train()
@@ -92,14 +94,15 @@ def evaluate(model: VAE, x_val: torch.Tensor, iw_samples: int) -> dict:
             "iw_nll": float(iw_nll.mean()), "active_units": active_units(variance)}
 
 
-def ray_run(data: Path, work: Path, epochs: int, iw_samples: int, materialize: bool = True, name: str = "") -> dict:
+def ray_run(data: Path, work: Path, epochs: int, iw_samples: int, materialize: bool = True, name: str = "", seed: int = 0,
+            workers: int = 2) -> dict:
     from ray_jobs.train import TrainConfig, train
 
     config = TrainConfig(
         data=str(data), vector_column="pixels", image_shape=[1, 28, 28], label_column="label",
         validation_fraction=VALIDATION_FRACTION, model_root=str(work / "models"), latent_dim=LATENT_DIM,
-        hidden_dims=list(HIDDEN), binarize=True, epochs=epochs, batch_size=GLOBAL_BATCH // 2, learning_rate=LEARNING_RATE,
-        num_workers=2, cpus_per_worker=1.0 if materialize else 0.5, materialize=materialize,
+        hidden_dims=list(HIDDEN), binarize=True, epochs=epochs, batch_size=GLOBAL_BATCH // workers, learning_rate=LEARNING_RATE,
+        num_workers=workers, cpus_per_worker=(2.0 / workers) if materialize else 0.5, materialize=materialize, seed=seed,
         storage_path=str(work / "ray_results"), run_name=f"bench-{name}-{time.time_ns()}", iw_samples=iw_samples,
         report_rows=0,
     )
@@ -123,6 +126,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="speed repeats (quality runs once)")
     parser.add_argument("--iw-samples", type=int, default=1000)
     parser.add_argument("--speed-epochs", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=2, help="quality runs per side (seeds 0..n-1): init and data order vary")
     args = parser.parse_args()
     from ray_jobs.train import TrainConfig
 
@@ -138,13 +142,17 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
 
         print(f"quality: {args.epochs} epochs, {len(x_train)} train / {len(x_val)} validation rows", flush=True)
-        plain_quality = plain_loop(x_train, x_val, args.epochs, 2, kl_warmup_epochs, args.iw_samples)
-        print(f"  plain: {plain_quality}", flush=True)
-        ray_quality = ray_run(data, work, args.epochs, args.iw_samples, name="quality")
-        print(f"  ray:   {ray_quality}", flush=True)
+        quality_keys = ("val_negative_elbo", "iw_nll", "active_units")
+        plain_quality, ray_quality = [], []
+        for seed in range(args.seeds):
+            result = plain_loop(x_train, x_val, args.epochs, 2, kl_warmup_epochs, args.iw_samples, seed)
+            plain_quality.append({k: result[k] for k in quality_keys})
+            result = ray_run(data, work, args.epochs, args.iw_samples, name="quality", seed=seed)
+            ray_quality.append({k: result[k] for k in (*quality_keys, "ddp_max_param_divergence")})
+            print(f"  seed {seed}: plain {plain_quality[-1]}\n          ray   {ray_quality[-1]}", flush=True)
 
         plain: dict[int, list[float]] = {1: [], 2: []}
-        ray_speed, ray_fixed, streamed, materialized = [], [], [], []
+        ray_speed, ray_single, ray_fixed, streamed, materialized = [], [], [], [], []
         for repeat in range(args.repeats):
             for threads in (1, 2):
                 plain[threads].append(plain_loop(x_train, x_val, args.speed_epochs, threads, kl_warmup_epochs, 0)["samples_per_s"])
@@ -153,7 +161,9 @@ def main() -> None:
             ray_fixed.append(run["fixed_cost_seconds"])
             materialized.append(run["epoch_seconds_median"])
             streamed.append(ray_run(data, work, args.speed_epochs, 0, materialize=False, name="stream")["epoch_seconds_median"])
-            print(f"repeat {repeat}: plain 1 thread {plain[1][-1]:,.0f}/s, 2 threads {plain[2][-1]:,.0f}/s; ray {ray_speed[-1]:,.0f}/s, "
+            ray_single.append(ray_run(data, work, args.speed_epochs, 0, name="single", workers=1)["samples_per_s"])
+            print(f"repeat {repeat}: plain 1 thread {plain[1][-1]:,.0f}/s, 2 threads {plain[2][-1]:,.0f}/s; ray 2x1 {ray_speed[-1]:,.0f}/s, "
+                  f"ray 1x2 {ray_single[-1]:,.0f}/s, "
                   f"fixed {ray_fixed[-1]:.1f}s; epoch materialized {materialized[-1]:.2f}s, streamed {streamed[-1]:.2f}s", flush=True)
         ray.shutdown()
         best_plain = max(median(plain[1]), median(plain[2]))
@@ -162,17 +172,20 @@ def main() -> None:
             "model": f"MLP 784-{'-'.join(map(str, HIDDEN))}, z={LATENT_DIM}, Bernoulli, dynamic binarization",
             "global_batch": GLOBAL_BATCH, "cpus": os.cpu_count(), "ray_start_seconds": round(ray_start, 2),
             "quality": {
-                "epochs": args.epochs, "iw_samples": args.iw_samples,
-                "plain": {k: plain_quality[k] for k in ("val_negative_elbo", "iw_nll", "active_units")},
-                "ray": {k: ray_quality[k] for k in ("val_negative_elbo", "best_val_negative_elbo", "iw_nll", "active_units",
-                                                    "ddp_max_param_divergence")},
-                "ray_minus_plain_val_negative_elbo": round(ray_quality["val_negative_elbo"] - plain_quality["val_negative_elbo"], 3),
+                "epochs": args.epochs, "iw_samples": args.iw_samples, "seeds": args.seeds,
+                "plain_per_seed": plain_quality, "ray_2_workers_per_seed": ray_quality,
+                "plain_median": {k: median(r[k] for r in plain_quality) for k in quality_keys},
+                "ray_median": {k: median(r[k] for r in ray_quality) for k in quality_keys},
+                "ray_minus_plain_val_negative_elbo_median": round(
+                    median(r["val_negative_elbo"] for r in ray_quality) - median(r["val_negative_elbo"] for r in plain_quality), 3),
             },
             "speed": {
                 "epochs": args.speed_epochs, "repeats": args.repeats,
                 "plain_samples_per_s_median": {f"{k}_threads": round(median(v)) for k, v in plain.items()},
-                "ray_steady_samples_per_s_median": round(median(ray_speed)),
-                "ratio_steady_vs_best_plain": round(median(ray_speed) / best_plain, 3),
+                "ray_2_workers_x_1_thread_samples_per_s_median": round(median(ray_speed)),
+                "ray_1_worker_x_2_threads_samples_per_s_median": round(median(ray_single)),
+                "ratio_2_workers_vs_best_plain": round(median(ray_speed) / best_plain, 3),
+                "ratio_1_worker_vs_best_plain": round(median(ray_single) / best_plain, 3),
                 "ray_fixed_cost_seconds_median": round(median(ray_fixed), 1),
                 "epoch_seconds_materialized_median": round(median(materialized), 3),
                 "epoch_seconds_streamed_median": round(median(streamed), 3),
