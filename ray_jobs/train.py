@@ -406,14 +406,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = VAE(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=loop_config["learning_rate"])
     best_weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    state: dict = {"epoch": 0, "step": 0, "history": [], "best_epoch": 0, "best_val": math.inf, "stale_epochs": 0, "final": None}
+    state: dict = {"epoch": 0, "step": 0, "history": [], "best_epoch": 0, "best_val": math.inf, "stale_epochs": 0, "final": None,
+                   "resumed_from": []}
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as checkpoint_dir:
             best_weights, state = load_training_state(checkpoint_dir, model, optimizer)
         best_weights = {name: t.to(device) for name, t in best_weights.items()}
         if rank == 0:
             log.info("resumed from the checkpoint of epoch %d (step %d)", state["epoch"], state["step"])
-        state.setdefault("resumed_from", []).append(state["epoch"])
+        state["resumed_from"].append(state["epoch"])
     ddp_model = ray.train.torch.prepare_model(model)  # after restoring, so every rank starts from the checkpoint
 
     data = WorkerData(loop_config, features, normalizer, device)
@@ -491,7 +492,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "stopped_early": state["epoch"] < loop_config["epochs"],
             "iw_nll": iw_nll, "iw_samples": loop_config["iw_samples"],
             "collapse_warning": collapse_warning(best["active_units"], model_config.latent_dim, loop_config["min_active_share"]),
-            "resumed_from": state.get("resumed_from", []), "ddp_max_param_divergence": divergence,
+            "resumed_from": state["resumed_from"], "ddp_max_param_divergence": divergence,
         }
         final_metrics = {**best, **{k: v for k, v in state["final"].items() if k != "resumed_from"}, "final": True}
         _report(final_metrics, rank, model, best_weights, optimizer, state, save=True)
