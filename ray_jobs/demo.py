@@ -73,7 +73,7 @@ def demo(config: DemoConfig) -> dict:
         timings["train"] = time.perf_counter() - stage
 
         stage = time.perf_counter()
-        output = embed(EmbedConfig(data=str(data), model_root=str(model_root), model_version=version, output=str(embeddings)))
+        output = embed(EmbedConfig(data=str(data), model_root=str(model_root), model_version=version, output=str(embeddings))).output
         timings["embed"] = time.perf_counter() - stage
 
     stage = time.perf_counter()

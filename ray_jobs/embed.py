@@ -1,163 +1,482 @@
-"""Embed a Parquet dataset with a model version: a Ray Data batch job.
+"""Embed a Parquet dataset with a model version: a Ray Data batch job, exactly once.
 
-    read Parquet -> map_batches(Encoder actors) -> write Parquet to staging -> rename into place
+    plan (driver)   list the input files, check every file's schema against the model, cut the
+                    row groups into work units of about `rows_per_file` rows
+    encode (Ray)    a pool of encoder actors; each reads its unit's row groups (only the needed
+                    columns), encodes them and writes one output file (and its quarantine file)
+                    whole into the run's staging directory
+    commit (driver) reconcile input rows = embedded + quarantined, write _manifest.json, move the
+                    run into <output>/<model_version>/
 
 Output rows (the embeddings contract): the entity key, `latent` (float32 list, posterior mean),
 `anomaly_score` (float32, negative ELBO at the posterior mean), `model_version`,
-`event_timestamp` (UTC). The output of one model version lands in <output>/<version>/ only when
-the whole job has succeeded.
+`event_timestamp` (UTC).
+
+Exactly once: the staging directory <output>/.staging/<run id>/ is named by a hash of the input
+listing, the model version and the settings that change the output, and each unit's file name
+is fixed by the plan. A run that dies is resumed by running the same command again: finished
+units are kept, the rest are encoded, and the commit publishes exactly one row per input row.
+Readers (Feast's offline source globs <output>/*/*.parquet) never see staging files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-import shutil
 import time
 import uuid
-from datetime import UTC, datetime
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
 from pydantic import Field
 
-from ray_jobs.common import JobConfig, parquet_schema, parse_config, ray_session, run_cli
-from vae import InputError, encode_matrix, features_to_numpy, load_model_version
-from vae.artifacts import resolve_model_version
+from ray_jobs.common import JobConfig, find_input_error, parse_config, ray_session, run_cli
+from vae import InputError, encode_matrix, load_model_version
+from vae.artifacts import code_version
 from vae.encode import latent_column
-from vae.preprocessing import check_arrow_schema
+from vae.preprocessing import FeatureSchema, check_arrow_schema, features_to_numpy, split_bad_rows
+from vae.storage import filesystem, is_local, storage_errors, url_of, write_bytes_atomically
 
 log = logging.getLogger("ray_jobs.embed")
+
+MANIFEST = "_manifest.json"
+QUARANTINE_DIR = "_quarantine"  # inside a version directory; Parquet readers skip '_' names
+STAGING_DIR = ".staging"
 
 
 class EmbedConfig(JobConfig):
     """Encode a Parquet dataset with a model version and write the embeddings as Parquet."""
 
-    data: str = Field(description="Parquet file or directory to embed")
-    model_root: str = Field("models", description="directory that holds model versions")
+    data: str = Field(description="Parquet file or directory (local or s3://), hive-style partitions allowed")
+    model_root: str = Field("models", description="directory or s3:// prefix that holds model versions")
     model_version: str = Field("latest", description="version name, or 'latest'")
-    output: str = Field("feature_repo/data/embeddings", description="embeddings root; the job writes <output>/<version>/")
-    timestamp_column: str | None = Field(None, description="input column used as event_timestamp (default: job start time)")
-    batch_size: int = Field(4096, gt=0, description="rows per encoder call")
-    num_encoders: int | None = Field(None, gt=0, description="encoder actors (default: fill the cluster, one CPU left for I/O)")
-    cpus_per_encoder: float = Field(1.0, gt=0, description="CPUs reserved by each encoder actor")
+    output: str = Field("feature_repo/data/embeddings", description="embeddings root (local or s3://); the job writes <output>/<version>/")
+    timestamp_column: str | None = Field(None, description="input column used as event_timestamp")
+    event_time: datetime | None = Field(
+        None, description="event_timestamp of every row when no timestamp_column (default: the model version's creation time, "
+        "so re-runs write identical rows)"
+    )
+    on_bad_rows: Literal["fail", "quarantine"] = Field(
+        "fail", description="a row that cannot be encoded stops the job (fail) or goes to <output>/<version>/_quarantine/ (quarantine)"
+    )
+    batch_size: int = Field(8192, gt=0, description="rows per encoder call")
+    rows_per_file: int = Field(262_144, gt=0, description="rows per output file: the unit of work and of resuming")
+    num_encoders: int | None = Field(None, gt=0, description="encoder actors (default: one per CPU, or per GPU when the cluster has GPUs)")
+    cpus_per_encoder: float = Field(1.0, gt=0, description="CPUs reserved by each encoder actor (its torch threads)")
+    gpus_per_encoder: float | None = Field(None, ge=0, description="GPUs per encoder actor (default: 1 if the cluster has GPUs, else 0)")
 
 
-class Encoder:
-    """A Ray Data actor: loads the model version once, then turns Arrow batches into embeddings."""
+@dataclass(frozen=True)
+class WorkUnit:
+    """Consecutive row groups of one input file, encoded into one output file."""
 
-    def __init__(self, model_root: str, version: str, event_timestamp: datetime, timestamp_column: str | None):
-        # One torch thread per reserved CPU, so actors sharing a node do not oversubscribe it.
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        self.model_version = load_model_version(model_root, version)
-        self.event_timestamp = event_timestamp
-        self.timestamp_column = timestamp_column
+    index: int
+    path: str  # inside the input filesystem
+    row_groups: tuple[int, ...]
+    rows: int
+    partition: dict[str, str]  # hive partition values from the path, e.g. {"date": "2026-11-23"}
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        features = self.model_version.features
-        posterior_mean, anomaly_score = encode_matrix(
-            self.model_version.model, self.model_version.normalizer, features_to_numpy(batch, features)
-        )
-        rows = len(posterior_mean)
-        if self.timestamp_column:
-            event_timestamp = batch.column(self.timestamp_column).cast(pa.timestamp("us", tz="UTC"))
-        else:
-            event_timestamp = pa.array([self.event_timestamp] * rows, pa.timestamp("us", tz="UTC"))
-        return pa.table({
-            features.key_column: batch.column(features.key_column),
-            "latent": latent_column(posterior_mean),
-            "anomaly_score": pa.array(anomaly_score.astype(np.float32)),
-            "model_version": pa.array([self.model_version.version] * rows, pa.string()),
-            "event_timestamp": event_timestamp,
-        })
+    @property
+    def output_name(self) -> str:
+        return f"part-{self.index:06d}.parquet"
 
 
-def embed(config: EmbedConfig) -> Path:
-    """Run the whole embedding job; returns the committed output directory.
+@dataclass
+class EmbedResult:
+    """What the job did: the summary line's figures, and where the output is."""
 
-    The model version and the dataset's schema are checked before Ray starts.
+    output: str
+    model_version: str
+    input_rows: int
+    embedded_rows: int
+    quarantined_rows: int
+    quarantine: str | None
+    files: int
+    resumed_files: int
+    seconds: float
+    startup_seconds: float  # job start until the first unit began encoding
+    encode_seconds: float  # first unit began until the last one finished
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.input_rows / self.seconds if self.seconds else 0.0
+
+
+def embed(config: EmbedConfig) -> EmbedResult:
+    """Run the whole embedding job; everything is checked before Ray starts."""
+    started = time.time()
+    model_version = load_model_version(config.model_root, config.model_version)  # resolves 'latest', verifies weights
+    features = model_version.features
+    event_time = config.event_time or datetime.fromisoformat(model_version.metadata["created_at"])
+    if event_time.tzinfo is None:
+        raise InputError(f"event_time {event_time.isoformat()} has no time zone; write it in UTC, e.g. 2026-11-23T00:00:00Z")
+
+    input_fs, input_root = filesystem(config.data)
+    units, listing, key_type = plan_units(input_fs, input_root, config, features)
+    run_id = _run_id(config, model_version.version, event_time, listing)
+    output_fs, output_root = filesystem(config.output)
+    staging = f"{output_root}/{STAGING_DIR}/{run_id}"
+    with storage_errors(config.output):
+        done = _finished_units(output_fs, staging)
+        if not done:
+            write_bytes_atomically(output_fs, f"{staging}/_run.json", json.dumps(
+                {"run_id": run_id, "model_version": model_version.version, "data": config.data, "units": len(units)}
+            ).encode())
+    pending = [u for u in units if u.output_name not in done]
+    if done:
+        log.info("resuming run %s: %d of %d output files already written", run_id, len(units) - len(pending), len(units))
+
+    summaries: list[dict] = []
+    if pending:
+        try:
+            with ray_session():
+                summaries = _encode_units(config, model_version.version, event_time, key_type, pending, staging)
+        except Exception as error:
+            # Bad input must change before a run can succeed, so its staged files are of no use.
+            # Any other failure (a lost node, a killed driver) keeps them for the re-run to resume.
+            if find_input_error(error) is not None:
+                with storage_errors(config.output):
+                    output_fs.rm(staging, recursive=True)
+            raise
+    result = _commit(config, output_fs, output_root, staging, model_version.version, units, listing, summaries, started)
+    log.info(
+        "embedded %s rows with model %s: %s quarantined, %s rows/s end to end -> %s",
+        f"{result.embedded_rows:,}", result.model_version, f"{result.quarantined_rows:,}", f"{result.rows_per_second:,.0f}", result.output,
+    )
+    return result
+
+
+def plan_units(fs, root: str, config: EmbedConfig, features: FeatureSchema) -> tuple[list[WorkUnit], list[dict], str]:
+    """Work units over every input file, the listing (path, size, rows) the run id is made of, and
+    the output key type ('int64' or 'string').
+
+    Every file's footer is read (in parallel threads: on S3 each is a request) and its schema
+    checked, so a corrupt or mismatched file is reported before any work starts.
     """
-    started = time.perf_counter()
-    version = resolve_model_version(config.model_root, config.model_version)
-    features = load_model_version(config.model_root, version).features  # verifies the version up front
-    schema = parquet_schema(config.data)
-    check_arrow_schema(schema, features, config.data)
-    columns = features.columns
-    if config.timestamp_column:
-        if config.timestamp_column not in schema.names:
-            raise InputError(f"{config.data}: missing timestamp column '{config.timestamp_column}'")
-        columns.append(config.timestamp_column)
+    with storage_errors(config.data):
+        if not fs.exists(root):
+            raise InputError(f"{config.data}: no such file or directory; check the path")
+        if fs.isdir(root):
+            infos = fs.find(root, detail=True)
+            files = sorted(path for path, info in infos.items() if info["type"] == "file" and not _hidden(path[len(root):]))
+        else:
+            infos, files = {root: fs.info(root)}, [root]
+    if not files:
+        raise InputError(f"{config.data}: no Parquet files found; check the path")
 
-    with ray_session():
-        return _embed_on_ray(config, version, columns, started)
+    def footer(path: str) -> pq.FileMetaData:
+        url = url_of(fs, path)
+        try:
+            with storage_errors(url):
+                if is_local(fs):
+                    return pq.read_metadata(path)
+                with fs.open(path, "rb") as f:
+                    return pq.read_metadata(f)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise InputError(f"{url}: not a readable Parquet file ({_first_line(error)}); remove or replace it") from None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        footers = list(pool.map(footer, files))
+
+    units: list[WorkUnit] = []
+    listing: list[dict] = []
+    key_types: set[str] = set()
+    for path, metadata in zip(files, footers):
+        relative = path[len(root):].lstrip("/") if path != root else os.path.basename(path)
+        partition = dict(part.split("=", 1) for part in relative.split("/")[:-1] if "=" in part)
+        schema = metadata.schema.to_arrow_schema()
+        for name in partition:
+            if name not in schema.names:
+                schema = schema.append(pa.field(name, pa.string()))
+        url = url_of(fs, path)
+        check_arrow_schema(schema, features, url)
+        key_types.add("int64" if pa.types.is_integer(schema.field(features.key_column).type) else "string")
+        if config.timestamp_column:
+            _check_timestamp_column(schema, config.timestamp_column, url)
+        listing.append({"path": relative, "size": int(infos[path].get("size") or 0), "rows": metadata.num_rows})
+        group: list[int] = []
+        group_rows = 0
+        for row_group in range(metadata.num_row_groups):
+            group.append(row_group)
+            group_rows += metadata.row_group(row_group).num_rows
+            if group_rows >= config.rows_per_file or row_group == metadata.num_row_groups - 1:
+                if group_rows:
+                    units.append(WorkUnit(len(units), path, tuple(group), group_rows, partition))
+                group, group_rows = [], 0
+    if not units:
+        raise InputError(f"{config.data}: the dataset has no rows ({len(files)} file(s), all empty)")
+    if len(key_types) > 1:
+        raise InputError(f"{config.data}: key column '{features.key_column}' is an integer in some files and a string in others")
+    return units, listing, key_types.pop()
 
 
-def _embed_on_ray(config: EmbedConfig, version: str, columns: list[str], started: float) -> Path:
-    output_root = Path(config.output)
-    output_root.mkdir(parents=True, exist_ok=True)
-    # Staging sits beside the output root, not inside it, so readers globbing the root
-    # (Feast's offline source) never see a partial run.
-    staging = output_root.parent / f".{output_root.name}.staging-{uuid.uuid4().hex}"
-    num_encoders = encoder_pool_size(config.num_encoders, config.cpus_per_encoder)
-    try:
-        embeddings = ray.data.read_parquet(config.data).select_columns(columns).map_batches(
-            Encoder,
-            fn_constructor_kwargs={
-                "model_root": str(Path(config.model_root).absolute()), "version": version,
-                "event_timestamp": datetime.now(UTC), "timestamp_column": config.timestamp_column,
-            },
-            batch_format="pyarrow", batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=num_encoders), num_cpus=config.cpus_per_encoder,
+def _hidden(relative: str) -> bool:
+    # The names Parquet readers (pyarrow, Spark) skip: _SUCCESS, _metadata, .staging, .crc files.
+    return any(part.startswith(("_", ".")) for part in relative.split("/") if part)
+
+
+def _check_timestamp_column(schema: pa.Schema, column: str, source: str) -> None:
+    if column not in schema.names:
+        raise InputError(f"{source}: missing timestamp column '{column}'; the file has {', '.join(schema.names)}")
+    column_type = schema.field(column).type
+    if not (pa.types.is_timestamp(column_type) or pa.types.is_date(column_type) or pa.types.is_string(column_type)):
+        raise InputError(f"{source}: timestamp column '{column}' is {column_type}; it must be a timestamp or a date")
+
+
+def _run_id(config: EmbedConfig, version: str, event_time: datetime, listing: list[dict]) -> str:
+    """Same input files, model version and output-shaping settings -> same run, so a re-run resumes."""
+    identity = {
+        "model_version": version, "data": config.data, "listing": listing, "event_time": event_time.isoformat(),
+        "timestamp_column": config.timestamp_column, "on_bad_rows": config.on_bad_rows,
+        "batch_size": config.batch_size, "rows_per_file": config.rows_per_file,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finished_units(fs, staging: str) -> set[str]:
+    if not fs.isdir(staging):
+        return set()
+    names = [path.rsplit("/", 1)[-1] for path in fs.ls(staging, detail=False, refresh=True)]
+    return {n for n in names if n.startswith("part-") and n.endswith(".parquet")}
+
+
+class UnitEncoder:
+    """A Ray Data actor: loads the model version once, then encodes one work unit per call."""
+
+    def __init__(self, config: dict, version: str, event_time: datetime, key_type: str, staging: str):
+        self.config = EmbedConfig(**config)
+        resources = ray.get_runtime_context().get_assigned_resources()
+        # One torch thread per reserved CPU, so actors sharing a node do not oversubscribe it.
+        torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+        self.device = torch.device("cuda" if resources.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu")
+        self.model_version = load_model_version(self.config.model_root, version)
+        self.model_version.model.to(self.device)
+        self.event_time = event_time
+        self.key_type = pa.int64() if key_type == "int64" else pa.string()
+        self.input_fs, _ = filesystem(self.config.data)
+        self.output_fs, _ = filesystem(self.config.output)
+        self.staging = staging  # a path inside output_fs
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        summaries = [self.encode_unit(WorkUnit(**{**json.loads(text), "row_groups": tuple(json.loads(text)["row_groups"])}))
+                     for text in batch["unit"]]
+        return {name: np.array([s[name] for s in summaries]) for name in summaries[0]}
+
+    def encode_unit(self, unit: WorkUnit) -> dict:
+        started = time.time()
+        features = self.model_version.features
+        url = url_of(self.input_fs, unit.path)
+        embedded: list[pa.Table] = []
+        quarantined: list[pa.Table] = []
+        with storage_errors(url):
+            for batch in self._read(unit):
+                if self.config.on_bad_rows == "quarantine":
+                    good, matrix, bad, reasons = split_bad_rows(batch, features, self._required)
+                    if bad.num_rows:
+                        quarantined.append(self._quarantine_rows(bad, reasons, url))
+                else:
+                    good = batch
+                    try:
+                        matrix = features_to_numpy(batch, features, self._required)
+                    except InputError as error:
+                        raise InputError(f"{url}: {error}") from None
+                posterior_mean, anomaly_score = encode_matrix(self.model_version.model, self.model_version.normalizer, matrix, self.device)
+                embedded.append(self._embedding_rows(good, posterior_mean, anomaly_score))
+            # The quarantine file first: the embeddings file is the unit's "done" marker.
+            if quarantined:
+                self._write(f"{QUARANTINE_DIR}/{unit.output_name}", pa.concat_tables(quarantined))
+            self._write(unit.output_name, pa.concat_tables(embedded) if embedded else self._embedding_rows(None, None, None))
+        quarantined_rows = sum(t.num_rows for t in quarantined)
+        return {"index": unit.index, "rows": unit.rows, "embedded": unit.rows - quarantined_rows, "quarantined": quarantined_rows,
+                "started": started, "finished": time.time()}
+
+    @property
+    def _required(self) -> tuple[str, ...]:
+        return (self.config.timestamp_column,) if self.config.timestamp_column else ()
+
+    def _read(self, unit: WorkUnit):
+        """The unit's row groups in batches, only the needed columns; hive partition values as columns."""
+        features = self.model_version.features
+        wanted = [*features.columns, *self._required]
+        source = unit.path if is_local(self.input_fs) else self.input_fs.open(unit.path, "rb")
+        try:
+            parquet = pq.ParquetFile(source)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise InputError(f"{url_of(self.input_fs, unit.path)}: not a readable Parquet file ({_first_line(error)})") from None
+        in_file = [c for c in wanted if c in parquet.schema_arrow.names]
+        try:
+            for batch in parquet.iter_batches(batch_size=self.config.batch_size, row_groups=list(unit.row_groups), columns=in_file):
+                for name in wanted:
+                    if name not in in_file:  # a hive partition column
+                        batch = batch.append_column(name, pa.array([unit.partition[name]] * batch.num_rows, pa.string()))
+                yield batch
+        except pa.ArrowInvalid as error:
+            raise InputError(f"{url_of(self.input_fs, unit.path)}: corrupt Parquet data ({_first_line(error)}); remove or replace the file") from None
+        finally:
+            if not isinstance(source, str):
+                source.close()
+
+    def _embedding_rows(self, batch, posterior_mean: np.ndarray | None, anomaly_score: np.ndarray | None) -> pa.Table:
+        key_column = self.model_version.features.key_column
+        schema = embeddings_schema(key_column, self.key_type)
+        if batch is None:
+            return schema.empty_table()
+        rows = batch.num_rows
+        if self.config.timestamp_column:
+            event_timestamp = _to_utc_timestamps(batch.column(self.config.timestamp_column))
+        else:
+            event_timestamp = pa.array(np.full(rows, np.datetime64(self.event_time.replace(tzinfo=None), "us")), pa.timestamp("us", tz="UTC"))
+        return pa.table({
+            key_column: batch.column(key_column).cast(self.key_type),
+            "latent": latent_column(posterior_mean),
+            "anomaly_score": pa.array(anomaly_score.astype(np.float32, copy=False)),
+            "model_version": pa.DictionaryArray.from_arrays(np.zeros(rows, np.int32), [self.model_version.version]).cast(pa.string()),
+            "event_timestamp": event_timestamp,
+        }, schema=schema)
+
+    def _quarantine_rows(self, bad: pa.Table | pa.RecordBatch, reasons: list[str], url: str) -> pa.Table:
+        table = pa.Table.from_batches([bad]) if isinstance(bad, pa.RecordBatch) else bad
+        return table.append_column("quarantine_reason", pa.array(reasons, pa.string())).append_column(
+            "source_file", pa.array([url] * table.num_rows, pa.string())
         )
-        embeddings.write_parquet(str(staging.absolute()))
-        rows = embeddings_row_count(staging)
-        if rows == 0:
-            raise InputError(f"{config.data}: the dataset has no rows")
-        destination = _commit(staging, output_root / version)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    seconds = time.perf_counter() - started
-    log.info("embedded %d rows with model %s in %.1fs (%.0f rows/s) -> %s", rows, version, seconds, rows / seconds, destination)
-    return destination
+
+    def _write(self, name: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        write_bytes_atomically(self.output_fs, f"{self.staging}/{name}", sink.getvalue().to_pybytes())
 
 
-def encoder_pool_size(requested: int | None, cpus_per_encoder: float) -> int:
-    """Encoder actors to start. Actors that reserve every CPU leave Ray Data's read and write
-    tasks unschedulable and the job hangs without a word, so that is refused up front."""
-    cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
-    if requested is None:
-        return max(1, int((cluster_cpus - 1) // cpus_per_encoder))
-    if requested * cpus_per_encoder > cluster_cpus - 1:
+def embeddings_schema(key_column: str, key_type: pa.DataType) -> pa.Schema:
+    return pa.schema([
+        (key_column, key_type), ("latent", pa.list_(pa.float32())), ("anomaly_score", pa.float32()),
+        ("model_version", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
+    ])
+
+
+def _to_utc_timestamps(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    if pa.types.is_timestamp(column.type) and column.type.tz is None:
+        column = column.cast(pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC"))  # naive times are taken as UTC
+    return column.cast(pa.timestamp("us", tz="UTC"))
+
+
+def _encode_units(config: EmbedConfig, version: str, event_time: datetime, key_type: str, units: list[WorkUnit], staging: str) -> list[dict]:
+    """Encode the units on a pool of actors; returns one summary per unit."""
+    cluster = ray.cluster_resources()
+    gpus = config.gpus_per_encoder if config.gpus_per_encoder is not None else (1.0 if cluster.get("GPU", 0) >= 1 else 0.0)
+    capacity = int(cluster.get("GPU", 0) // gpus) if gpus else int(cluster.get("CPU", 0) // config.cpus_per_encoder)
+    if capacity < 1:
         raise InputError(
-            f"{requested} encoders x {cpus_per_encoder} CPU would reserve {requested * cpus_per_encoder:g} of the "
-            f"cluster's {cluster_cpus:g} CPUs and leave none for reading and writing; lower num_encoders or "
-            "cpus_per_encoder (e.g. 0.5), or leave num_encoders unset"
+            f"the cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs; one encoder needs "
+            f"{config.cpus_per_encoder:g} CPUs and {gpus:g} GPUs; lower cpus_per_encoder / gpus_per_encoder"
         )
-    return requested
+    requested = min(config.num_encoders or capacity, len(units))
+    # More actors than fit now: start what fits and let Ray Data scale up as nodes join.
+    compute = ray.data.ActorPoolStrategy(min_size=min(requested, capacity), max_size=requested, max_tasks_in_flight_per_actor=1)
+    log.info("encoding %d unit(s) of about %d rows with %d encoder actor(s) (%g CPU, %g GPU each)",
+             len(units), config.rows_per_file, requested, config.cpus_per_encoder, gpus)
+    items = [{"unit": json.dumps(asdict(unit))} for unit in units]
+    results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        UnitEncoder,
+        fn_constructor_kwargs={"config": config.model_dump(), "version": version, "event_time": event_time, "key_type": key_type,
+                              "staging": staging},
+        batch_size=1, batch_format="numpy", compute=compute, num_cpus=config.cpus_per_encoder, num_gpus=gpus,
+    )
+    summaries: list[dict] = []
+    last_log = time.monotonic()
+    for summary in results.iter_rows():
+        summaries.append(summary)
+        if time.monotonic() - last_log > 10 or len(summaries) == len(units):
+            rows = sum(s["rows"] for s in summaries)
+            log.info("%d/%d units done, %s rows", len(summaries), len(units), f"{rows:,}")
+            last_log = time.monotonic()
+    return summaries
 
 
-def embeddings_row_count(directory: Path) -> int:
-    import pyarrow.parquet as pq
+def _commit(config: EmbedConfig, fs, output_root: str, staging: str, version: str, units: list[WorkUnit], listing: list[dict],
+            summaries: list[dict], started: float) -> EmbedResult:
+    """Reconcile the staged files with the plan, write the manifest, and move the run into place."""
+    with storage_errors(config.output):
+        files = {u.output_name: pq.read_metadata(fs.open(f"{staging}/{u.output_name}", "rb")).num_rows for u in units}
+        quarantine_dir = f"{staging}/{QUARANTINE_DIR}"
+        quarantine_files = {}
+        if fs.isdir(quarantine_dir):
+            for path in fs.ls(quarantine_dir, detail=False, refresh=True):
+                if path.endswith(".parquet"):
+                    with fs.open(path, "rb") as f:
+                        quarantine_files[path.rsplit("/", 1)[-1]] = pq.read_metadata(f).num_rows
+    input_rows = sum(u.rows for u in units)
+    embedded, quarantined = sum(files.values()), sum(quarantine_files.values())
+    if embedded + quarantined != input_rows:
+        raise RuntimeError(
+            f"staged output does not reconcile: {input_rows} input rows, {embedded} embedded + {quarantined} quarantined; "
+            f"nothing committed (staging kept at {url_of(fs, staging)})"
+        )
+    destination = f"{output_root}/{version}"
+    now = time.time()
+    first_start = min((s["started"] for s in summaries), default=now)
+    last_finish = max((s["finished"] for s in summaries), default=now)
+    result = EmbedResult(
+        output=url_of(fs, destination), model_version=version, input_rows=input_rows, embedded_rows=embedded,
+        quarantined_rows=quarantined, quarantine=url_of(fs, f"{destination}/{QUARANTINE_DIR}") if quarantined else None,
+        files=len(files), resumed_files=len(units) - len(summaries), seconds=0.0,
+        startup_seconds=max(0.0, first_start - started), encode_seconds=last_finish - first_start,
+    )
+    manifest = {
+        "format": "vae-embeddings/1", "model_version": version, "data": config.data, "input_files": listing,
+        "input_rows": input_rows, "embedded_rows": embedded, "quarantined_rows": quarantined,
+        "files": files, "quarantine_files": quarantine_files, "on_bad_rows": config.on_bad_rows,
+        "run_id": staging.rsplit("/", 1)[-1], "committed_at": datetime.now().astimezone().isoformat(), "code_version": code_version(),
+    }
+    with storage_errors(config.output):
+        fs.rm(f"{staging}/_run.json")
+        write_bytes_atomically(fs, f"{staging}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        _move_into_place(fs, staging, destination, [*files, *(f"{QUARANTINE_DIR}/{n}" for n in quarantine_files), MANIFEST])
+    result.seconds = time.time() - started
+    return result
 
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in directory.glob("*.parquet")) if directory.is_dir() else 0
+
+def _move_into_place(fs, staging: str, destination: str, names: list[str]) -> None:
+    """Publish a staged run as <output>/<version>, replacing an earlier run of that version.
+
+    Local: one directory rename (the old run is renamed aside first, then deleted). S3 has no
+    rename: files are copied server-side under their planned names (a re-run of the same input
+    overwrites a file with identical rows, never adds one), files of an earlier run that are not
+    in the new manifest are deleted, and the manifest is written last.
+    """
+    if is_local(fs):
+        if os.path.exists(destination):
+            retired = f"{os.path.dirname(staging)}/retired-{uuid.uuid4().hex}"
+            os.rename(destination, retired)
+            os.rename(staging, destination)
+            fs.rm(retired, recursive=True)
+        else:
+            os.rename(staging, destination)
+        return
+    for name in names[:-1]:
+        fs.copy(f"{staging}/{name}", f"{destination}/{name}")
+    if fs.isdir(destination):
+        keep = {f"{destination}/{name}" for name in names}
+        stale = [p for p in fs.find(destination) if p not in keep]
+        if stale:
+            fs.rm(stale)
+    fs.copy(f"{staging}/{names[-1]}", f"{destination}/{names[-1]}")
+    fs.rm(staging, recursive=True)
 
 
-def _commit(staging: Path, destination: Path) -> Path:
-    """Move a finished run into place, replacing an earlier run of the same version."""
-    if destination.exists():
-        retired = destination.parent.parent / f".{destination.parent.name}.retired-{uuid.uuid4().hex}"
-        os.rename(destination, retired)
-        os.rename(staging, destination)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.rename(staging, destination)
-    return destination
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> EmbedResult:
     return embed(parse_config(EmbedConfig, argv, prog="vaectl embed"))
 
 

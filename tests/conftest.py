@@ -1,15 +1,41 @@
-"""Shared fixtures: one real local Ray cluster per test session, and one trained model version."""
+"""Shared fixtures: a moto S3 server and one real local Ray cluster per test session, and one
+trained model version."""
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+from s3_server import moto_server
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1, reached through the standard AWS environment variables, as
+    a real deployment would be. Set before Ray starts so that Ray's workers inherit them."""
+    import s3fs
+
+    with moto_server() as endpoint:
+        saved = {name: os.environ.get(name) for name in _AWS_ENV}
+        os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test-key-id",
+                           "AWS_SECRET_ACCESS_KEY": "test-secret-key", "AWS_DEFAULT_REGION": "us-east-1"})
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield endpoint
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
     """A real local Ray cluster with the machine's 2 CPUs, torn down after the session."""
     import ray
 

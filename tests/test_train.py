@@ -1,6 +1,7 @@
 """Training with Ray Train: 2 DDP workers on real Parquet through Ray Data."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -76,7 +77,7 @@ def test_version_holds_the_diagnostics_and_the_report(trained):
     assert "collapse_warning" in metrics and metrics["resumed_from"] == []
     assert loaded.metadata["report"] == ["curves.png", "kl_per_dim.png", "latent_pca.png"]
     for name in loaded.metadata["report"]:
-        assert (loaded.path / "report" / name).read_bytes()[:4] == b"\x89PNG"
+        assert (Path(loaded.path) / "report" / name).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_same_seed_same_workers_same_validation_elbo(trained, tmp_path):

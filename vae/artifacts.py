@@ -6,8 +6,10 @@
                                                code version, sha256 of the weights
     <model_root>/<version>/report/*.png        training report (loss curves, KL per dim, PCA)
 
-A version is written under <model_root>/.staging-*/ and renamed into place last, so a crash
-never leaves a directory that looks complete. Loading verifies the checksum and every tensor
+model_root is a local path or an s3:// URL. Locally a version is written under
+<model_root>/.staging-*/ and renamed into place; on S3 (no rename) the files are uploaded with
+model.json last, and only a directory holding model.json counts as a version. Either way a crash
+never leaves a version that looks complete. Loading verifies the checksum and every tensor
 shape before building the model.
 """
 
@@ -18,6 +20,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,11 +29,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from vae.errors import InputError
 from vae.model import VAE, ModelConfig
 from vae.preprocessing import FeatureSchema, Normalizer
+from vae.storage import filesystem, is_local, storage_errors, url_of
 
 FORMAT = "vae-model-version/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -43,7 +48,7 @@ class ModelVersion:
     """A loaded, verified model version: everything needed to encode a dataset."""
 
     version: str
-    path: Path
+    path: str  # local directory or s3:// URL
     model: VAE
     normalizer: Normalizer
     features: FeatureSchema
@@ -64,10 +69,13 @@ def save_model_version(
 
     report_dir: files (the training report) copied into <version>/report/ before the commit.
     """
-    root = Path(model_root)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
-    staging.mkdir()
+    fs, root = filesystem(model_root)
+    local = is_local(fs)
+    if local:
+        os.makedirs(root, exist_ok=True)
+    # Locally the staging directory sits in the root so the commit is one rename on one filesystem.
+    staging = Path(root) / f"{STAGING_PREFIX}{uuid.uuid4().hex}" if local else Path(tempfile.mkdtemp(prefix="vae-version-"))
+    staging.mkdir(exist_ok=True)
     try:
         weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
         save_file(weights, staging / WEIGHTS_FILE)
@@ -92,19 +100,27 @@ def save_model_version(
             shutil.copytree(report_dir, staging / "report")
             metadata["report"] = sorted(p.name for p in (staging / "report").iterdir())
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-        os.rename(staging, root / version)  # the commit: atomic on one filesystem
-    except BaseException:
+        if local:
+            os.rename(staging, Path(root) / version)  # the commit: atomic on one filesystem
+        else:
+            with storage_errors(url_of(fs, root)):
+                for path in sorted(staging.rglob("*")):
+                    if path.is_file() and path.name != METADATA_FILE:
+                        fs.put_file(str(path), f"{root}/{version}/{path.relative_to(staging).as_posix()}")
+                fs.put_file(str(staging / METADATA_FILE), f"{root}/{version}/{METADATA_FILE}")  # the commit: written last
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return version
 
 
 def list_model_versions(model_root: str | os.PathLike) -> list[str]:
-    """Committed versions under model_root, oldest first."""
-    root = Path(model_root)
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / METADATA_FILE).is_file())
+    """Committed versions under model_root (those with model.json), oldest first."""
+    fs, root = filesystem(model_root)
+    with storage_errors(url_of(fs, root)):
+        if not fs.isdir(root):
+            return []
+        names = [entry.rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False, refresh=True)]
+        return sorted(n for n in names if not n.startswith(".") and fs.isfile(f"{root}/{n}/{METADATA_FILE}"))
 
 
 def resolve_model_version(model_root: str | os.PathLike, version: str = "latest") -> str:
@@ -122,15 +138,21 @@ def resolve_model_version(model_root: str | os.PathLike, version: str = "latest"
 def load_model_version(model_root: str | os.PathLike, version: str = "latest") -> ModelVersion:
     """Load and verify a version; raise InputError if it is missing, incomplete or tampered with."""
     version = resolve_model_version(model_root, version)
-    path = Path(model_root) / version
+    fs, root = filesystem(model_root)
+    path = url_of(fs, f"{root}/{version}")
     try:
-        metadata = json.loads((path / METADATA_FILE).read_text())
+        with storage_errors(path):
+            metadata = json.loads(fs.cat_file(f"{root}/{version}/{METADATA_FILE}"))
     except (OSError, json.JSONDecodeError) as error:
         raise InputError(f"model version {path}: {METADATA_FILE} is unreadable ({error}); the version is corrupt") from None
     if metadata.get("format") != FORMAT:
         raise InputError(f"model version {path}: format {metadata.get('format')!r} is not {FORMAT!r}")
-    weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file() or _sha256(weights_path) != metadata.get("weights_sha256"):
+    try:
+        with storage_errors(path):
+            weights_bytes = fs.cat_file(f"{root}/{version}/{WEIGHTS_FILE}")
+    except OSError:
+        weights_bytes = None
+    if weights_bytes is None or hashlib.sha256(weights_bytes).hexdigest() != metadata.get("weights_sha256"):
         raise InputError(
             f"model version {path}: {WEIGHTS_FILE} is missing or does not match the checksum in "
             f"{METADATA_FILE} (truncated or modified); restore it or train a new version"
@@ -139,7 +161,7 @@ def load_model_version(model_root: str | os.PathLike, version: str = "latest") -
         config = ModelConfig.from_dict(metadata["architecture"])
         normalizer = Normalizer.from_dict(metadata["normalizer"])
         features = FeatureSchema.from_dict(metadata["features"])
-        weights = load_file(weights_path)
+        weights = load_safetensors(weights_bytes)
     except (KeyError, TypeError, ValueError, SafetensorError) as error:
         raise InputError(f"model version {path} is corrupt: {error}") from None
     model = VAE(config)
@@ -149,7 +171,7 @@ def load_model_version(model_root: str | os.PathLike, version: str = "latest") -
     return ModelVersion(version, path, model, normalizer, features, metadata)
 
 
-def _check_shapes(model: VAE, weights: dict[str, torch.Tensor], path: Path) -> None:
+def _check_shapes(model: VAE, weights: dict[str, torch.Tensor], path: str) -> None:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in weights.items()}
     if expected != found:

@@ -12,15 +12,17 @@ from vae.preprocessing import Normalizer
 
 
 @torch.inference_mode()
-def encode_matrix(model: VAE, normalizer: Normalizer, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(posterior_mean, anomaly_score) for raw feature rows.
+def encode_matrix(
+    model: VAE, normalizer: Normalizer, matrix: np.ndarray, device: torch.device | str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(posterior_mean, anomaly_score) for raw feature rows; the model must already be on `device`.
 
     The anomaly score is the negative ELBO in nats evaluated at the posterior mean, so the same
     row always gets the same score; higher means more unusual.
     """
-    x = torch.from_numpy(normalizer(matrix))
+    x = torch.from_numpy(normalizer(matrix)).to(device, non_blocking=True)
     terms = elbo_terms(model, x, sample=False)
-    return terms.posterior.mean.numpy(), terms.negative_elbo.numpy()
+    return terms.posterior.mean.cpu().numpy(), terms.negative_elbo.cpu().numpy()
 
 
 def latent_column(posterior_mean: np.ndarray) -> pa.ListArray:

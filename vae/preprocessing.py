@@ -120,60 +120,121 @@ def _is_numeric(arrow_type: pa.DataType) -> bool:
     return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
 
 
-def features_to_numpy(batch: pa.Table | pa.RecordBatch, features: FeatureSchema) -> np.ndarray:
+def features_to_numpy(batch: pa.Table | pa.RecordBatch, features: FeatureSchema, required: tuple[str, ...] = ()) -> np.ndarray:
     """The batch's features as a float32 (rows, dim) matrix, validated.
 
     Zero-copy for a float32 fixed_size_list column without nulls held in one chunk; any other
     layout is copied once. Raises InputError naming the column and the row's key on nulls,
-    wrong vector lengths and NaN/inf.
+    wrong vector lengths and NaN/inf, and on nulls in the `required` columns.
     """
     if features.vector_column:
-        matrix = _vector_column_to_numpy(batch, features)
-    else:
-        matrix = _scalar_columns_to_numpy(batch, features)
-    if not np.isfinite(matrix).all():
-        row = int(np.flatnonzero(~np.isfinite(matrix).all(axis=1))[0])
-        raise InputError(f"{_describe_row(batch, features, row)} has NaN or infinite feature values; clean or drop such rows")
-    return matrix
-
-
-def _vector_column_to_numpy(batch: pa.Table | pa.RecordBatch, features: FeatureSchema) -> np.ndarray:
-    column = batch.column(features.vector_column)
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    name = features.vector_column
-    if column.null_count:
-        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise InputError(f"{_describe_row(batch, features, row)} has no value in column '{name}'")
-    if not pa.types.is_fixed_size_list(column.type):
-        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-        wrong = np.flatnonzero(lengths != features.dim)
-        if wrong.size:
-            row = int(wrong[0])
+        column = _single_chunk(batch.column(features.vector_column))
+        if pa.types.is_fixed_size_list(column.type) and column.type.list_size != features.dim:
             raise InputError(
-                f"{_describe_row(batch, features, row)} has a vector of length {lengths[row]} in column "
-                f"'{name}'; the model expects length {features.dim} ({wrong.size} such rows in this batch)"
+                f"column '{features.vector_column}' has vectors of length {column.type.list_size}; "
+                f"the model expects length {features.dim}"
             )
-    elif column.type.list_size != features.dim:
-        raise InputError(f"column '{name}' has vectors of length {column.type.list_size}; the model expects length {features.dim}")
-    values = column.flatten()  # respects the array's offset, so slices stay correct
-    if values.null_count:
-        raise InputError(f"column '{name}' has null elements inside vectors; fill or drop them")
-    if values.type == pa.float32():
-        flat = values.to_numpy(zero_copy_only=True)
-    else:
-        flat = values.to_numpy(zero_copy_only=False).astype(np.float32)
-    return flat.reshape(-1, features.dim)
+    problems = row_problems(batch, features, required)
+    if problems is not None:
+        bad = np.flatnonzero(problems != None)
+        row = int(bad[0])
+        more = f" ({bad.size} bad rows in this batch)" if bad.size > 1 else ""
+        raise InputError(f"{_describe_row(batch, features, row)} {problems[row]}{more}; fix or drop such rows, or quarantine them")
+    return _to_matrix(batch, features)
 
 
-def _scalar_columns_to_numpy(batch: pa.Table | pa.RecordBatch, features: FeatureSchema) -> np.ndarray:
-    matrix = np.empty((batch.num_rows, features.dim), dtype=np.float32)
-    for j, name in enumerate(features.feature_columns):
+def split_bad_rows(
+    batch: pa.Table | pa.RecordBatch, features: FeatureSchema, required: tuple[str, ...] = ()
+) -> tuple[pa.Table | pa.RecordBatch, np.ndarray, pa.Table | pa.RecordBatch, list[str]]:
+    """(good rows, their feature matrix, bad rows, one reason per bad row), for quarantining."""
+    problems = row_problems(batch, features, required)
+    if problems is None:
+        return batch, _to_matrix(batch, features), batch.slice(0, 0), []
+    is_bad = problems != None
+    good = batch.filter(pa.array(~is_bad))
+    return good, _to_matrix(good, features), batch.filter(pa.array(is_bad)), [str(r) for r in problems[is_bad]]
+
+
+def row_problems(batch: pa.Table | pa.RecordBatch, features: FeatureSchema, required: tuple[str, ...] = ()) -> np.ndarray | None:
+    """Per row, why it cannot be encoded (None where it can); None if every row is fine.
+
+    Checks: a null key, a missing vector or feature value, a wrong vector length, null elements,
+    NaN or infinite values, a null in a `required` column (e.g. the event timestamp). The common
+    all-good case costs one pass over the values.
+    """
+    rows = batch.num_rows
+    problems: np.ndarray | None = None
+
+    def mark(mask: np.ndarray, reason: str) -> None:
+        nonlocal problems
+        if mask.any():
+            if problems is None:
+                problems = np.full(rows, None, dtype=object)
+            problems[mask & (problems == None)] = reason  # the first problem found per row wins
+
+    for name in (features.key_column, *required):
         column = batch.column(name)
         if column.null_count:
-            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-            raise InputError(f"{_describe_row(batch, features, row)} has no value in column '{name}'")
-        matrix[:, j] = column.to_numpy()
+            mark(_nulls(column), f"has no value in column '{name}'")
+    if features.vector_column:
+        name = features.vector_column
+        column = _single_chunk(batch.column(name))
+        if column.null_count:
+            mark(_nulls(column), f"has no value in column '{name}'")
+        if not pa.types.is_fixed_size_list(column.type):
+            lengths = pc.fill_null(pc.list_value_length(column), features.dim).to_numpy(zero_copy_only=False)
+            wrong = lengths != features.dim
+            for length in np.unique(lengths[wrong])[:20]:
+                mark(wrong & (lengths == length), f"has a vector of length {length} in column '{name}'; the model expects length {features.dim}")
+        values = pc.list_flatten(column)
+        parents = None
+        if values.null_count:
+            parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+            mark(_rows_of(parents, _nulls(values), rows), f"has null elements inside its vector in column '{name}'")
+        if pa.types.is_floating(values.type):
+            finite = np.isfinite(values.to_numpy(zero_copy_only=False))
+            if not finite.all():
+                parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False) if parents is None else parents
+                mark(_rows_of(parents, ~finite, rows), "has NaN or infinite feature values")
+    for name in features.feature_columns:
+        column = batch.column(name)
+        if column.null_count:
+            mark(_nulls(column), f"has no value in column '{name}'")
+        if pa.types.is_floating(column.type):
+            finite = np.isfinite(column.to_numpy(zero_copy_only=False))
+            if not finite.all():
+                mark(~finite, "has NaN or infinite feature values")
+    return problems
+
+
+def _single_chunk(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return column
+
+
+def _nulls(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return column.is_null().to_numpy(zero_copy_only=False)
+
+
+def _rows_of(parents: np.ndarray, element_mask: np.ndarray, rows: int) -> np.ndarray:
+    mask = np.zeros(rows, dtype=bool)
+    mask[parents[element_mask]] = True
+    return mask
+
+
+def _to_matrix(batch: pa.Table | pa.RecordBatch, features: FeatureSchema) -> np.ndarray:
+    """The float32 matrix of rows already known to be valid."""
+    if features.vector_column:
+        values = _single_chunk(batch.column(features.vector_column)).flatten()  # respects slices' offsets
+        if values.type == pa.float32():
+            flat = values.to_numpy(zero_copy_only=True)
+        else:
+            flat = values.to_numpy(zero_copy_only=False).astype(np.float32)
+        return flat.reshape(-1, features.dim)
+    matrix = np.empty((batch.num_rows, features.dim), dtype=np.float32)
+    for j, name in enumerate(features.feature_columns):
+        matrix[:, j] = batch.column(name).to_numpy()
     return matrix
 
 

@@ -1,0 +1,90 @@
+"""Local paths and s3:// URLs through one fsspec interface, with errors a user can act on.
+
+S3 goes through s3fs; endpoint, region and credentials come from the standard AWS environment
+and config files (AWS_ENDPOINT_URL, AWS_PROFILE, instance profiles, ...), never from our code,
+and no message here ever contains a credential.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from vae.errors import InputError
+
+
+def filesystem(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URL such as s3://bucket/prefix."""
+    url = str(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError as error:
+        raise InputError(f"{url}: {error}; install the s3 extra (pip install 'vae-feast[s3]')") from None
+    if is_local(fs):
+        path = os.path.abspath(path)
+    return fs, path.rstrip("/")
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The path as a user would write it: plain for local files, with the protocol otherwise."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def write_bytes_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole file so that it is either absent or complete, never partial.
+
+    Local: a temporary name then a rename. Object stores: one upload, which S3 makes visible
+    only once complete.
+    """
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(temporary, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """Turn the storage layer's exceptions into one InputError that names the location and the fix."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as error:  # s3fs, botocore and aiohttp raise many types; classify by what they say
+        problem = describe_storage_error(url, error)
+        if problem is None:
+            raise
+        raise InputError(problem) from None
+
+
+def describe_storage_error(url: str, error: BaseException) -> str | None:
+    text = f"{type(error).__name__}: {error}"
+    bucket = url.split("://", 1)[1].split("/", 1)[0] if "://" in url else ""
+    if "NoSuchBucket" in text or "bucket does not exist" in text:
+        return f"{url}: bucket '{bucket}' does not exist; check the URL and the region (AWS_DEFAULT_REGION)"
+    if isinstance(error, PermissionError) or any(
+        code in text for code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
+    ):
+        return (
+            f"{url}: access denied; check the AWS credentials this process uses (AWS_PROFILE, AWS_ACCESS_KEY_ID, "
+            "instance profile) and that they may read/write this location"
+        )
+    if "NoCredentials" in text or "Unable to locate credentials" in text:
+        return f"{url}: no AWS credentials found; set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or use an instance profile"
+    if any(word in text for word in ("EndpointConnectionError", "Could not connect", "ConnectTimeout", "ClientConnectorError",
+                                     "Connection refused", "Name or service not known")):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
+        return f"{url}: cannot reach the S3 endpoint ({endpoint}); check AWS_ENDPOINT_URL and the network"
+    return None  # a plain FileNotFoundError stays one: callers know what was missing
