@@ -44,7 +44,7 @@ from vae import InputError, encode_matrix, load_model_version
 from vae.artifacts import code_version
 from vae.encode import latent_column
 from vae.preprocessing import FeatureSchema, check_arrow_schema, features_to_numpy, split_bad_rows
-from vae.storage import filesystem, is_local, storage_errors, url_of, write_bytes_atomically
+from vae.storage import describe_storage_error, filesystem, is_local, storage_errors, url_of, write_bytes_atomically
 
 log = logging.getLogger("ray_jobs.embed")
 
@@ -163,13 +163,16 @@ def plan_units(fs, root: str, config: EmbedConfig, features: FeatureSchema) -> t
     checked, so a corrupt or mismatched file is reported before any work starts.
     """
     with storage_errors(config.data):
-        if not fs.exists(root):
-            raise InputError(f"{config.data}: no such file or directory; check the path")
-        if fs.isdir(root):
+        try:
+            root_info = fs.info(root)  # raises on a missing bucket, bad credentials, an unreachable endpoint
+        except FileNotFoundError as error:
+            missing = describe_storage_error(config.data, error) or f"{config.data}: no such file or directory; check the path"
+            raise InputError(missing) from None
+        if root_info["type"] == "directory":
             infos = fs.find(root, detail=True)
             files = sorted(path for path, info in infos.items() if info["type"] == "file" and not _hidden(path[len(root):]))
         else:
-            infos, files = {root: fs.info(root)}, [root]
+            infos, files = {root: root_info}, [root]
     if not files:
         raise InputError(f"{config.data}: no Parquet files found; check the path")
 
