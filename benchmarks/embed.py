@@ -1,10 +1,20 @@
 """Embedding throughput: the Ray Data job vs a plain single-process pyarrow + torch loop.
 
-Both read the same Parquet files, run the same encoder (posterior mean + anomaly score) and
-write Parquet. The baseline takes the best of 1 and 2 torch threads. Ray's start-up is
-reported separately; the job's time includes its fixed per-run cost (actor start, planning).
+Both read the same Parquet files (only the needed columns), run the same encoder (posterior mean
++ anomaly score) and write Parquet with the same columns. The baseline takes the best of 1 and 2
+torch threads. For each size, in the same process run:
 
-    python -m benchmarks.embed [--rows 1000000] [--repeats 3]
+    steady state   rows / encoding time: for the job, from the first unit starting to the last
+                   one finishing (actor start, planning and commit excluded); for the loop, its
+                   whole time (it has no start-up)
+    end to end     rows / wall time of the whole job call (planning, actor start, encoding,
+                   manifest, commit) vs the whole loop; Ray's own start (ray.init) is reported
+                   separately as the fixed cost a long-lived cluster pays once
+
+A 784-d image case (uint8 28x28, MLP 784-512-256, z=32) is reported against the compute limit:
+the best matmul FLOP/s measured in this run times the model's FLOPs per row.
+
+    python -m benchmarks.embed [--rows 1000000 4000000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -13,30 +23,43 @@ import argparse
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from statistics import median
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from benchmarks.common import save, timed, untrained_version, write_vectors
-from vae import encode_matrix, features_to_numpy, load_model_version
+from vae import (
+    VAE,
+    FeatureSchema,
+    FeatureStats,
+    ModelConfig,
+    Normalizer,
+    encode_matrix,
+    features_to_numpy,
+    load_model_version,
+    save_model_version,
+)
 from vae.encode import latent_column
 
 
 def plain_loop(data: Path, model_root: Path, version: str, output: Path, threads: int, batch_size: int) -> int:
-    """The hand-written baseline: one process, no Ray."""
+    """The hand-written baseline: one process, no Ray, pyarrow batches in, torch, Parquet out."""
     torch.set_num_threads(threads)
     loaded = load_model_version(model_root, version)
+    columns = loaded.features.columns
     output.mkdir(parents=True)
     rows = 0
     for i, path in enumerate(sorted(data.glob("*.parquet"))):
         with pq.ParquetWriter(output / f"part-{i}.parquet", schema=_schema()) as writer:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["item_id", "vec"]):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
                 mean, score = encode_matrix(loaded.model, loaded.normalizer, features_to_numpy(batch, loaded.features))
-                columns = {"item_id": batch.column("item_id"), "latent": latent_column(mean), "anomaly_score": score}
-                writer.write_table(pa.table(columns, schema=_schema()))
+                columns_out = {"item_id": batch.column("item_id"), "latent": latent_column(mean), "anomaly_score": score}
+                writer.write_table(pa.table(columns_out, schema=_schema()))
                 rows += len(mean)
     return rows
 
@@ -45,10 +68,85 @@ def _schema() -> pa.Schema:
     return pa.schema([("item_id", pa.int64()), ("latent", pa.list_(pa.float32())), ("anomaly_score", pa.float32())])
 
 
+def matmul_flops_per_second(threads: int, size: int = 1024, repeats: int = 20) -> float:
+    """Dense float32 matmul throughput of this machine with `threads` torch threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def model_flops_per_row(model: VAE) -> int:
+    """Multiply-adds x 2 of every Linear layer: encoder, posterior heads and decoder (the anomaly score decodes)."""
+    return sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def write_images(directory: Path, rows: int, files: int = 4) -> Path:
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True)
+    per_file = rows // files
+    for i in range(files):
+        images = rng.integers(0, 256, size=(per_file, 784), dtype=np.uint8)
+        table = pa.table({"item_id": np.arange(i * per_file, (i + 1) * per_file),
+                          "image": pa.FixedSizeListArray.from_arrays(pa.array(images.ravel()), 784)})
+        pq.write_table(table, directory / f"part-{i:03d}.parquet", row_group_size=65536)
+    return directory
+
+
+def image_version(model_root: Path) -> str:
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(784, 32, (512, 256), "bernoulli"))
+    stats = FeatureStats.of(np.random.default_rng(0).integers(0, 256, (1000, 784)).astype(np.float32))
+    features = FeatureSchema("item_id", 784, vector_column="image", image_shape=(1, 28, 28))
+    return save_model_version(model_root, model, Normalizer.fit(stats, "bernoulli"), features, {}, {}, {"source": "synthetic"})
+
+
+def compare(work: Path, data: Path, version: str, rows: int, repeats: int, batch_size: int) -> dict:
+    """Plain loop (1 and 2 threads) and the Ray job, alternating, `repeats` times."""
+    from ray_jobs.embed import EmbedConfig, embed
+
+    plain: dict[int, list[float]] = {1: [], 2: []}
+    job_end_to_end: list[float] = []
+    job_steady: list[float] = []
+    job_startup: list[float] = []
+    for repeat in range(repeats):
+        for threads in (1, 2):
+            output = work / f"plain-{threads}"
+            seconds, written = timed(lambda: plain_loop(data, work / "models", version, output, threads, batch_size))  # noqa: B023
+            assert written == rows
+            plain[threads].append(rows / seconds)
+            shutil.rmtree(output)
+        config = EmbedConfig(data=str(data), model_root=str(work / "models"), model_version=version, output=str(work / "ray"),
+                             batch_size=batch_size)
+        seconds, result = timed(lambda: embed(config))  # noqa: B023
+        assert result.embedded_rows == rows
+        job_end_to_end.append(rows / seconds)
+        job_steady.append(rows / result.encode_seconds)
+        job_startup.append(result.startup_seconds)
+        shutil.rmtree(work / "ray")
+        print(f"  {rows:,} rows, repeat {repeat}: plain 1 thread {plain[1][-1]:,.0f} rows/s, 2 threads {plain[2][-1]:,.0f}; "
+              f"ray job end to end {job_end_to_end[-1]:,.0f}, steady {job_steady[-1]:,.0f}, start-up {job_startup[-1]:.1f}s",
+              flush=True)
+    best_plain = max(median(plain[1]), median(plain[2]))
+    return {
+        "rows": rows,
+        "plain_rows_per_s_median": {f"{k}_thread": round(median(v)) for k, v in plain.items()},
+        "job_end_to_end_rows_per_s_median": round(median(job_end_to_end)),
+        "job_steady_rows_per_s_median": round(median(job_steady)),
+        "job_startup_seconds_median": round(median(job_startup), 2),
+        "ratio_steady_vs_best_plain": round(median(job_steady) / best_plain, 3),
+        "ratio_end_to_end_vs_best_plain": round(median(job_end_to_end) / best_plain, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000])
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--image-rows", type=int, default=400_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8192)
     args = parser.parse_args()
@@ -56,37 +154,36 @@ def main() -> None:
     import ray
 
     from ray_jobs.common import ray_session
-    from ray_jobs.embed import EmbedConfig, embed
 
     work = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     try:
-        data = write_vectors(work / "data", args.rows, args.dim)
-        version = untrained_version(work / "models", args.dim)
-        ray_start, _ = timed(lambda: ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False))
+        ray_start, _ = timed(lambda: ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False))
         ray.data.DataContext.get_current().enable_progress_bars = False
-        plain: dict[int, list[float]] = {1: [], 2: []}
-        ray_job: list[float] = []
+        results: dict = {"dim": args.dim, "repeats": args.repeats, "cpus": os.cpu_count(), "batch_size": args.batch_size,
+                         "ray_init_seconds": round(ray_start, 2), "sizes": []}
         with ray_session():
-            for repeat in range(args.repeats):
-                for threads in (1, 2):
-                    output = work / f"plain-{repeat}-{threads}"
-                    seconds, rows = timed(lambda: plain_loop(data, work / "models", version, output, threads, args.batch_size))  # noqa: B023
-                    assert rows == args.rows
-                    plain[threads].append(args.rows / seconds)
-                seconds, _ = timed(lambda: embed(EmbedConfig(data=str(data), model_root=str(work / "models"), output=str(work / "ray"),
-                                                             batch_size=args.batch_size)))
-                ray_job.append(args.rows / seconds)
-                print(f"repeat {repeat}: plain 1 thread {plain[1][-1]:,.0f} rows/s, 2 threads {plain[2][-1]:,.0f} rows/s, "
-                      f"ray job {ray_job[-1]:,.0f} rows/s", flush=True)
+            version = untrained_version(work / "models", args.dim)
+            for rows in args.rows:
+                data = write_vectors(work / f"data-{rows}", rows, args.dim)
+                results["sizes"].append(compare(work, data, version, rows, args.repeats, args.batch_size))
+                shutil.rmtree(data)
+
+            flops = {threads: matmul_flops_per_second(threads) for threads in (1, 2)}
+            images = write_images(work / "images", args.image_rows)
+            image_model = image_version(work / "models")
+            per_row = model_flops_per_row(load_model_version(work / "models", image_model).model)
+            image = compare(work, images, image_model, args.image_rows, args.repeats, args.batch_size)
+            limit = max(flops.values()) / per_row
+            image.update({
+                "model": "MLP 784-512-256, z=32, Bernoulli", "flops_per_row": per_row,
+                "matmul_gflops": {f"{k}_thread": round(v / 1e9, 1) for k, v in flops.items()},
+                "compute_limit_rows_per_s": round(limit),
+                "job_steady_share_of_compute_limit": round(image["job_steady_rows_per_s_median"] / limit, 3),
+                "best_plain_share_of_compute_limit": round(max(image["plain_rows_per_s_median"].values()) / limit, 3),
+            })
+            results["image_784"] = image
         ray.shutdown()
-        best_plain = max(median(plain[1]), median(plain[2]))
-        save("embed", {
-            "rows": args.rows, "dim": args.dim, "repeats": args.repeats, "cpus": os.cpu_count(),
-            "ray_start_seconds": round(ray_start, 2),
-            "plain_rows_per_s_median": {str(k): round(median(v)) for k, v in plain.items()},
-            "ray_job_rows_per_s_median": round(median(ray_job)),
-            "ratio_end_to_end_vs_best_plain": round(median(ray_job) / best_plain, 3),
-        })
+        save("embed", results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

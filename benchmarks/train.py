@@ -138,7 +138,7 @@ def main() -> None:
     try:
         data = write_mnist_parquet(work / "mnist.parquet")
         x_train, x_val = load_split(data)
-        ray_start, _ = timed(lambda: ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False))
+        ray_start, _ = timed(lambda: ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False))
         ray.data.DataContext.get_current().enable_progress_bars = False
 
         print(f"quality: {args.epochs} epochs, {len(x_train)} train / {len(x_val)} validation rows", flush=True)

@@ -92,3 +92,39 @@ def test_normalizers():
     assert np.allclose(bernoulli(values), values / 16) and np.all(bernoulli(values * 2) <= 1.0)
     gaussian = Normalizer.fit(FeatureStats.of(values), "gaussian")
     assert np.allclose(gaussian(values).mean(0), 0) and np.allclose(gaussian(values).std(0), 1)
+
+
+def test_split_bad_rows_keeps_good_rows_and_names_each_problem():
+    from vae.preprocessing import split_bad_rows
+
+    vectors = [[1.0, 2.0], [np.nan, 1.0], None, [1.0], [1.0, None], [3.0, 4.0], [np.inf, 0.0]]
+    table = pa.table({"item_id": [0, 1, 2, 3, 4, 5, None], "vec": pa.array(vectors, pa.list_(pa.float32())),
+                      "ts": pa.array([1, 2, 3, None, 5, 6, 7], pa.int64())})
+    good, matrix, bad, reasons = split_bad_rows(table, FeatureSchema("item_id", 2, vector_column="vec"), required=("ts",))
+    assert good.column("item_id").to_pylist() == [0, 5]
+    assert np.array_equal(matrix, np.array([[1, 2], [3, 4]], np.float32))
+    assert bad.column("item_id").to_pylist() == [1, 2, 3, 4, None]
+    assert "NaN or infinite" in reasons[0]
+    assert reasons[1] == "has no value in column 'vec'"
+    assert reasons[2] == "has no value in column 'ts'"  # checked first; its wrong length is not reported twice
+    assert "null elements" in reasons[3]
+    assert reasons[4] == "has no value in column 'item_id'"
+
+
+def test_split_bad_rows_on_clean_batch_is_the_zero_copy_path():
+    from vae.preprocessing import split_bad_rows
+
+    values = np.random.default_rng(0).random((20, 4), dtype=np.float32)
+    table = vector_table(values)
+    good, matrix, bad, reasons = split_bad_rows(table, FeatureSchema("item_id", 4, vector_column="vec"))
+    assert good is table and bad.num_rows == 0 and reasons == []
+    assert matrix.__array_interface__["data"][0] == table.column("vec").chunk(0).values.buffers()[1].address
+
+
+def test_scalar_feature_columns_with_nan_and_null():
+    from vae.preprocessing import split_bad_rows
+
+    table = pa.table({"id": ["a", "b", "c"], "x": [1.0, None, 3.0], "y": [0.5, 1.5, float("nan")]})
+    good, matrix, _, reasons = split_bad_rows(table, FeatureSchema("id", 2, feature_columns=("x", "y")))
+    assert good.column("id").to_pylist() == ["a"] and matrix.tolist() == [[1.0, 0.5]]
+    assert reasons == ["has no value in column 'x'", "has NaN or infinite feature values"]
