@@ -21,6 +21,7 @@ Readers (Feast's offline source globs <output>/*/*.parquet) never see staging fi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -88,6 +89,14 @@ class WorkUnit:
     @property
     def output_name(self) -> str:
         return f"part-{self.index:06d}.parquet"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkUnit:
+        values = json.loads(text)
+        return cls(**{**values, "row_groups": tuple(values["row_groups"])})
 
 
 @dataclass
@@ -176,20 +185,7 @@ def plan_units(fs, root: str, config: EmbedConfig, features: FeatureSchema) -> t
     if not files:
         raise InputError(f"{config.data}: no Parquet files found; check the path")
 
-    def footer(path: str) -> pq.FileMetaData:
-        url = url_of(fs, path)
-        try:
-            with storage_errors(url):
-                if is_local(fs):
-                    return pq.read_metadata(path)
-                with fs.open(path, "rb") as f:
-                    return pq.read_metadata(f)
-        except (pa.ArrowInvalid, OSError) as error:
-            raise InputError(f"{url}: not a readable Parquet file ({_first_line(error)}); remove or replace it") from None
-
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        footers = list(pool.map(footer, files))
-
+    footers = read_footers(fs, files)
     units: list[WorkUnit] = []
     listing: list[dict] = []
     key_types: set[str] = set()
@@ -205,7 +201,10 @@ def plan_units(fs, root: str, config: EmbedConfig, features: FeatureSchema) -> t
         key_types.add("int64" if pa.types.is_integer(schema.field(features.key_column).type) else "string")
         if config.timestamp_column:
             _check_timestamp_column(schema, config.timestamp_column, url)
-        listing.append({"path": relative, "size": int(infos[path].get("size") or 0), "rows": metadata.num_rows})
+        info = infos[path]
+        # ETag on S3, modification time locally: a file rewritten in place with the same size is another input.
+        listing.append({"path": relative, "size": int(info.get("size") or 0), "rows": metadata.num_rows,
+                        "version": str(info.get("ETag") or info.get("mtime") or "")})
         group: list[int] = []
         group_rows = 0
         for row_group in range(metadata.num_row_groups):
@@ -220,6 +219,24 @@ def plan_units(fs, root: str, config: EmbedConfig, features: FeatureSchema) -> t
     if len(key_types) > 1:
         raise InputError(f"{config.data}: key column '{features.key_column}' is an integer in some files and a string in others")
     return units, listing, key_types.pop()
+
+
+def read_footers(fs, paths: list[str]) -> list[pq.FileMetaData]:
+    """Parquet footers of many files, read in parallel threads (on S3 each is a request)."""
+
+    def footer(path: str) -> pq.FileMetaData:
+        url = url_of(fs, path)
+        try:
+            with storage_errors(url):
+                if is_local(fs):
+                    return pq.read_metadata(path)
+                with fs.open(path, "rb") as f:
+                    return pq.read_metadata(f)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise InputError(f"{url}: not a readable Parquet file ({_first_line(error)}); remove or replace it") from None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(footer, paths))
 
 
 def _hidden(relative: str) -> bool:
@@ -270,8 +287,7 @@ class UnitEncoder:
         self.staging = staging  # a path inside output_fs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        summaries = [self.encode_unit(WorkUnit(**{**json.loads(text), "row_groups": tuple(json.loads(text)["row_groups"])}))
-                     for text in batch["unit"]]
+        summaries = [self.encode_unit(WorkUnit.from_json(text)) for text in batch["unit"]]
         return {name: np.array([s[name] for s in summaries]) for name in summaries[0]}
 
     def encode_unit(self, unit: WorkUnit) -> dict:
@@ -280,18 +296,14 @@ class UnitEncoder:
         url = url_of(self.input_fs, unit.path)
         embedded: list[pa.Table] = []
         quarantined: list[pa.Table] = []
-        with storage_errors(url):
+        with storage_errors(url), _naming_the_file(url):
             for batch in self._read(unit):
                 if self.config.on_bad_rows == "quarantine":
                     good, matrix, bad, reasons = split_bad_rows(batch, features, self._required)
                     if bad.num_rows:
                         quarantined.append(self._quarantine_rows(bad, reasons, url))
                 else:
-                    good = batch
-                    try:
-                        matrix = features_to_numpy(batch, features, self._required)
-                    except InputError as error:
-                        raise InputError(f"{url}: {error}") from None
+                    good, matrix = batch, features_to_numpy(batch, features, self._required)
                 posterior_mean, anomaly_score = encode_matrix(self.model_version.model, self.model_version.normalizer, matrix, self.device)
                 embedded.append(self._embedding_rows(good, posterior_mean, anomaly_score))
             # The quarantine file first: the embeddings file is the unit's "done" marker.
@@ -308,25 +320,27 @@ class UnitEncoder:
 
     def _read(self, unit: WorkUnit):
         """The unit's row groups in batches, only the needed columns; hive partition values as columns."""
-        features = self.model_version.features
-        wanted = [*features.columns, *self._required]
-        source = unit.path if is_local(self.input_fs) else self.input_fs.open(unit.path, "rb")
-        try:
-            parquet = pq.ParquetFile(source)
-        except (pa.ArrowInvalid, OSError) as error:
-            raise InputError(f"{url_of(self.input_fs, unit.path)}: not a readable Parquet file ({_first_line(error)})") from None
-        in_file = [c for c in wanted if c in parquet.schema_arrow.names]
-        try:
-            for batch in parquet.iter_batches(batch_size=self.config.batch_size, row_groups=list(unit.row_groups), columns=in_file):
-                for name in wanted:
-                    if name not in in_file:  # a hive partition column
-                        batch = batch.append_column(name, pa.array([unit.partition[name]] * batch.num_rows, pa.string()))
-                yield batch
-        except pa.ArrowInvalid as error:
-            raise InputError(f"{url_of(self.input_fs, unit.path)}: corrupt Parquet data ({_first_line(error)}); remove or replace the file") from None
-        finally:
-            if not isinstance(source, str):
-                source.close()
+        wanted = [*self.model_version.features.columns, *self._required]
+        url = url_of(self.input_fs, unit.path)
+        with contextlib.ExitStack() as stack:
+            try:
+                if is_local(self.input_fs):
+                    parquet = pq.ParquetFile(unit.path)
+                else:  # pre_buffer coalesces the column chunks into few large requests
+                    parquet = pq.ParquetFile(stack.enter_context(self.input_fs.open(unit.path, "rb")), pre_buffer=True)
+                in_file = [c for c in wanted if c in parquet.schema_arrow.names]
+                for batch in parquet.iter_batches(batch_size=self.config.batch_size, row_groups=list(unit.row_groups), columns=in_file):
+                    for name in wanted:
+                        if name not in in_file:  # a hive partition column
+                            batch = batch.append_column(name, pa.array([unit.partition[name]] * batch.num_rows, pa.string()))
+                    yield batch
+            except (pa.ArrowInvalid, OSError) as error:
+                # pyarrow reports undecodable pages as ArrowInvalid or a plain OSError; storage failures are told apart by text.
+                if (problem := describe_storage_error(url, error)) is not None:
+                    raise InputError(problem) from None
+                if isinstance(error, FileNotFoundError):
+                    raise InputError(f"{url}: the file disappeared while the job ran; re-run to plan again") from None
+                raise InputError(f"corrupt Parquet data ({_first_line(error)}); remove or replace the file") from None
 
     def _embedding_rows(self, batch, posterior_mean: np.ndarray | None, anomaly_score: np.ndarray | None) -> pa.Table:
         key_column = self.model_version.features.key_column
@@ -335,7 +349,7 @@ class UnitEncoder:
             return schema.empty_table()
         rows = batch.num_rows
         if self.config.timestamp_column:
-            event_timestamp = _to_utc_timestamps(batch.column(self.config.timestamp_column))
+            event_timestamp = _to_utc_timestamps(batch.column(self.config.timestamp_column), self.config.timestamp_column)
         else:
             event_timestamp = pa.array(np.full(rows, np.datetime64(self.event_time.replace(tzinfo=None), "us")), pa.timestamp("us", tz="UTC"))
         return pa.table({
@@ -358,6 +372,16 @@ class UnitEncoder:
         write_bytes_atomically(self.output_fs, f"{self.staging}/{name}", sink.getvalue().to_pybytes())
 
 
+@contextlib.contextmanager
+def _naming_the_file(url: str):
+    try:
+        yield
+    except InputError as error:
+        if url in str(error):
+            raise
+        raise InputError(f"{url}: {error}") from None
+
+
 def embeddings_schema(key_column: str, key_type: pa.DataType) -> pa.Schema:
     return pa.schema([
         (key_column, key_type), ("latent", pa.list_(pa.float32())), ("anomaly_score", pa.float32()),
@@ -365,10 +389,19 @@ def embeddings_schema(key_column: str, key_type: pa.DataType) -> pa.Schema:
     ])
 
 
-def _to_utc_timestamps(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    if pa.types.is_timestamp(column.type) and column.type.tz is None:
-        column = column.cast(pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC"))  # naive times are taken as UTC
-    return column.cast(pa.timestamp("us", tz="UTC"))
+def _to_utc_timestamps(column: pa.Array | pa.ChunkedArray, name: str) -> pa.Array | pa.ChunkedArray:
+    """Timestamps, dates or ISO strings as UTC timestamps; values without a zone are taken as UTC."""
+    utc = pa.timestamp("us", tz="UTC")
+    if pa.types.is_timestamp(column.type) and column.type.tz is not None:
+        return column.cast(utc)
+    try:
+        return column.cast(pa.timestamp("us")).cast(utc)
+    except pa.ArrowInvalid:
+        pass
+    try:
+        return column.cast(utc)  # strings with a zone offset
+    except pa.ArrowInvalid as error:
+        raise InputError(f"timestamp column '{name}' has values that are not timestamps ({_first_line(error)})") from None
 
 
 def _encode_units(config: EmbedConfig, version: str, event_time: datetime, key_type: str, units: list[WorkUnit], staging: str) -> list[dict]:
@@ -386,7 +419,7 @@ def _encode_units(config: EmbedConfig, version: str, event_time: datetime, key_t
     compute = ray.data.ActorPoolStrategy(min_size=min(requested, capacity), max_size=requested, max_tasks_in_flight_per_actor=1)
     log.info("encoding %d unit(s) of about %d rows with %d encoder actor(s) (%g CPU, %g GPU each)",
              len(units), config.rows_per_file, requested, config.cpus_per_encoder, gpus)
-    items = [{"unit": json.dumps(asdict(unit))} for unit in units]
+    items = [{"unit": unit.to_json()} for unit in units]
     results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         UnitEncoder,
         fn_constructor_kwargs={"config": config.model_dump(), "version": version, "event_time": event_time, "key_type": key_type,
@@ -408,14 +441,14 @@ def _commit(config: EmbedConfig, fs, output_root: str, staging: str, version: st
             summaries: list[dict], started: float) -> EmbedResult:
     """Reconcile the staged files with the plan, write the manifest, and move the run into place."""
     with storage_errors(config.output):
-        files = {u.output_name: pq.read_metadata(fs.open(f"{staging}/{u.output_name}", "rb")).num_rows for u in units}
+        names = [u.output_name for u in units]
         quarantine_dir = f"{staging}/{QUARANTINE_DIR}"
-        quarantine_files = {}
-        if fs.isdir(quarantine_dir):
-            for path in fs.ls(quarantine_dir, detail=False, refresh=True):
-                if path.endswith(".parquet"):
-                    with fs.open(path, "rb") as f:
-                        quarantine_files[path.rsplit("/", 1)[-1]] = pq.read_metadata(f).num_rows
+        quarantined_names = sorted(
+            p.rsplit("/", 1)[-1] for p in fs.ls(quarantine_dir, detail=False, refresh=True) if p.endswith(".parquet")
+        ) if fs.isdir(quarantine_dir) else []
+        footers = read_footers(fs, [f"{staging}/{n}" for n in names] + [f"{quarantine_dir}/{n}" for n in quarantined_names])
+    files = {name: footer.num_rows for name, footer in zip(names, footers)}
+    quarantine_files = {name: footer.num_rows for name, footer in zip(quarantined_names, footers[len(names):])}
     input_rows = sum(u.rows for u in units)
     embedded, quarantined = sum(files.values()), sum(quarantine_files.values())
     if embedded + quarantined != input_rows:
@@ -440,7 +473,8 @@ def _commit(config: EmbedConfig, fs, output_root: str, staging: str, version: st
         "run_id": staging.rsplit("/", 1)[-1], "committed_at": datetime.now().astimezone().isoformat(), "code_version": code_version(),
     }
     with storage_errors(config.output):
-        fs.rm(f"{staging}/_run.json")
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(f"{staging}/_run.json")
         write_bytes_atomically(fs, f"{staging}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
         _move_into_place(fs, staging, destination, [*files, *(f"{QUARANTINE_DIR}/{n}" for n in quarantine_files), MANIFEST])
     result.seconds = time.time() - started
@@ -464,8 +498,7 @@ def _move_into_place(fs, staging: str, destination: str, names: list[str]) -> No
         else:
             os.rename(staging, destination)
         return
-    for name in names[:-1]:
-        fs.copy(f"{staging}/{name}", f"{destination}/{name}")
+    fs.copy([f"{staging}/{name}" for name in names[:-1]], [f"{destination}/{name}" for name in names[:-1]])  # concurrent requests
     if fs.isdir(destination):
         keep = {f"{destination}/{name}" for name in names}
         stale = [p for p in fs.find(destination) if p not in keep]

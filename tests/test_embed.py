@@ -195,7 +195,7 @@ def write(table: pa.Table, path) -> str:
 
 
 @pytest.mark.parametrize("case", ["renamed column", "wrong vector length", "nan", "wrong dtype", "string vector", "empty dataset",
-                                  "corrupt file among good ones", "schema mismatch", "missing model version", "missing data"])
+                                  "corrupt file among good ones", "corrupt page among good ones", "schema mismatch", "missing model version", "missing data"])
 def test_bad_input_is_one_clear_error(case, trained, tmp_path, capsys):
     table = pixels_table(trained)
     good = table.slice(0, 900), table.slice(900)
@@ -226,6 +226,13 @@ def test_bad_input_is_one_clear_error(case, trained, tmp_path, capsys):
         write(good[1], data / "part-2.parquet")
         (data / "part-1.parquet").write_bytes(b"PAR1 this is not parquet" * 100)
         expected = ["part-1.parquet", "not a readable Parquet file", "remove or replace it"]
+    elif case == "corrupt page among good ones":  # the footer reads fine; a data page does not decode
+        write(good[0], data / "part-0.parquet")
+        write(good[1], data / "part-1.parquet")
+        damaged = bytearray((data / "part-1.parquet").read_bytes())
+        damaged[200:2000] = b"Z" * 1800
+        (data / "part-1.parquet").write_bytes(bytes(damaged))
+        expected = ["part-1.parquet", "corrupt Parquet data", "remove or replace the file"]
     elif case == "schema mismatch":
         write(table, data / "part-0.parquet")
         write(pa.table({"item_id": np.arange(5), "f0": np.zeros(5)}), data / "part-1.parquet")  # another dataset's file

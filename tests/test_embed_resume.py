@@ -2,6 +2,7 @@
 with exactly one row per input row."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,7 +59,10 @@ def test_killed_driver_then_rerun_gives_exactly_one_row_per_input_row(tmp_path):
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"{done_before} of {ROWS // UNIT_ROWS} output files already written" in rerun.stderr
+    # Ray's worker processes are not in the driver's process group: one may finish the unit it
+    # was encoding (its file lands whole) before it notices that its raylet is gone.
+    resumed = re.search(r"resuming run \w+: (\d+) of (\d+) output files already written", rerun.stderr)
+    assert resumed and done_before <= int(resumed[1]) < ROWS // UNIT_ROWS == int(resumed[2]), rerun.stderr[-3000:]
     output = pq.read_table(tmp_path / "out" / version)
     keys = output.column("item_id").to_numpy()
     assert len(keys) == ROWS and np.array_equal(np.sort(keys), np.arange(ROWS))  # exactly one row per input row
