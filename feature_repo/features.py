@@ -1,38 +1,78 @@
-# Feature definitions for VAE embeddings. `feast apply` (or `vaectl publish`) registers them.
+# Feature definitions for VAE embeddings. `vaectl publish` registers them (as `feast apply` would),
+# adds one feature view per published model version and points the "current" service at one.
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 
-from feast import Entity, FeatureView, Field, FileSource, ValueType
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.data_format import ParquetFormat
 from feast.types import Array, Float32, Int64, String
 
-# Where the embed job writes: <root>/<model_version>/*.parquet. DuckDB resolves relative paths
+# Where the embed job writes: <root>/<model_version>/part-*.parquet. DuckDB resolves relative paths
 # against the working directory, so the path is made absolute here.
 EMBEDDINGS_ROOT = Path(os.environ.get("VAE_EMBEDDINGS_PATH", Path(__file__).parent / "data" / "embeddings")).absolute()
 
 # The entity: what a vector describes, looked up by its join key (the dataset's key column).
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="An embedded item")
 
-# The offline source: every committed model version's embeddings, one directory per version.
+# The columns every embeddings view serves; `model_version` says which model made each vector.
+EMBEDDING_FIELDS = [
+    Field(name="item_id", dtype=Int64),
+    Field(name="latent", dtype=Array(Float32), description="VAE posterior mean"),
+    Field(name="anomaly_score", dtype=Float32, description="negative ELBO in nats; higher = more unusual"),
+    Field(name="model_version", dtype=String, description="model version that produced the vector"),
+]
+
+# History across versions (offline only): every committed version's embeddings, so a point-in-time
+# join returns, at each timestamp, the newest vector that existed then, whichever version made it.
 item_embeddings_source = FileSource(
     name="item_embeddings_source",
     path=str(EMBEDDINGS_ROOT / "*" / "*.parquet"),
     file_format=ParquetFormat(),
     timestamp_field="event_timestamp",
 )
-
-# The feature view: the posterior mean, its anomaly score, and the model version that made them.
 item_embeddings = FeatureView(
     name="item_embeddings",
     entities=[item],
-    ttl=timedelta(0),  # vectors do not expire; a new model version replaces them
-    schema=[
-        Field(name="item_id", dtype=Int64),
-        Field(name="latent", dtype=Array(Float32), description="VAE posterior mean"),
-        Field(name="anomaly_score", dtype=Float32, description="negative ELBO in nats; higher = more unusual"),
-        Field(name="model_version", dtype=String, description="model version that produced the vector"),
-    ],
+    ttl=timedelta(0),  # vectors do not expire; a newer one replaces them
+    schema=EMBEDDING_FIELDS,
     source=item_embeddings_source,
-    online=True,
+    online=False,
 )
+
+# The feature service consumers read to follow the latest published version ("current").
+CURRENT_SERVICE = "item_embeddings_current"
+
+
+def version_view_name(model_version: str) -> str:
+    """The feature view that pins one model version, e.g. item_embeddings_20261123T203831Z_450da0be."""
+    return "item_embeddings_" + re.sub(r"[^0-9A-Za-z_]", "_", model_version)
+
+
+def version_view(model_version: str, online: bool = True) -> FeatureView:
+    """One model version's vectors, online (while kept) and offline (always): pin a version by this view."""
+    source = FileSource(
+        name=version_view_name(model_version) + "_source",
+        path=str(EMBEDDINGS_ROOT / model_version / "*.parquet"),
+        file_format=ParquetFormat(),
+        timestamp_field="event_timestamp",
+    )
+    return FeatureView(
+        name=version_view_name(model_version),
+        entities=[item],
+        ttl=timedelta(0),
+        schema=EMBEDDING_FIELDS,
+        source=source,
+        online=online,
+        tags={"vae_model_version": model_version},
+    )
+
+
+def current_service(view: FeatureView, previous_version: str = "") -> FeatureService:
+    """'current' -> one version's view. Re-applying it is the atomic switch: one registry write."""
+    return FeatureService(
+        name=CURRENT_SERVICE,
+        features=[view],
+        tags={"vae_model_version": view.tags["vae_model_version"], "vae_previous_version": previous_version},
+    )

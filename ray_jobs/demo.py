@@ -85,7 +85,7 @@ def demo(config: DemoConfig) -> dict:
     print(f"  dataset        {data}")
     print(f"  model version  {model_root / version}")
     print(f"  embeddings     {output}  ({published['rows']} rows)")
-    print(f"  feature store  {Path(config.feature_repo).absolute()}  (feature view item_embeddings)")
+    print(f"  feature store  {Path(config.feature_repo).absolute()}  (view {published['view']}, service item_embeddings_current)")
     print("  stage timings  " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items()))
     print("  online sample:")
     for entity in published["sample"]:

@@ -1,7 +1,14 @@
-"""Publish a model version's embeddings into the Feast feature store, and verify them.
+"""Publish a model version's embeddings into the Feast feature store, verify them, and switch "current".
 
-    register the feature repo's definitions (feast apply) -> write the version's embeddings
-    to the online store in batches -> read a sample back through Feast and compare
+    register the repo's definitions + this version's feature view (feast apply) -> write the
+    version's embeddings to the online store -> read a sample back through Feast and compare ->
+    point the "current" feature service at the version (one registry write) -> take versions
+    beyond `keep_online` out of the online store (their offline data stays)
+
+Downstream models pin a version by its view (`item_embeddings_<version>:latent`) or follow the
+latest through the `item_embeddings_current` feature service; every vector carries its
+`model_version`. `--rollback` points "current" back at the previous version: no re-encoding, no
+writes, visible to readers within the registry cache TTL (2 s in the repo's feature_store.yaml).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pyarrow as pa
@@ -23,15 +31,18 @@ from vae import InputError
 log = logging.getLogger("ray_jobs.publish")
 
 EMBEDDING_COLUMNS = ("latent", "anomaly_score", "model_version", "event_timestamp")
+VERSION_TAG = "vae_model_version"
 
 
 class PublishConfig(JobConfig):
-    """Register the Feast definitions and write a model version's embeddings online."""
+    """Register the Feast definitions, write a model version's embeddings online, switch "current"."""
 
     embeddings: str = Field("feature_repo/data/embeddings", description="embeddings root written by the embed job")
     model_version: str = Field("latest", description="version directory under the embeddings root, or 'latest'")
     feature_repo: str = Field("feature_repo", description="Feast repo directory (feature_store.yaml + definitions)")
-    feature_view: str = Field("item_embeddings", description="feature view to write")
+    switch_current: bool = Field(True, description="point the 'current' feature service at this version after verifying it")
+    rollback: bool = Field(False, description="only point 'current' back at the previous version (no writes)")
+    keep_online: int = Field(2, ge=1, description="model versions kept in the online store (current always kept)")
     write_batch_rows: int = Field(10_000, gt=0, description="rows per online write call")
     verify_rows: int = Field(256, ge=0, description="rows read back through Feast and compared after writing")
     show: int = Field(3, ge=0, description="entities to fetch and print at the end")
@@ -42,54 +53,124 @@ def publish(config: PublishConfig) -> dict:
     from feast import FeatureStore
 
     started = time.perf_counter()
-    version_dir = _version_directory(Path(config.embeddings), config.model_version)
     # The definitions read the embeddings location from here, as `feast apply` would.
     os.environ["VAE_EMBEDDINGS_PATH"] = str(Path(config.embeddings).absolute())
+    repo = load_repo(Path(config.feature_repo))
     store = FeatureStore(repo_path=str(Path(config.feature_repo).absolute()))
-    store.apply(load_definitions(Path(config.feature_repo)))
-    view = store.get_feature_view(config.feature_view)
-    join_key = view.entity_columns[0].name
+    if config.rollback:
+        return {"model_version": rollback(store, repo), "rows": 0, "write_seconds": 0.0, "sample": []}
 
+    version_dir = _version_directory(Path(config.embeddings), config.model_version)
+    version = version_dir.name
+    view = repo.version_view(version)
+    join_key = view.entity_columns[0].name if view.entity_columns else "item_id"
     schema = parquet_schema(str(version_dir))
     missing = [c for c in (join_key, *EMBEDDING_COLUMNS) if c not in schema.names]
     if missing:
         raise InputError(
-            f"{version_dir}: missing column(s) {', '.join(missing)}; feature view '{config.feature_view}' joins on "
+            f"{version_dir}: missing column(s) {', '.join(missing)}; the feature views join on "
             f"'{join_key}' (edit {config.feature_repo}/features.py if your key column is named differently)"
         )
+    store.apply([*definitions(repo), view])
+    join_key = store.get_feature_view(view.name).entity_columns[0].name
+
     table = pads.dataset(version_dir, format="parquet").to_table(columns=[join_key, *EMBEDDING_COLUMNS])
     rows = 0
     for batch in table.to_batches(max_chunksize=config.write_batch_rows):
-        store.write_to_online_store(config.feature_view, batch.to_pandas())
+        store.write_to_online_store(view.name, batch.to_pandas())
         rows += batch.num_rows
     write_seconds = time.perf_counter() - started
-    log.info("wrote %d rows of %s to the online store in %.1fs (%.0f rows/s)", rows, version_dir.name, write_seconds, rows / write_seconds)
+    log.info("wrote %d rows of %s to the online store in %.1fs (%.0f rows/s)", rows, version, write_seconds, rows / write_seconds)
+    verify_online(store, view.name, table, join_key, config.verify_rows)
 
-    verify_online(store, config.feature_view, table, join_key, config.verify_rows)
-    sample = fetch_online(store, config.feature_view, table.column(join_key).to_pylist()[: config.show], join_key)
+    if config.switch_current:
+        switch_current(store, repo, version)
+    retired = retire_old_versions(store, repo, config.keep_online)
+    sample = fetch_online(store, view.name, table.column(join_key).to_pylist()[: config.show], join_key)
     for entity in sample:
         latent = ", ".join(f"{v:+.3f}" for v in entity["latent"][:4])
         log.info("online %s=%s: latent [%s, ...] anomaly_score %.2f model_version %s",
                  join_key, entity[join_key], latent, entity["anomaly_score"], entity["model_version"])
-    return {"model_version": version_dir.name, "rows": rows, "write_seconds": write_seconds, "sample": sample}
+    return {"model_version": version, "view": view.name, "rows": rows, "write_seconds": write_seconds, "sample": sample,
+            "retired": retired}
 
 
-def load_definitions(feature_repo: Path) -> list:
-    """The Feast objects defined in the repo's Python files, as `feast apply` would collect them."""
+def current_version(store, repo: ModuleType) -> str | None:
+    """The model version the 'current' feature service points at, or None before the first publish."""
+    from feast.errors import FeatureServiceNotFoundException
+
+    try:
+        return store.get_feature_service(repo.CURRENT_SERVICE, allow_cache=False).tags.get(VERSION_TAG)
+    except FeatureServiceNotFoundException:
+        return None
+
+
+def switch_current(store, repo: ModuleType, version: str) -> None:
+    """Point 'current' at an online version. One registry write: a reader resolves the service once
+    per request, so it gets all of its vectors from one version, before or after the switch."""
+    view = store.get_feature_view(repo.version_view_name(version))
+    if not view.online:
+        raise InputError(f"model version {version} is not in the online store any more; publish it again "
+                         f"(vaectl publish --model-version {version})")
+    previous = current_version(store, repo)
+    if previous == version:
+        return
+    store.apply([repo.current_service(view, previous_version=previous or "")])
+    log.info("current: %s -> %s", previous or "(none)", version)
+
+
+def rollback(store, repo: ModuleType) -> str:
+    """Point 'current' back at the version it pointed at before the last switch."""
+    current = current_version(store, repo)
+    if current is None:
+        raise InputError("nothing to roll back: no version has been published as current")
+    service = store.get_feature_service(repo.CURRENT_SERVICE, allow_cache=False)
+    previous = service.tags.get("vae_previous_version")
+    if not previous:
+        raise InputError(f"current is {current} and has no previous version to roll back to")
+    switch_current(store, repo, previous)
+    return previous
+
+
+def retire_old_versions(store, repo: ModuleType, keep_online: int) -> list[str]:
+    """Take versions beyond the newest `keep_online` (current always kept) out of the online store.
+
+    Their feature views stay registered with online=False, so offline retrieval by version works as
+    before; only the online rows are dropped."""
+    current = current_version(store, repo)
+    online = sorted((v for v in store.list_feature_views(allow_cache=False) if VERSION_TAG in v.tags and v.online),
+                    key=lambda v: v.tags[VERSION_TAG], reverse=True)
+    others = [v.tags[VERSION_TAG] for v in online if v.tags[VERSION_TAG] != current]
+    keep = ({current} if current else set()) | set(others[: keep_online - (1 if current else 0)])
+    retired = [v for v in online if v.tags[VERSION_TAG] not in keep]
+    if retired:
+        store.apply([repo.version_view(v.tags[VERSION_TAG], online=False) for v in retired])
+        # apply() keeps online tables of views it updates; dropping them is the provider's infra update.
+        store._get_provider().update_infra(
+            project=store.project, tables_to_delete=retired, tables_to_keep=[], entities_to_delete=[], entities_to_keep=[],
+            partial=False,
+        )
+        log.info("removed from the online store (offline data kept): %s", ", ".join(v.tags[VERSION_TAG] for v in retired))
+    return [v.tags[VERSION_TAG] for v in retired]
+
+
+def load_repo(feature_repo: Path) -> ModuleType:
+    """The repo's features.py as a module: its Feast objects and the per-version view factory."""
+    path = feature_repo / "features.py"
+    if not path.is_file():
+        raise InputError(f"{feature_repo}: no features.py with the Feast definitions")
+    spec = importlib.util.spec_from_file_location("feature_repo_features", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def definitions(repo: ModuleType) -> list:
+    """The Feast objects defined at module level, as `feast apply` would collect them."""
     from feast import Entity, FeatureService, FeatureView
     from feast.data_source import DataSource
 
-    objects: list = []
-    for path in sorted(feature_repo.glob("*.py")):
-        if path.name.startswith("_"):
-            continue
-        spec = importlib.util.spec_from_file_location(f"feature_repo_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        objects += [v for v in vars(module).values() if isinstance(v, (Entity, FeatureView, FeatureService, DataSource))]
-    if not objects:
-        raise InputError(f"{feature_repo}: no Feast definitions found")
-    return objects
+    return [v for v in vars(repo).values() if isinstance(v, (Entity, FeatureView, FeatureService, DataSource))]
 
 
 def fetch_online(store, feature_view: str, keys: list, join_key: str) -> list[dict]:

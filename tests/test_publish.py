@@ -1,57 +1,179 @@
-"""Publishing into a real Feast repo: SQLite online store, DuckDB offline store, file registry."""
+"""Publishing into a real Feast repo (SQLite online store, DuckDB offline store, file registry):
+versions pinned online and offline, the "current" alias switched atomically, rollback, keep N online."""
 
+import threading
+import time
 from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from ray_jobs.embed import EmbedConfig, embed
-from ray_jobs.publish import PublishConfig, fetch_online, publish
-from vae import InputError
+from ray_jobs.publish import PublishConfig, fetch_online, load_repo, publish
+from vae import InputError, load_model_version, save_model_version
+
+T1, T2, T3 = (datetime(2026, month, 1, tzinfo=UTC) for month in (1, 6, 9))
 
 
 @pytest.fixture(scope="module")
-def embeddings_root(trained, tmp_path_factory):
-    root = tmp_path_factory.mktemp("publish") / "embeddings"
-    embed(EmbedConfig(data=str(trained["data"]), model_root=str(trained["model_root"]), output=str(root)))
-    return root
+def versions(trained, tmp_path_factory):
+    """Three model versions (the trained one and two with perturbed weights) embedded at T1 < T2 < T3."""
+    work = tmp_path_factory.mktemp("publish")
+    loaded = load_model_version(trained["model_root"], trained["version"])
+    names = []
+    for seed in range(3):
+        model = loaded.model
+        if seed:
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_(0.05 * torch.randn_like(parameter))
+        names.append(save_model_version(work / "models", model, loaded.normalizer, loaded.features, {}, {}, {"seed": seed}))
+    for name, event_time in zip(names, (T1, T2, T3)):
+        embed(EmbedConfig(data=str(trained["data"]), model_root=str(work / "models"), model_version=name,
+                          output=str(work / "embeddings"), event_time=event_time))
+    return {"root": work / "embeddings", "names": names}
 
 
-def test_online_vectors_equal_the_embeddings_parquet(embeddings_root, feature_repo, trained):
-    summary = publish(PublishConfig(embeddings=str(embeddings_root), feature_repo=str(feature_repo), verify_rows=0))
-    assert summary["rows"] == 1797 and summary["model_version"] == trained["version"]
+def parquet_rows(versions, name) -> pd.DataFrame:
+    return pq.read_table(versions["root"] / name).to_pandas().set_index("item_id")
 
+
+def config(versions, feature_repo, **options) -> PublishConfig:
+    return PublishConfig(embeddings=str(versions["root"]), feature_repo=str(feature_repo), **options)
+
+
+def read_current(store, repo, keys) -> list[dict]:
+    response = store.get_online_features(features=store.get_feature_service(repo.CURRENT_SERVICE), entity_rows=[{"item_id": k} for k in keys])
+    columns = response.to_dict()
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def test_pinned_versions_current_alias_and_rollback(versions, feature_repo):
     from feast import FeatureStore
 
+    v1, v2, _ = versions["names"]
+    repo = load_repo(feature_repo)
+    first = publish(config(versions, feature_repo, model_version=v1, verify_rows=64))
+    assert first["rows"] == 1797 and first["view"] == repo.version_view_name(v1)
     store = FeatureStore(repo_path=str(feature_repo))
-    table = pq.read_table(embeddings_root / trained["version"]).sort_by("item_id")
-    fetched = fetch_online(store, "item_embeddings", table.column("item_id").to_pylist(), "item_id")
-    assert len(fetched) == 1797
-    for row, online in zip(table.to_pylist(), fetched):
-        assert online["item_id"] == row["item_id"]
-        assert online["model_version"] == trained["version"]
-        np.testing.assert_array_equal(np.asarray(online["latent"], np.float32), np.asarray(row["latent"], np.float32))
-        assert online["anomaly_score"] == pytest.approx(row["anomaly_score"], rel=1e-6)
+
+    # every vector of the pinned view equals the Parquet row and carries its model version
+    expected = parquet_rows(versions, v1)
+    fetched = fetch_online(store, first["view"], list(range(1797)), "item_id")
+    assert [row["model_version"] for row in fetched] == [v1] * 1797
+    for row in fetched[::97]:
+        np.testing.assert_array_equal(np.asarray(row["latent"], np.float32), np.asarray(expected.loc[row["item_id"], "latent"], np.float32))
+
+    publish(config(versions, feature_repo, model_version=v2, verify_rows=16))
+    assert {row["model_version"] for row in read_current(store, repo, range(50))} == {v2}
+    still = fetch_online(store, repo.version_view_name(v1), [5], "item_id")[0]  # v1 stays pinned and online
+    assert still["model_version"] == v1 and still["latent"] is not None
+
+    rolled = publish(config(versions, feature_repo, rollback=True))
+    assert rolled["model_version"] == v1 and rolled["rows"] == 0  # a switch only: nothing re-encoded or re-written
+    current = read_current(store, repo, range(50))
+    assert {row["model_version"] for row in current} == {v1}
+    np.testing.assert_array_equal(np.asarray(current[7]["latent"], np.float32), np.asarray(expected.loc[7, "latent"], np.float32))
+    assert publish(config(versions, feature_repo, rollback=True))["model_version"] == v2  # and forward again
 
 
-def test_offline_point_in_time_retrieval_reads_the_same_vectors(embeddings_root, feature_repo, trained):
-    publish(PublishConfig(embeddings=str(embeddings_root), feature_repo=str(feature_repo), verify_rows=16))
+def test_a_reader_of_current_never_mixes_versions_during_publish_and_rollback(versions, feature_repo):
     from feast import FeatureStore
 
+    v1, v2, _ = versions["names"]
+    repo = load_repo(feature_repo)
+    publish(config(versions, feature_repo, model_version=v1, verify_rows=0))
+    reader = FeatureStore(repo_path=str(feature_repo))  # its own registry cache, as a model server has
+    seen: list[set] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def read_loop() -> None:
+        while not stop.is_set():
+            try:
+                rows = read_current(reader, repo, range(0, 1797, 18))
+                assert all(row["latent"] is not None for row in rows)
+                seen.append({row["model_version"] for row in rows})
+            except BaseException as error:  # noqa: BLE001 (reported by the main thread)
+                errors.append(error)
+                return
+
+    def seconds_until_reader_sees(version: str) -> float:
+        switched = time.monotonic()
+        while not (seen and seen[-1] == {version}) and not errors and time.monotonic() - switched < 10:
+            time.sleep(0.05)
+        return time.monotonic() - switched
+
+    thread = threading.Thread(target=read_loop)
+    thread.start()
+    try:
+        publish(config(versions, feature_repo, model_version=v2, verify_rows=0))
+        to_v2 = seconds_until_reader_sees(v2)
+        publish(config(versions, feature_repo, rollback=True))
+        to_v1 = seconds_until_reader_sees(v1)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not errors, errors[0]
+    assert len(seen) > 20 and all(len(versions_in_response) == 1 for versions_in_response in seen)
+    # the reader's registry cache (TTL 2 s) picks up the switch and the rollback within seconds
+    assert to_v2 < 5 and to_v1 < 5 and seen[-1] == {v1}
+
+
+def test_keep_online_drops_old_versions_online_only(versions, feature_repo):
+    from feast import FeatureStore
+
+    v1, v2, v3 = versions["names"]
+    for name in (v1, v2, v3):
+        summary = publish(config(versions, feature_repo, model_version=name, keep_online=2, verify_rows=0))
+    assert summary["retired"] == [v1]
     store = FeatureStore(repo_path=str(feature_repo))
-    entity_df = pd.DataFrame({"item_id": [3, 7, 11], "event_timestamp": [datetime.now(UTC)] * 3})
-    offline = store.get_historical_features(entity_df=entity_df, features=["item_embeddings:latent", "item_embeddings:model_version"]).to_df()
-    table = pq.read_table(embeddings_root / trained["version"]).to_pandas().set_index("item_id")
-    for _, row in offline.iterrows():
-        assert row["model_version"] == trained["version"]
-        np.testing.assert_array_equal(np.asarray(row["latent"], np.float32), np.asarray(table.loc[row["item_id"], "latent"], np.float32))
-    # before the vectors existed, point-in-time retrieval must find none
-    early = pd.DataFrame({"item_id": [3], "event_timestamp": [datetime(2000, 1, 1, tzinfo=UTC)]})
-    assert store.get_historical_features(entity_df=early, features=["item_embeddings:model_version"]).to_df()["model_version"].isna().all()
+    repo = load_repo(feature_repo)
+    assert not store.get_feature_view(repo.version_view_name(v1)).online
+    assert store.get_feature_view(repo.version_view_name(v2)).online
+    # rollback to v2 still works; v1 is offline only, and retrieval pinned to it still reads its vectors
+    assert publish(config(versions, feature_repo, rollback=True))["model_version"] == v2
+    entity_df = pd.DataFrame({"item_id": [3, 7], "event_timestamp": [T3, T3]})
+    offline = store.get_historical_features(entity_df=entity_df, features=[f"{repo.version_view_name(v1)}:model_version"]).to_df()
+    assert offline["model_version"].tolist() == [v1, v1]
+    with pytest.raises(InputError, match="not in the online store any more"):
+        from ray_jobs.publish import switch_current
+
+        switch_current(store, repo, v1)
 
 
-def test_missing_embeddings_are_a_clear_error(feature_repo, tmp_path):
+def test_point_in_time_retrieval_around_a_switch(versions, feature_repo):
+    from feast import FeatureStore
+
+    v1, v2, _ = versions["names"]
+    repo = load_repo(feature_repo)
+    publish(config(versions, feature_repo, model_version=v1, verify_rows=0))
+    publish(config(versions, feature_repo, model_version=v2, verify_rows=0))
+    store = FeatureStore(repo_path=str(feature_repo))
+    times = [datetime(2025, 12, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 7, 1, tzinfo=UTC)]
+    entity_df = pd.DataFrame({"item_id": [11, 11, 11], "event_timestamp": times})
+
+    def versions_at(features) -> list:
+        frame = store.get_historical_features(entity_df=entity_df, features=features).to_df().sort_values("event_timestamp")
+        return [None if pd.isna(v) else v for v in frame["model_version"]]
+
+    # history (all versions): nothing before T1, v1 between T1 and T2, v2 after T2
+    assert versions_at(["item_embeddings:model_version"]) == [None, v1, v2]
+    # pinned v1 offline: v1 from T1 on, whatever is current
+    assert versions_at([f"{repo.version_view_name(v1)}:model_version"]) == [None, v1, v1]
+    # the current service (v2) offline: only from T2 on
+    assert versions_at(store.get_feature_service(repo.CURRENT_SERVICE)) == [None, None, v2]
+    frame = store.get_historical_features(entity_df=entity_df.iloc[[2]], features=["item_embeddings:latent"]).to_df()
+    np.testing.assert_array_equal(np.asarray(frame["latent"].iloc[0], np.float32),
+                                  np.asarray(parquet_rows(versions, v2).loc[11, "latent"], np.float32))
+
+
+def test_missing_embeddings_and_nothing_to_roll_back_are_clear_errors(feature_repo, tmp_path):
     with pytest.raises(InputError, match="no embeddings found; run the embed job first"):
         publish(PublishConfig(embeddings=str(tmp_path / "none"), feature_repo=str(feature_repo)))
+    with pytest.raises(InputError, match="nothing to roll back"):
+        publish(PublishConfig(embeddings=str(tmp_path / "none"), feature_repo=str(feature_repo), rollback=True))
