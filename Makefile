@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The local CPU wheel; on a GPU machine set TORCH_SPEC to the CUDA build you want.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean redis-server
 
 setup: $(VENV)/.installed
 
@@ -20,8 +20,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/vaectl demo
 
-test: setup
+test: setup redis-server
 	$(BIN)/python -m pytest -q
+
+# The Redis tests start their own redis-server on 127.0.0.1; install it when the machine lacks it.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+redis-server:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
 bench: setup
 	$(BIN)/python -m benchmarks.embed

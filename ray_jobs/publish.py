@@ -50,6 +50,18 @@ class PublishConfig(JobConfig):
 
 def publish(config: PublishConfig) -> dict:
     """Run the whole publish job; returns a summary (version, rows, timings, sample)."""
+    try:
+        return _publish(config)
+    except Exception as error:
+        # The online store's client errors (Redis: wrong password, unreachable) are configuration a user fixes.
+        if type(error).__module__.split(".")[0] in {"redis", "sqlite3"}:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"online store: {type(error).__name__}: {first_line}; check online_store in "
+                             f"{config.feature_repo}/feature_store.yaml (for Redis: REDIS_CONNECTION_STRING and its password)") from None
+        raise
+
+
+def _publish(config: PublishConfig) -> dict:
     from feast import FeatureStore
 
     started = time.perf_counter()

@@ -3,12 +3,14 @@ trained model version."""
 
 import os
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from s3_server import moto_server
 
 REPO = Path(__file__).resolve().parent.parent
+T1, T2, T3 = (datetime(2026, month, 1, tzinfo=UTC) for month in (1, 6, 9))  # event times of the `versions` fixture
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +66,31 @@ def trained(ray_cluster, digits_parquet, tmp_path_factory) -> dict:
     )
     version = train(config)
     return {"model_root": work / "models", "version": version, "data": digits_parquet, "config": config}
+
+
+@pytest.fixture(scope="session")
+def versions(trained, tmp_path_factory):
+    """Three model versions (the trained one and two with perturbed weights) embedded at T1 < T2 < T3."""
+    import torch
+
+    from ray_jobs.embed import EmbedConfig, embed
+    from vae import load_model_version, save_model_version
+
+    work = tmp_path_factory.mktemp("versions")
+    loaded = load_model_version(trained["model_root"], trained["version"])
+    names = []
+    for seed in range(3):
+        model = loaded.model
+        if seed:
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_(0.05 * torch.randn_like(parameter))
+        names.append(save_model_version(work / "models", model, loaded.normalizer, loaded.features, {}, {}, {"seed": seed}))
+    for name, event_time in zip(names, (T1, T2, T3)):
+        embed(EmbedConfig(data=str(trained["data"]), model_root=str(work / "models"), model_version=name,
+                          output=str(work / "embeddings"), event_time=event_time))
+    return {"root": work / "embeddings", "names": names}
 
 
 @pytest.fixture

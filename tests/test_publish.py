@@ -9,33 +9,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
+from conftest import T3
 
-from ray_jobs.embed import EmbedConfig, embed
 from ray_jobs.publish import PublishConfig, fetch_online, load_repo, publish
-from vae import InputError, load_model_version, save_model_version
-
-T1, T2, T3 = (datetime(2026, month, 1, tzinfo=UTC) for month in (1, 6, 9))
-
-
-@pytest.fixture(scope="module")
-def versions(trained, tmp_path_factory):
-    """Three model versions (the trained one and two with perturbed weights) embedded at T1 < T2 < T3."""
-    work = tmp_path_factory.mktemp("publish")
-    loaded = load_model_version(trained["model_root"], trained["version"])
-    names = []
-    for seed in range(3):
-        model = loaded.model
-        if seed:
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                for parameter in model.parameters():
-                    parameter.add_(0.05 * torch.randn_like(parameter))
-        names.append(save_model_version(work / "models", model, loaded.normalizer, loaded.features, {}, {}, {"seed": seed}))
-    for name, event_time in zip(names, (T1, T2, T3)):
-        embed(EmbedConfig(data=str(trained["data"]), model_root=str(work / "models"), model_version=name,
-                          output=str(work / "embeddings"), event_time=event_time))
-    return {"root": work / "embeddings", "names": names}
+from vae import InputError
 
 
 def parquet_rows(versions, name) -> pd.DataFrame:

@@ -1,0 +1,68 @@
+"""Publishing with the Redis online store (the production switch in feature_store.yaml): a real
+password-protected redis-server on 127.0.0.1, key TTL, retired versions removed from Redis."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from redis_server import redis_server
+
+from ray_jobs.publish import PublishConfig, fetch_online, load_repo, publish
+from vae import InputError
+
+REDIS_BLOCK = """online_store:
+    type: redis
+    connection_string: ${REDIS_CONNECTION_STRING}
+    key_ttl_seconds: 3600
+"""
+
+
+@pytest.fixture
+def redis_repo(feature_repo, monkeypatch):
+    """The project's repo switched to Redis the documented way: the online_store block replaced."""
+    yaml_path = feature_repo / "feature_store.yaml"
+    text = yaml_path.read_text()
+    start = text.index("online_store:\n    type: sqlite")
+    end = text.index("\n", text.index("path: data/online_store.db", start)) + 1
+    yaml_path.write_text(text[:start] + REDIS_BLOCK + text[end:])
+    with redis_server() as (port, password):
+        monkeypatch.setenv("REDIS_CONNECTION_STRING", f"127.0.0.1:{port},password={password}")
+        yield feature_repo, port, password
+
+
+def test_publish_to_redis_with_password_ttl_and_retirement(versions, redis_repo):
+    import redis
+    from feast import FeatureStore
+
+    feature_repo, port, password = redis_repo
+    assert password not in (feature_repo / "feature_store.yaml").read_text()  # the secret stays in the environment
+    v1, v2, v3 = versions["names"]
+    for name in (v1, v2, v3):
+        summary = publish(PublishConfig(embeddings=str(versions["root"]), feature_repo=str(feature_repo), model_version=name,
+                                        keep_online=2, verify_rows=64))
+    assert summary["retired"] == [v1]
+
+    store = FeatureStore(repo_path=str(feature_repo))
+    repo = load_repo(feature_repo)
+    expected = pq.read_table(versions["root"] / v3).to_pandas().set_index("item_id")
+    fetched = fetch_online(store, repo.version_view_name(v3), list(range(0, 1797, 7)), "item_id")
+    for row in fetched:
+        assert row["model_version"] == v3
+        np.testing.assert_array_equal(np.asarray(row["latent"], np.float32), np.asarray(expected.loc[row["item_id"], "latent"], np.float32))
+    current = store.get_online_features(features=store.get_feature_service(repo.CURRENT_SERVICE), entity_rows=[{"item_id": 1}]).to_dict()
+    assert current["model_version"] == [v3]
+
+    client = redis.Redis(host="127.0.0.1", port=port, password=password)
+    keys = list(client.scan_iter(count=1000))
+    assert len(keys) == 1797  # one hash per entity, holding every online version's fields
+    ttls = [client.ttl(key) for key in keys[:50]]
+    assert all(0 < ttl <= 3600 for ttl in ttls)
+    # two versions online (v2, v3): per version 3 features + 1 timestamp field; v1's were deleted
+    assert {client.hlen(key) for key in keys[:50]} == {8}
+
+
+def test_wrong_redis_password_is_one_clear_error(versions, redis_repo, monkeypatch):
+    feature_repo, port, password = redis_repo
+    monkeypatch.setenv("REDIS_CONNECTION_STRING", f"127.0.0.1:{port},password=wrong-{password[:4]}")
+    with pytest.raises(InputError, match="online store: AuthenticationError") as raised:
+        publish(PublishConfig(embeddings=str(versions["root"]), feature_repo=str(feature_repo), model_version=versions["names"][0]))
+    assert password not in str(raised.value)
