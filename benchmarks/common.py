@@ -54,3 +54,49 @@ def save(name: str, result: dict) -> Path:
     print(json.dumps(result, indent=2))
     print(f"saved {path}")
     return path
+
+
+def http_load(url: str, payload: dict, clients: int, seconds: float) -> dict:
+    """`clients` threads POSTing `payload` to `url` back to back for `seconds`: request count,
+    errors and latency percentiles in ms. Each client keeps one HTTP/1.1 connection."""
+    import http.client
+    import threading
+    from urllib.parse import urlparse
+
+    target = urlparse(url)
+    body = json.dumps(payload).encode()
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+        mine: list[float] = []
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            try:
+                connection.request("POST", target.path, body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}")
+                mine.append((time.perf_counter() - started) * 1000)
+            except Exception as error:  # noqa: BLE001 (counted and reported)
+                with lock:
+                    errors.append(f"{type(error).__name__}: {error}")
+                connection.close()
+                connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+        connection.close()
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ordered = sorted(latencies)
+    percentile = (lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)) if ordered else (lambda q: None)
+    return {"clients": clients, "seconds": seconds, "requests": len(ordered), "errors": len(errors), "first_errors": errors[:3],
+            "requests_per_s": round(len(ordered) / seconds, 1), "p50_ms": percentile(0.5), "p99_ms": percentile(0.99)}
