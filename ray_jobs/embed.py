@@ -368,7 +368,7 @@ class UnitEncoder:
 
     def _write(self, name: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
+        pq.write_table(table, sink, row_group_size=65_536)  # several row groups per file: readers can split the work
         write_bytes_atomically(self.output_fs, f"{self.staging}/{name}", sink.getvalue().to_pybytes())
 
 

@@ -13,6 +13,7 @@ writes, visible to readers within the registry cache TTL (2 s in the repo's feat
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -22,6 +23,7 @@ from types import ModuleType
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from pydantic import Field
 
@@ -44,6 +46,8 @@ class PublishConfig(JobConfig):
     rollback: bool = Field(False, description="only point 'current' back at the previous version (no writes)")
     keep_online: int = Field(2, ge=1, description="model versions kept in the online store (current always kept)")
     write_batch_rows: int = Field(10_000, gt=0, description="rows per online write call")
+    writers: int | None = Field(None, gt=0, description="parallel online writers as Ray actors (default: one per CPU; 1 = this process)")
+    parallel_min_rows: int = Field(100_000, ge=0, description="below this many rows write in this process (Ray start-up costs more)")
     verify_rows: int = Field(256, ge=0, description="rows read back through Feast and compared after writing")
     show: int = Field(3, ge=0, description="entities to fetch and print at the end")
 
@@ -87,10 +91,7 @@ def _publish(config: PublishConfig) -> dict:
     join_key = store.get_feature_view(view.name).entity_columns[0].name
 
     table = pads.dataset(version_dir, format="parquet").to_table(columns=[join_key, *EMBEDDING_COLUMNS])
-    rows = 0
-    for batch in table.to_batches(max_chunksize=config.write_batch_rows):
-        store.write_to_online_store(view.name, batch.to_pandas())
-        rows += batch.num_rows
+    rows = write_online(store, config, view.name, version_dir, table, join_key)
     write_seconds = time.perf_counter() - started
     log.info("wrote %d rows of %s to the online store in %.1fs (%.0f rows/s)", rows, version, write_seconds, rows / write_seconds)
     verify_online(store, view.name, table, join_key, config.verify_rows)
@@ -105,6 +106,137 @@ def _publish(config: PublishConfig) -> dict:
                  join_key, entity[join_key], latent, entity["anomaly_score"], entity["model_version"])
     return {"model_version": version, "view": view.name, "rows": rows, "write_seconds": write_seconds, "sample": sample,
             "retired": retired}
+
+
+def write_online(store, config: PublishConfig, view_name: str, version_dir: Path, table: pa.Table, join_key: str) -> int:
+    """Write a version's rows to its view's online table, through Feast's online-store API (so the
+    stored format is Feast's), in this process or spread over Ray actors; returns rows written and
+    checks that the store now holds exactly one row per key."""
+    if config.writers == 1 or table.num_rows < config.parallel_min_rows:
+        view = store.get_feature_view(view_name)
+        provider = store._get_provider()  # Feast's own write path, minus its DataFrame conversion
+        for batch in table.to_batches(max_chunksize=config.write_batch_rows):
+            provider.online_write_batch(store.config, view, feast_rows(batch, join_key), progress=None)
+        written = table.num_rows
+    else:
+        written = _write_online_on_ray(config, view_name, version_dir, join_key)
+    stored = online_row_count(store, store.get_feature_view(view_name))
+    distinct = len(pc.unique(table.column(join_key)))
+    if written != table.num_rows or (stored is not None and stored != distinct):
+        raise RuntimeError(f"online write of {view_name} did not complete: {table.num_rows} rows to write, {written} written, "
+                           f"{stored} keys in the online store for {distinct} distinct keys")
+    return written
+
+
+def feast_rows(batch: pa.RecordBatch | pa.Table, join_key: str) -> list[tuple]:
+    """Embedding rows as Feast's online stores take them: (entity key, {feature: Value}, event time,
+    created time). The same protos Feast's own conversion builds, built column-wise."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import FloatList, Value
+
+    keys = batch.column(join_key).to_pylist()
+    key_field = "int64_val" if pa.types.is_integer(batch.column(join_key).type) else "string_val"
+    latent = batch.column("latent")
+    latent = latent.combine_chunks() if isinstance(latent, pa.ChunkedArray) else latent
+    offsets = latent.offsets.to_numpy()
+    values = latent.values.to_numpy(zero_copy_only=False)
+    scores = batch.column("anomaly_score").to_pylist()
+    versions = {name: Value(string_val=name) for name in set(batch.column("model_version").to_pylist())}
+    version_of = batch.column("model_version").to_pylist()
+    times = batch.column("event_timestamp").to_pylist()
+    rows = []
+    for i, key in enumerate(keys):
+        entity = EntityKey(join_keys=[join_key], entity_values=[Value(**{key_field: key})])
+        features = {
+            "latent": Value(float_list_val=FloatList(val=values[offsets[i]:offsets[i + 1]].tolist())),
+            "anomaly_score": Value(float_val=scores[i]),
+            "model_version": versions[version_of[i]],
+        }
+        rows.append((entity, features, times[i], None))
+    return rows
+
+
+class OnlineWriter:
+    """A Ray Data actor: opens the feature store once, then writes one row group of embeddings per call."""
+
+    def __init__(self, feature_repo: str, embeddings: str, view_name: str, join_key: str, write_batch_rows: int):
+        from feast import FeatureStore
+
+        os.environ["VAE_EMBEDDINGS_PATH"] = embeddings
+        self.store = FeatureStore(repo_path=feature_repo)
+        self.view = self.store.get_feature_view(view_name)
+        self.provider = self.store._get_provider()
+        self.join_key, self.write_batch_rows = join_key, write_batch_rows
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import pyarrow.parquet as pq
+
+        written = []
+        for path, row_group in zip(batch["path"], batch["row_group"]):
+            table = pq.ParquetFile(path).read_row_group(int(row_group), columns=[self.join_key, *EMBEDDING_COLUMNS])
+            for chunk in table.to_batches(max_chunksize=self.write_batch_rows):
+                self.provider.online_write_batch(self.store.config, self.view, feast_rows(chunk, self.join_key), progress=None)
+            written.append(table.num_rows)
+        return {"rows": np.array(written)}
+
+
+def _write_online_on_ray(config: PublishConfig, view_name: str, version_dir: Path, join_key: str) -> int:
+    import pyarrow.parquet as pq
+    import ray
+
+    from ray_jobs.common import ray_session
+
+    units = [{"path": str(path), "row_group": group} for path in sorted(version_dir.glob("*.parquet"))
+             for group in range(pq.ParquetFile(path).num_row_groups)]
+    with ray_session():
+        writers = min(config.writers or max(1, int(ray.cluster_resources().get("CPU", 1))), len(units))
+        log.info("writing %d row groups online with %d Ray writer(s)", len(units), writers)
+        results = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+            OnlineWriter,
+            fn_constructor_kwargs={"feature_repo": str(Path(config.feature_repo).absolute()), "embeddings": str(Path(config.embeddings).absolute()),
+                                   "view_name": view_name, "join_key": join_key, "write_batch_rows": config.write_batch_rows},
+            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=writers, max_tasks_in_flight_per_actor=1),
+            num_cpus=1,
+        )
+        return int(sum(row["rows"] for row in results.iter_rows()))
+
+
+def online_row_count(store, view) -> int | None:
+    """Keys the online store holds for a view, read from the store itself (None for stores not covered).
+
+    Counted, not trusted: Feast's own Ray engine has reported success after writing nothing."""
+    online = store.config.online_store
+    if online.type == "sqlite":
+        import sqlite3
+
+        from feast.infra.online_stores.helpers import compute_table_id
+
+        path = Path(online.path) if Path(online.path).is_absolute() else Path(store.repo_path) / online.path
+        table = compute_table_id(store.project, view, store.config.registry.enable_online_feature_view_versioning)
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            return connection.execute(f'SELECT COUNT(DISTINCT entity_key) FROM "{table}"').fetchone()[0]
+    if online.type == "redis":
+        client = store._get_provider().online_store._get_client(online)
+        field = f"_ts:{view.name}"
+        count = 0
+        for keys in _chunks(client.scan_iter(count=10_000), 10_000):
+            pipeline = client.pipeline(transaction=False)
+            for key in keys:
+                pipeline.hexists(key, field)
+            count += sum(pipeline.execute())
+        return count
+    return None
+
+
+def _chunks(iterable, size: int):
+    chunk = []
+    for item in iterable:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def current_version(store, repo: ModuleType) -> str | None:

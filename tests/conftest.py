@@ -87,9 +87,12 @@ def versions(trained, tmp_path_factory):
                 for parameter in model.parameters():
                     parameter.add_(0.05 * torch.randn_like(parameter))
         names.append(save_model_version(work / "models", model, loaded.normalizer, loaded.features, {}, {}, {"seed": seed}))
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(trained["data"]), work / "digits.parquet", row_group_size=400)  # 5 output files per version
     for name, event_time in zip(names, (T1, T2, T3)):
-        embed(EmbedConfig(data=str(trained["data"]), model_root=str(work / "models"), model_version=name,
-                          output=str(work / "embeddings"), event_time=event_time))
+        embed(EmbedConfig(data=str(work / "digits.parquet"), model_root=str(work / "models"), model_version=name,
+                          output=str(work / "embeddings"), event_time=event_time, rows_per_file=400))
     return {"root": work / "embeddings", "names": names}
 
 
