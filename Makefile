@@ -29,8 +29,9 @@ redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
-bench: setup
+bench: setup redis-server
 	$(BIN)/python -m benchmarks.embed
+	$(BIN)/python -m benchmarks.publish
 	$(BIN)/python -m benchmarks.train
 
 lint: setup

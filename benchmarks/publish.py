@@ -1,0 +1,220 @@
+"""Online writes and reads: the publish job's writers vs Feast's own `write_to_online_store` and
+`materialize`, same data, same run, on SQLite and on Redis (a redis-server started here).
+
+    writes   rows/s of: one `write_to_online_store` call on all rows (Feast's DataFrame path);
+             `materialize` of a smaller version (it is far slower); the publish path in this
+             process (1 writer) and over Ray writer actors (2 on this machine), each verified by
+             counting the keys in the store
+    reads    p50/p99 of `get_online_features` for 1 and 100 entities, in process and through
+             `feast serve` (HTTP), and 16 concurrent HTTP clients for `--load-seconds`
+
+    python -m benchmarks.publish [--rows 1000000] [--stores sqlite redis]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from benchmarks.common import http_load, save, timed
+from vae.encode import latent_column
+
+REPO = Path(__file__).resolve().parent.parent
+VERSION, SMALL_VERSION = "20260101T000000Z-bench000", "20260101T000000Z-bench001"
+
+
+def write_embeddings(directory: Path, rows: int, dim: int, files: int = 4) -> pa.Table:
+    """Synthetic embeddings in the embed job's layout and schema."""
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True)
+    tables = []
+    per_file = rows // files
+    for i in range(files):
+        table = pa.table({
+            "item_id": pa.array(np.arange(i * per_file, (i + 1) * per_file), pa.int64()),
+            "latent": latent_column(rng.standard_normal((per_file, dim), dtype=np.float32)),
+            "anomaly_score": pa.array(rng.random(per_file, dtype=np.float32)),
+            "model_version": pa.array([directory.name] * per_file, pa.string()),
+            "event_timestamp": pa.array([datetime(2026, 1, 1, tzinfo=UTC)] * per_file, pa.timestamp("us", tz="UTC")),
+        })
+        pq.write_table(table, directory / f"part-{i:06d}.parquet", row_group_size=65_536)
+        tables.append(table)
+    return pa.concat_tables(tables)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"process on port {port} did not start") from None
+            time.sleep(0.2)
+
+
+def start_redis() -> subprocess.Popen:
+    """A password-protected redis-server; the password reaches Feast through the environment, set
+    before Ray starts so that Ray's writer actors inherit it."""
+    port, password = free_port(), secrets.token_hex(16)
+    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
+                              "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    wait_for_port(port, redis)
+    os.environ["REDIS_CONNECTION_STRING"] = f"127.0.0.1:{port},password={password}"
+    return redis
+
+
+def make_repo(work: Path, store_kind: str) -> Path:
+    """A copy of the project's Feast repo, switched to Redis the documented way if asked."""
+    repo = work / f"repo-{store_kind}"
+    repo.mkdir()
+    shutil.copy(REPO / "feature_repo" / "features.py", repo)
+    text = (REPO / "feature_repo" / "feature_store.yaml").read_text()
+    if store_kind == "redis":
+        start = text.index("online_store:\n    type: sqlite")
+        end = text.index("\n", text.index("path: data/online_store.db", start)) + 1
+        text = text[:start] + "online_store:\n    type: redis\n    connection_string: ${REDIS_CONNECTION_STRING}\n" + text[end:]
+    (repo / "feature_store.yaml").write_text(text)
+    return repo
+
+
+def percentiles(samples_ms: list[float]) -> dict:
+    ordered = sorted(samples_ms)
+    return {"p50_ms": round(ordered[len(ordered) // 2], 3), "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3)}
+
+
+def read_latencies(call, repeats: int) -> dict:
+    call()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - started) * 1000)
+    return percentiles(samples)
+
+
+def bench_store(work: Path, store_kind: str, table: pa.Table, small_rows: int, writer_counts: list[int], load_seconds: float) -> dict:
+    from feast import FeatureStore
+
+    from ray_jobs.publish import PublishConfig, definitions, load_repo, online_row_count, write_online
+
+    repo_dir = make_repo(work, store_kind)
+    os.environ["VAE_EMBEDDINGS_PATH"] = str(work / "embeddings")
+    repo = load_repo(repo_dir)
+    store = FeatureStore(repo_path=str(repo_dir))
+    views = {name: repo.version_view(name) for name in (VERSION, SMALL_VERSION)}
+    store.apply([*definitions(repo), *views.values()])
+    view = views[VERSION].name
+    rows = table.num_rows
+    result: dict = {"store": store_kind, "rows": rows}
+
+    frame = table.to_pandas()
+    seconds, _ = timed(lambda: store.write_to_online_store(view, frame))
+    result["feast_write_to_online_store_rows_per_s"] = round(rows / seconds)
+    assert online_row_count(store, store.get_feature_view(view)) == rows
+
+    window = (datetime(2025, 12, 31, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC))
+    seconds, _ = timed(lambda: store.materialize(window[0], window[1], feature_views=[views[SMALL_VERSION].name]))
+    result["feast_materialize_rows_per_s"] = round(small_rows / seconds)
+    result["feast_materialize_rows"] = small_rows
+
+    result["publish_writers"] = {}
+    for writers in writer_counts:
+        config = PublishConfig(embeddings=str(work / "embeddings"), feature_repo=str(repo_dir), writers=writers, parallel_min_rows=0)
+        seconds, written = timed(lambda: write_online(store, config, view, work / "embeddings" / VERSION, table, "item_id"))  # noqa: B023
+        result["publish_writers"][str(writers)] = round(written / seconds)
+        print(f"  {store_kind}: {writers} writer(s) {written / seconds:,.0f} rows/s (verified count)", flush=True)
+    best = max(result["publish_writers"].values())
+    result["ratio_best_publish_vs_write_to_online_store"] = round(best / result["feast_write_to_online_store_rows_per_s"], 2)
+
+    features = [f"{view}:latent", f"{view}:anomaly_score", f"{view}:model_version"]
+    result["in_process_read"] = {
+        str(n): read_latencies(lambda n=n: store.get_online_features(features=features, entity_rows=[{"item_id": k} for k in range(n)]), 300)
+        for n in (1, 100)
+    }
+    result["http"] = bench_http(repo_dir, view, load_seconds)
+    print(f"  {store_kind}: {json.dumps(result)}", flush=True)
+    return result
+
+
+def bench_http(repo_dir: Path, view: str, load_seconds: float) -> dict:
+    port = free_port()
+    feast = shutil.which("feast", path=str(Path(sys.executable).parent)) or "feast"
+    server = subprocess.Popen([feast, "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log", "--max-requests", "0"],
+                              cwd=repo_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, server)
+        url = f"http://127.0.0.1:{port}/get-online-features"
+        features = [f"{view}:latent", f"{view}:anomaly_score", f"{view}:model_version"]
+
+        def post(n: int) -> None:
+            body = json.dumps({"features": features, "entities": {"item_id": list(range(n))}}).encode()
+            with urllib.request.urlopen(urllib.request.Request(url, body, {"Content-Type": "application/json"}), timeout=30) as response:
+                response.read()
+
+        result = {str(n): read_latencies(lambda n=n: post(n), 200) for n in (1, 100)}
+        result["load_16_clients"] = http_load(url, {"features": features, "entities": {"item_id": [7]}}, clients=16, seconds=load_seconds)
+        return result
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--materialize-rows", type=int, default=100_000)
+    parser.add_argument("--stores", nargs="+", default=["sqlite", "redis"])
+    parser.add_argument("--writers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--load-seconds", type=float, default=30)
+    args = parser.parse_args()
+
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="bench-publish-"))
+    redis = start_redis() if "redis" in args.stores and shutil.which("redis-server") else None
+    try:
+        table = write_embeddings(work / "embeddings" / VERSION, args.rows, args.dim)
+        write_embeddings(work / "embeddings" / SMALL_VERSION, args.materialize_rows, args.dim, files=1)
+        ray_start, _ = timed(lambda: ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False))
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        results = {"rows": args.rows, "dim": args.dim, "cpus": os.cpu_count(), "ray_init_seconds": round(ray_start, 2), "stores": []}
+        for store_kind in args.stores:
+            if store_kind == "redis" and shutil.which("redis-server") is None:
+                print("redis-server not installed; skipping Redis (make test installs it)")
+                continue
+            results["stores"].append(bench_store(work, store_kind, table, args.materialize_rows, args.writers, args.load_seconds))
+        ray.shutdown()
+        save("publish", results)
+    finally:
+        if redis is not None:
+            redis.terminate()
+            redis.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
