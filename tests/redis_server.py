@@ -5,12 +5,10 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 
-from s3_server import free_port
+from s3_server import free_port, wait_for_port
 
 
 @contextlib.contextmanager
@@ -24,13 +22,7 @@ def redis_server() -> Iterator[tuple[int, str]]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
+        wait_for_port(port, process, "redis-server")
         yield port, password
     finally:
         process.terminate()

@@ -17,6 +17,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, process: subprocess.Popen, name: str, seconds: float = 30) -> None:
+    """Return once something accepts connections on 127.0.0.1:port; fail if `process` died or time ran out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start on port {port}")
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def moto_server(require_auth: bool = False) -> Iterator[str]:
     """Yield the endpoint URL of a fresh moto server; with require_auth every request must carry
@@ -26,13 +37,7 @@ def moto_server(require_auth: bool = False) -> Iterator[str]:
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("moto server did not start")
-            time.sleep(0.1)
+        wait_for_port(port, process, "moto server")
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from s3_server import free_port, moto_server
+from test_embed import run_embed
 
-from ray_jobs.common import run_cli
-from ray_jobs.embed import EmbedConfig, embed, main
+from ray_jobs.embed import EmbedConfig, embed
 from vae import list_model_versions, load_model_version, save_model_version
 
 
@@ -61,16 +61,6 @@ def test_input_model_and_output_on_s3(trained, bucket, tmp_path):
     _, latent_again = latents_by_key(pq.read_table(f"{name}/embeddings/{version}", filesystem=fs))
     assert again.files == result.files and latent_again.tobytes() == latent.tobytes()
     assert sorted(p.removeprefix(f"{name}/embeddings/") for p in fs.find(f"{name}/embeddings")) == sorted(objects)
-
-
-def run_embed(capsys, *args: str) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(main, list(args))
-    assert exit_.value.code == 2
-    stderr = capsys.readouterr().err
-    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
-    return lines[0]
 
 
 @pytest.fixture
