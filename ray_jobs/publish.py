@@ -79,7 +79,7 @@ def _publish(config: PublishConfig) -> dict:
     version_dir = _version_directory(Path(config.embeddings), config.model_version)
     version = version_dir.name
     view = repo.version_view(version)
-    join_key = view.entity_columns[0].name if view.entity_columns else "item_id"
+    join_key = view.entity_columns[0].name  # the entity's join key, known from the view's schema
     schema = parquet_schema(str(version_dir))
     missing = [c for c in (join_key, *EMBEDDING_COLUMNS) if c not in schema.names]
     if missing:
@@ -88,7 +88,6 @@ def _publish(config: PublishConfig) -> dict:
             f"'{join_key}' (edit {config.feature_repo}/features.py if your key column is named differently)"
         )
     store.apply([*definitions(repo), view])
-    join_key = store.get_feature_view(view.name).entity_columns[0].name
 
     table = pads.dataset(version_dir, format="parquet").to_table(columns=[join_key, *EMBEDDING_COLUMNS])
     rows = write_online(store, config, view.name, version_dir, table, join_key)
@@ -112,15 +111,15 @@ def write_online(store, config: PublishConfig, view_name: str, version_dir: Path
     """Write a version's rows to its view's online table, through Feast's online-store API (so the
     stored format is Feast's), in this process or spread over Ray actors; returns rows written and
     checks that the store now holds exactly one row per key."""
+    view = store.get_feature_view(view_name)
     if config.writers == 1 or table.num_rows < config.parallel_min_rows:
-        view = store.get_feature_view(view_name)
         provider = store._get_provider()  # Feast's own write path, minus its DataFrame conversion
         for batch in table.to_batches(max_chunksize=config.write_batch_rows):
             provider.online_write_batch(store.config, view, feast_rows(batch, join_key), progress=None)
         written = table.num_rows
     else:
         written = _write_online_on_ray(config, view_name, version_dir, join_key)
-    stored = online_row_count(store, store.get_feature_view(view_name))
+    stored = online_row_count(store, view)
     distinct = len(pc.unique(table.column(join_key)))
     if written != table.num_rows or (stored is not None and stored != distinct):
         raise RuntimeError(f"online write of {view_name} did not complete: {table.num_rows} rows to write, {written} written, "
