@@ -136,6 +136,12 @@ def embed(config: EmbedConfig) -> EmbedResult:
     staging = f"{output_root}/{STAGING_DIR}/{run_id}"
     with storage_errors(config.output):
         done = _finished_units(output_fs, staging)
+        if not done:
+            # Written from the driver before Ray starts: an output location that cannot be written
+            # (missing bucket, no permission) fails here, naming the output, not later in an actor.
+            write_bytes_atomically(output_fs, f"{staging}/_run.json", json.dumps(
+                {"run_id": run_id, "model_version": model_version.version, "data": config.data, "units": len(units)}
+            ).encode())
     pending = [u for u in units if u.output_name not in done]
     if done:
         log.info("resuming run %s: %d of %d output files already written", run_id, len(units) - len(pending), len(units))
@@ -150,8 +156,7 @@ def embed(config: EmbedConfig) -> EmbedResult:
             # Any other failure (a lost node, a killed driver) keeps them for the re-run to resume.
             if find_input_error(error) is not None:
                 with storage_errors(config.output):
-                    if output_fs.exists(staging):  # no unit may have finished before the bad row
-                        output_fs.rm(staging, recursive=True)
+                    output_fs.rm(staging, recursive=True)
             raise
     result = _commit(config, output_fs, output_root, staging, model_version.version, units, listing, summaries, started)
     log.info(
@@ -470,6 +475,8 @@ def _commit(config: EmbedConfig, fs, output_root: str, staging: str, version: st
         "run_id": staging.rsplit("/", 1)[-1], "committed_at": datetime.now().astimezone().isoformat(), "code_version": code_version(),
     }
     with storage_errors(config.output):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(f"{staging}/_run.json")
         write_bytes_atomically(fs, f"{staging}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
         _move_into_place(fs, staging, destination, [*files, *(f"{QUARANTINE_DIR}/{n}" for n in quarantine_files), MANIFEST])
     result.seconds = time.time() - started
