@@ -17,6 +17,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from pydantic import Field
 
+from ray_jobs import feast_online
 from ray_jobs.common import JobConfig, parquet_schema, parse_config, run_cli
 from vae import InputError
 
@@ -45,8 +47,8 @@ class PublishConfig(JobConfig):
     switch_current: bool = Field(True, description="point the 'current' feature service at this version after verifying it")
     rollback: bool = Field(False, description="only point 'current' back at the previous version (no writes)")
     keep_online: int = Field(2, ge=1, description="model versions kept in the online store (current always kept)")
-    write_batch_rows: int = Field(10_000, gt=0, description="rows per online write call")
-    writers: int | None = Field(None, gt=0, description="parallel online writers as Ray actors (default: one per CPU; 1 = this process)")
+    write_batch_rows: int = Field(65_536, gt=0, description="rows per online write call (SQLite: per transaction)")
+    writers: int | None = Field(None, gt=0, description="parallel online writers as Ray actors for Redis (default: one per CPU; 1 = this process); SQLite has one writer")
     parallel_min_rows: int = Field(100_000, ge=0, description="below this many rows write in this process (Ray start-up costs more)")
     verify_rows: int = Field(256, ge=0, description="rows read back through Feast and compared after writing")
     show: int = Field(3, ge=0, description="entities to fetch and print at the end")
@@ -90,9 +92,10 @@ def _publish(config: PublishConfig) -> dict:
     store.apply([*definitions(repo), view])
 
     table = pads.dataset(version_dir, format="parquet").to_table(columns=[join_key, *EMBEDDING_COLUMNS])
-    rows = write_online(store, config, view.name, version_dir, table, join_key)
+    rows, writers = write_online(store, config, view.name, version_dir, table, join_key)
     write_seconds = time.perf_counter() - started
-    log.info("wrote %d rows of %s to the online store in %.1fs (%.0f rows/s)", rows, version, write_seconds, rows / write_seconds)
+    log.info("wrote %d rows of %s to the online store with %d writer(s) in %.1fs (%.0f rows/s, counted in the store)",
+             rows, version, writers, write_seconds, rows / write_seconds)
     verify_online(store, view.name, table, join_key, config.verify_rows)
 
     if config.switch_current:
@@ -103,68 +106,45 @@ def _publish(config: PublishConfig) -> dict:
         latent = ", ".join(f"{v:+.3f}" for v in entity["latent"][:4])
         log.info("online %s=%s: latent [%s, ...] anomaly_score %.2f model_version %s",
                  join_key, entity[join_key], latent, entity["anomaly_score"], entity["model_version"])
-    return {"model_version": version, "view": view.name, "rows": rows, "write_seconds": write_seconds, "sample": sample,
-            "retired": retired}
+    return {"model_version": version, "view": view.name, "rows": rows, "writers": writers, "write_seconds": write_seconds,
+            "sample": sample, "retired": retired}
 
 
-def write_online(store, config: PublishConfig, view_name: str, version_dir: Path, table: pa.Table, join_key: str) -> int:
-    """Write a version's rows to its view's online table, through Feast's online-store API (so the
-    stored format is Feast's), in this process or spread over Ray actors; returns rows written and
-    checks that the store now holds exactly one row per key."""
+def write_online(store, config: PublishConfig, view_name: str, version_dir: Path, table: pa.Table, join_key: str) -> tuple[int, int]:
+    """Write a version's rows to its view's online table in Feast's stored format, in this process
+    or spread over Ray actors; returns (rows written, writers) after checking that the store holds
+    exactly one row per key.
+
+    SQLite takes one writer at a time, so it is written here, in key order. Redis takes parallel
+    writers: large versions go to Ray actors, one per CPU unless `writers` says otherwise."""
     view = store.get_feature_view(view_name)
-    if config.writers == 1 or table.num_rows < config.parallel_min_rows:
-        provider = store._get_provider()  # Feast's own write path, minus its DataFrame conversion
-        for batch in table.to_batches(max_chunksize=config.write_batch_rows):
-            provider.online_write_batch(store.config, view, feast_rows(batch, join_key), progress=None)
-        written = table.num_rows
+    parallel = store.config.online_store.type != "sqlite" and config.writers != 1 and table.num_rows >= config.parallel_min_rows
+    if parallel:
+        written, writers = _write_online_on_ray(config, view_name, version_dir, join_key)
     else:
-        written = _write_online_on_ray(config, view_name, version_dir, join_key)
+        writers = 1
+        order = feast_online.sqlite_key_order(table.column(join_key)) if store.config.online_store.type == "sqlite" else None
+        ordered = table.take(pa.array(order)) if order is not None else table
+        for batch in ordered.to_batches(max_chunksize=config.write_batch_rows):
+            feast_online.write_batch(store, view, batch, join_key)
+        written = table.num_rows
     stored = online_row_count(store, view)
     distinct = len(pc.unique(table.column(join_key)))
     if written != table.num_rows or (stored is not None and stored != distinct):
         raise RuntimeError(f"online write of {view_name} did not complete: {table.num_rows} rows to write, {written} written, "
                            f"{stored} keys in the online store for {distinct} distinct keys")
-    return written
-
-
-def feast_rows(batch: pa.RecordBatch | pa.Table, join_key: str) -> list[tuple]:
-    """Embedding rows as Feast's online stores take them: (entity key, {feature: Value}, event time,
-    created time). The same protos Feast's own conversion builds, built column-wise."""
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import FloatList, Value
-
-    keys = batch.column(join_key).to_pylist()
-    key_field = "int64_val" if pa.types.is_integer(batch.column(join_key).type) else "string_val"
-    latent = batch.column("latent")
-    latent = latent.combine_chunks() if isinstance(latent, pa.ChunkedArray) else latent
-    offsets = latent.offsets.to_numpy()
-    values = latent.values.to_numpy(zero_copy_only=False)
-    scores = batch.column("anomaly_score").to_pylist()
-    versions = {name: Value(string_val=name) for name in set(batch.column("model_version").to_pylist())}
-    version_of = batch.column("model_version").to_pylist()
-    times = batch.column("event_timestamp").to_pylist()
-    rows = []
-    for i, key in enumerate(keys):
-        entity = EntityKey(join_keys=[join_key], entity_values=[Value(**{key_field: key})])
-        features = {
-            "latent": Value(float_list_val=FloatList(val=values[offsets[i]:offsets[i + 1]].tolist())),
-            "anomaly_score": Value(float_val=scores[i]),
-            "model_version": versions[version_of[i]],
-        }
-        rows.append((entity, features, times[i], None))
-    return rows
+    return written, writers
 
 
 class OnlineWriter:
     """A Ray Data actor: opens the feature store once, then writes one row group of embeddings per call."""
 
-    def __init__(self, feature_repo: str, embeddings: str, view_name: str, join_key: str, write_batch_rows: int):
+    def __init__(self, feature_repo: str, environment: dict[str, str], view_name: str, join_key: str, write_batch_rows: int):
         from feast import FeatureStore
 
-        os.environ["VAE_EMBEDDINGS_PATH"] = embeddings
+        os.environ.update(environment)
         self.store = FeatureStore(repo_path=feature_repo)
         self.view = self.store.get_feature_view(view_name)
-        self.provider = self.store._get_provider()
         self.join_key, self.write_batch_rows = join_key, write_batch_rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -174,12 +154,12 @@ class OnlineWriter:
         for path, row_group in zip(batch["path"], batch["row_group"]):
             table = pq.ParquetFile(path).read_row_group(int(row_group), columns=[self.join_key, *EMBEDDING_COLUMNS])
             for chunk in table.to_batches(max_chunksize=self.write_batch_rows):
-                self.provider.online_write_batch(self.store.config, self.view, feast_rows(chunk, self.join_key), progress=None)
+                feast_online.write_batch(self.store, self.view, chunk, self.join_key)
             written.append(table.num_rows)
         return {"rows": np.array(written)}
 
 
-def _write_online_on_ray(config: PublishConfig, view_name: str, version_dir: Path, join_key: str) -> int:
+def _write_online_on_ray(config: PublishConfig, view_name: str, version_dir: Path, join_key: str) -> tuple[int, int]:
     import pyarrow.parquet as pq
     import ray
 
@@ -192,12 +172,20 @@ def _write_online_on_ray(config: PublishConfig, view_name: str, version_dir: Pat
         log.info("writing %d row groups online with %d Ray writer(s)", len(units), writers)
         results = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
             OnlineWriter,
-            fn_constructor_kwargs={"feature_repo": str(Path(config.feature_repo).absolute()), "embeddings": str(Path(config.embeddings).absolute()),
+            fn_constructor_kwargs={"feature_repo": str(Path(config.feature_repo).absolute()), "environment": _repo_environment(config),
                                    "view_name": view_name, "join_key": join_key, "write_batch_rows": config.write_batch_rows},
             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=writers, max_tasks_in_flight_per_actor=1),
             num_cpus=1,
         )
-        return int(sum(row["rows"] for row in results.iter_rows()))
+        return int(sum(row["rows"] for row in results.iter_rows())), writers
+
+
+def _repo_environment(config: PublishConfig) -> dict[str, str]:
+    """What the writer actors need to open the same store as this process: the embeddings location
+    and the variables feature_store.yaml names (e.g. REDIS_CONNECTION_STRING). Passed as actor
+    arguments, not a runtime_env, so a password does not show in Ray's dashboard."""
+    names = re.findall(r"\$\{(\w+)\}", (Path(config.feature_repo) / "feature_store.yaml").read_text())
+    return {"VAE_EMBEDDINGS_PATH": str(Path(config.embeddings).absolute())} | {n: os.environ[n] for n in names if n in os.environ}
 
 
 def online_row_count(store, view) -> int | None:

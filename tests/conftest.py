@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from redis_server import redis_server
 from s3_server import moto_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,3 +105,23 @@ def feature_repo(tmp_path) -> Path:
     for name in ("feature_store.yaml", "features.py"):
         shutil.copy(REPO / "feature_repo" / name, repo / name)
     return repo
+
+
+REDIS_BLOCK = """online_store:
+    type: redis
+    connection_string: ${REDIS_CONNECTION_STRING}
+    key_ttl_seconds: 3600
+"""
+
+
+@pytest.fixture
+def redis_repo(feature_repo, monkeypatch):
+    """The project's repo switched to Redis the documented way: the online_store block replaced."""
+    yaml_path = feature_repo / "feature_store.yaml"
+    text = yaml_path.read_text()
+    start = text.index("online_store:\n    type: sqlite")
+    end = text.index("\n", text.index("path: data/online_store.db", start)) + 1
+    yaml_path.write_text(text[:start] + REDIS_BLOCK + text[end:])
+    with redis_server() as (port, password):
+        monkeypatch.setenv("REDIS_CONNECTION_STRING", f"127.0.0.1:{port},password={password}")
+        yield feature_repo, port, password

@@ -154,21 +154,3 @@ def test_missing_embeddings_and_nothing_to_roll_back_are_clear_errors(feature_re
         publish(PublishConfig(embeddings=str(tmp_path / "none"), feature_repo=str(feature_repo)))
     with pytest.raises(InputError, match="nothing to roll back"):
         publish(PublishConfig(embeddings=str(tmp_path / "none"), feature_repo=str(feature_repo), rollback=True))
-
-
-def test_parallel_writers_store_what_feast_reads(versions, feature_repo):
-    """Two Ray writer actors through Feast's online-store API: counted in the store, read back through Feast."""
-    from feast import FeatureStore
-
-    v1 = versions["names"][0]
-    summary = publish(config(versions, feature_repo, model_version=v1, writers=2, parallel_min_rows=0, write_batch_rows=150,
-                             verify_rows=200))  # 5 files of up to 400 rows: 5 units over 2 actors
-    assert summary["rows"] == 1797
-    store = FeatureStore(repo_path=str(feature_repo))
-    from ray_jobs.publish import online_row_count
-
-    assert online_row_count(store, store.get_feature_view(summary["view"])) == 1797
-    expected = parquet_rows(versions, v1)
-    for row in fetch_online(store, summary["view"], list(range(0, 1797, 13)), "item_id"):
-        np.testing.assert_array_equal(np.asarray(row["latent"], np.float32), np.asarray(expected.loc[row["item_id"], "latent"], np.float32))
-        assert row["anomaly_score"] == pytest.approx(expected.loc[row["item_id"], "anomaly_score"], rel=1e-6)

@@ -4,29 +4,9 @@ password-protected redis-server on 127.0.0.1, key TTL, retired versions removed 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from redis_server import redis_server
 
 from ray_jobs.publish import PublishConfig, fetch_online, load_repo, publish
 from vae import InputError
-
-REDIS_BLOCK = """online_store:
-    type: redis
-    connection_string: ${REDIS_CONNECTION_STRING}
-    key_ttl_seconds: 3600
-"""
-
-
-@pytest.fixture
-def redis_repo(feature_repo, monkeypatch):
-    """The project's repo switched to Redis the documented way: the online_store block replaced."""
-    yaml_path = feature_repo / "feature_store.yaml"
-    text = yaml_path.read_text()
-    start = text.index("online_store:\n    type: sqlite")
-    end = text.index("\n", text.index("path: data/online_store.db", start)) + 1
-    yaml_path.write_text(text[:start] + REDIS_BLOCK + text[end:])
-    with redis_server() as (port, password):
-        monkeypatch.setenv("REDIS_CONNECTION_STRING", f"127.0.0.1:{port},password={password}")
-        yield feature_repo, port, password
 
 
 def test_publish_to_redis_with_password_ttl_and_retirement(versions, redis_repo):
@@ -66,3 +46,22 @@ def test_wrong_redis_password_is_one_clear_error(versions, redis_repo, monkeypat
     with pytest.raises(InputError, match="online store: AuthenticationError") as raised:
         publish(PublishConfig(embeddings=str(versions["root"]), feature_repo=str(feature_repo), model_version=versions["names"][0]))
     assert password not in str(raised.value)
+
+
+def test_parallel_writers_store_what_feast_reads(versions, redis_repo):
+    """Two Ray writer actors: every key counted in Redis, values read back through Feast."""
+    from feast import FeatureStore
+
+    from ray_jobs.publish import online_row_count
+
+    feature_repo, _, _ = redis_repo
+    v1 = versions["names"][0]
+    summary = publish(PublishConfig(embeddings=str(versions["root"]), feature_repo=str(feature_repo), model_version=v1, writers=2,
+                                    parallel_min_rows=0, write_batch_rows=150, verify_rows=200))  # 5 files of up to 400 rows: 5 units over 2 actors
+    assert summary["rows"] == 1797 and summary["writers"] == 2
+    store = FeatureStore(repo_path=str(feature_repo))
+    assert online_row_count(store, store.get_feature_view(summary["view"])) == 1797
+    expected = pq.read_table(versions["root"] / v1).to_pandas().set_index("item_id")
+    for row in fetch_online(store, summary["view"], list(range(0, 1797, 13)), "item_id"):
+        np.testing.assert_array_equal(np.asarray(row["latent"], np.float32), np.asarray(expected.loc[row["item_id"], "latent"], np.float32))
+        assert row["anomaly_score"] == pytest.approx(expected.loc[row["item_id"], "anomaly_score"], rel=1e-6)
