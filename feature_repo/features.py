@@ -76,3 +76,29 @@ def current_service(view: FeatureView, previous_version: str = "") -> FeatureSer
         features=[view],
         tags={"vae_model_version": view.tags["vae_model_version"], "vae_previous_version": previous_version},
     )
+
+
+# Vector search (`vaectl publish --vector-search`): a version's vectors also go to the Milvus Lite
+# store of the repo in vector_search/, indexed for `retrieve_online_documents_v2`. Same source.
+def vector_view_name(model_version: str) -> str:
+    """The searchable view of one model version, e.g. item_latents_20261123T203831Z_450da0be."""
+    return "item_latents_" + re.sub(r"[^0-9A-Za-z_]", "_", model_version)
+
+
+def vector_view(model_version: str, online: bool = True) -> FeatureView:
+    """One model version's vectors with the latent as the vector-indexed field (L2, as the latent space is Gaussian)."""
+    view = version_view(model_version, online)
+    return FeatureView(
+        name=vector_view_name(model_version),
+        entities=[item],
+        ttl=timedelta(0),
+        schema=[
+            Field(name="item_id", dtype=Int64),
+            Field(name="latent", dtype=Array(Float32), vector_index=True, vector_search_metric="L2", description="VAE posterior mean"),
+            Field(name="anomaly_score", dtype=Float32),
+            Field(name="model_version", dtype=String),
+        ],
+        source=view.batch_source,
+        online=online,
+        tags={"vae_model_version": model_version},
+    )

@@ -234,7 +234,7 @@ def write_redis(client, project: str, view_name: str, batch: pa.RecordBatch | pa
     ts_field = f"_ts:{view_name}".encode()
     fields = [_mmh3(f"{view_name}:{name}") for name in FEATURES]
 
-    stored = _send(client, [_command(b"HGET", key, ts_field) for key in keys])
+    stored = send_commands(client, [redis_command(b"HGET", key, ts_field) for key in keys])
     nanos = {stamp: _nanos(stamp) for stamp in set(stamps)}
     newest: dict[bytes, int] = {}  # a key twice in one batch: the later event time wins, as in Feast
     commands = []
@@ -244,19 +244,19 @@ def write_redis(client, project: str, view_name: str, batch: pa.RecordBatch | pa
         if seen and new <= seen:
             continue
         newest[key] = new
-        commands.append(_command(b"HSET", key, ts_field, stamps[i], fields[0], latent[i], fields[1], scores[i], fields[2], versions[i]))
+        commands.append(redis_command(b"HSET", key, ts_field, stamps[i], fields[0], latent[i], fields[1], scores[i], fields[2], versions[i]))
         if key_ttl_seconds:
-            commands.append(_command(b"EXPIRE", key, str(key_ttl_seconds).encode()))
-    _send(client, commands)
+            commands.append(redis_command(b"EXPIRE", key, str(key_ttl_seconds).encode()))
+    send_commands(client, commands)
     return len(keys)
 
 
-def _command(*parts: bytes) -> bytes:
+def redis_command(*parts: bytes) -> bytes:
     """One command in Redis's wire protocol (RESP); building it here skips the client's per-command bookkeeping."""
     return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
 
 
-def _send(client, commands: list[bytes], chunk: int = 10_000) -> list:
+def send_commands(client, commands: list[bytes], chunk: int = 10_000) -> list:
     """Send pipelined commands on one pooled connection; returns the replies (an error reply raises)."""
     connection = client.connection_pool.get_connection()
     replies = []

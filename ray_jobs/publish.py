@@ -51,6 +51,7 @@ class PublishConfig(JobConfig):
     writers: int | None = Field(None, gt=0, description="parallel online writers as Ray actors for Redis (default: one per CPU; 1 = this process); SQLite has one writer")
     parallel_min_rows: int = Field(100_000, ge=0, description="below this many rows write in this process (Ray start-up costs more)")
     verify_rows: int = Field(256, ge=0, description="rows read back through Feast and compared after writing")
+    vector_search: bool = Field(False, description="also index the version for similarity search (Milvus Lite, <feature_repo>/vector_search)")
     show: int = Field(3, ge=0, description="entities to fetch and print at the end")
 
 
@@ -97,10 +98,12 @@ def _publish(config: PublishConfig) -> dict:
     log.info("wrote %d rows of %s to the online store with %d writer(s) in %.1fs (%.0f rows/s, counted in the store)",
              rows, version, writers, write_seconds, rows / write_seconds)
     verify_online(store, view.name, table, join_key, config.verify_rows)
+    if config.vector_search:
+        index_vectors(config, repo, version, table, join_key)
 
     if config.switch_current:
         switch_current(store, repo, version)
-    retired = retire_old_versions(store, repo, config.keep_online)
+    retired = retire_old_versions(store, config.keep_online, current_version(store, repo), repo.version_view)
     sample = fetch_online(store, view.name, table.column(join_key).to_pylist()[: config.show], join_key)
     for entity in sample:
         latent = ", ".join(f"{v:+.3f}" for v in entity["latent"][:4])
@@ -204,13 +207,10 @@ def online_row_count(store, view) -> int | None:
             return connection.execute(f'SELECT COUNT(DISTINCT entity_key) FROM "{table}"').fetchone()[0]
     if online.type == "redis":
         client = store._get_provider().online_store._get_client(online)
-        field = f"_ts:{view.name}"
+        field = f"_ts:{view.name}".encode()
         count = 0
-        for keys in _chunks(client.scan_iter(count=10_000), 10_000):
-            pipeline = client.pipeline(transaction=False)
-            for key in keys:
-                pipeline.hexists(key, field)
-            count += sum(pipeline.execute())
+        for keys in _chunks(client.scan_iter(count=10_000), 100_000):
+            count += sum(feast_online.send_commands(client, [feast_online.redis_command(b"HEXISTS", key, field) for key in keys]))
         return count
     return None
 
@@ -263,26 +263,79 @@ def rollback(store, repo: ModuleType) -> str:
     return previous
 
 
-def retire_old_versions(store, repo: ModuleType, keep_online: int) -> list[str]:
+def retire_old_versions(store, keep_online: int, current: str | None, make_view) -> list[str]:
     """Take versions beyond the newest `keep_online` (current always kept) out of the online store.
 
-    Their feature views stay registered with online=False, so offline retrieval by version works as
-    before; only the online rows are dropped."""
-    current = current_version(store, repo)
+    Their feature views stay registered with online=False (re-made by `make_view`), so offline
+    retrieval by version works as before; only the online rows are dropped."""
     online = sorted((v for v in store.list_feature_views(allow_cache=False) if VERSION_TAG in v.tags and v.online),
                     key=lambda v: v.tags[VERSION_TAG], reverse=True)
     others = [v.tags[VERSION_TAG] for v in online if v.tags[VERSION_TAG] != current]
     keep = ({current} if current else set()) | set(others[: keep_online - (1 if current else 0)])
     retired = [v for v in online if v.tags[VERSION_TAG] not in keep]
     if retired:
-        store.apply([repo.version_view(v.tags[VERSION_TAG], online=False) for v in retired])
+        store.apply([make_view(v.tags[VERSION_TAG], online=False) for v in retired])
         # apply() keeps online tables of views it updates; dropping them is the provider's infra update.
         store._get_provider().update_infra(
             project=store.project, tables_to_delete=retired, tables_to_keep=[], entities_to_delete=[], entities_to_keep=[],
             partial=False,
         )
-        log.info("removed from the online store (offline data kept): %s", ", ".join(v.tags[VERSION_TAG] for v in retired))
+        log.info("removed from the %s online store (offline data kept): %s", store.config.online_store.type,
+                 ", ".join(v.tags[VERSION_TAG] for v in retired))
     return [v.tags[VERSION_TAG] for v in retired]
+
+
+def index_vectors(config: PublishConfig, repo: ModuleType, version: str, table: pa.Table, join_key: str) -> None:
+    """Write a version's vectors to the vector-search store (one collection per version), check that
+    each sampled vector finds itself, and keep `keep_online` versions there too."""
+    from feast import FeatureStore
+
+    path = Path(config.feature_repo).absolute() / "vector_search"
+    if not (path / "feature_store.yaml").is_file():
+        raise InputError(f"{path}: no feature_store.yaml for vector search (the project's feature_repo/vector_search has one)")
+    store = FeatureStore(repo_path=str(path))
+    latent = table.column("latent")
+    dim = len(latent[0]) if len(latent) else 0
+    expected = store.config.online_store.embedding_dim
+    if dim != expected:
+        raise InputError(f"{path / 'feature_store.yaml'}: embedding_dim is {expected} but model version {version} has "
+                         f"{dim}-d latents; set embedding_dim: {dim} (one vector-search repo per latent size)")
+    store.apply([repo.item, repo.vector_view(version)])
+    view = store.get_feature_view(repo.vector_view_name(version))
+    started = time.perf_counter()
+    for batch in table.to_batches(max_chunksize=config.write_batch_rows):
+        feast_online.write_batch(store, view, batch, join_key)
+    log.info("indexed %d vectors of %s for search in %.1fs", table.num_rows, version, time.perf_counter() - started)
+    # Each sampled vector's nearest neighbour is itself (distance 0), unless another key has the very same vector.
+    picks = np.random.default_rng(0).choice(table.num_rows, size=min(16, table.num_rows), replace=False)
+    for row in table.take(pa.array(picks)).to_pylist():
+        hits = search_similar(store, view.name, row["latent"], 1, join_key)
+        if not hits or hits[0]["distance"] > 1e-6:
+            raise RuntimeError(f"vector index verification failed: {join_key}={row[join_key]!r} finds {hits[:1]} instead of itself")
+    retire_old_versions(store, config.keep_online, None, repo.vector_view)
+
+
+def search_similar(store, view_name: str, vector, top_k: int, join_key: str = "item_id") -> list[dict]:
+    """The `top_k` nearest entities to `vector` (squared L2) in one version's vector view:
+    [{join_key, distance, model_version}], nearest first.
+
+    Feast 0.67 returns the keys in rank order but the feature columns (distance, model_version) in
+    the order of the sorted keys, and the query itself as every hit's `latent`; the columns are put
+    back in rank order here (only when that is what makes the distances ascending, so a fixed Feast
+    passes through unchanged). Fetch a hit's own vector by its key from the version's online view."""
+    response = store.retrieve_online_documents_v2(
+        features=[f"{view_name}:latent", f"{view_name}:model_version"], query=list(map(float, vector)), top_k=top_k,
+        distance_metric="L2",
+    ).to_dict()
+    keys, distances, versions = response[join_key], response["distance"], response["model_version"]
+    by_key = sorted(range(len(keys)), key=keys.__getitem__)
+    if not _ascending(distances) and _ascending([distances[j] for j in by_key]):
+        distances, versions = [distances[j] for j in by_key], [versions[j] for j in by_key]
+    return [{join_key: key, "distance": distance, "model_version": version} for key, distance, version in zip(keys, distances, versions)]
+
+
+def _ascending(values: list) -> bool:
+    return all(a <= b for a, b in zip(values, values[1:]))
 
 
 def load_repo(feature_repo: Path) -> ModuleType:

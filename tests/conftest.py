@@ -102,7 +102,8 @@ def feature_repo(tmp_path) -> Path:
     """A private copy of the project's Feast repo, so tests never touch feature_repo/data."""
     repo = tmp_path / "feature_repo"
     repo.mkdir()
-    for name in ("feature_store.yaml", "features.py"):
+    for name in ("feature_store.yaml", "features.py", "vector_search/feature_store.yaml"):
+        (repo / name).parent.mkdir(exist_ok=True)
         shutil.copy(REPO / "feature_repo" / name, repo / name)
     return repo
 
