@@ -7,6 +7,8 @@
              writer actors), each into a fresh view and verified by counting the keys in the store
     reads    p50/p99 of `get_online_features` for 1 and 100 entities, in process and through
              `feast serve` (HTTP), and 16 concurrent HTTP clients for `--load-seconds`
+    search   `--vector-rows` vectors indexed in Milvus Lite by publish; recall@10 and p50/p99 of
+             `retrieve_online_documents_v2` vs exact NumPy brute force on the same vectors
 
     python -m benchmarks.publish [--rows 1000000] [--stores sqlite redis]
 """
@@ -35,7 +37,7 @@ from benchmarks.common import http_load, save, timed
 from vae.encode import latent_column
 
 REPO = Path(__file__).resolve().parent.parent
-VERSION, SMALL_VERSION = "20260101T000000Z-bench000", "20260101T000000Z-bench001"
+VERSION, SMALL_VERSION, VECTOR_VERSION = "20260101T000000Z-bench000", "20260101T000000Z-bench001", "20260101T000000Z-bench002"
 
 
 def write_embeddings(directory: Path, rows: int, dim: int, files: int = 4) -> pa.Table:
@@ -97,6 +99,8 @@ def make_repo(work: Path, store_kind: str) -> Path:
         end = text.index("\n", text.index("path: data/online_store.db", start)) + 1
         text = text[:start] + "online_store:\n    type: redis\n    connection_string: ${REDIS_CONNECTION_STRING}\n" + text[end:]
     (repo / "feature_store.yaml").write_text(text)
+    (repo / "vector_search").mkdir()
+    shutil.copy(REPO / "feature_repo" / "vector_search" / "feature_store.yaml", repo / "vector_search")
     return repo
 
 
@@ -169,6 +173,43 @@ def bench_store(work: Path, store_kind: str, table: pa.Table, small_rows: int, w
     return result
 
 
+def bench_vector_search(work: Path, rows: int, dim: int, queries: int) -> dict:
+    """Index `rows` vectors of one version in Milvus Lite through publish, then search: recall@10 and
+    latency of `retrieve_online_documents_v2` vs exact NumPy brute force on the same vectors."""
+    from feast import FeatureStore
+
+    from ray_jobs.publish import PublishConfig, index_vectors, load_repo, search_similar
+
+    repo_dir = make_repo(work, "vectors")
+    yaml_path = repo_dir / "vector_search" / "feature_store.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace("embedding_dim: 16", f"embedding_dim: {dim}"))
+    table = write_embeddings(work / "embeddings" / VECTOR_VERSION, rows, dim, files=1)
+    os.environ["VAE_EMBEDDINGS_PATH"] = str(work / "embeddings")
+    repo = load_repo(repo_dir)
+    config = PublishConfig(embeddings=str(work / "embeddings"), feature_repo=str(repo_dir))
+    seconds, _ = timed(lambda: index_vectors(config, repo, VECTOR_VERSION, table, "item_id"))
+    store = FeatureStore(repo_path=str(repo_dir / "vector_search"))
+    view = repo.vector_view_name(VECTOR_VERSION)
+
+    keys = table.column("item_id").to_numpy()
+    vectors = np.asarray(table.column("latent").combine_chunks().values.to_numpy()).reshape(rows, dim)
+    query_vectors = np.random.default_rng(1).standard_normal((queries, dim)).astype(np.float32)
+    recalls, search_ms, exact_ms = [], [], []
+    search_similar(store, view, query_vectors[0], 10)  # warm-up: connects and loads the collection
+    for query in query_vectors:
+        started = time.perf_counter()
+        hits = search_similar(store, view, query, 10)
+        search_ms.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        exact = keys[np.argpartition(((vectors - query) ** 2).sum(axis=1), 10)[:10]]
+        exact_ms.append((time.perf_counter() - started) * 1000)
+        recalls.append(len(set(exact.tolist()) & {h["item_id"] for h in hits}) / 10)
+    result = {"rows": rows, "dim": dim, "queries": queries, "index_rows_per_s": round(rows / seconds),
+              "recall_at_10": round(float(np.mean(recalls)), 4), "search": percentiles(search_ms), "numpy_brute_force": percentiles(exact_ms)}
+    print(f"  vector search: {json.dumps(result)}", flush=True)
+    return result
+
+
 def bench_http(repo_dir: Path, view: str, load_seconds: float) -> dict:
     port = free_port()
     feast = shutil.which("feast", path=str(Path(sys.executable).parent)) or "feast"
@@ -197,9 +238,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--materialize-rows", type=int, default=100_000)
-    parser.add_argument("--stores", nargs="+", default=["sqlite", "redis"])
+    parser.add_argument("--stores", nargs="*", default=["sqlite", "redis"])
     parser.add_argument("--writers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--load-seconds", type=float, default=30)
+    parser.add_argument("--vector-rows", type=int, default=100_000, help="vectors indexed for the search figures (0: skip)")
+    parser.add_argument("--vector-dim", type=int, default=16, help="latent size for the search figures (the train default)")
     args = parser.parse_args()
 
     import ray
@@ -217,6 +260,8 @@ def main() -> None:
                 print("redis-server not installed; skipping Redis (make test installs it)")
                 continue
             results["stores"].append(bench_store(work, store_kind, table, args.materialize_rows, args.writers, args.load_seconds))
+        if args.vector_rows:
+            results["vector_search"] = bench_vector_search(work, args.vector_rows, args.vector_dim, queries=200)
         ray.shutdown()
         save("publish", results)
     finally:

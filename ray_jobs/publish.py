@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import logging
 import os
 import re
@@ -335,7 +336,7 @@ def search_similar(store, view_name: str, vector, top_k: int, join_key: str = "i
 
 
 def _ascending(values: list) -> bool:
-    return all(a <= b for a, b in zip(values, values[1:]))
+    return all(a <= b for a, b in itertools.pairwise(values))
 
 
 def load_repo(feature_repo: Path) -> ModuleType:
