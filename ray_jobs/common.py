@@ -36,9 +36,10 @@ def parse_config(config_class: type[ConfigT], argv: list[str] | None, prog: str)
     parser.add_argument("--config", metavar="YAML", help="YAML file with any of the options below")
     for name, field in config_class.model_fields.items():
         default = "required" if field.is_required() else f"default: {field.default!r}"
+        switch = field.annotation is bool  # `--rollback` alone means true; `--rollback false` still works
         parser.add_argument(
             "--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, metavar="VALUE",
-            help=f"{field.description or ''} ({default})",
+            nargs="?" if switch else None, const="true" if switch else None, help=f"{field.description or ''} ({default})",
         )
     args = vars(parser.parse_args(argv))
     values: dict = {}

@@ -29,3 +29,11 @@ def _write(tmp_path, text: str) -> str:
     path = tmp_path / "c.yaml"
     path.write_text(text)
     return str(path)
+
+
+def test_boolean_options_are_switches():
+    from ray_jobs.publish import PublishConfig
+
+    assert parse_config(PublishConfig, ["--rollback"], "vaectl publish").rollback is True
+    config = parse_config(PublishConfig, ["--vector-search", "--switch-current", "false", "--keep-online", "3"], "vaectl publish")
+    assert config.vector_search is True and config.switch_current is False and config.keep_online == 3
