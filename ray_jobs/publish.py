@@ -239,6 +239,17 @@ def current_version(store, repo: ModuleType) -> str | None:
         return None
 
 
+def current_features(store, service_name: str = "item_embeddings_current") -> list[str]:
+    """The feature references ("view:feature") of the version 'current' points at, read from one
+    registry snapshot. Pass these to get_online_features / get_historical_features, not the
+    FeatureService object: Feast 0.67 reads a service twice per request (the object passed in, and
+    again from the registry) and raises FeatureViewNotFoundException when a publish or rollback
+    switches 'current' in between. References name one version's view, which stays in the registry."""
+    service = store.get_feature_service(service_name)
+    return [f"{projection.name_to_use()}:{feature.name}"
+            for projection in service.feature_view_projections for feature in projection.features]
+
+
 def switch_current(store, repo: ModuleType, version: str) -> None:
     """Point 'current' at an online version. One registry write: a reader resolves the service once
     per request, so it gets all of its vectors from one version, before or after the switch."""

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import T3
 
-from ray_jobs.publish import PublishConfig, fetch_online, load_repo, publish
+from ray_jobs.publish import PublishConfig, current_features, fetch_online, load_repo, publish
 from vae import InputError
 
 
@@ -24,7 +24,8 @@ def config(versions, feature_repo, **options) -> PublishConfig:
 
 
 def read_current(store, repo, keys) -> list[dict]:
-    response = store.get_online_features(features=store.get_feature_service(repo.CURRENT_SERVICE), entity_rows=[{"item_id": k} for k in keys])
+    """What a consumer that follows "current" does (README): the service resolved to references once per request."""
+    response = store.get_online_features(features=current_features(store, repo.CURRENT_SERVICE), entity_rows=[{"item_id": k} for k in keys])
     columns = response.to_dict()
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
@@ -50,11 +51,16 @@ def test_pinned_versions_current_alias_and_rollback(versions, feature_repo):
     still = fetch_online(store, repo.version_view_name(v1), [5], "item_id")[0]  # v1 stays pinned and online
     assert still["model_version"] == v1 and still["latent"] is not None
 
+    resolved_before_rollback = current_features(store, repo.CURRENT_SERVICE)
     rolled = publish(config(versions, feature_repo, rollback=True))
     assert rolled["model_version"] == v1 and rolled["rows"] == 0  # a switch only: nothing re-encoded or re-written
     current = read_current(store, repo, range(50))
     assert {row["model_version"] for row in current} == {v1}
     np.testing.assert_array_equal(np.asarray(current[7]["latent"], np.float32), np.asarray(expected.loc[7, "latent"], np.float32))
+    # a request resolved before the switch is served whole from the version it resolved (Feast's own
+    # features=FeatureService path raises FeatureViewNotFoundException when a switch lands mid-request)
+    stale = store.get_online_features(features=resolved_before_rollback, entity_rows=[{"item_id": 3}]).to_dict()
+    assert stale["model_version"] == [v2] and stale["latent"][0] is not None
     assert publish(config(versions, feature_repo, rollback=True))["model_version"] == v2  # and forward again
 
 
@@ -143,7 +149,7 @@ def test_point_in_time_retrieval_around_a_switch(versions, feature_repo):
     # pinned v1 offline: v1 from T1 on, whatever is current
     assert versions_at([f"{repo.version_view_name(v1)}:model_version"]) == [None, v1, v1]
     # the current service (v2) offline: only from T2 on
-    assert versions_at(store.get_feature_service(repo.CURRENT_SERVICE)) == [None, None, v2]
+    assert versions_at(current_features(store, repo.CURRENT_SERVICE)) == [None, None, v2]
     frame = store.get_historical_features(entity_df=entity_df.iloc[[2]], features=["item_embeddings:latent"]).to_df()
     np.testing.assert_array_equal(np.asarray(frame["latent"].iloc[0], np.float32),
                                   np.asarray(parquet_rows(versions, v2).loc[11, "latent"], np.float32))

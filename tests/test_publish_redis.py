@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ray_jobs.publish import PublishConfig, fetch_online, load_repo, publish
+from ray_jobs.publish import PublishConfig, current_features, fetch_online, load_repo, publish
 from vae import InputError
 
 
@@ -28,7 +28,7 @@ def test_publish_to_redis_with_password_ttl_and_retirement(versions, redis_repo)
     for row in fetched:
         assert row["model_version"] == v3
         np.testing.assert_array_equal(np.asarray(row["latent"], np.float32), np.asarray(expected.loc[row["item_id"], "latent"], np.float32))
-    current = store.get_online_features(features=store.get_feature_service(repo.CURRENT_SERVICE), entity_rows=[{"item_id": 1}]).to_dict()
+    current = store.get_online_features(features=current_features(store, repo.CURRENT_SERVICE), entity_rows=[{"item_id": 1}]).to_dict()
     assert current["model_version"] == [v3]
 
     client = redis.Redis(host="127.0.0.1", port=port, password=password)
