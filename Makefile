@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The local CPU wheel; on a GPU machine set TORCH_SPEC to the CUDA build you want.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench lint clean redis-server
+.PHONY: setup demo test bench lint clean redis-server chromium
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/vaectl demo
 
-test: setup redis-server
+test: setup redis-server chromium
 	$(BIN)/python -m pytest -q
 
 # The Redis tests start their own redis-server on 127.0.0.1; install it when the machine lacks it.
@@ -29,10 +29,17 @@ redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
+# The monitoring report test renders the HTML report in headless Chromium.
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
 bench: setup redis-server
 	$(BIN)/python -m benchmarks.embed
 	$(BIN)/python -m benchmarks.publish
 	$(BIN)/python -m benchmarks.train
+	$(BIN)/python -m benchmarks.anomaly
+	$(BIN)/python -m benchmarks.drift
 
 lint: setup
 	$(BIN)/ruff check vae ray_jobs tests benchmarks feature_repo

@@ -51,6 +51,7 @@ def write_embeddings(directory: Path, rows: int, dim: int, files: int = 4) -> pa
             "item_id": pa.array(np.arange(i * per_file, (i + 1) * per_file), pa.int64()),
             "latent": latent_column(rng.standard_normal((per_file, dim), dtype=np.float32)),
             "anomaly_score": pa.array(rng.random(per_file, dtype=np.float32)),
+            "is_anomaly": pa.array(rng.random(per_file) < 0.01),
             "model_version": pa.array([directory.name] * per_file, pa.string()),
             "event_timestamp": pa.array([datetime(2026, 1, 1, tzinfo=UTC)] * per_file, pa.timestamp("us", tz="UTC")),
         })

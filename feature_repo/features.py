@@ -7,7 +7,7 @@ from pathlib import Path
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.data_format import ParquetFormat
-from feast.types import Array, Float32, Int64, String
+from feast.types import Array, Bool, Float32, Int64, String
 
 # Where the embed job writes: <root>/<model_version>/part-*.parquet. DuckDB resolves relative paths
 # against the working directory, so the path is made absolute here.
@@ -22,6 +22,7 @@ EMBEDDING_FIELDS = [
     Field(name="latent", dtype=Array(Float32), description="VAE posterior mean"),
     Field(name="anomaly_score", dtype=Float32, description="negative ELBO in nats; higher = more unusual"),
     Field(name="model_version", dtype=String, description="model version that produced the vector"),
+    Field(name="is_anomaly", dtype=Bool, description="anomaly_score above the model version's calibrated threshold"),
 ]
 
 # History across versions (offline only): every committed version's embeddings, so a point-in-time

@@ -11,6 +11,7 @@ JOBS = {
     "train": ("ray_jobs.train", "train a VAE with Ray Train and save a model version"),
     "embed": ("ray_jobs.embed", "encode a Parquet dataset with a model version (Ray Data)"),
     "publish": ("ray_jobs.publish", "register the Feast definitions and write embeddings online"),
+    "monitor": ("ray_jobs.monitor", "drift, version movement, anomaly rate and collapse of a batch's latents; HTML report"),
     "demo": ("ray_jobs.demo", "run train, embed and publish end to end on scikit-learn's digits"),
 }
 

@@ -31,6 +31,8 @@ class DemoConfig(JobConfig):
     epochs: int = Field(30, gt=0, description="training epochs")
     batch_size: int = Field(32, gt=0, description="examples per step on each worker (1797 rows: keep it small)")
     latent_dim: int = Field(16, gt=0, description="size of the latent vector")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam peak learning rate")
+    kl_warmup_epochs: float = Field(5.0, ge=0, description="epochs over which the KL weight rises to 1 (few epochs: lower it)")
     num_workers: int = Field(2, gt=0, description="data-parallel training workers")
 
 
@@ -68,6 +70,7 @@ def demo(config: DemoConfig) -> dict:
         version = train(TrainConfig(
             data=str(data), vector_column="pixels", image_shape=[1, 8, 8], model_root=str(model_root),
             epochs=config.epochs, batch_size=config.batch_size, latent_dim=config.latent_dim,
+            learning_rate=config.learning_rate, kl_warmup_epochs=config.kl_warmup_epochs,
             num_workers=config.num_workers, storage_path=str(work_dir / "ray_results"),
         ))
         timings["train"] = time.perf_counter() - stage
@@ -77,7 +80,8 @@ def demo(config: DemoConfig) -> dict:
         timings["embed"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
-    published = publish(PublishConfig(embeddings=str(embeddings), model_version=version, feature_repo=config.feature_repo))
+    published = publish(PublishConfig(embeddings=str(embeddings), model_version=version, feature_repo=config.feature_repo,
+                                      model_root=str(model_root), monitoring=str(work_dir / "monitoring")))
     timings["publish"] = time.perf_counter() - stage
     timings["total"] = time.perf_counter() - started
 
@@ -86,11 +90,12 @@ def demo(config: DemoConfig) -> dict:
     print(f"  model version  {model_root / version}")
     print(f"  embeddings     {output}  ({published['rows']} rows)")
     print(f"  feature store  {Path(config.feature_repo).absolute()}  (view {published['view']}, service item_embeddings_current)")
+    print(f"  monitoring     {published['gate']['report']}  (gate {'passed' if published['gate']['passed'] else 'failed'})")
     print("  stage timings  " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items()))
     print("  online sample:")
     for entity in published["sample"]:
         print(f"    item_id={entity['item_id']} latent[:4]={np.round(entity['latent'][:4], 3).tolist()} "
-              f"anomaly_score={entity['anomaly_score']:.2f} model_version={entity['model_version']}")
+              f"anomaly_score={entity['anomaly_score']:.2f} is_anomaly={entity['is_anomaly']} model_version={entity['model_version']}")
     return {"model_version": version, "embeddings": str(output), "timings": timings, "sample": published["sample"]}
 
 

@@ -9,8 +9,9 @@
                     run into <output>/<model_version>/
 
 Output rows (the embeddings contract): the entity key, `latent` (float32 list, posterior mean),
-`anomaly_score` (float32, negative ELBO at the posterior mean), `model_version`,
-`event_timestamp` (UTC).
+`anomaly_score` (float32, negative ELBO at the posterior mean), `is_anomaly` (score above the
+version's threshold, calibrated on its validation split; null for versions without one),
+`model_version`, `event_timestamp` (UTC).
 
 Exactly once: the staging directory <output>/.staging/<run id>/ is named by a hash of the input
 listing, the model version and the settings that change the output, and each unit's file name
@@ -42,7 +43,7 @@ from pydantic import Field
 
 from ray_jobs.common import JobConfig, find_input_error, parse_config, ray_session, run_cli
 from vae import InputError, encode_matrix, load_model_version
-from vae.artifacts import code_version
+from vae.artifacts import ModelVersion, anomaly_threshold, code_version
 from vae.encode import latent_column
 from vae.preprocessing import FeatureSchema, check_arrow_schema, features_to_numpy, split_bad_rows
 from vae.storage import describe_storage_error, filesystem, is_local, storage_errors, url_of, write_bytes_atomically
@@ -68,6 +69,10 @@ class EmbedConfig(JobConfig):
     )
     on_bad_rows: Literal["fail", "quarantine"] = Field(
         "fail", description="a row that cannot be encoded stops the job (fail) or goes to <output>/<version>/_quarantine/ (quarantine)"
+    )
+    anomaly_quantile: float | None = Field(
+        None, gt=0, lt=1, description="is_anomaly = score above this quantile of the version's validation scores "
+        "(default: the threshold chosen at training, anomaly_quantile there)"
     )
     batch_size: int = Field(8192, gt=0, description="rows per encoder call")
     rows_per_file: int = Field(262_144, gt=0, description="rows per output file: the unit of work and of resuming")
@@ -129,9 +134,14 @@ def embed(config: EmbedConfig) -> EmbedResult:
     if event_time.tzinfo is None:
         raise InputError(f"event_time {event_time.isoformat()} has no time zone; write it in UTC, e.g. 2026-11-23T00:00:00Z")
 
+    threshold = anomaly_threshold(model_version, config.anomaly_quantile)
+    if threshold is None:
+        log.warning("model version %s has no calibrated anomaly threshold (saved before calibration): is_anomaly is null",
+                    model_version.version)
+
     input_fs, input_root = filesystem(config.data)
     units, listing, key_type = plan_units(input_fs, input_root, config, features)
-    run_id = _run_id(config, model_version.version, event_time, listing)
+    run_id = _run_id(config, model_version.version, event_time, listing, threshold)
     output_fs, output_root = filesystem(config.output)
     staging = f"{output_root}/{STAGING_DIR}/{run_id}"
     with storage_errors(config.output):
@@ -150,7 +160,7 @@ def embed(config: EmbedConfig) -> EmbedResult:
     if pending:
         try:
             with ray_session():
-                summaries = _encode_units(config, model_version.version, event_time, key_type, pending, staging)
+                summaries = _encode_units(config, model_version.version, event_time, key_type, pending, staging, threshold)
         except Exception as error:
             # Bad input must change before a run can succeed, so its staged files are of no use.
             # Any other failure (a lost node, a killed driver) keeps them for the re-run to resume.
@@ -158,7 +168,7 @@ def embed(config: EmbedConfig) -> EmbedResult:
                 with storage_errors(config.output):
                     output_fs.rm(staging, recursive=True)
             raise
-    result = _commit(config, output_fs, output_root, staging, model_version.version, units, listing, summaries, started)
+    result = _commit(config, output_fs, output_root, staging, model_version, threshold, units, listing, summaries, started)
     log.info(
         "embedded %s rows with model %s: %s quarantined, %s rows/s end to end -> %s",
         f"{result.embedded_rows:,}", result.model_version, f"{result.quarantined_rows:,}", f"{result.rows_per_second:,.0f}", result.output,
@@ -254,10 +264,11 @@ def _check_timestamp_column(schema: pa.Schema, column: str, source: str) -> None
         raise InputError(f"{source}: timestamp column '{column}' is {column_type}; it must be a timestamp or a date")
 
 
-def _run_id(config: EmbedConfig, version: str, event_time: datetime, listing: list[dict]) -> str:
+def _run_id(config: EmbedConfig, version: str, event_time: datetime, listing: list[dict], threshold: float | None) -> str:
     """Same input files, model version and output-shaping settings -> same run, so a re-run resumes."""
     identity = {
         "model_version": version, "data": config.data, "listing": listing, "event_time": event_time.isoformat(),
+        "anomaly_threshold": threshold,
         "timestamp_column": config.timestamp_column, "on_bad_rows": config.on_bad_rows,
         "batch_size": config.batch_size, "rows_per_file": config.rows_per_file,
     }
@@ -274,8 +285,9 @@ def _finished_units(fs, staging: str) -> set[str]:
 class UnitEncoder:
     """A Ray Data actor: loads the model version once, then encodes one work unit per call."""
 
-    def __init__(self, config: dict, version: str, event_time: datetime, key_type: str, staging: str):
+    def __init__(self, config: dict, version: str, event_time: datetime, key_type: str, staging: str, threshold: float | None):
         self.config = EmbedConfig(**config)
+        self.threshold = threshold
         resources = ray.get_runtime_context().get_assigned_resources()
         # One torch thread per reserved CPU, so actors sharing a node do not oversubscribe it.
         torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
@@ -358,6 +370,7 @@ class UnitEncoder:
             key_column: batch.column(key_column).cast(self.key_type),
             "latent": latent_column(posterior_mean),
             "anomaly_score": pa.array(anomaly_score.astype(np.float32, copy=False)),
+            "is_anomaly": pa.array(anomaly_score > self.threshold) if self.threshold is not None else pa.nulls(rows, pa.bool_()),
             "model_version": pa.DictionaryArray.from_arrays(np.zeros(rows, np.int32), [self.model_version.version]).cast(pa.string()),
             "event_timestamp": event_timestamp,
         }, schema=schema)
@@ -386,7 +399,7 @@ def _naming_the_file(url: str):
 
 def embeddings_schema(key_column: str, key_type: pa.DataType) -> pa.Schema:
     return pa.schema([
-        (key_column, key_type), ("latent", pa.list_(pa.float32())), ("anomaly_score", pa.float32()),
+        (key_column, key_type), ("latent", pa.list_(pa.float32())), ("anomaly_score", pa.float32()), ("is_anomaly", pa.bool_()),
         ("model_version", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
     ])
 
@@ -406,7 +419,8 @@ def _to_utc_timestamps(column: pa.Array | pa.ChunkedArray, name: str) -> pa.Arra
         raise InputError(f"timestamp column '{name}' has values that are not timestamps ({_first_line(error)})") from None
 
 
-def _encode_units(config: EmbedConfig, version: str, event_time: datetime, key_type: str, units: list[WorkUnit], staging: str) -> list[dict]:
+def _encode_units(config: EmbedConfig, version: str, event_time: datetime, key_type: str, units: list[WorkUnit], staging: str,
+                  threshold: float | None) -> list[dict]:
     """Encode the units on a pool of actors; returns one summary per unit."""
     cluster = ray.cluster_resources()
     gpus = config.gpus_per_encoder if config.gpus_per_encoder is not None else (1.0 if cluster.get("GPU", 0) >= 1 else 0.0)
@@ -425,7 +439,7 @@ def _encode_units(config: EmbedConfig, version: str, event_time: datetime, key_t
     results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         UnitEncoder,
         fn_constructor_kwargs={"config": config.model_dump(), "version": version, "event_time": event_time, "key_type": key_type,
-                              "staging": staging},
+                              "staging": staging, "threshold": threshold},
         batch_size=1, batch_format="numpy", compute=compute, num_cpus=config.cpus_per_encoder, num_gpus=gpus,
     )
     summaries: list[dict] = []
@@ -439,9 +453,10 @@ def _encode_units(config: EmbedConfig, version: str, event_time: datetime, key_t
     return summaries
 
 
-def _commit(config: EmbedConfig, fs, output_root: str, staging: str, version: str, units: list[WorkUnit], listing: list[dict],
-            summaries: list[dict], started: float) -> EmbedResult:
+def _commit(config: EmbedConfig, fs, output_root: str, staging: str, model_version: ModelVersion, threshold: float | None,
+            units: list[WorkUnit], listing: list[dict], summaries: list[dict], started: float) -> EmbedResult:
     """Reconcile the staged files with the plan, write the manifest, and move the run into place."""
+    version = model_version.version
     with storage_errors(config.output):
         names = [u.output_name for u in units]
         quarantine_dir = f"{staging}/{QUARANTINE_DIR}"
@@ -469,7 +484,8 @@ def _commit(config: EmbedConfig, fs, output_root: str, staging: str, version: st
         startup_seconds=max(0.0, first_start - started), encode_seconds=last_finish - first_start,
     )
     manifest = {
-        "format": "vae-embeddings/1", "model_version": version, "data": config.data, "input_files": listing,
+        "format": "vae-embeddings/1", "model_version": version, "model_path": model_version.path, "anomaly_threshold": threshold,
+        "data": config.data, "input_files": listing,
         "input_rows": input_rows, "embedded_rows": embedded, "quarantined_rows": quarantined,
         "files": files, "quarantine_files": quarantine_files, "on_bad_rows": config.on_bad_rows,
         "run_id": staging.rsplit("/", 1)[-1], "committed_at": datetime.now().astimezone().isoformat(), "code_version": code_version(),

@@ -18,7 +18,7 @@ import struct
 import numpy as np
 import pyarrow as pa
 
-FEATURES = ("latent", "anomaly_score", "model_version")
+FEATURES = ("latent", "anomaly_score", "model_version", "is_anomaly")
 
 
 def write_batch(store, view, batch: pa.RecordBatch | pa.Table, join_key: str) -> str:
@@ -40,13 +40,14 @@ def write_batch(store, view, batch: pa.RecordBatch | pa.Table, join_key: str) ->
                               batch, join_key, config.entity_key_serialization_version, online.key_ttl_seconds)
     if written is not None:
         return online.type
-    provider.online_write_batch(config, view, feast_rows(batch, join_key), progress=None)
+    provider.online_write_batch(config, view, feast_rows(batch, join_key, {field.name for field in view.features}), progress=None)
     return "feast"
 
 
-def feast_rows(batch: pa.RecordBatch | pa.Table, join_key: str) -> list[tuple]:
+def feast_rows(batch: pa.RecordBatch | pa.Table, join_key: str, features: set[str] | None = None) -> list[tuple]:
     """Embedding rows as Feast's `online_write_batch` takes them: (entity key, {feature: Value},
-    event time, created time), the protos built column-wise. The path for stores not covered here."""
+    event time, created time), the protos built column-wise; only the view's `features` when given
+    (the vector-search view serves fewer). The path for stores not covered here."""
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import FloatList, Value
 
@@ -59,16 +60,19 @@ def feast_rows(batch: pa.RecordBatch | pa.Table, join_key: str) -> list[tuple]:
     scores = batch.column("anomaly_score").to_pylist()
     versions = {name: Value(string_val=name) for name in set(batch.column("model_version").to_pylist())}
     version_of = batch.column("model_version").to_pylist()
+    flags = {True: Value(bool_val=True), False: Value(bool_val=False), None: Value()}  # None: a version without thresholds
+    flag_of = batch.column("is_anomaly").to_pylist()
     times = batch.column("event_timestamp").to_pylist()
     rows = []
     for i, key in enumerate(keys):
         entity = EntityKey(join_keys=[join_key], entity_values=[Value(**{key_field: key})])
-        features = {
+        values_of = {
             "latent": Value(float_list_val=FloatList(val=values[offsets[i]:offsets[i + 1]].tolist())),
             "anomaly_score": Value(float_val=scores[i]),
             "model_version": versions[version_of[i]],
+            "is_anomaly": flags[flag_of[i]],
         }
-        rows.append((entity, features, times[i], None))
+        rows.append((entity, {k: v for k, v in values_of.items() if features is None or k in features}, times[i], None))
     return rows
 
 
@@ -149,17 +153,18 @@ def _per_row(column: pa.Array, make) -> list:
     return [made[i] for i in encoded.indices.to_numpy(zero_copy_only=False)]
 
 
-def _encode(batch: pa.RecordBatch | pa.Table, join_key: str, serialization_version: int) -> tuple[list, list, list, list] | None:
-    """(entity keys, latent, anomaly_score, model_version) as Feast's bytes per row; None when the
-    batch is not one fixed layout (ragged or null vectors, null scores or versions)."""
+def _encode(batch: pa.RecordBatch | pa.Table, join_key: str, serialization_version: int) -> tuple[list, ...] | None:
+    """(entity keys, latent, anomaly_score, model_version, is_anomaly) as Feast's bytes per row; None
+    when the batch is not one fixed layout (ragged or null vectors, any null value)."""
     from feast.protos.feast.types.Value_pb2 import Value
 
     latent = float_list_values(batch.column("latent"))
-    if latent is None or batch.column("anomaly_score").null_count or batch.column("model_version").null_count:
+    if latent is None or any(batch.column(name).null_count for name in ("anomaly_score", "model_version", "is_anomaly")):
         return None
     keys = entity_keys(batch.column(join_key), join_key, serialization_version)
     versions = _per_row(batch.column("model_version"), lambda v: Value(string_val=v).SerializeToString())
-    return keys, latent, float_values(batch.column("anomaly_score")), versions
+    flags = _per_row(batch.column("is_anomaly"), lambda v: Value(bool_val=v).SerializeToString())
+    return keys, latent, float_values(batch.column("anomaly_score")), versions, flags
 
 
 def sqlite_key_order(keys: pa.Array) -> np.ndarray | None:
@@ -181,17 +186,19 @@ def write_sqlite(connection: sqlite3.Connection, table_name: str, batch: pa.Reco
     encoded = _encode(batch, join_key, serialization_version)
     if encoded is None:
         return None
-    keys, latent, score_bytes, version_bytes = encoded
+    keys, latent, score_bytes, version_bytes, flag_bytes = encoded
     # value_text is str() of the float32 read back as a Python float, as Feast's extract_text_and_num.
     scores = batch.column("anomaly_score").to_numpy(zero_copy_only=False).astype(np.float32).astype(np.float64)
     score_text = [str(v) for v in scores.tolist()]
     version_text = _per_row(batch.column("model_version"), str)
+    flag_text = _per_row(batch.column("is_anomaly"), str)  # "True" / "False", as Feast's extract_text_and_num
     event_ts = _per_row(batch.column("event_timestamp"), to_naive_utc)
     rows = (
         row
         for i in range(len(keys))
         for row in (
             (keys[i], "anomaly_score", score_bytes[i], score_text[i], event_ts[i], None),
+            (keys[i], "is_anomaly", flag_bytes[i], flag_text[i], event_ts[i], None),
             (keys[i], "latent", latent[i], None, event_ts[i], None),
             (keys[i], "model_version", version_bytes[i], version_text[i], event_ts[i], None),
         )
@@ -234,7 +241,7 @@ def write_redis(client, project: str, view_name: str, batch: pa.RecordBatch | pa
     encoded = _encode(batch, join_key, serialization_version)
     if encoded is None:
         return None
-    entity_key_bytes, latent, scores, versions = encoded
+    entity_key_bytes, latent, scores, versions, flags = encoded
     suffix = project.encode()
     keys = [key + suffix for key in entity_key_bytes]
     stamps = _per_row(batch.column("event_timestamp"), _timestamp_bytes)
@@ -251,7 +258,8 @@ def write_redis(client, project: str, view_name: str, batch: pa.RecordBatch | pa
         if seen and new <= seen:
             continue
         newest[key] = new
-        commands.append(redis_command(b"HSET", key, ts_field, stamps[i], fields[0], latent[i], fields[1], scores[i], fields[2], versions[i]))
+        commands.append(redis_command(b"HSET", key, ts_field, stamps[i], fields[0], latent[i], fields[1], scores[i],
+                                      fields[2], versions[i], fields[3], flags[i]))
         if key_ttl_seconds:
             commands.append(redis_command(b"EXPIRE", key, str(key_ttl_seconds).encode()))
     send_commands(client, commands)

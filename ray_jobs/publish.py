@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
@@ -30,16 +31,19 @@ import pyarrow.dataset as pads
 from pydantic import Field
 
 from ray_jobs import feast_online
-from ray_jobs.common import JobConfig, parquet_schema, parse_config, run_cli
+from ray_jobs.common import parquet_schema, parse_config, run_cli
+from ray_jobs.monitor import GateThresholds, evaluate, find_model_version, read_embeddings
 from vae import InputError
+from vae.monitor_report import write_monitoring_report
 
 log = logging.getLogger("ray_jobs.publish")
 
-EMBEDDING_COLUMNS = ("latent", "anomaly_score", "model_version", "event_timestamp")
+EMBEDDING_COLUMNS = ("latent", "anomaly_score", "is_anomaly", "model_version", "event_timestamp")
 VERSION_TAG = "vae_model_version"
+PUBLISHED_TAG = "vae_published_at"
 
 
-class PublishConfig(JobConfig):
+class PublishConfig(GateThresholds):
     """Register the Feast definitions, write a model version's embeddings online, switch "current"."""
 
     embeddings: str = Field("feature_repo/data/embeddings", description="embeddings root written by the embed job")
@@ -56,6 +60,12 @@ class PublishConfig(JobConfig):
     verify_rows: int = Field(256, ge=0, description="rows read back through Feast and compared after writing")
     vector_search: bool = Field(False, description="also index the version for similarity search (Milvus Lite, <feature_repo>/vector_search)")
     show: int = Field(3, ge=0, description="entities to fetch and print at the end")
+    # the gate before switching "current" (thresholds: min_active_share, drift_alpha, min_linear_cka, min_knn_overlap)
+    force: bool = Field(False, description="switch 'current' even when a monitoring check fails (the report is still written)")
+    model_root: str = Field("models", description="where the model version lives, if not at the path in the embeddings manifest")
+    monitoring: str | None = Field(None, description="the gate's reports go to <monitoring>/<version>-<time>/ "
+                                   "(default: <feature_repo>/data/monitoring)")
+    gate_sample_rows: int = Field(5000, ge=100, description="rows per side the gate's drift and movement checks use")
 
 
 def publish(config: PublishConfig) -> dict:
@@ -85,6 +95,7 @@ def _publish(config: PublishConfig) -> dict:
     version_dir = _version_directory(Path(config.embeddings), config.model_version)
     version = version_dir.name
     view = repo.version_view(version)
+    view.tags[PUBLISHED_TAG] = datetime.now(UTC).isoformat()  # keep_online keeps the most recently published
     join_key = view.entity_columns[0].name  # the entity's join key, known from the view's schema
     schema = parquet_schema(str(version_dir))
     missing = [c for c in (join_key, *EMBEDDING_COLUMNS) if c not in schema.names]
@@ -93,6 +104,9 @@ def _publish(config: PublishConfig) -> dict:
             f"{version_dir}: missing column(s) {', '.join(missing)}; the feature views join on "
             f"'{join_key}' (edit {config.feature_repo}/features.py if your key column is named differently)"
         )
+    gate = None
+    if config.switch_current:
+        gate = check_gate(config, store, repo, version, version_dir)  # before any write: a refusal leaves everything as it was
     store.apply([*definitions(repo), view])
 
     table = pads.dataset(version_dir, format="parquet").to_table(columns=[join_key, *EMBEDDING_COLUMNS])
@@ -110,10 +124,39 @@ def _publish(config: PublishConfig) -> dict:
     sample = fetch_online(store, view.name, table.column(join_key).to_pylist()[: config.show], join_key)
     for entity in sample:
         latent = ", ".join(f"{v:+.3f}" for v in entity["latent"][:4])
-        log.info("online %s=%s: latent [%s, ...] anomaly_score %.2f model_version %s",
-                 join_key, entity[join_key], latent, entity["anomaly_score"], entity["model_version"])
+        log.info("online %s=%s: latent [%s, ...] anomaly_score %.2f is_anomaly %s model_version %s",
+                 join_key, entity[join_key], latent, entity["anomaly_score"], entity["is_anomaly"], entity["model_version"])
     return {"model_version": version, "view": view.name, "rows": rows, "writers": writers, "write_seconds": write_seconds,
-            "sample": sample, "retired": retired}
+            "sample": sample, "retired": retired, "gate": gate}
+
+
+def check_gate(config: PublishConfig, store, repo: ModuleType, version: str, version_dir: Path) -> dict:
+    """Collapse, drift (against the version's validation reference) and movement (against the
+    current version, on the entities both embedded): refuse the switch when a check fails, unless forced."""
+    new = read_embeddings(str(version_dir), config.gate_sample_rows)
+    try:
+        model = find_model_version(str(version_dir), config.model_root, version)
+    except InputError as error:
+        raise InputError(f"the publish gate needs model version {version}'s metadata: {error}; set model_root") from None
+    current = current_version(store, repo)
+    baseline = None
+    if current and current != version and (Path(config.embeddings) / current).is_dir():
+        baseline = read_embeddings(str(Path(config.embeddings) / current), config.gate_sample_rows)
+        if len(np.intersect1d(new.keys, baseline.keys)) < 12:
+            log.info("gate: %s and current %s share no sampled entities; movement not checked", version, current)
+            baseline = None
+    report, arrays = evaluate(new, model, config, baseline=baseline)
+    root = Path(config.monitoring) if config.monitoring else Path(config.feature_repo) / "data" / "monitoring"
+    directory = root / f"{version}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    _, html_path = write_monitoring_report(directory, report, **arrays)
+    if report["passed"]:
+        log.info("gate passed (%s); report %s", ", ".join(c["name"] for c in report["checks"]), html_path)
+    elif config.force:
+        log.warning("gate failed, switching anyway (force): %s; report %s", "; ".join(report["failures"]), html_path)
+    else:
+        raise InputError(f"refusing to make {version} current: {'; '.join(report['failures'])}. Nothing was written; "
+                         f"report: {html_path}. Publish with --force to switch anyway, or --switch-current false to only pin it")
+    return {"passed": report["passed"], "failures": report["failures"], "report": str(html_path)}
 
 
 def write_online(store, config: PublishConfig, view_name: str, version_dir: Path, table: pa.Table, join_key: str) -> tuple[int, int]:
@@ -278,12 +321,12 @@ def rollback(store, repo: ModuleType) -> str:
 
 
 def retire_old_versions(store, keep_online: int, current: str | None, make_view) -> list[str]:
-    """Take versions beyond the newest `keep_online` (current always kept) out of the online store.
+    """Take versions beyond the `keep_online` most recently published (current always kept) out of the online store.
 
     Their feature views stay registered with online=False (re-made by `make_view`), so offline
     retrieval by version works as before; only the online rows are dropped."""
     online = sorted((v for v in store.list_feature_views(allow_cache=False) if VERSION_TAG in v.tags and v.online),
-                    key=lambda v: v.tags[VERSION_TAG], reverse=True)
+                    key=lambda v: (v.tags.get(PUBLISHED_TAG, ""), v.tags[VERSION_TAG]), reverse=True)
     others = [v.tags[VERSION_TAG] for v in online if v.tags[VERSION_TAG] != current]
     keep = ({current} if current else set()) | set(others[: keep_online - (1 if current else 0)])
     retired = [v for v in online if v.tags[VERSION_TAG] not in keep]
@@ -374,7 +417,7 @@ def definitions(repo: ModuleType) -> list:
 def fetch_online(store, feature_view: str, keys: list, join_key: str) -> list[dict]:
     """Online features for the keys, one dict per entity."""
     response = store.get_online_features(
-        features=[f"{feature_view}:{name}" for name in ("latent", "anomaly_score", "model_version")],
+        features=[f"{feature_view}:{name}" for name in ("latent", "anomaly_score", "is_anomaly", "model_version")],
         entity_rows=[{join_key: key} for key in keys],
     ).to_dict()
     return [dict(zip(response, values)) for values in zip(*response.values())]

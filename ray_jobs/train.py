@@ -34,9 +34,20 @@ from pydantic import Field
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
 from ray_jobs.common import JobConfig, parquet_schema, parse_config, ray_session, run_cli
-from vae import VAE, FeatureSchema, FeatureStats, InputError, ModelConfig, Normalizer, elbo_terms, features_to_numpy
+from vae import (
+    VAE,
+    FeatureSchema,
+    FeatureStats,
+    InputError,
+    ModelConfig,
+    Normalizer,
+    elbo_terms,
+    encode_matrix,
+    features_to_numpy,
+)
 from vae.artifacts import save_model_version
 from vae.diagnostics import active_units, collapse_warning, importance_weighted_nll, posterior_mean_variance
+from vae.monitoring import ANOMALY_QUANTILES, anomaly_thresholds
 from vae.preprocessing import infer_feature_schema, is_validation, key_hash, worker_of
 from vae.report import write_training_report
 from vae.training import STATE_FILE, Schedule, load_best_weights, load_training_state, save_training_state
@@ -96,10 +107,14 @@ class TrainConfig(JobConfig):
     iw_max_rows: int = Field(2048, gt=0, description="validation rows the importance-weighted NLL uses at most")
     min_active_share: float = Field(0.1, ge=0, le=1, description="warn of posterior collapse below this share of active units")
     report_rows: int = Field(2000, ge=0, description="validation rows in the report's PCA plot")
+    # monitoring
+    reference_rows: int = Field(10_000, ge=0, description="validation rows kept with the version: drift reference, anomaly thresholds")
+    anomaly_quantile: float = Field(0.99, gt=0, lt=1, description="is_anomaly: score above this quantile of the validation scores")
 
 
 # Settings that do not change what a run computes: left out of the derived run name.
-_OPERATIONAL = {"run_name", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every", "model_root", "report_rows"}
+_OPERATIONAL = {"run_name", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every", "model_root", "report_rows",
+                "reference_rows", "anomaly_quantile"}
 
 
 def train(config: TrainConfig) -> str:
@@ -203,11 +218,18 @@ def _train_on_ray(config: TrainConfig, features: FeatureSchema, model_config: Mo
     if final["collapse_warning"]:
         log.warning(final["collapse_warning"])
 
+    latents, scores, labels = _validation_reference(config, features, normalizer, model)
+    reference, anomaly = None, None
+    if config.reference_rows and len(scores):
+        reference = {"posterior_mean": latents[: config.reference_rows], "anomaly_score": scores[: config.reference_rows]}
+        thresholds = anomaly_thresholds(reference["anomaly_score"], tuple(sorted({*ANOMALY_QUANTILES, config.anomaly_quantile})))
+        anomaly = {"quantile": config.anomaly_quantile, "threshold": thresholds[str(config.anomaly_quantile)],
+                   "thresholds": thresholds, "validation_rows": len(reference["anomaly_score"])}
     with tempfile.TemporaryDirectory() as report_dir:
-        latents, labels = _validation_latents(config, features, normalizer, model)
         write_training_report(
             report_dir, state["history"], best["val_kl_per_dim"], best["val_posterior_mean_variance"],
-            latents, labels, config.label_column,
+            latents[: config.report_rows] if config.report_rows else None, labels if labels is None else labels[: config.report_rows],
+            config.label_column,
         )
         version = save_model_version(
             config.model_root, model, normalizer, features,
@@ -215,7 +237,7 @@ def _train_on_ray(config: TrainConfig, features: FeatureSchema, model_config: Mo
             metrics={**best, **final, "history": state["history"], "train_seconds": round(time.perf_counter() - started, 2)},
             data={"source": config.data, "rows": stats.count, "validation_rows": validation_rows,
                   "fingerprint": f"{stats.fingerprint:016x}"},
-            report_dir=report_dir,
+            report_dir=report_dir, reference=reference, anomaly=anomaly,
         )
     log.info(
         "model version %s saved under %s: best epoch %d, validation -ELBO %.2f nats/example (reconstruction %.2f, KL %.2f), "
@@ -285,23 +307,23 @@ def _claim_run(storage_path: str, run_name: str, model: ModelConfig, features: F
         f.write(json.dumps(identity, sort_keys=True).encode())
 
 
-def _validation_latents(
+def _validation_reference(
     config: TrainConfig, features: FeatureSchema, normalizer: Normalizer, model: VAE
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Posterior means (and labels) of up to report_rows validation rows, for the report's PCA plot."""
-    if config.report_rows == 0:
-        return None, None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Posterior means, anomaly scores (and labels) of up to max(report_rows, reference_rows) validation
+    rows: the report's PCA plot, and the reference kept with the version for monitoring."""
+    rows = max(config.report_rows, config.reference_rows)
+    empty = np.empty((0, model.config.latent_dim), np.float32), np.empty(0, np.float32), None
+    if rows == 0:
+        return empty
     columns = features.columns + ([config.label_column] if config.label_column else [])
     validation = _split(ray.data.read_parquet(config.data).select_columns(columns), features, config.validation_fraction, True)
-    rows = validation.limit(config.report_rows).to_arrow_refs()
-    table = pa.concat_tables(ray.get(rows))
+    table = pa.concat_tables(ray.get(validation.limit(rows).to_arrow_refs()))
     if table.num_rows == 0:
-        return None, None
-    with torch.no_grad():
-        x = torch.from_numpy(normalizer(features_to_numpy(table, features)))
-        latents = model.encode(x).mean.numpy()
+        return empty
+    latents, scores = encode_matrix(model, normalizer, features_to_numpy(table, features))
     labels = table.column(config.label_column).to_numpy(zero_copy_only=False) if config.label_column else None
-    return latents, labels
+    return latents, scores, labels
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,11 +62,28 @@ def trained(ray_cluster, digits_parquet, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("train")
     config = TrainConfig(
         data=str(digits_parquet), vector_column="pixels", image_shape=[1, 8, 8], model_root=str(work / "models"),
+        # no KL warm-up and a higher learning rate: 5 of 8 units active in 6 epochs (the publish gate checks collapse)
         label_column="label", latent_dim=8, hidden_dims=[64, 32], epochs=6, batch_size=32, num_workers=2,
+        kl_warmup_epochs=0, learning_rate=3e-3,
         storage_path=str(work / "ray_results"),
     )
     version = train(config)
     return {"model_root": work / "models", "version": version, "data": digits_parquet, "config": config}
+
+
+def validation_reference(model, loaded, trained) -> tuple[dict, dict]:
+    """What training stores with a version: its validation rows' posterior means, scores and thresholds."""
+    import pyarrow.parquet as pq
+
+    from vae import encode_matrix, features_to_numpy
+    from vae.monitoring import anomaly_thresholds
+    from vae.preprocessing import is_validation, key_hash
+
+    table = pq.read_table(trained["data"])
+    table = table.filter(is_validation(key_hash(table.column("item_id")), trained["config"].validation_fraction))
+    latents, scores = encode_matrix(model, loaded.normalizer, features_to_numpy(table, loaded.features))
+    thresholds = anomaly_thresholds(scores)
+    return {"posterior_mean": latents, "anomaly_score": scores}, {"quantile": 0.99, "threshold": thresholds["0.99"], "thresholds": thresholds}
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +104,9 @@ def versions(trained, tmp_path_factory):
             with torch.no_grad():
                 for parameter in model.parameters():
                     parameter.add_(0.05 * torch.randn_like(parameter))
-        names.append(save_model_version(work / "models", model, loaded.normalizer, loaded.features, {}, {}, {"seed": seed}))
+        reference, anomaly = validation_reference(model, loaded, trained)
+        names.append(save_model_version(work / "models", model, loaded.normalizer, loaded.features, {}, {}, {"seed": seed},
+                                        reference=reference, anomaly=anomaly))
     import pyarrow.parquet as pq
 
     pq.write_table(pq.read_table(trained["data"]), work / "digits.parquet", row_group_size=400)  # 5 output files per version

@@ -80,6 +80,24 @@ def test_output_follows_the_embeddings_contract(embedded):
     assert {t.isoformat() for t in table.column("event_timestamp").to_pylist()} == {created}
 
 
+def test_is_anomaly_uses_the_threshold_calibrated_on_the_validation_split(embedded, trained):
+    from vae.artifacts import load_reference
+    from vae.preprocessing import is_validation, key_hash
+
+    result, _ = embedded
+    loaded = load_model_version(trained["model_root"], trained["version"])
+    calibration, reference = loaded.metadata["anomaly"], load_reference(loaded)
+    assert calibration["quantile"] == 0.99 and set(calibration["thresholds"]) >= {"0.9", "0.95", "0.99", "0.999"}
+    assert calibration["threshold"] == pytest.approx(float(np.quantile(reference["anomaly_score"].astype(np.float64), 0.99)))
+    table = pq.read_table(result.output)
+    scores, flags = table.column("anomaly_score").to_numpy(), table.column("is_anomaly").to_numpy(zero_copy_only=False)
+    assert (flags == (scores > calibration["threshold"])).all() and table.column("is_anomaly").null_count == 0
+    # on the validation rows it was calibrated on, about 1% are flagged
+    validation = is_validation(key_hash(table.column("item_id")), trained["config"].validation_fraction)
+    assert reference["anomaly_score"].shape == (validation.sum(),) and flags[validation].mean() <= 0.02
+    assert json.loads(Path(result.output, "_manifest.json").read_text())["anomaly_threshold"] == calibration["threshold"]
+
+
 def test_manifest_reconciles_and_nothing_is_left_in_staging(embedded):
     result, trained = embedded
     manifest = json.loads(Path(result.output, "_manifest.json").read_text())

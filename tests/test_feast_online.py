@@ -23,6 +23,7 @@ def embeddings(rows: int, seed: int, event_time: datetime = T_NEW) -> pa.Table:
         "item_id": pa.array(rng.permutation(np.arange(-5, rows - 5) * 7_919), pa.int64()),  # negative and large keys
         "latent": latent_column(vectors),
         "anomaly_score": pa.array(rng.standard_normal(rows, dtype=np.float32) * 100),
+        "is_anomaly": pa.array(rng.random(rows) < 0.1),
         "model_version": pa.array(["v-a" if i % 3 else "v-b" for i in range(rows)]),
         "event_timestamp": pa.array([event_time] * rows, pa.timestamp("us", tz="UTC")),
     })
@@ -54,12 +55,17 @@ def test_sqlite_rows_are_byte_identical_to_feasts(feature_repo, tmp_path, monkey
                 f'"{compute_table_id(store.project, view, False)}" ORDER BY entity_key, feature_name').fetchall()
 
         ours, feasts = rows(by_us), rows(by_feast)
-    assert len(ours) == 3 * 3_000
+    assert len(ours) == 4 * 3_000
     assert ours == feasts
     fetched = fetch_online(store, by_us.name, table.column("item_id").to_pylist()[:50], "item_id")
     for row, want in zip(fetched, table.slice(0, 50).to_pylist()):
         np.testing.assert_array_equal(np.asarray(row["latent"], np.float32), np.asarray(want["latent"], np.float32))
-        assert row["model_version"] == want["model_version"]
+        assert row["model_version"] == want["model_version"] and row["is_anomaly"] == want["is_anomaly"]
+    # a version without anomaly calibration has null is_anomaly: not one fixed layout, Feast's own path writes it
+    unflagged = table.slice(0, 10).set_column(3, "is_anomaly", pa.nulls(10, pa.bool_()))
+    assert feast_online.write_batch(store, by_us, unflagged.set_column(5, "event_timestamp", pa.array(
+        [datetime(2026, 5, 1, tzinfo=UTC)] * 10, pa.timestamp("us", tz="UTC"))), "item_id") == "feast"
+    assert [row["is_anomaly"] for row in fetch_online(store, by_us.name, unflagged.column("item_id").to_pylist(), "item_id")] == [None] * 10
 
 
 def test_redis_hashes_are_byte_identical_to_feasts_and_older_rows_do_not_overwrite(redis_repo, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_version(trained):
     loaded = load_model_version(trained["model_root"], trained["version"])
     history = loaded.metadata["metrics"]["history"]
     assert len(history) == 6
-    assert history[-1]["val_negative_elbo"] < history[0]["val_negative_elbo"] - 5.0
+    assert history[-1]["val_negative_elbo"] < history[0]["val_negative_elbo"] - 2.0
     # every training row is seen each epoch, less the few the larger key shard drops to keep DDP ranks in step
     validation_rows = loaded.metadata["data"]["validation_rows"]
     assert history[-1]["val_rows"] == validation_rows and 130 < validation_rows < 230

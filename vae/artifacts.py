@@ -5,6 +5,9 @@
                                                training config, metrics, data fingerprint,
                                                code version, sha256 of the weights
     <model_root>/<version>/report/*.png        training report (loss curves, KL per dim, PCA)
+    <model_root>/<version>/reference.safetensors  validation rows' posterior means and anomaly
+                                               scores: the drift reference and the source of the
+                                               anomaly thresholds in model.json
 
 model_root is a local path or an s3:// URL. Locally a version is written under
 <model_root>/.staging-*/ and renamed into place; on S3 (no rename) the files are uploaded with
@@ -27,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -39,6 +43,7 @@ from vae.storage import filesystem, is_local, storage_errors, url_of
 
 FORMAT = "vae-model-version/1"
 WEIGHTS_FILE = "model.safetensors"
+REFERENCE_FILE = "reference.safetensors"
 METADATA_FILE = "model.json"
 STAGING_PREFIX = ".staging-"
 
@@ -64,10 +69,14 @@ def save_model_version(
     metrics: dict[str, Any],
     data: dict[str, Any],
     report_dir: str | os.PathLike | None = None,
+    reference: dict[str, np.ndarray] | None = None,
+    anomaly: dict[str, Any] | None = None,
 ) -> str:
     """Write a new immutable version under model_root and return its name.
 
     report_dir: files (the training report) copied into <version>/report/ before the commit.
+    reference: named float32 arrays (validation posterior means, anomaly scores) saved as
+    reference.safetensors; anomaly: the calibrated thresholds, stored in model.json.
     """
     fs, root = filesystem(model_root)
     local = is_local(fs)
@@ -96,6 +105,12 @@ def save_model_version(
             "code_version": code_version(),
             "weights_sha256": weights_sha256,
         }
+        if reference is not None:
+            save_file({name: torch.from_numpy(np.ascontiguousarray(values, np.float32)) for name, values in reference.items()},
+                      staging / REFERENCE_FILE)
+            metadata["reference_sha256"] = _sha256(staging / REFERENCE_FILE)
+        if anomaly is not None:
+            metadata["anomaly"] = anomaly
         if report_dir is not None:
             shutil.copytree(report_dir, staging / "report")
             metadata["report"] = sorted(p.name for p in (staging / "report").iterdir())
@@ -169,6 +184,38 @@ def load_model_version(model_root: str | os.PathLike, version: str = "latest") -
     model.load_state_dict(weights, strict=True)
     model.eval()
     return ModelVersion(version, path, model, normalizer, features, metadata)
+
+
+def load_reference(version: ModelVersion) -> dict[str, np.ndarray] | None:
+    """The version's reference sample (validation posterior means and anomaly scores), checksum
+    verified; None for a version saved without one."""
+    expected = version.metadata.get("reference_sha256")
+    if expected is None:
+        return None
+    fs, path = filesystem(version.path)
+    try:
+        with storage_errors(version.path):
+            data = fs.cat_file(f"{path}/{REFERENCE_FILE}")
+    except OSError:
+        data = None
+    if data is None or hashlib.sha256(data).hexdigest() != expected:
+        raise InputError(f"model version {version.path}: {REFERENCE_FILE} is missing or does not match its checksum; "
+                         "the version is corrupt")
+    return {name: tensor.numpy() for name, tensor in load_safetensors(data).items()}
+
+
+def anomaly_threshold(version: ModelVersion, quantile: float | None = None) -> float | None:
+    """The anomaly_score above which a row is flagged: the version's calibrated threshold, or the
+    given quantile of its validation scores; None for a version saved without a calibration."""
+    from vae.monitoring import anomaly_thresholds
+
+    if quantile is None:
+        return (version.metadata.get("anomaly") or {}).get("threshold")
+    reference = load_reference(version)
+    if reference is None:
+        raise InputError(f"model version {version.version} has no validation reference to take the {quantile} quantile of "
+                         "(saved before anomaly calibration); leave anomaly_quantile unset or train a new version")
+    return anomaly_thresholds(reference["anomaly_score"], (quantile,))[str(quantile)]
 
 
 def _check_shapes(model: VAE, weights: dict[str, torch.Tensor], path: str) -> None:

@@ -1,0 +1,163 @@
+"""The monitoring report: one self-contained HTML file (plots inlined as PNG data URIs) beside the JSON."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on cluster nodes
+import matplotlib.pyplot as plt
+import numpy as np
+
+MAX_DIMENSION_PLOTS = 32
+
+
+def write_monitoring_report(directory: str | Path, report: dict, reference: np.ndarray | None, new: np.ndarray,
+                            reference_scores: np.ndarray | None, new_scores: np.ndarray,
+                            movement_distances: np.ndarray | None) -> tuple[Path, Path]:
+    """Write report.json and report.html into directory; returns their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path = directory / "report.json"
+    json_path.write_text(json.dumps(report, indent=2, default=_plain))
+    figures = []
+    drift = report.get("drift")
+    if drift is not None and reference is not None:
+        drifted = set(drift["tests"]["per_dimension"]["drifted_dimensions"])
+        figures.append(("dimensions", "Per-dimension distributions, reference vs new (red title: drifted after Holm)",
+                        _dimensions(reference, new, drifted)))
+        mmd = drift["tests"]["mmd"]
+        figures.append(("mmd-null", f"MMD² null distribution ({len(mmd['null'])} permutations) and the observed value",
+                        _mmd_null(np.asarray(mmd["null"]), mmd["mmd2"], mmd["p_value"])))
+    if movement_distances is not None:
+        figures.append(("movement", "Per-entity movement after Procrustes alignment", _movement(movement_distances)))
+    anomaly = report.get("anomaly") or {}
+    figures.append(("anomaly-scores", "Anomaly scores (negative ELBO, nats) and the version's threshold",
+                    _scores(reference_scores, new_scores, anomaly.get("threshold"))))
+    html_path = directory / "report.html"
+    html_path.write_text(_page(report, figures))
+    return json_path, html_path
+
+
+def _dimensions(reference: np.ndarray, new: np.ndarray, drifted: set[int]) -> bytes:
+    dims = min(reference.shape[1], MAX_DIMENSION_PLOTS)
+    columns = min(dims, 4)
+    rows = -(-dims // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.2 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        if index >= dims:
+            axis.axis("off")
+            continue
+        both = np.concatenate([reference[:, index], new[:, index]])
+        bins = np.linspace(*np.percentile(both, [0.5, 99.5]), 40) if np.ptp(both) > 0 else 10
+        axis.hist(reference[:, index], bins=bins, density=True, alpha=0.5, label="reference")
+        axis.hist(new[:, index], bins=bins, density=True, alpha=0.5, label="new")
+        axis.set_title(f"z{index}", color="tab:red" if index in drifted else "black", fontsize=9)
+        axis.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=7)
+    return _png(figure)
+
+
+def _mmd_null(null: np.ndarray, observed: float, p_value: float) -> bytes:
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.hist(null, bins=30, color="tab:gray", label="permutation null")
+    axis.axvline(observed, color="tab:red", label=f"observed {observed:.2e} (p = {p_value:.3f})")
+    axis.set(xlabel="block MMD²", ylabel="permutations")
+    axis.legend(fontsize=8)
+    return _png(figure)
+
+
+def _movement(distances: np.ndarray) -> bytes:
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.hist(distances, bins=40, color="tab:purple")
+    axis.axvline(float(np.median(distances)), color="black", linestyle="--", label=f"median {np.median(distances):.3f}")
+    axis.set(xlabel="distance after alignment (RMS spread = 1)", ylabel="entities")
+    axis.legend(fontsize=8)
+    return _png(figure)
+
+
+def _scores(reference: np.ndarray | None, new: np.ndarray, threshold: float | None) -> bytes:
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    both = new if reference is None else np.concatenate([reference, new])
+    bins = np.linspace(*np.percentile(both, [0.0, 99.9]), 50) if np.ptp(both) > 0 else 10
+    if reference is not None:
+        axis.hist(reference, bins=bins, density=True, alpha=0.5, label="validation (reference)")
+    axis.hist(new, bins=bins, density=True, alpha=0.5, label="new")
+    if threshold is not None:
+        axis.axvline(threshold, color="tab:red", label=f"threshold {threshold:.1f}")
+    axis.set(xlabel="anomaly score (nats)", ylabel="density")
+    axis.legend(fontsize=8)
+    return _png(figure)
+
+
+def _png(figure: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _page(report: dict, figures: list[tuple[str, str, bytes]]) -> str:
+    checks = "".join(
+        f"<tr class='{'pass' if c['passed'] else 'fail'}'><td>{html.escape(c['name'])}</td><td>{html.escape(c['detail'])}</td>"
+        f"<td>{'pass' if c['passed'] else 'FAIL'}</td></tr>" for c in report.get("checks", [])
+    )
+    drift_rows = ""
+    if report.get("drift"):
+        drift_rows = "".join(f"<tr><td>{name}</td><td>{test['p_value']:.4g}</td><td>{html.escape(_effect(name, test))}</td></tr>"
+                             for name, test in report["drift"]["tests"].items())
+    movers = ""
+    if report.get("movement"):
+        movers = "".join(f"<tr><td>{html.escape(str(m['key']))}</td><td>{m['movement']:.3f}</td></tr>"
+                         for m in report["movement"]["top_movers"])
+    plots = "".join(
+        f"<figure id='plot-{name}'><img class='plot' alt='{html.escape(caption)}' src='data:image/png;base64,"
+        f"{base64.b64encode(png).decode()}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+        for name, caption, png in figures
+    )
+    sampling = html.escape(report.get("sampling", ""))
+    title = html.escape(f"Latent monitoring: {report.get('model_version', '')}")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}} tr.fail td{{background:#fdd}} tr.pass td{{background:#efe}}
+img.plot{{max-width:100%}} figure{{margin:1.5em 0}}</style></head>
+<body><h1>{title}</h1>
+<p>{html.escape(report.get("verdict", ""))}</p>
+<h2>Checks</h2><table><tr><th>check</th><th>value</th><th>result</th></tr>{checks}</table>
+<p>{sampling}</p>
+{"<h2>Drift tests</h2><table><tr><th>test</th><th>p-value</th><th>effect</th></tr>" + drift_rows + "</table>" if drift_rows else ""}
+{"<h2>Top movers</h2><table><tr><th>key</th><th>movement</th></tr>" + movers + "</table>" if movers else ""}
+<h2>Plots</h2>{plots}
+<script>
+// Marks the page once every plot has decoded, for a headless browser to check.
+window.addEventListener("load", () => {{
+  const shown = [...document.images].filter(img => img.complete && img.naturalWidth > 0).length;
+  document.body.setAttribute("data-plots-shown", String(shown));
+}});
+</script></body></html>
+"""
+
+
+def _effect(name: str, test: dict) -> str:
+    return {
+        "per_dimension": lambda: f"{len(test['drifted_dimensions'])} drifted dimension(s) {test['drifted_dimensions'][:10]}",
+        "mmd": lambda: f"MMD² {test['mmd2']:.3g} (bandwidth {test['bandwidth']:.3g}, {test['blocks']} block(s) of {test['block_rows']})",
+        "mean_shift": lambda: f"mean squared standardized difference {test['mean_squared_standardized_difference']:.3g}",
+        "covariance": lambda: f"relative Frobenius distance {test['relative_frobenius_distance']:.3g}",
+        "classifier": lambda: f"held-out AUC {test['auc']:.3f}",
+    }[name]()
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
