@@ -27,8 +27,9 @@ from ray_jobs.train import TrainConfig, train
 from vae import encode_matrix, features_to_numpy, load_model_version
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "odds"
-# Per data set: latent size and hidden layers (small tabular inputs: 6 and 21 features).
-SETTINGS = {"thyroid": {"latent_dim": 2, "hidden_dims": [32, 16]}, "cardio": {"latent_dim": 4, "hidden_dims": [64, 32]}}
+# One setting for both (6 and 21 features), chosen on 2 seeds among those tried (see README): a small
+# bottleneck, beta 8 (a smoother latent density; the score stays the beta=1 negative ELBO) and a 5% trimmed loss.
+SETTINGS = {name: {"latent_dim": 2, "hidden_dims": [32, 16], "beta": 8.0, "trim_fraction": 0.05} for name in ("thyroid", "cardio")}
 
 
 def load_odds(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +45,7 @@ def vae_scores(x: np.ndarray, work: Path, seed: int, epochs: int, settings: dict
     pq.write_table(pa.table({"item_id": np.arange(len(x)), **{c: x[:, i] for i, c in enumerate(columns)}}), data)
     config = TrainConfig(
         data=str(data), feature_columns=columns, likelihood="gaussian", epochs=epochs, batch_size=64, seed=seed,
-        num_workers=1, cpus_per_worker=1, kl_warmup_epochs=10, early_stopping_patience=0, checkpoint_every=epochs,
+        num_workers=1, cpus_per_worker=1, kl_warmup_epochs=10, lr_schedule="constant", early_stopping_patience=0, checkpoint_every=epochs,
         iw_samples=0, report_rows=0, model_root=str(work / "models"), storage_path=str(work / "ray_results"),
         run_name=f"anomaly-{seed}", **settings,
     )
@@ -60,7 +61,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

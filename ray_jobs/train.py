@@ -78,6 +78,8 @@ class TrainConfig(JobConfig):
     beta: float = Field(1.0, ge=0, description="weight of the KL term after warm-up (1 = the true ELBO)")
     kl_warmup_epochs: float = Field(5.0, ge=0, description="epochs over which the KL weight rises linearly from 0 to beta")
     free_bits: float = Field(0.0, ge=0, description="minimum batch-mean KL per latent dimension in the loss (nats)")
+    trim_fraction: float = Field(0.0, ge=0, lt=1, description="leave this share of each batch's highest-loss rows out of the "
+                                 "loss: robust to outliers in unlabeled data (anomaly detection)")
     # optimization
     epochs: int = Field(20, gt=0, description="maximum passes over the training data")
     batch_size: int = Field(128, gt=0, description="examples per step on each worker")
@@ -461,7 +463,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 group["lr"] = schedule.lr(state["step"])
             with torch.autocast(**autocast):
                 terms = elbo_terms(ddp_model, x, generator=generator)
-            loss = terms.loss(schedule.kl_weight(state["step"]), loop_config["free_bits"])
+            loss = terms.loss(schedule.kl_weight(state["step"]), loop_config["free_bits"], loop_config["trim_fraction"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if loop_config["grad_clip_norm"]:

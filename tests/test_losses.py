@@ -71,3 +71,13 @@ def test_elbo_terms_are_per_example_and_consistent():
         assert torch.all(terms.kl >= 0)
         # deterministic at the posterior mean
         assert torch.equal(elbo_terms(model, x, sample=False).negative_elbo, terms.negative_elbo)
+
+
+def test_trimmed_loss_leaves_out_the_highest_loss_rows():
+    from vae.losses import ElboTerms
+
+    posterior = DiagonalGaussian(torch.zeros(4, 2), torch.zeros(4, 2))  # KL 0 for every row
+    terms = ElboTerms(torch.tensor([1.0, 100.0, 3.0, 2.0]), posterior.kl(), posterior)
+    assert terms.loss() == torch.tensor(26.5)
+    assert terms.loss(trim_fraction=0.25) == torch.tensor(2.0)  # the 100-nat row is left out
+    assert terms.loss(trim_fraction=0.5) == torch.tensor(1.5)

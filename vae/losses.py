@@ -48,16 +48,23 @@ class ElboTerms:
     def negative_elbo(self) -> torch.Tensor:
         return self.reconstruction + self.kl
 
-    def loss(self, beta: float = 1.0, free_bits: float = 0.0) -> torch.Tensor:
+    def loss(self, beta: float = 1.0, free_bits: float = 0.0, trim_fraction: float = 0.0) -> torch.Tensor:
         """The training objective: batch mean of reconstruction + beta * KL.
 
         free_bits > 0 (Kingma et al. 2016): each latent dimension's batch-mean KL counts as at
         least free_bits nats, so the optimizer gains nothing by shutting a dimension off entirely.
+        trim_fraction > 0: the batch's highest-loss rows (that share) are left out of the mean, so
+        the outliers in unlabeled data shape the model less and keep high anomaly scores.
         """
+        keep = torch.ones_like(self.reconstruction, dtype=torch.bool)
+        if trim_fraction > 0.0:
+            per_row = (self.reconstruction + beta * self.kl).detach()
+            kept = max(1, math.ceil(len(per_row) * (1.0 - trim_fraction)))
+            keep = torch.zeros_like(keep).index_fill_(0, per_row.topk(kept, largest=False).indices, True)
         if free_bits <= 0.0:
-            return (self.reconstruction + beta * self.kl).mean()
-        kl_per_dim = self.posterior.kl_per_dim().mean(dim=0)
-        return self.reconstruction.mean() + beta * kl_per_dim.clamp(min=free_bits).sum()
+            return (self.reconstruction + beta * self.kl)[keep].mean()
+        kl_per_dim = self.posterior.kl_per_dim()[keep].mean(dim=0)
+        return self.reconstruction[keep].mean() + beta * kl_per_dim.clamp(min=free_bits).sum()
 
 
 def elbo_terms(
