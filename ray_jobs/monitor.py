@@ -87,7 +87,8 @@ def monitor(config: MonitorConfig) -> dict:
         raise InputError(f"drift compares one latent space: {config.reference} was embedded by {reference.model_version}, "
                          f"{config.new} by {new.model_version}; compare versions with baseline instead")
     baseline = read_embeddings(config.baseline, config.sample_rows, config.in_memory_rows) if config.baseline else None
-    report, arrays = evaluate(new, version, config, reference=reference, baseline=baseline)
+    report, arrays = evaluate(new, version, config, reference=reference, baseline=baseline, permutations=config.permutations,
+                              neighbours=config.neighbours, seed=config.seed)
     directory = Path(config.output) / f"{new.model_version}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     json_path, html_path = write_monitoring_report(directory, report, **arrays)
     for check in report["checks"]:
@@ -100,8 +101,6 @@ def monitor(config: MonitorConfig) -> dict:
 def evaluate(new: LatentSample, version: ModelVersion, thresholds: GateThresholds, reference: LatentSample | None = None,
              baseline: LatentSample | None = None, permutations: int = 200, neighbours: int = 10, seed: int = 0) -> tuple[dict, dict]:
     """Every check on a new batch of one version: (report, arrays for the plots)."""
-    if isinstance(thresholds, MonitorConfig):
-        permutations, neighbours, seed = thresholds.permutations, thresholds.neighbours, thresholds.seed
     checks: list[dict] = []
     latent_dim = new.latents.shape[1]
 
