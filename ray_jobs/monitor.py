@@ -39,6 +39,7 @@ log = logging.getLogger("ray_jobs.monitor")
 
 EMBEDDING_COLUMNS = ("latent", "anomaly_score", "model_version")
 _SAMPLE_BUCKETS = 1 << 20
+MIN_DRIFT_ROWS = 20  # below this the tests have no power worth a gate
 
 
 class GateThresholds(JobConfig):
@@ -117,7 +118,10 @@ def evaluate(new: LatentSample, version: ModelVersion, thresholds: GateThreshold
         reference_latents, reference_scores = stored["posterior_mean"], stored["anomaly_score"]
         reference_source = f"validation reference of {version.version} ({len(reference_latents)} rows)"
     drift = None
-    if reference_latents is not None:
+    if reference_latents is not None and min(len(reference_latents), len(new.latents)) < MIN_DRIFT_ROWS:
+        checks.append(_skipped("drift", f"too few rows to test ({len(reference_latents)} reference, {len(new.latents)} new; "
+                                        f"need {MIN_DRIFT_ROWS} each)"))
+    elif reference_latents is not None:
         if reference_latents.shape[1] != latent_dim:
             raise InputError(f"the reference has {reference_latents.shape[1]}-d latents, the new batch {latent_dim}-d")
         drift = drift_test(reference_latents, new.latents, alpha=thresholds.drift_alpha, permutations=permutations, seed=seed,

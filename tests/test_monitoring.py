@@ -119,6 +119,9 @@ def test_collapse_check_counts_active_units(versions):
     collapse = report["checks"][0]
     assert collapse["name"] == "collapse" and not collapse["passed"] and collapse["value"] == 0.25
     assert "2 of 8 latent units active" in report["failures"][0]
+    # a batch too small to test for drift is reported as skipped, not a crash
+    tiny, _ = evaluate(sample(latents[:10], versions["names"][0]), loaded, GateThresholds())
+    assert tiny["checks"][1]["name"] == "drift" and tiny["checks"][1]["detail"].startswith("skipped: too few rows")
 
 
 def test_publish_gate_refuses_drift_and_movement_unless_forced(versions, feature_repo, tmp_path):
