@@ -90,8 +90,7 @@ def monitor(config: MonitorConfig) -> dict:
     baseline = read_embeddings(config.baseline, config.sample_rows, config.in_memory_rows) if config.baseline else None
     report, arrays = evaluate(new, version, config, reference=reference, baseline=baseline, permutations=config.permutations,
                               neighbours=config.neighbours, seed=config.seed)
-    directory = Path(config.output) / f"{new.model_version}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
-    json_path, html_path = write_monitoring_report(directory, report, **arrays)
+    json_path, html_path = write_report(Path(config.output), report, arrays)
     for check in report["checks"]:
         log.info("%s %s: %s", "pass" if check["passed"] else "FAIL", check["name"], check["detail"])
     log.info("report: %s and %s", json_path, html_path)
@@ -135,7 +134,7 @@ def evaluate(new: LatentSample, version: ModelVersion, thresholds: GateThreshold
     moved, distances = None, None
     if baseline is not None:
         shared, new_index, baseline_index = np.intersect1d(new.keys, baseline.keys, return_indices=True)
-        if len(shared) < neighbours + 2:
+        if not comparable(new, baseline, neighbours):
             raise InputError(f"{new.source} and {baseline.source} share {len(shared)} sampled entities; movement needs the "
                              "same rows embedded by both versions (embed the reference data with each version)")
         moved = movement(shared, baseline.latents[baseline_index], new.latents[new_index], neighbours=neighbours, seed=seed)
@@ -165,6 +164,16 @@ def evaluate(new: LatentSample, version: ModelVersion, thresholds: GateThreshold
     arrays = {"reference": reference_latents, "new": new.latents, "reference_scores": reference_scores, "new_scores": new.scores,
               "movement_distances": distances}
     return report, arrays
+
+
+def comparable(new: LatentSample, baseline: LatentSample, neighbours: int = 10) -> bool:
+    """Whether two versions' samples share enough entities for the movement checks (k-NN needs k + 2)."""
+    return len(np.intersect1d(new.keys, baseline.keys)) >= neighbours + 2
+
+
+def write_report(root: Path, report: dict, arrays: dict) -> tuple[Path, Path]:
+    """report.json + report.html under <root>/<version>-<UTC time>/."""
+    return write_monitoring_report(root / f"{report['model_version']}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}", report, **arrays)
 
 
 def read_embeddings(url: str, sample_rows: int, in_memory_rows: int = 1_000_000) -> LatentSample:

@@ -32,9 +32,8 @@ from pydantic import Field
 
 from ray_jobs import feast_online
 from ray_jobs.common import parquet_schema, parse_config, run_cli
-from ray_jobs.monitor import GateThresholds, evaluate, find_model_version, read_embeddings
+from ray_jobs.monitor import GateThresholds, comparable, evaluate, find_model_version, read_embeddings, write_report
 from vae import InputError
-from vae.monitor_report import write_monitoring_report
 
 log = logging.getLogger("ray_jobs.publish")
 
@@ -142,13 +141,12 @@ def check_gate(config: PublishConfig, store, repo: ModuleType, version: str, ver
     baseline = None
     if current and current != version and (Path(config.embeddings) / current).is_dir():
         baseline = read_embeddings(str(Path(config.embeddings) / current), config.gate_sample_rows)
-        if len(np.intersect1d(new.keys, baseline.keys)) < 12:
+        if not comparable(new, baseline):
             log.info("gate: %s and current %s share no sampled entities; movement not checked", version, current)
             baseline = None
     report, arrays = evaluate(new, model, config, baseline=baseline)
     root = Path(config.monitoring) if config.monitoring else Path(config.feature_repo) / "data" / "monitoring"
-    directory = root / f"{version}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    _, html_path = write_monitoring_report(directory, report, **arrays)
+    _, html_path = write_report(root, report, arrays)
     if report["passed"]:
         log.info("gate passed (%s); report %s", ", ".join(c["name"] for c in report["checks"]), html_path)
     elif config.force:
