@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The local CPU wheel; on a GPU machine set TORCH_SPEC to the CUDA build you want.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench lint clean redis-server chromium
+.PHONY: setup demo test bench lint clean redis-server chromium cluster-pin
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,12 @@ bench: setup redis-server
 	$(BIN)/python -m benchmarks.train
 	$(BIN)/python -m benchmarks.anomaly
 	$(BIN)/python -m benchmarks.drift
+
+# Point cluster.yaml and the KubeRay RayJob at this checkout's commit (push it before `ray up`).
+cluster-pin:
+	@git diff --quiet HEAD || { echo "commit your changes first: the clusters install a commit, not a working tree" >&2; exit 1; }
+	sed -i -E "s/(vae-feast(\.git@|\/archive\/))[0-9a-f]{40}/\1$$(git rev-parse HEAD)/g" cluster.yaml deploy/kuberay/rayjob.yaml
+	@grep -hoE "vae-feast(\.git@|/archive/)[0-9a-f]{40}" cluster.yaml deploy/kuberay/rayjob.yaml | sort -u
 
 lint: setup
 	$(BIN)/ruff check vae ray_jobs tests benchmarks feature_repo

@@ -122,6 +122,31 @@ def ray_session() -> Iterator[None]:
         ray.shutdown()
 
 
+def fits(request: dict[str, float], node: dict[str, float]) -> bool:
+    """Whether one node's resources hold a request: every resource it names, in that amount."""
+    return all(node.get(name, 0) >= amount for name, amount in request.items() if amount > 0)
+
+
+def node_capacity(request: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many copies of a request (one worker's or actor's resources) the nodes hold at once:
+    counted per node, since an actor can't straddle two half-free nodes."""
+    needed = {name: amount for name, amount in request.items() if amount > 0}
+    if not needed:
+        raise ValueError("a request for no resources fits without limit")
+    return sum(min(int(node.get(name, 0) / amount + 1e-9) for name, amount in needed.items()) for node in nodes)
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    """The total resources of each node of the cluster this process is connected to."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def describe(request: dict[str, float]) -> str:
+    return ", ".join(f"{name} {amount:g}" for name, amount in request.items() if amount > 0)
+
+
 def parquet_schema(path: str) -> pa.Schema:
     """The Arrow schema of a Parquet file or directory, with a clear error if it can't be read."""
     try:

@@ -41,7 +41,16 @@ import ray
 import torch
 from pydantic import Field
 
-from ray_jobs.common import JobConfig, find_input_error, parse_config, ray_session, run_cli
+from ray_jobs.common import (
+    JobConfig,
+    alive_node_resources,
+    describe,
+    find_input_error,
+    node_capacity,
+    parse_config,
+    ray_session,
+    run_cli,
+)
 from vae import InputError, encode_matrix, load_model_version
 from vae.artifacts import ModelVersion, anomaly_threshold, code_version
 from vae.encode import latent_column
@@ -79,6 +88,7 @@ class EmbedConfig(JobConfig):
     num_encoders: int | None = Field(None, gt=0, description="encoder actors (default: one per CPU, or per GPU when the cluster has GPUs)")
     cpus_per_encoder: float = Field(1.0, gt=0, description="CPUs reserved by each encoder actor (its torch threads)")
     gpus_per_encoder: float | None = Field(None, ge=0, description="GPUs per encoder actor (default: 1 if the cluster has GPUs, else 0)")
+    encoder_resources: dict[str, float] = Field({}, description="extra Ray resources each encoder actor needs (pins it to node types)")
 
 
 @dataclass(frozen=True)
@@ -292,6 +302,8 @@ class UnitEncoder:
         # One torch thread per reserved CPU, so actors sharing a node do not oversubscribe it.
         torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
         self.device = torch.device("cuda" if resources.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu")
+        if resources.get("GPU", 0) > 0 and self.device.type == "cpu":
+            log.warning("encoder holds a GPU but torch sees no CUDA device (a CPU build of torch?); encoding on CPU")
         self.model_version = load_model_version(self.config.model_root, version)
         self.model_version.model.to(self.device)
         self.event_time = event_time
@@ -419,17 +431,24 @@ def _to_utc_timestamps(column: pa.Array | pa.ChunkedArray, name: str) -> pa.Arra
         raise InputError(f"timestamp column '{name}' has values that are not timestamps ({_first_line(error)})") from None
 
 
+def encoder_request(config: EmbedConfig, cluster_has_gpus: bool) -> dict[str, float]:
+    """The Ray resources of one encoder actor, all from config: on a GPU when the cluster has
+    GPUs and gpus_per_encoder is unset, else on CPU."""
+    gpus = config.gpus_per_encoder if config.gpus_per_encoder is not None else (1.0 if cluster_has_gpus else 0.0)
+    request = {"CPU": config.cpus_per_encoder, "GPU": gpus, **config.encoder_resources}
+    return {name: amount for name, amount in request.items() if amount > 0}
+
+
 def _encode_units(config: EmbedConfig, version: str, event_time: datetime, key_type: str, units: list[WorkUnit], staging: str,
                   threshold: float | None) -> list[dict]:
     """Encode the units on a pool of actors; returns one summary per unit."""
-    cluster = ray.cluster_resources()
-    gpus = config.gpus_per_encoder if config.gpus_per_encoder is not None else (1.0 if cluster.get("GPU", 0) >= 1 else 0.0)
-    capacity = int(cluster.get("GPU", 0) // gpus) if gpus else int(cluster.get("CPU", 0) // config.cpus_per_encoder)
+    nodes = alive_node_resources()
+    request = encoder_request(config, cluster_has_gpus=any(node.get("GPU", 0) >= 1 for node in nodes))
+    gpus = request.get("GPU", 0.0)
+    capacity = node_capacity(request, nodes)
     if capacity < 1:
-        raise InputError(
-            f"the cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs; one encoder needs "
-            f"{config.cpus_per_encoder:g} CPUs and {gpus:g} GPUs; lower cpus_per_encoder / gpus_per_encoder"
-        )
+        raise InputError(f"no node of the cluster holds one encoder ({describe(request)}); lower cpus_per_encoder / "
+                         "gpus_per_encoder or check encoder_resources")
     requested = min(config.num_encoders or capacity, len(units))
     # More actors than fit now: start what fits and let Ray Data scale up as nodes join.
     compute = ray.data.ActorPoolStrategy(min_size=min(requested, capacity), max_size=requested, max_tasks_in_flight_per_actor=1)
@@ -441,6 +460,7 @@ def _encode_units(config: EmbedConfig, version: str, event_time: datetime, key_t
         fn_constructor_kwargs={"config": config.model_dump(), "version": version, "event_time": event_time, "key_type": key_type,
                               "staging": staging, "threshold": threshold},
         batch_size=1, batch_format="numpy", compute=compute, num_cpus=config.cpus_per_encoder, num_gpus=gpus,
+        resources=config.encoder_resources,
     )
     summaries: list[dict] = []
     last_log = time.monotonic()

@@ -55,6 +55,8 @@ class PublishConfig(GateThresholds):
     # 1 by default: on the 2-core dev machine one in-process writer beat two Ray writers (Redis
     # shares the cores); more pay off where Redis runs on its own machines.
     writers: int = Field(1, gt=0, description="online writers for Redis: 1 = this process, N > 1 = N Ray actors; SQLite has one writer")
+    cpus_per_writer: float = Field(1.0, gt=0, description="CPUs reserved by each Ray writer (asks for no GPU: kept off GPU nodes)")
+    writer_resources: dict[str, float] = Field({}, description="extra Ray resources each Ray writer needs (pins it to node types)")
     parallel_min_rows: int = Field(100_000, ge=0, description="below this many rows write in this process (Ray start-up costs more)")
     verify_rows: int = Field(256, ge=0, description="rows read back through Feast and compared after writing")
     vector_search: bool = Field(False, description="also index the version for similarity search (Milvus Lite, <feature_repo>/vector_search)")
@@ -210,21 +212,31 @@ def _write_online_on_ray(config: PublishConfig, view_name: str, version_dir: Pat
     import pyarrow.parquet as pq
     import ray
 
-    from ray_jobs.common import ray_session
+    from ray_jobs.common import alive_node_resources, describe, node_capacity, ray_session
 
     units = [{"path": str(path), "row_group": group} for path in sorted(version_dir.glob("*.parquet"))
              for group in range(pq.ParquetFile(path).num_row_groups)]
     with ray_session():
-        writers = min(config.writers, len(units))
+        request = writer_request(config)
+        if (capacity := node_capacity(request, alive_node_resources())) < 1:
+            raise InputError(f"no node of the cluster holds one online writer ({describe(request)}); lower cpus_per_writer "
+                             "or check writer_resources")
+        writers = min(config.writers, len(units), capacity)
         log.info("writing %d row groups online with %d Ray writer(s)", len(units), writers)
         results = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
             OnlineWriter,
             fn_constructor_kwargs={"feature_repo": str(Path(config.feature_repo).absolute()), "environment": _repo_environment(config),
                                    "view_name": view_name, "join_key": join_key, "write_batch_rows": config.write_batch_rows},
             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=writers, max_tasks_in_flight_per_actor=1),
-            num_cpus=1,
+            num_cpus=config.cpus_per_writer, resources=config.writer_resources,
         )
         return int(sum(row["rows"] for row in results.iter_rows())), writers
+
+
+def writer_request(config: PublishConfig) -> dict[str, float]:
+    """The Ray resources of one online writer actor, all from config (never a GPU)."""
+    request = {"CPU": config.cpus_per_writer, **config.writer_resources}
+    return {name: amount for name, amount in request.items() if amount > 0}
 
 
 def _repo_environment(config: PublishConfig) -> dict[str, str]:

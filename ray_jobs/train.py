@@ -33,7 +33,16 @@ import torch.distributed as dist
 from pydantic import Field
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
-from ray_jobs.common import JobConfig, parquet_schema, parse_config, ray_session, run_cli
+from ray_jobs.common import (
+    JobConfig,
+    alive_node_resources,
+    describe,
+    node_capacity,
+    parquet_schema,
+    parse_config,
+    ray_session,
+    run_cli,
+)
 from vae import (
     VAE,
     FeatureSchema,
@@ -94,6 +103,8 @@ class TrainConfig(JobConfig):
     num_workers: int = Field(2, gt=0, description="data-parallel training workers")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each training worker")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; > 0 trains on GPU with NCCL, else CPU with gloo")
+    accelerator_type: str | None = Field(None, description="train only on nodes with this accelerator (Ray's "
+                                         "accelerator_type:<name> resource, e.g. A10G, H100)")
     worker_resources: dict[str, float] = Field({}, description="extra Ray resources each worker needs (pins it to node types)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 runs the model under autocast (GPU)")
     materialize: bool = Field(True, description="true: each worker holds its shard in memory; false: stream from Ray Data each epoch")
@@ -114,9 +125,18 @@ class TrainConfig(JobConfig):
     anomaly_quantile: float = Field(0.99, gt=0, lt=1, description="is_anomaly: score above this quantile of the validation scores")
 
 
+def worker_request(config: TrainConfig) -> dict[str, float]:
+    """The Ray resources of one training worker, all from config. An accelerator type is asked for
+    as Ray does (0.001 of the node's accelerator_type:<name>): it pins, it doesn't count."""
+    request = {"CPU": config.cpus_per_worker, "GPU": config.gpus_per_worker, **config.worker_resources}
+    if config.accelerator_type:
+        request[f"accelerator_type:{config.accelerator_type}"] = 0.001
+    return {name: amount for name, amount in request.items() if amount > 0}
+
+
 # Settings that do not change what a run computes: left out of the derived run name.
 _OPERATIONAL = {"run_name", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every", "model_root", "report_rows",
-                "reference_rows", "anomaly_quantile"}
+                "reference_rows", "anomaly_quantile", "cpus_per_worker", "accelerator_type", "worker_resources"}  # placement too
 
 
 def train(config: TrainConfig) -> str:
@@ -188,9 +208,10 @@ def _train_on_ray(config: TrainConfig, features: FeatureSchema, model_config: Mo
                     "validation": _split(dataset, features, config.validation_fraction, validation=True)}
         # Validation is not split by Ray (its equal split would drop rows): each worker keeps its keys.
         dataset_config = DataConfig(datasets_to_split=["train"])
-    resources = {"CPU": config.cpus_per_worker, **config.worker_resources}
-    if config.gpus_per_worker:
-        resources["GPU"] = config.gpus_per_worker
+    resources = worker_request(config)
+    if (capacity := node_capacity(resources, alive_node_resources())) < config.num_workers:
+        log.warning("the cluster now holds %d of the %d training workers (each needs %s); Ray Train waits for nodes "
+                    "(an autoscaling cluster starts them)", capacity, config.num_workers, describe(resources))
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -1,0 +1,154 @@
+"""`vaectl submit <job> [submit options] [job options]`: run a job on a Ray cluster as a Ray job.
+
+What `ray job submit --working-dir . -- python -m ray_jobs.cli <job> ...` does, plus: the job's
+options are checked here before anything is uploaded, Ray's token is sent wherever Ray keeps it,
+the job's logs stream to this terminal, and the exit code is the job's own (2 for bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from vae.errors import InputError
+
+log = logging.getLogger("ray_jobs.submit")
+
+TOKEN_HELP = ("set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, the one `ray get-auth-token` prints on "
+              "its head (a `ray up cluster.yaml` cluster uses this machine's ~/.ray/auth_token)")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the head's dashboard, locally or through `ray dashboard cluster.yaml`
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ray_jobs.cli import JOBS
+
+    parser = argparse.ArgumentParser(
+        prog="vaectl submit", allow_abbrev=False,
+        description="Submit a job to a Ray cluster, stream its logs and exit with its status. Options not listed here are "
+                    "the job's own (`vaectl <job> --help`).",
+    )
+    parser.add_argument("job", choices=[name for name in JOBS if name != "submit"])
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS,
+                        help=f"the cluster's job server (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    parser.add_argument("--working-dir", default=".", help="directory shipped to the cluster as the job's working directory")
+    parser.add_argument("--python", default="python", help="interpreter on the cluster that has this project's dependencies")
+    parser.add_argument("--runtime-env", metavar="YAML", help="more of the job's runtime_env (env_vars, pip, excludes, ...)")
+    parser.add_argument("--submission-id", help="the job's id (default: Ray picks one)")
+    parser.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    options, job_args = parser.parse_known_args(argv)
+
+    # Check the job's options here, where a typo costs a second, not an upload and a driver start.
+    # Paths inside them (--config) are relative to the working directory, as on the cluster.
+    module_name, config_name, _ = JOBS[options.job]
+    config_class = getattr(importlib.import_module(module_name), config_name)
+    working_dir = Path(options.working_dir)
+    if not working_dir.is_dir():
+        raise InputError(f"--working-dir {options.working_dir}: not a directory")
+    from ray_jobs.common import parse_config
+
+    with contextlib.chdir(working_dir):
+        parse_config(config_class, job_args, prog=f"vaectl {options.job}")
+
+    runtime_env = _runtime_env(options.runtime_env)
+    runtime_env["working_dir"] = str(working_dir)
+    entrypoint = shlex.join([options.python, "-m", "ray_jobs.cli", options.job, *job_args])
+    from ray.exceptions import AuthenticationError
+
+    try:
+        client = connect(options.address)
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=options.submission_id,
+                                   metadata={"vaectl_job": options.job})
+    except AuthenticationError:  # the version check is open; the first real request meets the token check
+        raise InputError(f"the Ray cluster at {options.address} refused this client's token: {TOKEN_HELP}") from None
+    print(f"submitted {options.job} as {job_id} to {options.address}: {entrypoint}", file=sys.stderr, flush=True)
+    if options.no_wait:
+        return
+    try:
+        status, exit_code, message = follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following {job_id}; it keeps running (`ray job stop {job_id}` stops it)", file=sys.stderr)
+        sys.exit(130)
+    print(f"job {job_id} {status}" + (f": {message}" if status != "SUCCEEDED" and message else ""), file=sys.stderr)
+    sys.exit(exit_code)
+
+
+def connect(address: str):
+    """A JobSubmissionClient for the cluster, with a clear error for an unreachable or refusing server."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers())
+    except (OSError, RuntimeError) as error:  # requests' ConnectionError, Ray's RuntimeError for 401/403: both say why in text
+        text = str(error)
+        if "401" in text or "403" in text or "Authentication" in text:
+            raise InputError(f"the Ray cluster at {address} refused this client's token: {TOKEN_HELP}") from None
+        raise InputError(f"cannot reach a Ray job server at {address} ({_first_line(text)}); for a `ray up` cluster "
+                         "open the tunnel first: `ray dashboard cluster.yaml`") from None
+
+
+def auth_headers() -> dict[str, str]:
+    """Ray's token from where Ray looks (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), as
+    Ray's own CLI does when connecting: sent if one exists, unless RAY_AUTH_MODE=disabled."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token and (path := os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        try:
+            token = Path(path).expanduser().read_text().strip()
+        except OSError as error:
+            raise InputError(f"RAY_AUTH_TOKEN_PATH={path}: {error.strerror}") from None
+        if not token:
+            raise InputError(f"RAY_AUTH_TOKEN_PATH={path}: the file is empty")
+    if not token:
+        default = Path.home() / ".ray" / "auth_token"
+        token = default.read_text().strip() if default.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def follow(client, job_id: str) -> tuple[str, int, str]:
+    """Print the job's logs as they come; returns its final status, the exit code to use, its message."""
+
+    import aiohttp
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(tail())
+    except (OSError, RuntimeError, aiohttp.ClientError) as error:  # a dropped log stream is not the job failing
+        log.warning("log stream ended early (%s); waiting for the job to finish", _first_line(str(error)))
+    while not (info := client.get_job_info(job_id)).status.is_terminal():
+        time.sleep(1)
+    status = str(info.status)
+    if status == "SUCCEEDED":
+        return status, 0, ""
+    # The driver's own exit code when it has one: 2 is bad input, as when the job runs locally.
+    exit_code = info.driver_exit_code if getattr(info, "driver_exit_code", None) else 1
+    return status, exit_code, _first_line(info.message or "")
+
+
+def _runtime_env(path: str | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise InputError(f"--runtime-env {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"--runtime-env {path}: expected a mapping (env_vars, pip, excludes, ...)")
+    return values
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:300] if text.strip() else ""
