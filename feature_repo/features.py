@@ -9,9 +9,13 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueT
 from feast.data_format import ParquetFormat
 from feast.types import Array, Bool, Float32, Int64, String
 
-# Where the embed job writes: <root>/<model_version>/part-*.parquet. DuckDB resolves relative paths
-# against the working directory, so the path is made absolute here.
-EMBEDDINGS_ROOT = Path(os.environ.get("VAE_EMBEDDINGS_PATH", Path(__file__).parent / "data" / "embeddings")).absolute()
+# Where the embed job writes: <root>/<model_version>/part-*.parquet, a local path or an s3:// URL.
+# DuckDB resolves relative paths against the working directory, so a local path is made absolute.
+EMBEDDINGS_ROOT = os.environ.get("VAE_EMBEDDINGS_PATH", str(Path(__file__).parent / "data" / "embeddings"))
+if "://" not in EMBEDDINGS_ROOT:
+    EMBEDDINGS_ROOT = str(Path(EMBEDDINGS_ROOT).absolute())
+# The S3 endpoint the publishing environment used (unset on AWS; set for S3-compatible stores).
+S3_ENDPOINT = os.environ.get("AWS_ENDPOINT_URL") if EMBEDDINGS_ROOT.startswith("s3://") else None
 
 # The entity: what a vector describes, looked up by its join key (the dataset's key column).
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="An embedded item")
@@ -29,9 +33,10 @@ EMBEDDING_FIELDS = [
 # join returns, at each timestamp, the newest vector that existed then, whichever version made it.
 item_embeddings_source = FileSource(
     name="item_embeddings_source",
-    path=str(EMBEDDINGS_ROOT / "*" / "*.parquet"),
+    path=f"{EMBEDDINGS_ROOT}/*/*.parquet",
     file_format=ParquetFormat(),
     timestamp_field="event_timestamp",
+    s3_endpoint_override=S3_ENDPOINT,
 )
 item_embeddings = FeatureView(
     name="item_embeddings",
@@ -55,9 +60,10 @@ def version_view(model_version: str, online: bool = True) -> FeatureView:
     """One model version's vectors, online (while kept) and offline (always): pin a version by this view."""
     source = FileSource(
         name=version_view_name(model_version) + "_source",
-        path=str(EMBEDDINGS_ROOT / model_version / "*.parquet"),
+        path=f"{EMBEDDINGS_ROOT}/{model_version}/*.parquet",
         file_format=ParquetFormat(),
         timestamp_field="event_timestamp",
+        s3_endpoint_override=S3_ENDPOINT,
     )
     return FeatureView(
         name=version_view_name(model_version),

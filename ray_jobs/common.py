@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vae.errors import InputError
+from vae.storage import filesystem, storage_errors
 
 log = logging.getLogger("ray_jobs")
 
@@ -149,8 +150,10 @@ def describe(request: dict[str, float]) -> str:
 
 def parquet_schema(path: str) -> pa.Schema:
     """The Arrow schema of a Parquet file or directory, with a clear error if it can't be read."""
+    fs, root = filesystem(path)
     try:
-        dataset = pads.dataset(path, format="parquet")
+        with storage_errors(path):
+            dataset = pads.dataset(root, format="parquet", filesystem=fs)
         if not dataset.files:
             raise InputError(f"{path}: no Parquet files found; check the path")
         return dataset.schema

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +34,7 @@ from vae.diagnostics import ACTIVE_UNIT_THRESHOLD
 from vae.monitor_report import write_monitoring_report
 from vae.monitoring import drift_test, movement
 from vae.preprocessing import key_hash
-from vae.storage import filesystem, storage_errors
+from vae.storage import filesystem, is_local, storage_errors, url_of
 
 log = logging.getLogger("ray_jobs.monitor")
 
@@ -58,7 +59,7 @@ class MonitorConfig(GateThresholds):
     reference: str | None = Field(None, description="reference embeddings by the same version (default: the version's validation reference)")
     baseline: str | None = Field(None, description="embeddings of the same entities by another version: movement")
     model_root: str = Field("models", description="where the model version lives (its manifest's path is tried first)")
-    output: str = Field("monitoring", description="reports go to <output>/<version>-<time>/")
+    output: str = Field("monitoring", description="reports go to <output>/<version>-<time>/ (local or s3://)")
     sample_rows: int = Field(5000, ge=100, description="rows per side the tests use, chosen by key hash")
     permutations: int = Field(200, ge=19, description="permutations behind the MMD, mean and covariance p-values")
     neighbours: int = Field(10, gt=0, description="k of the k-NN overlap")
@@ -90,11 +91,11 @@ def monitor(config: MonitorConfig) -> dict:
     baseline = read_embeddings(config.baseline, config.sample_rows, config.in_memory_rows) if config.baseline else None
     report, arrays = evaluate(new, version, config, reference=reference, baseline=baseline, permutations=config.permutations,
                               neighbours=config.neighbours, seed=config.seed)
-    json_path, html_path = write_report(Path(config.output), report, arrays)
+    json_path, html_path = write_report(config.output, report, arrays)
     for check in report["checks"]:
         log.info("%s %s: %s", "pass" if check["passed"] else "FAIL", check["name"], check["detail"])
     log.info("report: %s and %s", json_path, html_path)
-    report["report"] = {"json": str(json_path), "html": str(html_path)}
+    report["report"] = {"json": json_path, "html": html_path}
     return report
 
 
@@ -171,9 +172,16 @@ def comparable(new: LatentSample, baseline: LatentSample, neighbours: int = 10) 
     return len(np.intersect1d(new.keys, baseline.keys)) >= neighbours + 2
 
 
-def write_report(root: Path, report: dict, arrays: dict) -> tuple[Path, Path]:
-    """report.json + report.html under <root>/<version>-<UTC time>/."""
-    return write_monitoring_report(root / f"{report['model_version']}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}", report, **arrays)
+def write_report(root: str | Path, report: dict, arrays: dict) -> tuple[str, str]:
+    """report.json + report.html under <root>/<version>-<UTC time>/ (a local path or s3://); returns where they are."""
+    name = f"{report['model_version']}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    fs, base = filesystem(root)
+    if is_local(fs):
+        return tuple(str(path) for path in write_monitoring_report(Path(base) / name, report, **arrays))
+    with tempfile.TemporaryDirectory() as local, storage_errors(str(root)):
+        write_monitoring_report(Path(local) / name, report, **arrays)
+        fs.put(str(Path(local) / name), f"{base}/{name}", recursive=True)
+    return url_of(fs, f"{base}/{name}/report.json"), url_of(fs, f"{base}/{name}/report.html")
 
 
 def read_embeddings(url: str, sample_rows: int, in_memory_rows: int = 1_000_000) -> LatentSample:

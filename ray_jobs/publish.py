@@ -34,6 +34,7 @@ from ray_jobs import feast_online
 from ray_jobs.common import parquet_schema, parse_config, run_cli
 from ray_jobs.monitor import GateThresholds, comparable, evaluate, find_model_version, read_embeddings, write_report
 from vae import InputError
+from vae.storage import filesystem, storage_errors, url_of
 
 log = logging.getLogger("ray_jobs.publish")
 
@@ -45,9 +46,11 @@ PUBLISHED_TAG = "vae_published_at"
 class PublishConfig(GateThresholds):
     """Register the Feast definitions, write a model version's embeddings online, switch "current"."""
 
-    embeddings: str = Field("feature_repo/data/embeddings", description="embeddings root written by the embed job")
+    embeddings: str = Field("feature_repo/data/embeddings", description="embeddings root written by the embed job (local or s3://)")
     model_version: str = Field("latest", description="version directory under the embeddings root, or 'latest'")
     feature_repo: str = Field("feature_repo", description="Feast repo directory (feature_store.yaml + definitions)")
+    feature_store_yaml: str | None = Field(None, description="another feature_store.yaml for the same definitions, e.g. "
+                                           "deploy/feature_store.yaml: registry on S3, Redis (default: the repo's)")
     switch_current: bool = Field(True, description="point the 'current' feature service at this version after verifying it")
     rollback: bool = Field(False, description="only point 'current' back at the previous version (no writes)")
     keep_online: int = Field(2, ge=1, description="model versions kept in the online store (current always kept)")
@@ -64,7 +67,7 @@ class PublishConfig(GateThresholds):
     # the gate before switching "current" (thresholds: min_active_share, drift_alpha, min_linear_cka, min_knn_overlap)
     force: bool = Field(False, description="switch 'current' even when a monitoring check fails (the report is still written)")
     model_root: str = Field("models", description="where the model version lives, if not at the path in the embeddings manifest")
-    monitoring: str | None = Field(None, description="the gate's reports go to <monitoring>/<version>-<time>/ "
+    monitoring: str | None = Field(None, description="the gate's reports go to <monitoring>/<version>-<time>/, local or s3:// "
                                    "(default: <feature_repo>/data/monitoring)")
     gate_sample_rows: int = Field(5000, ge=100, description="rows per side the gate's drift and movement checks use")
 
@@ -78,7 +81,7 @@ def publish(config: PublishConfig) -> dict:
         if type(error).__module__.split(".")[0] in {"redis", "sqlite3"}:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise InputError(f"online store: {type(error).__name__}: {first_line}; check online_store in "
-                             f"{config.feature_repo}/feature_store.yaml (for Redis: REDIS_CONNECTION_STRING and its password)") from None
+                             f"{store_yaml(config)} (for Redis: REDIS_CONNECTION_STRING and its password)") from None
         raise
 
 
@@ -87,18 +90,18 @@ def _publish(config: PublishConfig) -> dict:
 
     started = time.perf_counter()
     # The definitions read the embeddings location from here, as `feast apply` would.
-    os.environ["VAE_EMBEDDINGS_PATH"] = str(Path(config.embeddings).absolute())
+    os.environ["VAE_EMBEDDINGS_PATH"] = embeddings_root(config)
     repo = load_repo(Path(config.feature_repo))
-    store = FeatureStore(repo_path=str(Path(config.feature_repo).absolute()))
+    store = FeatureStore(repo_path=str(Path(config.feature_repo).absolute()), fs_yaml_file=store_yaml(config))
     if config.rollback:
         return {"model_version": rollback(store, repo), "rows": 0, "write_seconds": 0.0, "sample": []}
 
-    version_dir = _version_directory(Path(config.embeddings), config.model_version)
-    version = version_dir.name
+    version_dir = _version_directory(embeddings_root(config), config.model_version)
+    version = version_dir.rpartition("/")[2]
     view = repo.version_view(version)
     view.tags[PUBLISHED_TAG] = datetime.now(UTC).isoformat()  # keep_online keeps the most recently published
     join_key = view.entity_columns[0].name  # the entity's join key, known from the view's schema
-    schema = parquet_schema(str(version_dir))
+    schema = parquet_schema(version_dir)
     missing = [c for c in (join_key, *EMBEDDING_COLUMNS) if c not in schema.names]
     if missing:
         raise InputError(
@@ -110,7 +113,9 @@ def _publish(config: PublishConfig) -> dict:
         gate = check_gate(config, store, repo, version, version_dir)  # before any write: a refusal leaves everything as it was
     store.apply([*definitions(repo), view])
 
-    table = pads.dataset(version_dir, format="parquet").to_table(columns=[join_key, *EMBEDDING_COLUMNS])
+    fs, path = filesystem(version_dir)
+    with storage_errors(version_dir):
+        table = pads.dataset(path, format="parquet", filesystem=fs).to_table(columns=[join_key, *EMBEDDING_COLUMNS])
     rows, writers = write_online(store, config, view.name, version_dir, table, join_key)
     write_seconds = time.perf_counter() - started
     log.info("wrote %d rows of %s to the online store with %d writer(s) in %.1fs (%.0f rows/s, counted in the store)",
@@ -131,24 +136,24 @@ def _publish(config: PublishConfig) -> dict:
             "sample": sample, "retired": retired, "gate": gate}
 
 
-def check_gate(config: PublishConfig, store, repo: ModuleType, version: str, version_dir: Path) -> dict:
+def check_gate(config: PublishConfig, store, repo: ModuleType, version: str, version_dir: str) -> dict:
     """Collapse, drift (against the version's validation reference) and movement (against the
     current version, on the entities both embedded): refuse the switch when a check fails, unless forced."""
-    new = read_embeddings(str(version_dir), config.gate_sample_rows)
+    new = read_embeddings(version_dir, config.gate_sample_rows)
     try:
-        model = find_model_version(str(version_dir), config.model_root, version)
+        model = find_model_version(version_dir, config.model_root, version)
     except InputError as error:
         raise InputError(f"the publish gate needs model version {version}'s metadata: {error}; set model_root") from None
     current = current_version(store, repo)
     baseline = None
-    if current and current != version and (Path(config.embeddings) / current).is_dir():
-        baseline = read_embeddings(str(Path(config.embeddings) / current), config.gate_sample_rows)
+    fs, root = filesystem(embeddings_root(config))
+    if current and current != version and fs.isdir(f"{root}/{current}"):
+        baseline = read_embeddings(url_of(fs, f"{root}/{current}"), config.gate_sample_rows)
         if not comparable(new, baseline):
             log.info("gate: %s and current %s share no sampled entities; movement not checked", version, current)
             baseline = None
     report, arrays = evaluate(new, model, config, baseline=baseline)
-    root = Path(config.monitoring) if config.monitoring else Path(config.feature_repo) / "data" / "monitoring"
-    _, html_path = write_report(root, report, arrays)
+    _, html_path = write_report(config.monitoring or Path(config.feature_repo) / "data" / "monitoring", report, arrays)
     if report["passed"]:
         log.info("gate passed (%s); report %s", ", ".join(c["name"] for c in report["checks"]), html_path)
     elif config.force:
@@ -159,7 +164,7 @@ def check_gate(config: PublishConfig, store, repo: ModuleType, version: str, ver
     return {"passed": report["passed"], "failures": report["failures"], "report": str(html_path)}
 
 
-def write_online(store, config: PublishConfig, view_name: str, version_dir: Path, table: pa.Table, join_key: str) -> tuple[int, int]:
+def write_online(store, config: PublishConfig, view_name: str, version_dir: str, table: pa.Table, join_key: str) -> tuple[int, int]:
     """Write a version's rows to its view's online table in Feast's stored format, in this process
     or spread over Ray actors; returns (rows written, writers) after checking that the store holds
     exactly one row per key.
@@ -188,11 +193,12 @@ def write_online(store, config: PublishConfig, view_name: str, version_dir: Path
 class OnlineWriter:
     """A Ray Data actor: opens the feature store once, then writes one row group of embeddings per call."""
 
-    def __init__(self, feature_repo: str, environment: dict[str, str], view_name: str, join_key: str, write_batch_rows: int):
+    def __init__(self, feature_repo: str, fs_yaml_file: Path, environment: dict[str, str], view_name: str, join_key: str,
+                 write_batch_rows: int):
         from feast import FeatureStore
 
         os.environ.update(environment)
-        self.store = FeatureStore(repo_path=feature_repo)
+        self.store = FeatureStore(repo_path=feature_repo, fs_yaml_file=fs_yaml_file)
         self.view = self.store.get_feature_view(view_name)
         self.join_key, self.write_batch_rows = join_key, write_batch_rows
 
@@ -200,22 +206,28 @@ class OnlineWriter:
         import pyarrow.parquet as pq
 
         written = []
-        for path, row_group in zip(batch["path"], batch["row_group"]):
-            table = pq.ParquetFile(path).read_row_group(int(row_group), columns=[self.join_key, *EMBEDDING_COLUMNS])
+        for url, row_group in zip(batch["path"], batch["row_group"]):
+            fs, path = filesystem(str(url))
+            with fs.open(path, "rb") as f:
+                table = pq.ParquetFile(f).read_row_group(int(row_group), columns=[self.join_key, *EMBEDDING_COLUMNS])
             for chunk in table.to_batches(max_chunksize=self.write_batch_rows):
                 feast_online.write_batch(self.store, self.view, chunk, self.join_key)
             written.append(table.num_rows)
         return {"rows": np.array(written)}
 
 
-def _write_online_on_ray(config: PublishConfig, view_name: str, version_dir: Path, join_key: str) -> tuple[int, int]:
+def _write_online_on_ray(config: PublishConfig, view_name: str, version_dir: str, join_key: str) -> tuple[int, int]:
     import pyarrow.parquet as pq
     import ray
 
     from ray_jobs.common import alive_node_resources, describe, node_capacity, ray_session
 
-    units = [{"path": str(path), "row_group": group} for path in sorted(version_dir.glob("*.parquet"))
-             for group in range(pq.ParquetFile(path).num_row_groups)]
+    fs, root = filesystem(version_dir)
+    units = []
+    with storage_errors(version_dir):
+        for path in sorted(fs.glob(f"{root}/*.parquet")):
+            with fs.open(path, "rb") as f:
+                units += [{"path": url_of(fs, path), "row_group": group} for group in range(pq.ParquetFile(f).num_row_groups)]
     with ray_session():
         request = writer_request(config)
         if (capacity := node_capacity(request, alive_node_resources())) < 1:
@@ -225,7 +237,8 @@ def _write_online_on_ray(config: PublishConfig, view_name: str, version_dir: Pat
         log.info("writing %d row groups online with %d Ray writer(s)", len(units), writers)
         results = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
             OnlineWriter,
-            fn_constructor_kwargs={"feature_repo": str(Path(config.feature_repo).absolute()), "environment": _repo_environment(config),
+            fn_constructor_kwargs={"feature_repo": str(Path(config.feature_repo).absolute()), "fs_yaml_file": store_yaml(config),
+                                   "environment": _repo_environment(config),
                                    "view_name": view_name, "join_key": join_key, "write_batch_rows": config.write_batch_rows},
             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=writers, max_tasks_in_flight_per_actor=1),
             num_cpus=config.cpus_per_writer, resources=config.writer_resources,
@@ -239,12 +252,20 @@ def writer_request(config: PublishConfig) -> dict[str, float]:
     return {name: amount for name, amount in request.items() if amount > 0}
 
 
+def store_yaml(config: PublishConfig) -> Path:
+    """The feature_store.yaml in use: the option's, or the repo's own."""
+    path = Path(config.feature_store_yaml) if config.feature_store_yaml else Path(config.feature_repo) / "feature_store.yaml"
+    if not path.is_file():
+        raise InputError(f"{path}: no such feature_store.yaml")
+    return path.absolute()
+
+
 def _repo_environment(config: PublishConfig) -> dict[str, str]:
     """What the writer actors need to open the same store as this process: the embeddings location
     and the variables feature_store.yaml names (e.g. REDIS_CONNECTION_STRING). Passed as actor
     arguments, not a runtime_env, so a password does not show in Ray's dashboard."""
-    names = re.findall(r"\$\{(\w+)\}", (Path(config.feature_repo) / "feature_store.yaml").read_text())
-    return {"VAE_EMBEDDINGS_PATH": str(Path(config.embeddings).absolute())} | {n: os.environ[n] for n in names if n in os.environ}
+    names = re.findall(r"\$\{(\w+)\}", store_yaml(config).read_text())
+    return {"VAE_EMBEDDINGS_PATH": embeddings_root(config)} | {n: os.environ[n] for n in names if n in os.environ}
 
 
 def online_row_count(store, view) -> int | None:
@@ -451,15 +472,26 @@ def verify_online(store, feature_view: str, table: pa.Table, join_key: str, samp
     log.info("verified %d online rows against the embeddings Parquet", len(expected))
 
 
-def _version_directory(root: Path, version: str) -> Path:
-    versions = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+def embeddings_root(config: PublishConfig) -> str:
+    """The embeddings root as every process and Feast should see it: an absolute path, or the URL."""
+    fs, root = filesystem(config.embeddings)
+    return url_of(fs, root)
+
+
+def _version_directory(root: str, version: str) -> str:
+    """<root>/<version> (local or s3://); 'latest' is the newest version there."""
+    fs, path = filesystem(root)
+    with storage_errors(root):
+        fs.invalidate_cache(path)  # s3fs caches listings: a version another process just wrote must be seen
+        names = [entry.rstrip("/").rpartition("/")[2] for entry in fs.ls(path, detail=False)] if fs.isdir(path) else []
+        versions = sorted(name for name in names if not name.startswith((".", "_")) and fs.isdir(f"{path}/{name}"))
     if version == "latest":
         if not versions:
             raise InputError(f"{root}: no embeddings found; run the embed job first (vaectl embed)")
         version = versions[-1]
     elif version not in versions:
         raise InputError(f"{root}: no embeddings for model version '{version}' (have: {', '.join(versions[-5:]) or 'none'})")
-    return root / version
+    return url_of(fs, f"{path}/{version}")
 
 
 def main(argv: list[str] | None = None) -> dict:

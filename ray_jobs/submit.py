@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--working-dir", default=".", help="directory shipped to the cluster as the job's working directory")
     parser.add_argument("--python", default="python", help="interpreter on the cluster that has this project's dependencies")
     parser.add_argument("--runtime-env", metavar="YAML", help="more of the job's runtime_env (env_vars, pip, excludes, ...)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME",
+                        help="pass this variable of your environment to the job (repeatable), e.g. REDIS_CONNECTION_STRING")
     parser.add_argument("--submission-id", help="the job's id (default: Ray picks one)")
     parser.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     options, job_args = parser.parse_known_args(argv)
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
 
     runtime_env = _runtime_env(options.runtime_env)
     runtime_env["working_dir"] = str(working_dir)
+    if missing := [name for name in options.env if name not in os.environ]:
+        raise InputError(f"--env {missing[0]}: not set in this environment")
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **{name: os.environ[name] for name in options.env}}
     entrypoint = shlex.join([options.python, "-m", "ray_jobs.cli", options.job, *job_args])
     from ray.exceptions import AuthenticationError
 

@@ -119,6 +119,18 @@ def test_the_fit_check_catches_a_job_no_node_type_can_run():
     assert not any(fits(encoder_request(embed, cluster_has_gpus=False), resources) for resources in node_types)
 
 
+def test_the_production_feature_store_yaml_is_a_valid_feast_config(monkeypatch):
+    from feast.repo_config import load_repo_config
+
+    monkeypatch.setenv("REDIS_CONNECTION_STRING", "redis.example:6379,password=x")
+    config = load_repo_config(REPO / "feature_repo", REPO / "deploy" / "feature_store.yaml")
+    assert config.registry.path.startswith("s3://") and config.online_store.type == "redis"
+    assert config.project == load_repo_config(REPO / "feature_repo", REPO / "feature_repo" / "feature_store.yaml").project
+    publish = deploy_config(PublishConfig, "publish")
+    assert (REPO / publish.feature_store_yaml).resolve() == REPO / "deploy" / "feature_store.yaml"
+    assert publish.embeddings.startswith("s3://") and (publish.monitoring or "").startswith("s3://")
+
+
 # --- KubeRay --------------------------------------------------------------------------------------
 
 

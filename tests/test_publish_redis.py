@@ -1,12 +1,17 @@
 """Publishing with the Redis online store (the production switch in feature_store.yaml): a real
 password-protected redis-server on 127.0.0.1, key TTL, retired versions removed from Redis."""
 
+import uuid
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from ray_jobs.publish import PublishConfig, current_features, fetch_online, load_repo, publish
 from vae import InputError
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_publish_to_redis_with_password_ttl_and_retirement(versions, redis_repo):
@@ -48,19 +53,35 @@ def test_wrong_redis_password_is_one_clear_error(versions, redis_repo, monkeypat
     assert password not in str(raised.value)
 
 
-def test_parallel_writers_store_what_feast_reads(versions, redis_repo):
-    """Two Ray writer actors: every key counted in Redis, values read back through Feast."""
+def test_parallel_writers_publish_from_s3_into_the_production_store(versions, redis_repo, s3_endpoint, tmp_path, monkeypatch):
+    """The production layout: deploy/feature_store.yaml (registry on S3, Redis) with embeddings and the
+    gate's report on S3 (moto); two Ray writer actors read the version's files from S3 into Redis.
+    Every key counted, values read back through Feast from the S3 registry."""
+    import s3fs
     from feast import FeatureStore
 
     from ray_jobs.publish import online_row_count
 
     feature_repo, _, _ = redis_repo
     v1 = versions["names"][0]
-    summary = publish(PublishConfig(embeddings=str(versions["root"]), feature_repo=str(feature_repo), model_version=v1, writers=2,
-                                    parallel_min_rows=0, write_batch_rows=150, verify_rows=200))  # 5 files of up to 400 rows: 5 units over 2 actors
-    assert summary["rows"] == 1797 and summary["writers"] == 2
-    store = FeatureStore(repo_path=str(feature_repo))
-    assert online_row_count(store, store.get_feature_view(summary["view"])) == 1797
+    fs, bucket = s3fs.S3FileSystem(), f"vae-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    fs.put(str(versions["root"] / v1), f"{bucket}/embeddings/{v1}", recursive=True)  # Parquet files + _manifest.json
+    production = tmp_path / "feature_store.yaml"
+    production.write_text((REPO / "deploy" / "feature_store.yaml").read_text().replace("s3://my-bucket/", f"s3://{bucket}/"))
+    monkeypatch.setenv("FEAST_S3_ENDPOINT_URL", s3_endpoint)  # Feast's S3 registry (boto3) reads its endpoint from here
+    summary = publish(PublishConfig(embeddings=f"s3://{bucket}/embeddings", feature_repo=str(feature_repo),
+                                    feature_store_yaml=str(production), model_version="latest", monitoring=f"s3://{bucket}/monitoring",
+                                    writers=2, parallel_min_rows=0, write_batch_rows=150,
+                                    verify_rows=200))  # 5 files of up to 400 rows: 5 units over 2 actors
+    assert fs.exists(f"{bucket}/vae/feast/registry.pb") and not (feature_repo / "data" / "registry.db").exists()
+    assert summary["model_version"] == v1 and summary["rows"] == 1797 and summary["writers"] == 2
+    assert summary["gate"]["passed"] and summary["gate"]["report"].startswith(f"s3://{bucket}/monitoring/{v1}-")
+    assert fs.exists(summary["gate"]["report"]) and fs.exists(summary["gate"]["report"].replace("report.html", "report.json"))
+    store = FeatureStore(repo_path=str(feature_repo), fs_yaml_file=production)
+    view = store.get_feature_view(summary["view"])
+    assert view.batch_source.path == f"s3://{bucket}/embeddings/{v1}/*.parquet"  # offline reads go to S3 too
+    assert online_row_count(store, view) == 1797
     expected = pq.read_table(versions["root"] / v1).to_pandas().set_index("item_id")
     for row in fetch_online(store, summary["view"], list(range(0, 1797, 13)), "item_id"):
         np.testing.assert_array_equal(np.asarray(row["latent"], np.float32), np.asarray(expected.loc[row["item_id"], "latent"], np.float32))
