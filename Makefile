@@ -40,6 +40,7 @@ bench: setup redis-server
 	$(BIN)/python -m benchmarks.train
 	$(BIN)/python -m benchmarks.anomaly
 	$(BIN)/python -m benchmarks.drift
+	$(BIN)/python -m benchmarks.cluster
 
 # Point cluster.yaml and the KubeRay RayJob at this checkout's commit (push it before `ray up`).
 cluster-pin:

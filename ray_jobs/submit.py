@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 import yaml
+from ray.exceptions import AuthenticationError
 
+from ray_jobs.common import parse_config
 from vae.errors import InputError
 
 log = logging.getLogger("ray_jobs.submit")
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("job", choices=[name for name in JOBS if name != "submit"])
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS,
                         help=f"the cluster's job server (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
-    parser.add_argument("--working-dir", default=".", help="directory shipped to the cluster as the job's working directory")
+    parser.add_argument("--working-dir", help="directory shipped to the cluster as the job's working directory "
+                        "(default: the runtime env's working_dir, else .)")
     parser.add_argument("--python", default="python", help="interpreter on the cluster that has this project's dependencies")
     parser.add_argument("--runtime-env", metavar="YAML", help="more of the job's runtime_env (env_vars, pip, excludes, ...)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME",
@@ -53,22 +56,18 @@ def main(argv: list[str] | None = None) -> None:
     # Paths inside them (--config) are relative to the working directory, as on the cluster.
     module_name, config_name, _ = JOBS[options.job]
     config_class = getattr(importlib.import_module(module_name), config_name)
-    working_dir = Path(options.working_dir)
+    runtime_env = _runtime_env(options.runtime_env)
+    working_dir = Path(options.working_dir or runtime_env.get("working_dir") or ".")
     if not working_dir.is_dir():
-        raise InputError(f"--working-dir {options.working_dir}: not a directory")
-    from ray_jobs.common import parse_config
-
+        raise InputError(f"working dir {working_dir}: not a directory")
     with contextlib.chdir(working_dir):
         parse_config(config_class, job_args, prog=f"vaectl {options.job}")
 
-    runtime_env = _runtime_env(options.runtime_env)
     runtime_env["working_dir"] = str(working_dir)
     if missing := [name for name in options.env if name not in os.environ]:
         raise InputError(f"--env {missing[0]}: not set in this environment")
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **{name: os.environ[name] for name in options.env}}
     entrypoint = shlex.join([options.python, "-m", "ray_jobs.cli", options.job, *job_args])
-    from ray.exceptions import AuthenticationError
-
     try:
         client = connect(options.address)
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=options.submission_id,

@@ -59,15 +59,19 @@ def _node_ports() -> list[str]:
 
 
 @contextlib.contextmanager
-def local_cluster(work: Path, head_cpus: int, nodes: list[dict], timeout: float = 90) -> Iterator[LocalCluster]:
+def local_cluster(work: Path, head_cpus: int, nodes: list[dict], timeout: float = 150) -> Iterator[LocalCluster]:
     """nodes: one dict per joined node, e.g. {"num_cpus": 2, "num_gpus": 1, "resources": {...}}."""
     ray = str(Path(sys.executable).parent / "ray")
     token = secrets.token_hex(32)
     token_path = work / "auth_token"
     token_path.write_text(token)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-    # No drain on SIGTERM: nothing to hand over when a test cluster stops.
-    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
+            # No drain on SIGTERM: nothing to hand over when a test cluster stops.
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            # Ray gives a raylet 30 s to register; a fresh venv's first dashboard start (compiling its
+            # modules) on a busy 2-core machine took longer once.
+            "RAY_raylet_start_wait_time_s": "120"}
     gcs_port, dashboard_port = free_port(), free_port()
     cluster = LocalCluster(address=f"http://127.0.0.1:{dashboard_port}", gcs_address=f"127.0.0.1:{gcs_port}", token=token, env=env)
     common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
@@ -76,14 +80,15 @@ def local_cluster(work: Path, head_cpus: int, nodes: list[dict], timeout: float 
             ray, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
             f"--ray-client-server-port={free_port()}", f"--num-cpus={head_cpus}", "--num-gpus=0", *_node_ports(), *common,
         ], env, work / "head.log"))
-        _wait(lambda: len(cluster.nodes()) == 1, timeout, "the head node", work / "head.log")
+        _wait(lambda: len(cluster.nodes()) == 1, timeout, "the head node", work / "head.log", cluster.processes)
         for index, node in enumerate(nodes):
             cluster.processes.append(_start([
                 ray, "start", f"--address={cluster.gcs_address}", f"--num-cpus={node['num_cpus']}",
                 f"--num-gpus={node.get('num_gpus', 0)}", f"--resources={json.dumps(node.get('resources', {}))}",
                 *_node_ports(), *common,
             ], env, work / f"node{index}.log"))
-        _wait(lambda: sum(n["state"] == "ALIVE" for n in cluster.nodes()) == 1 + len(nodes), timeout, "the nodes", work / "node0.log")
+        _wait(lambda: sum(n["state"] == "ALIVE" for n in cluster.nodes()) == 1 + len(nodes), timeout, "the nodes",
+              work / "node0.log", cluster.processes)
         yield cluster
     finally:
         stop(cluster.processes)
@@ -95,14 +100,14 @@ def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pop
         return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait(condition, timeout: float, what: str, log: Path) -> None:
+def _wait(condition, timeout: float, what: str, log: Path, processes: list[subprocess.Popen]) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and all(p.poll() is None for p in processes):  # a `ray start` that exited won't come up
         with contextlib.suppress(Exception):  # not up yet: connection refused, 503, ...
             if condition():
                 return
         time.sleep(0.5)
-    raise TimeoutError(f"{what} did not come up in {timeout:.0f}s; log:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"{what} did not come up; log:\n{log.read_text()[-3000:]}")
 
 
 def stop(processes: list[subprocess.Popen], grace: float = 20) -> None:

@@ -19,7 +19,7 @@ work, data = Path(sys.argv[1]), sys.argv[2]
 cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 workers = [cluster.add_node(num_cpus=1, resources={"trainer": 1}) for _ in range(2)]
 config = TrainConfig(
-    data=data, vector_column="vec", likelihood="gaussian", latent_dim=4, hidden_dims=[256, 256], epochs=10, batch_size=64,
+    data=data, vector_column="vec", likelihood="gaussian", latent_dim=4, hidden_dims=[256, 256], epochs=6, batch_size=64,
     kl_warmup_epochs=0, num_workers=2, worker_resources={"trainer": 1}, max_failures=2, iw_samples=20, report_rows=0,
     model_root=str(work / "models"), storage_path=str(work / "ray_results"), run_name="node-failure",
 )

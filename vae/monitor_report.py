@@ -55,12 +55,14 @@ def _dimensions(reference: np.ndarray, new: np.ndarray, drifted: set[int]) -> by
             continue
         both = np.concatenate([reference[:, index], new[:, index]])
         bins = np.linspace(*np.percentile(both, [0.5, 99.5]), 40) if np.ptp(both) > 0 else 10
-        axis.hist(reference[:, index], bins=bins, density=True, alpha=0.5, label="reference")
-        axis.hist(new[:, index], bins=bins, density=True, alpha=0.5, label="new")
+        axis.hist(reference[:, index], bins=bins, density=True, alpha=0.5, label="reference", histtype="stepfilled")
+        axis.hist(new[:, index], bins=bins, density=True, alpha=0.5, label="new", histtype="stepfilled")
         axis.set_title(f"z{index}", color="tab:red" if index in drifted else "black", fontsize=9)
         axis.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=7)
-    return _png(figure)
+    # fixed margins: tight_layout over 16 small axes costs half a second per report
+    figure.subplots_adjust(left=0.04, right=0.99, bottom=0.5 / (2.2 * rows), top=1 - 0.35 / (2.2 * rows), wspace=0.25, hspace=0.55)
+    return _png(figure, tight=False)
 
 
 def _mmd_null(null: np.ndarray, observed: float, p_value: float) -> bytes:
@@ -95,9 +97,10 @@ def _scores(reference: np.ndarray | None, new: np.ndarray, threshold: float | No
     return _png(figure)
 
 
-def _png(figure: plt.Figure) -> bytes:
+def _png(figure: plt.Figure, tight: bool = True) -> bytes:
     buffer = io.BytesIO()
-    figure.tight_layout()
+    if tight:
+        figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=90)
     plt.close(figure)
     return buffer.getvalue()
