@@ -45,18 +45,24 @@ def parse_config(config_class: type[ConfigT], argv: list[str] | None, prog: str)
     args = vars(parser.parse_args(argv))
     values: dict = {}
     if config_path := args.pop("config", None):
-        try:
-            values = yaml.safe_load(Path(config_path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise InputError(f"config {config_path}: {error}") from None
-        if not isinstance(values, dict):
-            raise InputError(f"config {config_path}: expected a mapping of option names to values")
+        values = read_yaml_mapping(config_path, "config", "option names to values")
     values.update({name: _parse_flag(raw) for name, raw in args.items()})
     try:
         return config_class(**values)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise InputError(f"invalid {prog} config: {problems}") from None
+
+
+def read_yaml_mapping(path: str, what: str, of: str) -> dict:
+    """A YAML file that must hold a mapping; anything else is one clear error naming the file."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise InputError(f"{what} {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{what} {path}: expected a mapping of {of}")
+    return values
 
 
 def _parse_flag(raw: str):

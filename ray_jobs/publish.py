@@ -90,13 +90,13 @@ def _publish(config: PublishConfig) -> dict:
 
     started = time.perf_counter()
     # The definitions read the embeddings location from here, as `feast apply` would.
-    os.environ["VAE_EMBEDDINGS_PATH"] = embeddings_root(config)
+    os.environ["VAE_EMBEDDINGS_PATH"] = root = embeddings_root(config)
     repo = load_repo(Path(config.feature_repo))
     store = FeatureStore(repo_path=str(Path(config.feature_repo).absolute()), fs_yaml_file=store_yaml(config))
     if config.rollback:
         return {"model_version": rollback(store, repo), "rows": 0, "write_seconds": 0.0, "sample": []}
 
-    version_dir = _version_directory(embeddings_root(config), config.model_version)
+    version_dir = _version_directory(root, config.model_version)
     version = version_dir.rpartition("/")[2]
     view = repo.version_view(version)
     view.tags[PUBLISHED_TAG] = datetime.now(UTC).isoformat()  # keep_online keeps the most recently published
@@ -483,8 +483,9 @@ def _version_directory(root: str, version: str) -> str:
     fs, path = filesystem(root)
     with storage_errors(root):
         fs.invalidate_cache(path)  # s3fs caches listings: a version another process just wrote must be seen
-        names = [entry.rstrip("/").rpartition("/")[2] for entry in fs.ls(path, detail=False)] if fs.isdir(path) else []
-        versions = sorted(name for name in names if not name.startswith((".", "_")) and fs.isdir(f"{path}/{name}"))
+        entries = fs.ls(path, detail=True) if fs.isdir(path) else []  # one listing, types included
+    names = [entry["name"].rstrip("/").rpartition("/")[2] for entry in entries if entry["type"] == "directory"]
+    versions = sorted(name for name in names if not name.startswith((".", "_")))
     if version == "latest":
         if not versions:
             raise InputError(f"{root}: no embeddings found; run the embed job first (vaectl embed)")

@@ -18,10 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from ray.exceptions import AuthenticationError
 
-from ray_jobs.common import parse_config
+from ray_jobs.common import parse_config, read_yaml_mapping
 from vae.errors import InputError
 
 log = logging.getLogger("ray_jobs.submit")
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     # Paths inside them (--config) are relative to the working directory, as on the cluster.
     module_name, config_name, _ = JOBS[options.job]
     config_class = getattr(importlib.import_module(module_name), config_name)
-    runtime_env = _runtime_env(options.runtime_env)
+    runtime_env = read_yaml_mapping(options.runtime_env, "--runtime-env", "runtime_env fields") if options.runtime_env else {}
     working_dir = Path(options.working_dir or runtime_env.get("working_dir") or ".")
     if not working_dir.is_dir():
         raise InputError(f"working dir {working_dir}: not a directory")
@@ -140,18 +139,6 @@ def follow(client, job_id: str) -> tuple[str, int, str]:
     # The driver's own exit code when it has one: 2 is bad input, as when the job runs locally.
     exit_code = info.driver_exit_code if getattr(info, "driver_exit_code", None) else 1
     return status, exit_code, _first_line(info.message or "")
-
-
-def _runtime_env(path: str | None) -> dict:
-    if path is None:
-        return {}
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise InputError(f"--runtime-env {path}: {error}") from None
-    if not isinstance(values, dict):
-        raise InputError(f"--runtime-env {path}: expected a mapping (env_vars, pip, excludes, ...)")
-    return values
 
 
 def _first_line(text: str) -> str:
