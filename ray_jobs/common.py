@@ -129,11 +129,6 @@ def ray_session() -> Iterator[None]:
         ray.shutdown()
 
 
-def fits(request: dict[str, float], node: dict[str, float]) -> bool:
-    """Whether one node's resources hold a request: every resource it names, in that amount."""
-    return all(node.get(name, 0) >= amount for name, amount in request.items() if amount > 0)
-
-
 def node_capacity(request: dict[str, float], nodes: list[dict[str, float]]) -> int:
     """How many copies of a request (one worker's or actor's resources) the nodes hold at once:
     counted per node, since an actor can't straddle two half-free nodes."""

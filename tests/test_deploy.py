@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from ray_jobs.cli import JOBS
-from ray_jobs.common import fits, parse_config
+from ray_jobs.common import node_capacity, parse_config
 from ray_jobs.embed import EmbedConfig, encoder_request
 from ray_jobs.publish import PublishConfig, writer_request
 from ray_jobs.train import TrainConfig, worker_request
@@ -23,6 +23,10 @@ CLUSTER_YAML = REPO / "cluster.yaml"
 RAYJOB_YAML = REPO / "deploy" / "kuberay" / "rayjob.yaml"
 IMAGE = re.compile(r"rayproject/ray:2\.60\.\d+-py311-gpu")
 PIN = re.compile(r"vae-feast(?:\.git@|/archive/)([0-9a-f]{40})\b")
+
+
+def fits(request: dict[str, float], node: dict[str, float]) -> bool:
+    return node_capacity(request, [node]) >= 1  # the jobs' own capacity rule, for one node
 
 
 def deploy_config(config_class, name: str):
