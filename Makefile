@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The local CPU wheel; on a GPU machine set TORCH_SPEC to the CUDA build you want.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench lint clean redis-server chromium cluster-pin
+.PHONY: setup demo test test-unit bench lint clean redis-server chromium cluster-pin
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ demo: setup
 
 test: setup redis-server chromium
 	$(BIN)/python -m pytest -q
+
+# The library, configs and deployment files without servers or Ray: seconds.
+test-unit: setup
+	$(BIN)/python -m pytest -q tests/unit
 
 # The Redis tests start their own redis-server on 127.0.0.1; install it when the machine lacks it.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -48,8 +52,11 @@ cluster-pin:
 	sed -i -E "s/(vae-feast(\.git@|\/archive\/))[0-9a-f]{40}/\1$$(git rev-parse HEAD)/g" cluster.yaml deploy/kuberay/rayjob.yaml
 	@grep -hoE "vae-feast(\.git@|/archive/)[0-9a-f]{40}" cluster.yaml deploy/kuberay/rayjob.yaml | sort -u
 
+SOURCES := vae feast_embeddings ray_jobs feature_repo tests benchmarks
+# Lines of at most 110 characters (pyproject.toml), imports in order, one formatting.
 lint: setup
-	$(BIN)/ruff check vae ray_jobs tests benchmarks feature_repo
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
 
 clean:
 	rm -rf demo_output ray_results feature_repo/data benchmarks/results

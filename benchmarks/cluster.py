@@ -25,7 +25,7 @@ from benchmarks.common import save, untrained_version, write_vectors
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the cluster helper the integration test uses
-from local_cluster import local_cluster
+from helpers.local_cluster import local_cluster  # noqa: E402
 
 
 def main() -> None:
@@ -38,8 +38,19 @@ def main() -> None:
         work = Path(scratch)
         data = write_vectors(work / "vectors", args.rows, 64)
         version = untrained_version(work / "models", 64)
-        embed = ["embed", "--data", str(data), "--model-root", str(work / "models"), "--model-version", version,
-                 "--num-encoders", "2", "--cpus-per-encoder", "1"]
+        embed = [
+            "embed",
+            "--data",
+            str(data),
+            "--model-root",
+            str(work / "models"),
+            "--model-version",
+            version,
+            "--num-encoders",
+            "2",
+            "--cpus-per-encoder",
+            "1",
+        ]
         with local_cluster(work, head_cpus=1, nodes=[{"num_cpus": 2}]) as cluster:
             direct_env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
             runs: dict[str, list[float]] = {"direct": [], "submitted": []}
@@ -49,26 +60,55 @@ def main() -> None:
                     if path == "direct":
                         command = [sys.executable, "-m", "ray_jobs.cli", *embed, *output]
                     else:
-                        command = [sys.executable, "-m", "ray_jobs.cli", "submit", embed[0], "--address", cluster.address,
-                                   "--working-dir", str(REPO), "--python", sys.executable, *embed[1:], *output]
+                        command = [
+                            sys.executable,
+                            "-m",
+                            "ray_jobs.cli",
+                            "submit",
+                            embed[0],
+                            "--address",
+                            cluster.address,
+                            "--working-dir",
+                            str(REPO),
+                            "--python",
+                            sys.executable,
+                            *embed[1:],
+                            *output,
+                        ]
                     started = time.perf_counter()
-                    result = subprocess.run(command, check=False, env=direct_env if path == "direct" else cluster.env,
-                                            capture_output=True, text=True, cwd=REPO)
+                    result = subprocess.run(
+                        command,
+                        check=False,
+                        env=direct_env if path == "direct" else cluster.env,
+                        capture_output=True,
+                        text=True,
+                        cwd=REPO,
+                    )
                     seconds = time.perf_counter() - started
                     if result.returncode != 0:
-                        raise SystemExit(f"{path} run failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+                        raise SystemExit(
+                            f"{path} run failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+                        )
                     runs[path].append(seconds)
                     print(f"{path:>9} run {repeat + 1}: {seconds:.2f} s", flush=True)
 
     direct, submitted = median(runs["direct"]), median(runs["submitted"])
     result = {
-        "rows": args.rows, "dim": 64, "repeats": args.repeats, "cluster": "head (1 CPU) + node (2 CPUs), ray start on 127.0.0.1",
-        "direct_seconds": [round(s, 2) for s in runs["direct"]], "submitted_seconds": [round(s, 2) for s in runs["submitted"]],
-        "direct_median_s": round(direct, 2), "submitted_median_s": round(submitted, 2),
-        "job_overhead_median_s": round(submitted - direct, 2), "submitted_over_direct": round(submitted / direct, 3),
+        "rows": args.rows,
+        "dim": 64,
+        "repeats": args.repeats,
+        "cluster": "head (1 CPU) + node (2 CPUs), ray start on 127.0.0.1",
+        "direct_seconds": [round(s, 2) for s in runs["direct"]],
+        "submitted_seconds": [round(s, 2) for s in runs["submitted"]],
+        "direct_median_s": round(direct, 2),
+        "submitted_median_s": round(submitted, 2),
+        "job_overhead_median_s": round(submitted - direct, 2),
+        "submitted_over_direct": round(submitted / direct, 3),
     }
-    print(f"vaectl submit / direct driver (median of {args.repeats}): {submitted:.2f} / {direct:.2f} s = "
-          f"{submitted / direct:.3f}x (overhead {submitted - direct:+.2f} s)")
+    print(
+        f"vaectl submit / direct driver (median of {args.repeats}): {submitted:.2f} / {direct:.2f} s = "
+        f"{submitted / direct:.3f}x (overhead {submitted - direct:+.2f} s)"
+    )
     save("cluster", result)
 
 

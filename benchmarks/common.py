@@ -23,11 +23,15 @@ def write_vectors(directory: Path, rows: int, dim: int, files: int = 4, seed: in
     directory.mkdir(parents=True, exist_ok=True)
     per_file = rows // files
     for i in range(files):
-        values = centers[rng.integers(0, 10, per_file)] + 0.3 * rng.standard_normal((per_file, dim), dtype=np.float32)
-        table = pa.table({
-            "item_id": pa.array(np.arange(i * per_file, (i + 1) * per_file), pa.int64()),
-            "vec": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), dim),
-        })
+        values = centers[rng.integers(0, 10, per_file)] + 0.3 * rng.standard_normal(
+            (per_file, dim), dtype=np.float32
+        )
+        table = pa.table(
+            {
+                "item_id": pa.array(np.arange(i * per_file, (i + 1) * per_file), pa.int64()),
+                "vec": pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), dim),
+            }
+        )
         pq.write_table(table, directory / f"part-{i:03d}.parquet", row_group_size=65536)
     return directory
 
@@ -37,8 +41,15 @@ def untrained_version(model_root: Path, dim: int, latent_dim: int = 16, hidden=(
     torch.manual_seed(0)
     model = VAE(ModelConfig(dim, latent_dim, hidden, "gaussian"))
     stats = FeatureStats.of(np.random.default_rng(0).standard_normal((1000, dim)).astype(np.float32))
-    return save_model_version(model_root, model, Normalizer.fit(stats, "gaussian"), FeatureSchema("item_id", dim, vector_column="vec"),
-                              {}, {}, {"source": "synthetic"})
+    return save_model_version(
+        model_root,
+        model,
+        Normalizer.fit(stats, "gaussian"),
+        FeatureSchema("item_id", dim, vector_column="vec"),
+        {},
+        {},
+        {"source": "synthetic"},
+    )
 
 
 def timed(fn) -> tuple[float, object]:
@@ -97,6 +108,18 @@ def http_load(url: str, payload: dict, clients: int, seconds: float) -> dict:
     for thread in threads:
         thread.join()
     ordered = sorted(latencies)
-    percentile = (lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)) if ordered else (lambda q: None)
-    return {"clients": clients, "seconds": seconds, "requests": len(ordered), "errors": len(errors), "first_errors": errors[:3],
-            "requests_per_s": round(len(ordered) / seconds, 1), "p50_ms": percentile(0.5), "p99_ms": percentile(0.99)}
+    percentile = (
+        (lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2))
+        if ordered
+        else (lambda q: None)
+    )
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "requests": len(ordered),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "requests_per_s": round(len(ordered) / seconds, 1),
+        "p50_ms": percentile(0.5),
+        "p99_ms": percentile(0.99),
+    }

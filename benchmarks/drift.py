@@ -24,17 +24,23 @@ import pyarrow.parquet as pq
 
 from benchmarks.common import save, timed
 from benchmarks.mnist import write_mnist_parquet
-from ray_jobs.common import ray_session
+from ray_jobs.cluster import ray_session
+from ray_jobs.config import TrainConfig
 from ray_jobs.monitor import read_embeddings
-from ray_jobs.train import TrainConfig, train
+from ray_jobs.train import train
 from vae import encode_matrix, features_to_numpy, load_model_version
-from vae.encode import latent_column
+from vae.embeddings import latent_column
 from vae.monitoring import DRIFT_TESTS, drift_test
 
 
 def rates(results: list[dict]) -> dict:
-    return {"combined": sum(r["detected"] for r in results) / len(results),
-            **{name: sum(r["tests"][name]["p_value"] < r["alpha"] for r in results) / len(results) for name in DRIFT_TESTS}}
+    return {
+        "combined": sum(r["detected"] for r in results) / len(results),
+        **{
+            name: sum(r["tests"][name]["p_value"] < r["alpha"] for r in results) / len(results)
+            for name in DRIFT_TESTS
+        },
+    }
 
 
 def write_large_embeddings(directory: Path, rows: int, dim: int = 16) -> None:
@@ -43,33 +49,57 @@ def write_large_embeddings(directory: Path, rows: int, dim: int = 16) -> None:
     per_file = 250_000
     for start in range(0, rows, per_file):
         count = min(per_file, rows - start)
-        pq.write_table(pa.table({
-            "item_id": pa.array(np.arange(start, start + count), pa.int64()),
-            "latent": latent_column(rng.standard_normal((count, dim), dtype=np.float32)),
-            "anomaly_score": pa.array(rng.random(count, dtype=np.float32)),
-            "model_version": pa.array(["bench"] * count),
-            "event_timestamp": pa.array([datetime(2026, 1, 1, tzinfo=UTC)] * count, pa.timestamp("us", tz="UTC")),
-        }), directory / f"part-{start // per_file:06d}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "item_id": pa.array(np.arange(start, start + count), pa.int64()),
+                    "latent": latent_column(rng.standard_normal((count, dim), dtype=np.float32)),
+                    "anomaly_score": pa.array(rng.random(count, dtype=np.float32)),
+                    "model_version": pa.array(["bench"] * count),
+                    "event_timestamp": pa.array(
+                        [datetime(2026, 1, 1, tzinfo=UTC)] * count, pa.timestamp("us", tz="UTC")
+                    ),
+                }
+            ),
+            directory / f"part-{start // per_file:06d}.parquet",
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=40)
-    parser.add_argument("--extra-null-repeats", type=int, default=0, help="more random-halves repeats, to pin the false-alarm rate down")
+    parser.add_argument(
+        "--extra-null-repeats",
+        type=int,
+        default=0,
+        help="more random-halves repeats, to pin the false-alarm rate down",
+    )
     parser.add_argument("--permutations", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--rows", type=int, default=2_000_000, help="rows of the large embeddings set read both ways")
+    parser.add_argument(
+        "--rows", type=int, default=2_000_000, help="rows of the large embeddings set read both ways"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     with tempfile.TemporaryDirectory() as work_dir, ray_session():
         work = Path(work_dir)
         data = write_mnist_parquet(work / "mnist.parquet")
-        version = train(TrainConfig(
-            data=str(data), vector_column="pixels", image_shape=[1, 28, 28], latent_dim=16, hidden_dims=[256, 128],
-            epochs=args.epochs, num_workers=2, iw_samples=0, report_rows=0, model_root=str(work / "models"),
-            storage_path=str(work / "ray_results"),
-        ))
+        version = train(
+            TrainConfig(
+                data=str(data),
+                vector_column="pixels",
+                image_shape=[1, 28, 28],
+                latent_dim=16,
+                hidden_dims=[256, 128],
+                epochs=args.epochs,
+                num_workers=2,
+                iw_samples=0,
+                report_rows=0,
+                model_root=str(work / "models"),
+                storage_path=str(work / "ray_results"),
+            )
+        )
         loaded = load_model_version(work / "models", version)
         matrix = features_to_numpy(pq.read_table(data), loaded.features)
         latents = encode_matrix(loaded.model, loaded.normalizer, matrix)[0]
@@ -80,32 +110,69 @@ def main() -> None:
         for repeat in range(args.repeats):
             order = np.random.default_rng(repeat).permutation(len(matrix))
             first, second = order[: len(order) // 2], order[len(order) // 2 :]
-            null.append(drift_test(latents[first], latents[second], alpha=0.05, permutations=args.permutations, seed=repeat))
+            null.append(
+                drift_test(
+                    latents[first], latents[second], alpha=0.05, permutations=args.permutations, seed=repeat
+                )
+            )
             moved = matrix[second].copy()
             moved[:, shifted_pixels] += 0.25 * spread[shifted_pixels]
             moved_latents = encode_matrix(loaded.model, loaded.normalizer, moved)[0]
-            planted.append(drift_test(latents[first], moved_latents, alpha=0.05, permutations=args.permutations, seed=repeat))
-            print(f"repeat {repeat}: halves p = {null[-1]['p_value']:.3f}, planted shift p = {planted[-1]['p_value']:.2e}", flush=True)
+            planted.append(
+                drift_test(
+                    latents[first], moved_latents, alpha=0.05, permutations=args.permutations, seed=repeat
+                )
+            )
+            print(
+                f"repeat {repeat}: halves p = {null[-1]['p_value']:.3f}, planted shift p = "
+                f"{planted[-1]['p_value']:.2e}",
+                flush=True,
+            )
         extra = []
         for repeat in range(args.repeats, args.repeats + args.extra_null_repeats):
             order = np.random.default_rng(repeat).permutation(len(matrix))
             half = len(order) // 2
-            extra.append(drift_test(latents[order[:half]], latents[order[half:]], alpha=0.05, permutations=args.permutations, seed=repeat))
+            extra.append(
+                drift_test(
+                    latents[order[:half]],
+                    latents[order[half:]],
+                    alpha=0.05,
+                    permutations=args.permutations,
+                    seed=repeat,
+                )
+            )
 
         write_large_embeddings(work / "large", args.rows)
         in_process, _ = timed(lambda: read_embeddings(str(work / "large"), 5000, in_memory_rows=args.rows))
         with_ray, sample = timed(lambda: read_embeddings(str(work / "large"), 5000, in_memory_rows=0))
-        test_seconds, _ = timed(lambda: drift_test(sample.latents, sample.latents[::-1] + 0.0, permutations=args.permutations))
+        test_seconds, _ = timed(
+            lambda: drift_test(sample.latents, sample.latents[::-1] + 0.0, permutations=args.permutations)
+        )
 
     result = {
-        "data": "MNIST test split, 10,000 images; two halves of 5,000", "model": {"latent_dim": 16, "epochs": args.epochs},
-        "repeats": args.repeats, "permutations": args.permutations, "alpha": 0.05,
-        "false_alarm_rate": rates(null), "bar_false_alarms_at_most": 0.05, "bar_met": rates(null)["combined"] <= 0.05,
-        "false_alarm_rate_all_repeats": {"repeats": len(null) + len(extra), **rates(null + extra)} if extra else None,
-        "planted_shift": {"size_sd": 0.25, "features": f"{len(shifted_pixels)} of {matrix.shape[1]} pixels (10%, most variable)",
-                          "power": rates(planted)},
-        "large_read": {"rows": args.rows, "in_process_seconds": round(in_process, 2), "ray_data_seconds": round(with_ray, 2),
-                       "ray_over_in_process": round(with_ray / in_process, 2), "drift_test_seconds_5000_per_side": round(test_seconds, 2)},
+        "data": "MNIST test split, 10,000 images; two halves of 5,000",
+        "model": {"latent_dim": 16, "epochs": args.epochs},
+        "repeats": args.repeats,
+        "permutations": args.permutations,
+        "alpha": 0.05,
+        "false_alarm_rate": rates(null),
+        "bar_false_alarms_at_most": 0.05,
+        "bar_met": rates(null)["combined"] <= 0.05,
+        "false_alarm_rate_all_repeats": {"repeats": len(null) + len(extra), **rates(null + extra)}
+        if extra
+        else None,
+        "planted_shift": {
+            "size_sd": 0.25,
+            "features": f"{len(shifted_pixels)} of {matrix.shape[1]} pixels (10%, most variable)",
+            "power": rates(planted),
+        },
+        "large_read": {
+            "rows": args.rows,
+            "in_process_seconds": round(in_process, 2),
+            "ray_data_seconds": round(with_ray, 2),
+            "ray_over_in_process": round(with_ray / in_process, 2),
+            "drift_test_seconds_5000_per_side": round(test_seconds, 2),
+        },
     }
     save("drift", result)
 

@@ -44,10 +44,12 @@ from vae import (
     load_model_version,
     save_model_version,
 )
-from vae.encode import latent_column
+from vae.embeddings import latent_column
 
 
-def plain_loop(data: Path, model_root: Path, version: str, output: Path, threads: int, batch_size: int) -> int:
+def plain_loop(
+    data: Path, model_root: Path, version: str, output: Path, threads: int, batch_size: int
+) -> int:
     """The hand-written baseline: one process, no Ray, pyarrow batches in, torch, Parquet out."""
     torch.set_num_threads(threads)
     loaded = load_model_version(model_root, version)
@@ -57,15 +59,23 @@ def plain_loop(data: Path, model_root: Path, version: str, output: Path, threads
     for i, path in enumerate(sorted(data.glob("*.parquet"))):
         with pq.ParquetWriter(output / f"part-{i}.parquet", schema=_schema()) as writer:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
-                mean, score = encode_matrix(loaded.model, loaded.normalizer, features_to_numpy(batch, loaded.features))
-                columns_out = {"item_id": batch.column("item_id"), "latent": latent_column(mean), "anomaly_score": score}
+                mean, score = encode_matrix(
+                    loaded.model, loaded.normalizer, features_to_numpy(batch, loaded.features)
+                )
+                columns_out = {
+                    "item_id": batch.column("item_id"),
+                    "latent": latent_column(mean),
+                    "anomaly_score": score,
+                }
                 writer.write_table(pa.table(columns_out, schema=_schema()))
                 rows += len(mean)
     return rows
 
 
 def _schema() -> pa.Schema:
-    return pa.schema([("item_id", pa.int64()), ("latent", pa.list_(pa.float32())), ("anomaly_score", pa.float32())])
+    return pa.schema(
+        [("item_id", pa.int64()), ("latent", pa.list_(pa.float32())), ("anomaly_score", pa.float32())]
+    )
 
 
 def matmul_flops_per_second(threads: int, size: int = 1024, repeats: int = 20) -> float:
@@ -80,7 +90,8 @@ def matmul_flops_per_second(threads: int, size: int = 1024, repeats: int = 20) -
 
 
 def model_flops_per_row(model: VAE) -> int:
-    """Multiply-adds x 2 of every Linear layer: encoder, posterior heads and decoder (the anomaly score decodes)."""
+    """Multiply-adds x 2 of every Linear layer: encoder, posterior heads and decoder (the anomaly score
+    decodes)."""
     return sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
@@ -90,8 +101,12 @@ def write_images(directory: Path, rows: int, files: int = 4) -> Path:
     per_file = rows // files
     for i in range(files):
         images = rng.integers(0, 256, size=(per_file, 784), dtype=np.uint8)
-        table = pa.table({"item_id": np.arange(i * per_file, (i + 1) * per_file),
-                          "image": pa.FixedSizeListArray.from_arrays(pa.array(images.ravel()), 784)})
+        table = pa.table(
+            {
+                "item_id": np.arange(i * per_file, (i + 1) * per_file),
+                "image": pa.FixedSizeListArray.from_arrays(pa.array(images.ravel()), 784),
+            }
+        )
         pq.write_table(table, directory / f"part-{i:03d}.parquet", row_group_size=65536)
     return directory
 
@@ -101,12 +116,15 @@ def image_version(model_root: Path) -> str:
     model = VAE(ModelConfig(784, 32, (512, 256), "bernoulli"))
     stats = FeatureStats.of(np.random.default_rng(0).integers(0, 256, (1000, 784)).astype(np.float32))
     features = FeatureSchema("item_id", 784, vector_column="image", image_shape=(1, 28, 28))
-    return save_model_version(model_root, model, Normalizer.fit(stats, "bernoulli"), features, {}, {}, {"source": "synthetic"})
+    return save_model_version(
+        model_root, model, Normalizer.fit(stats, "bernoulli"), features, {}, {}, {"source": "synthetic"}
+    )
 
 
 def compare(work: Path, data: Path, version: str, rows: int, repeats: int, batch_size: int) -> dict:
     """Plain loop (1 and 2 threads) and the Ray job, alternating, `repeats` times."""
-    from ray_jobs.embed import EmbedConfig, embed
+    from ray_jobs.config import EmbedConfig
+    from ray_jobs.embed import embed
 
     plain: dict[int, list[float]] = {1: [], 2: []}
     job_end_to_end: list[float] = []
@@ -115,21 +133,32 @@ def compare(work: Path, data: Path, version: str, rows: int, repeats: int, batch
     for repeat in range(repeats):
         for threads in (1, 2):
             output = work / f"plain-{threads}"
-            seconds, written = timed(lambda: plain_loop(data, work / "models", version, output, threads, batch_size))  # noqa: B023
+            seconds, written = timed(
+                lambda: plain_loop(data, work / "models", version, output, threads, batch_size)  # noqa: B023
+            )
             assert written == rows
             plain[threads].append(rows / seconds)
             shutil.rmtree(output)
-        config = EmbedConfig(data=str(data), model_root=str(work / "models"), model_version=version, output=str(work / "ray"),
-                             batch_size=batch_size)
+        config = EmbedConfig(
+            data=str(data),
+            model_root=str(work / "models"),
+            model_version=version,
+            output=str(work / "ray"),
+            batch_size=batch_size,
+        )
         seconds, result = timed(lambda: embed(config))  # noqa: B023
         assert result.embedded_rows == rows
         job_end_to_end.append(rows / seconds)
         job_steady.append(rows / result.encode_seconds)
         job_startup.append(result.startup_seconds)
         shutil.rmtree(work / "ray")
-        print(f"  {rows:,} rows, repeat {repeat}: plain 1 thread {plain[1][-1]:,.0f} rows/s, 2 threads {plain[2][-1]:,.0f}; "
-              f"ray job end to end {job_end_to_end[-1]:,.0f}, steady {job_steady[-1]:,.0f}, start-up {job_startup[-1]:.1f}s",
-              flush=True)
+        print(
+            f"  {rows:,} rows, repeat {repeat}: plain 1 thread {plain[1][-1]:,.0f} rows/s, 2 threads "
+            f"{plain[2][-1]:,.0f}; "
+            f"ray job end to end {job_end_to_end[-1]:,.0f}, steady {job_steady[-1]:,.0f}, start-up "
+            f"{job_startup[-1]:.1f}s",
+            flush=True,
+        )
     best_plain = max(median(plain[1]), median(plain[2]))
     return {
         "rows": rows,
@@ -153,14 +182,24 @@ def main() -> None:
 
     import ray
 
-    from ray_jobs.common import ray_session
+    from ray_jobs.cluster import ray_session
 
     work = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     try:
-        ray_start, _ = timed(lambda: ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False))
+        ray_start, _ = timed(
+            lambda: ray.init(
+                address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False
+            )
+        )
         ray.data.DataContext.get_current().enable_progress_bars = False
-        results: dict = {"dim": args.dim, "repeats": args.repeats, "cpus": os.cpu_count(), "batch_size": args.batch_size,
-                         "ray_init_seconds": round(ray_start, 2), "sizes": []}
+        results: dict = {
+            "dim": args.dim,
+            "repeats": args.repeats,
+            "cpus": os.cpu_count(),
+            "batch_size": args.batch_size,
+            "ray_init_seconds": round(ray_start, 2),
+            "sizes": [],
+        }
         with ray_session():
             version = untrained_version(work / "models", args.dim)
             for rows in args.rows:
@@ -174,13 +213,20 @@ def main() -> None:
             per_row = model_flops_per_row(load_model_version(work / "models", image_model).model)
             image = compare(work, images, image_model, args.image_rows, args.repeats, args.batch_size)
             limit = max(flops.values()) / per_row
-            image.update({
-                "model": "MLP 784-512-256, z=32, Bernoulli", "flops_per_row": per_row,
-                "matmul_gflops": {f"{k}_thread": round(v / 1e9, 1) for k, v in flops.items()},
-                "compute_limit_rows_per_s": round(limit),
-                "job_steady_share_of_compute_limit": round(image["job_steady_rows_per_s_median"] / limit, 3),
-                "best_plain_share_of_compute_limit": round(max(image["plain_rows_per_s_median"].values()) / limit, 3),
-            })
+            image.update(
+                {
+                    "model": "MLP 784-512-256, z=32, Bernoulli",
+                    "flops_per_row": per_row,
+                    "matmul_gflops": {f"{k}_thread": round(v / 1e9, 1) for k, v in flops.items()},
+                    "compute_limit_rows_per_s": round(limit),
+                    "job_steady_share_of_compute_limit": round(
+                        image["job_steady_rows_per_s_median"] / limit, 3
+                    ),
+                    "best_plain_share_of_compute_limit": round(
+                        max(image["plain_rows_per_s_median"].values()) / limit, 3
+                    ),
+                }
+            )
             results["image_784"] = image
         ray.shutdown()
         save("embed", results)

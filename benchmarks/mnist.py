@@ -23,11 +23,13 @@ def read_idx(path: Path) -> np.ndarray:
 def write_mnist_parquet(path: Path, mnist_dir: Path = MNIST_DIR) -> Path:
     images = read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz").reshape(-1, 784)
     labels = read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz")
-    table = pa.table({
-        "item_id": pa.array(np.arange(len(images)), pa.int64()),
-        "pixels": pa.FixedSizeListArray.from_arrays(pa.array(images.ravel()), 784),
-        "label": pa.array(labels.astype(np.int64)),
-    })
+    table = pa.table(
+        {
+            "item_id": pa.array(np.arange(len(images)), pa.int64()),
+            "pixels": pa.FixedSizeListArray.from_arrays(pa.array(images.ravel()), 784),
+            "label": pa.array(labels.astype(np.int64)),
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, row_group_size=2500)
     return path

@@ -16,11 +16,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,10 +33,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.common import http_load, save, timed
-from vae.encode import latent_column
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the servers the tests start
+from helpers.servers import free_port, redis_server, wait_for_port  # noqa: E402
+
+from vae.embeddings import latent_column
 
 REPO = Path(__file__).resolve().parent.parent
-VERSION, SMALL_VERSION, VECTOR_VERSION = "20260101T000000Z-bench000", "20260101T000000Z-bench001", "20260101T000000Z-bench002"
+VERSION, SMALL_VERSION, VECTOR_VERSION = (
+    "20260101T000000Z-bench000",
+    "20260101T000000Z-bench001",
+    "20260101T000000Z-bench002",
+)
 
 
 def write_embeddings(directory: Path, rows: int, dim: int, files: int = 4) -> pa.Table:
@@ -47,46 +54,21 @@ def write_embeddings(directory: Path, rows: int, dim: int, files: int = 4) -> pa
     tables = []
     per_file = rows // files
     for i in range(files):
-        table = pa.table({
-            "item_id": pa.array(np.arange(i * per_file, (i + 1) * per_file), pa.int64()),
-            "latent": latent_column(rng.standard_normal((per_file, dim), dtype=np.float32)),
-            "anomaly_score": pa.array(rng.random(per_file, dtype=np.float32)),
-            "is_anomaly": pa.array(rng.random(per_file) < 0.01),
-            "model_version": pa.array([directory.name] * per_file, pa.string()),
-            "event_timestamp": pa.array([datetime(2026, 1, 1, tzinfo=UTC)] * per_file, pa.timestamp("us", tz="UTC")),
-        })
+        table = pa.table(
+            {
+                "item_id": pa.array(np.arange(i * per_file, (i + 1) * per_file), pa.int64()),
+                "latent": latent_column(rng.standard_normal((per_file, dim), dtype=np.float32)),
+                "anomaly_score": pa.array(rng.random(per_file, dtype=np.float32)),
+                "is_anomaly": pa.array(rng.random(per_file) < 0.01),
+                "model_version": pa.array([directory.name] * per_file, pa.string()),
+                "event_timestamp": pa.array(
+                    [datetime(2026, 1, 1, tzinfo=UTC)] * per_file, pa.timestamp("us", tz="UTC")
+                ),
+            }
+        )
         pq.write_table(table, directory / f"part-{i:06d}.parquet", row_group_size=65_536)
         tables.append(table)
     return pa.concat_tables(tables)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"process on port {port} did not start") from None
-            time.sleep(0.2)
-
-
-def start_redis() -> subprocess.Popen:
-    """A password-protected redis-server; the password reaches Feast through the environment, set
-    before Ray starts so that Ray's writer actors inherit it."""
-    port, password = free_port(), secrets.token_hex(16)
-    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
-                              "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    wait_for_port(port, redis)
-    os.environ["REDIS_CONNECTION_STRING"] = f"127.0.0.1:{port},password={password}"
-    return redis
 
 
 def make_repo(work: Path, store_kind: str) -> Path:
@@ -98,7 +80,11 @@ def make_repo(work: Path, store_kind: str) -> Path:
     if store_kind == "redis":
         start = text.index("online_store:\n    type: sqlite")
         end = text.index("\n", text.index("path: data/online_store.db", start)) + 1
-        text = text[:start] + "online_store:\n    type: redis\n    connection_string: ${REDIS_CONNECTION_STRING}\n" + text[end:]
+        text = (
+            text[:start]
+            + "online_store:\n    type: redis\n    connection_string: ${REDIS_CONNECTION_STRING}\n"
+            + text[end:]
+        )
     (repo / "feature_store.yaml").write_text(text)
     (repo / "vector_search").mkdir()
     shutil.copy(REPO / "feature_repo" / "vector_search" / "feature_store.yaml", repo / "vector_search")
@@ -107,7 +93,10 @@ def make_repo(work: Path, store_kind: str) -> Path:
 
 def percentiles(samples_ms: list[float]) -> dict:
     ordered = sorted(samples_ms)
-    return {"p50_ms": round(ordered[len(ordered) // 2], 3), "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3)}
+    return {
+        "p50_ms": round(ordered[len(ordered) // 2], 3),
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
+    }
 
 
 def read_latencies(call, repeats: int) -> dict:
@@ -120,16 +109,23 @@ def read_latencies(call, repeats: int) -> dict:
     return percentiles(samples)
 
 
-def bench_store(work: Path, store_kind: str, table: pa.Table, small_rows: int, writer_counts: list[int], load_seconds: float) -> dict:
-    from feast import FeatureStore
-
-    from ray_jobs.publish import PublishConfig, definitions, load_repo, online_row_count, write_online
+def bench_store(
+    work: Path,
+    store_kind: str,
+    table: pa.Table,
+    small_rows: int,
+    writer_counts: list[int],
+    load_seconds: float,
+) -> dict:
+    from feast_embeddings import EmbeddingsRepo
+    from feast_embeddings.verify import online_row_count
+    from ray_jobs.config import PublishConfig
+    from ray_jobs.publish import write_online
 
     repo_dir = make_repo(work, store_kind)
-    os.environ["VAE_EMBEDDINGS_PATH"] = str(work / "embeddings")
-    repo = load_repo(repo_dir)
-    store = FeatureStore(repo_path=str(repo_dir))
-    # Each writer fills a fresh view (its own SQLite table / Redis fields) over the same files:
+    repo = EmbeddingsRepo(repo_dir, embeddings_root=str(work / "embeddings"))
+    store = repo.store
+    # Each writer fills a fresh view (its own SQLite table / Redis fields) with the same rows:
     # re-writing a view would measure updates, or on Redis nothing (same event time = skipped).
     counts = writer_counts if store_kind != "sqlite" else [1]  # SQLite takes one writer at a time
     for writers in counts:
@@ -138,7 +134,7 @@ def bench_store(work: Path, store_kind: str, table: pa.Table, small_rows: int, w
             alias.symlink_to(work / "embeddings" / VERSION)
     names = (VERSION, SMALL_VERSION, *(f"{VERSION}-w{writers}" for writers in counts))
     views = {name: repo.version_view(name) for name in names}
-    store.apply([*definitions(repo), *views.values()])
+    store.apply([*repo.declarations(), *views.values()])
     view = views[VERSION].name
     rows = table.num_rows
     result: dict = {"store": store_kind, "rows": rows}
@@ -149,24 +145,42 @@ def bench_store(work: Path, store_kind: str, table: pa.Table, small_rows: int, w
     assert online_row_count(store, store.get_feature_view(view)) == rows
 
     window = (datetime(2025, 12, 31, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC))
-    seconds, _ = timed(lambda: store.materialize(window[0], window[1], feature_views=[views[SMALL_VERSION].name]))
+    seconds, _ = timed(
+        lambda: store.materialize(window[0], window[1], feature_views=[views[SMALL_VERSION].name])
+    )
     result["feast_materialize_rows_per_s"] = round(small_rows / seconds)
     result["feast_materialize_rows"] = small_rows
 
     result["publish_writers"] = {}
     for writers in counts:
-        config = PublishConfig(embeddings=str(work / "embeddings"), feature_repo=str(repo_dir), writers=writers, parallel_min_rows=0)
-        name = f"{VERSION}-w{writers}"
-        seconds, (written, _) = timed(lambda: write_online(store, config, views[name].name, work / "embeddings" / name, table, "item_id"))  # noqa: B023
+        config = PublishConfig(
+            embeddings=str(work / "embeddings"),
+            feature_repo=str(repo_dir),
+            writers=writers,
+            parallel_min_rows=0,
+        )
+        target = store.get_feature_view(views[f"{VERSION}-w{writers}"].name)
+        seconds, (written, _) = timed(lambda: write_online(config, repo, target, table))  # noqa: B023
         result["publish_writers"][str(writers)] = round(written / seconds)
-        print(f"  {store_kind}: {writers} writer(s) {written / seconds:,.0f} rows/s "
-              f"({written / seconds / result['feast_write_to_online_store_rows_per_s']:.2f}x, counted in the store)", flush=True)
+        print(
+            f"  {store_kind}: {writers} writer(s) {written / seconds:,.0f} rows/s "
+            f"({written / seconds / result['feast_write_to_online_store_rows_per_s']:.2f}x, counted in the "
+            "store)",
+            flush=True,
+        )
     best = max(result["publish_writers"].values())
-    result["ratio_best_publish_vs_write_to_online_store"] = round(best / result["feast_write_to_online_store_rows_per_s"], 2)
+    result["ratio_best_publish_vs_write_to_online_store"] = round(
+        best / result["feast_write_to_online_store_rows_per_s"], 2
+    )
 
     features = [f"{view}:latent", f"{view}:anomaly_score", f"{view}:model_version"]
     result["in_process_read"] = {
-        str(n): read_latencies(lambda n=n: store.get_online_features(features=features, entity_rows=[{"item_id": k} for k in range(n)]), 300)
+        str(n): read_latencies(
+            lambda n=n: store.get_online_features(
+                features=features, entity_rows=[{"item_id": k} for k in range(n)]
+            ),
+            300,
+        )
         for n in (1, 100)
     }
     result["http"] = bench_http(repo_dir, view, load_seconds)
@@ -179,18 +193,17 @@ def bench_vector_search(work: Path, rows: int, dim: int, queries: int) -> dict:
     latency of `retrieve_online_documents_v2` vs exact NumPy brute force on the same vectors."""
     from feast import FeatureStore
 
-    from ray_jobs.publish import PublishConfig, index_vectors, load_repo, search_similar
+    from feast_embeddings import EmbeddingsRepo, search_similar
+    from feast_embeddings.vectors import index_vectors
 
     repo_dir = make_repo(work, "vectors")
     yaml_path = repo_dir / "vector_search" / "feature_store.yaml"
     yaml_path.write_text(yaml_path.read_text().replace("embedding_dim: 16", f"embedding_dim: {dim}"))
     table = write_embeddings(work / "embeddings" / VECTOR_VERSION, rows, dim, files=1)
-    os.environ["VAE_EMBEDDINGS_PATH"] = str(work / "embeddings")
-    repo = load_repo(repo_dir)
-    config = PublishConfig(embeddings=str(work / "embeddings"), feature_repo=str(repo_dir))
-    seconds, _ = timed(lambda: index_vectors(config, repo, VECTOR_VERSION, table, "item_id"))
+    repo = EmbeddingsRepo(repo_dir, embeddings_root=str(work / "embeddings"))
+    seconds, _ = timed(lambda: index_vectors(repo, VECTOR_VERSION, table, 65_536, keep_online=2))
     store = FeatureStore(repo_path=str(repo_dir / "vector_search"))
-    view = repo.vector_view_name(VECTOR_VERSION)
+    view = repo.definitions.vector_view_name(VECTOR_VERSION)
 
     keys = table.column("item_id").to_numpy()
     vectors = np.asarray(table.column("latent").combine_chunks().values.to_numpy()).reshape(rows, dim)
@@ -205,8 +218,15 @@ def bench_vector_search(work: Path, rows: int, dim: int, queries: int) -> dict:
         exact = keys[np.argpartition(((vectors - query) ** 2).sum(axis=1), 10)[:10]]
         exact_ms.append((time.perf_counter() - started) * 1000)
         recalls.append(len(set(exact.tolist()) & {h["item_id"] for h in hits}) / 10)
-    result = {"rows": rows, "dim": dim, "queries": queries, "index_rows_per_s": round(rows / seconds),
-              "recall_at_10": round(float(np.mean(recalls)), 4), "search": percentiles(search_ms), "numpy_brute_force": percentiles(exact_ms)}
+    result = {
+        "rows": rows,
+        "dim": dim,
+        "queries": queries,
+        "index_rows_per_s": round(rows / seconds),
+        "recall_at_10": round(float(np.mean(recalls)), 4),
+        "search": percentiles(search_ms),
+        "numpy_brute_force": percentiles(exact_ms),
+    }
     print(f"  vector search: {json.dumps(result)}", flush=True)
     return result
 
@@ -214,20 +234,28 @@ def bench_vector_search(work: Path, rows: int, dim: int, queries: int) -> dict:
 def bench_http(repo_dir: Path, view: str, load_seconds: float) -> dict:
     port = free_port()
     feast = shutil.which("feast", path=str(Path(sys.executable).parent)) or "feast"
-    server = subprocess.Popen([feast, "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log", "--max-requests", "0"],
-                              cwd=repo_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [feast, "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log", "--max-requests", "0"],
+        cwd=repo_dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_for_port(port, server)
+        wait_for_port(port, server, "feast serve", seconds=120)
         url = f"http://127.0.0.1:{port}/get-online-features"
         features = [f"{view}:latent", f"{view}:anomaly_score", f"{view}:model_version"]
 
         def post(n: int) -> None:
             body = json.dumps({"features": features, "entities": {"item_id": list(range(n))}}).encode()
-            with urllib.request.urlopen(urllib.request.Request(url, body, {"Content-Type": "application/json"}), timeout=30) as response:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, body, {"Content-Type": "application/json"}), timeout=30
+            ) as response:
                 response.read()
 
         result = {str(n): read_latencies(lambda n=n: post(n), 200) for n in (1, 100)}
-        result["load_16_clients"] = http_load(url, {"features": features, "entities": {"item_id": [7]}}, clients=16, seconds=load_seconds)
+        result["load_16_clients"] = http_load(
+            url, {"features": features, "entities": {"item_id": [7]}}, clients=16, seconds=load_seconds
+        )
         return result
     finally:
         server.terminate()
@@ -242,33 +270,54 @@ def main() -> None:
     parser.add_argument("--stores", nargs="*", default=["sqlite", "redis"])
     parser.add_argument("--writers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--load-seconds", type=float, default=30)
-    parser.add_argument("--vector-rows", type=int, default=100_000, help="vectors indexed for the search figures (0: skip)")
-    parser.add_argument("--vector-dim", type=int, default=16, help="latent size for the search figures (the train default)")
+    parser.add_argument(
+        "--vector-rows", type=int, default=100_000, help="vectors indexed for the search figures (0: skip)"
+    )
+    parser.add_argument(
+        "--vector-dim", type=int, default=16, help="latent size for the search figures (the train default)"
+    )
     args = parser.parse_args()
 
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="bench-publish-"))
-    redis = start_redis() if "redis" in args.stores and shutil.which("redis-server") else None
+    servers = contextlib.ExitStack()
+    if "redis" in args.stores and shutil.which("redis-server"):
+        # The password reaches Feast through the environment, set before Ray starts so that Ray's
+        # writer actors inherit it.
+        port, password = servers.enter_context(redis_server())
+        os.environ["REDIS_CONNECTION_STRING"] = f"127.0.0.1:{port},password={password}"
     try:
         table = write_embeddings(work / "embeddings" / VERSION, args.rows, args.dim)
         write_embeddings(work / "embeddings" / SMALL_VERSION, args.materialize_rows, args.dim, files=1)
-        ray_start, _ = timed(lambda: ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False))
+        ray_start, _ = timed(
+            lambda: ray.init(
+                address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False
+            )
+        )
         ray.data.DataContext.get_current().enable_progress_bars = False
-        results = {"rows": args.rows, "dim": args.dim, "cpus": os.cpu_count(), "ray_init_seconds": round(ray_start, 2), "stores": []}
+        results = {
+            "rows": args.rows,
+            "dim": args.dim,
+            "cpus": os.cpu_count(),
+            "ray_init_seconds": round(ray_start, 2),
+            "stores": [],
+        }
         for store_kind in args.stores:
             if store_kind == "redis" and shutil.which("redis-server") is None:
                 print("redis-server not installed; skipping Redis (make test installs it)")
                 continue
-            results["stores"].append(bench_store(work, store_kind, table, args.materialize_rows, args.writers, args.load_seconds))
+            results["stores"].append(
+                bench_store(work, store_kind, table, args.materialize_rows, args.writers, args.load_seconds)
+            )
         if args.vector_rows:
-            results["vector_search"] = bench_vector_search(work, args.vector_rows, args.vector_dim, queries=200)
+            results["vector_search"] = bench_vector_search(
+                work, args.vector_rows, args.vector_dim, queries=200
+            )
         ray.shutdown()
         save("publish", results)
     finally:
-        if redis is not None:
-            redis.terminate()
-            redis.wait(timeout=10)
+        servers.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

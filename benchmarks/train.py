@@ -32,9 +32,18 @@ import torch
 
 from benchmarks.common import save, timed
 from benchmarks.mnist import write_mnist_parquet
-from vae import VAE, FeatureSchema, FeatureStats, ModelConfig, Normalizer, elbo_terms, features_to_numpy, load_model_version
+from vae import (
+    VAE,
+    FeatureSchema,
+    FeatureStats,
+    ModelConfig,
+    Normalizer,
+    elbo_terms,
+    features_to_numpy,
+    load_model_version,
+)
 from vae.diagnostics import active_units, importance_weighted_nll, posterior_mean_variance
-from vae.preprocessing import is_validation, key_hash
+from vae.keys import is_validation, key_hash
 from vae.training import Schedule
 
 LATENT_DIM, HIDDEN, LEARNING_RATE, GLOBAL_BATCH, VALIDATION_FRACTION = 32, (512, 256), 1e-3, 128, 0.2
@@ -50,8 +59,15 @@ def load_split(data: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return x[~validation], x[validation]
 
 
-def plain_loop(x_train: torch.Tensor, x_val: torch.Tensor, epochs: int, threads: int, kl_warmup_epochs: float,
-               iw_samples: int, seed: int = 0) -> dict:
+def plain_loop(
+    x_train: torch.Tensor,
+    x_val: torch.Tensor,
+    epochs: int,
+    threads: int,
+    kl_warmup_epochs: float,
+    iw_samples: int,
+    seed: int = 0,
+) -> dict:
     """The baseline: one process, the library's model, loss and schedule, nothing else."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -89,21 +105,50 @@ def evaluate(model: VAE, x_val: torch.Tensor, iw_samples: int) -> dict:
     terms = elbo_terms(model, x, generator=generator)
     mean = terms.posterior.mean.double()
     variance = posterior_mean_variance(len(x), mean.sum(0).numpy(), mean.pow(2).sum(0).numpy())
-    iw_nll = torch.cat([importance_weighted_nll(model, chunk, iw_samples, generator) for chunk in x.split(256)])
-    return {"val_negative_elbo": float(terms.negative_elbo.mean()), "val_kl": float(terms.kl.mean()),
-            "iw_nll": float(iw_nll.mean()), "active_units": active_units(variance)}
+    iw_nll = torch.cat(
+        [importance_weighted_nll(model, chunk, iw_samples, generator) for chunk in x.split(256)]
+    )
+    return {
+        "val_negative_elbo": float(terms.negative_elbo.mean()),
+        "val_kl": float(terms.kl.mean()),
+        "iw_nll": float(iw_nll.mean()),
+        "active_units": active_units(variance),
+    }
 
 
-def ray_run(data: Path, work: Path, epochs: int, iw_samples: int, materialize: bool = True, name: str = "", seed: int = 0,
-            workers: int = 2) -> dict:
-    from ray_jobs.train import TrainConfig, train
+def ray_run(
+    data: Path,
+    work: Path,
+    epochs: int,
+    iw_samples: int,
+    materialize: bool = True,
+    name: str = "",
+    seed: int = 0,
+    workers: int = 2,
+) -> dict:
+    from ray_jobs.config import TrainConfig
+    from ray_jobs.train import train
 
     config = TrainConfig(
-        data=str(data), vector_column="pixels", image_shape=[1, 28, 28], label_column="label",
-        validation_fraction=VALIDATION_FRACTION, model_root=str(work / "models"), latent_dim=LATENT_DIM,
-        hidden_dims=list(HIDDEN), binarize=True, epochs=epochs, batch_size=GLOBAL_BATCH // workers, learning_rate=LEARNING_RATE,
-        num_workers=workers, cpus_per_worker=(2.0 / workers) if materialize else 0.5, materialize=materialize, seed=seed,
-        storage_path=str(work / "ray_results"), run_name=f"bench-{name}-{time.time_ns()}", iw_samples=iw_samples,
+        data=str(data),
+        vector_column="pixels",
+        image_shape=[1, 28, 28],
+        label_column="label",
+        validation_fraction=VALIDATION_FRACTION,
+        model_root=str(work / "models"),
+        latent_dim=LATENT_DIM,
+        hidden_dims=list(HIDDEN),
+        binarize=True,
+        epochs=epochs,
+        batch_size=GLOBAL_BATCH // workers,
+        learning_rate=LEARNING_RATE,
+        num_workers=workers,
+        cpus_per_worker=(2.0 / workers) if materialize else 0.5,
+        materialize=materialize,
+        seed=seed,
+        storage_path=str(work / "ray_results"),
+        run_name=f"bench-{name}-{time.time_ns()}",
+        iw_samples=iw_samples,
         report_rows=0,
     )
     seconds, version = timed(lambda: train(config))
@@ -111,12 +156,17 @@ def ray_run(data: Path, work: Path, epochs: int, iw_samples: int, materialize: b
     history = metrics["history"]
     train_seconds = [h["rows"] / h["samples_per_second"] for h in history]
     return {
-        "seconds": seconds, "samples_per_s": median(h["samples_per_second"] for h in history[1:]),
+        "seconds": seconds,
+        "samples_per_s": median(h["samples_per_second"] for h in history[1:]),
         "epoch_seconds_median": median(h["epoch_seconds"] for h in history[1:]),
         "fixed_cost_seconds": seconds - sum(train_seconds),
-        "val_negative_elbo": history[-1]["val_negative_elbo"], "best_val_negative_elbo": metrics["val_negative_elbo"],
-        "iw_nll": metrics["iw_nll"], "active_units": history[-1]["active_units"], "train_rows": history[-1]["rows"],
-        "val_rows": history[-1]["val_rows"], "ddp_max_param_divergence": metrics["ddp_max_param_divergence"],
+        "val_negative_elbo": history[-1]["val_negative_elbo"],
+        "best_val_negative_elbo": metrics["val_negative_elbo"],
+        "iw_nll": metrics["iw_nll"],
+        "active_units": history[-1]["active_units"],
+        "train_rows": history[-1]["rows"],
+        "val_rows": history[-1]["val_rows"],
+        "ddp_max_param_divergence": metrics["ddp_max_param_divergence"],
     }
 
 
@@ -126,9 +176,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="speed repeats (quality runs once)")
     parser.add_argument("--iw-samples", type=int, default=1000)
     parser.add_argument("--speed-epochs", type=int, default=5)
-    parser.add_argument("--seeds", type=int, default=2, help="quality runs per side (seeds 0..n-1): init and data order vary")
+    parser.add_argument(
+        "--seeds", type=int, default=2, help="quality runs per side (seeds 0..n-1): init and data order vary"
+    )
     args = parser.parse_args()
-    from ray_jobs.train import TrainConfig
+    from ray_jobs.config import TrainConfig
 
     kl_warmup_epochs = TrainConfig.model_fields["kl_warmup_epochs"].default
 
@@ -138,10 +190,16 @@ def main() -> None:
     try:
         data = write_mnist_parquet(work / "mnist.parquet")
         x_train, x_val = load_split(data)
-        ray_start, _ = timed(lambda: ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False))
+        ray_start, _ = timed(
+            lambda: ray.init(
+                address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False
+            )
+        )
         ray.data.DataContext.get_current().enable_progress_bars = False
 
-        print(f"quality: {args.epochs} epochs, {len(x_train)} train / {len(x_val)} validation rows", flush=True)
+        print(
+            f"quality: {args.epochs} epochs, {len(x_train)} train / {len(x_val)} validation rows", flush=True
+        )
         quality_keys = ("val_negative_elbo", "iw_nll", "active_units")
         plain_quality, ray_quality = [], []
         for seed in range(args.seeds):
@@ -155,42 +213,74 @@ def main() -> None:
         ray_speed, ray_single, ray_fixed, streamed, materialized = [], [], [], [], []
         for repeat in range(args.repeats):
             for threads in (1, 2):
-                plain[threads].append(plain_loop(x_train, x_val, args.speed_epochs, threads, kl_warmup_epochs, 0)["samples_per_s"])
+                plain[threads].append(
+                    plain_loop(x_train, x_val, args.speed_epochs, threads, kl_warmup_epochs, 0)[
+                        "samples_per_s"
+                    ]
+                )
             run = ray_run(data, work, args.speed_epochs, 0, name="speed")
             ray_speed.append(run["samples_per_s"])
             ray_fixed.append(run["fixed_cost_seconds"])
             materialized.append(run["epoch_seconds_median"])
-            streamed.append(ray_run(data, work, args.speed_epochs, 0, materialize=False, name="stream")["epoch_seconds_median"])
-            ray_single.append(ray_run(data, work, args.speed_epochs, 0, name="single", workers=1)["samples_per_s"])
-            print(f"repeat {repeat}: plain 1 thread {plain[1][-1]:,.0f}/s, 2 threads {plain[2][-1]:,.0f}/s; ray 2x1 {ray_speed[-1]:,.0f}/s, "
-                  f"ray 1x2 {ray_single[-1]:,.0f}/s, "
-                  f"fixed {ray_fixed[-1]:.1f}s; epoch materialized {materialized[-1]:.2f}s, streamed {streamed[-1]:.2f}s", flush=True)
+            streamed.append(
+                ray_run(data, work, args.speed_epochs, 0, materialize=False, name="stream")[
+                    "epoch_seconds_median"
+                ]
+            )
+            ray_single.append(
+                ray_run(data, work, args.speed_epochs, 0, name="single", workers=1)["samples_per_s"]
+            )
+            print(
+                f"repeat {repeat}: plain 1 thread {plain[1][-1]:,.0f}/s, 2 threads {plain[2][-1]:,.0f}/s; "
+                f"ray 2x1 {ray_speed[-1]:,.0f}/s, "
+                f"ray 1x2 {ray_single[-1]:,.0f}/s, "
+                f"fixed {ray_fixed[-1]:.1f}s; epoch materialized {materialized[-1]:.2f}s, streamed "
+                f"{streamed[-1]:.2f}s",
+                flush=True,
+            )
         ray.shutdown()
         best_plain = max(median(plain[1]), median(plain[2]))
-        save("train", {
-            "data": "MNIST t10k, key-based split", "train_rows": len(x_train), "validation_rows": len(x_val),
-            "model": f"MLP 784-{'-'.join(map(str, HIDDEN))}, z={LATENT_DIM}, Bernoulli, dynamic binarization",
-            "global_batch": GLOBAL_BATCH, "cpus": os.cpu_count(), "ray_start_seconds": round(ray_start, 2),
-            "quality": {
-                "epochs": args.epochs, "iw_samples": args.iw_samples, "seeds": args.seeds,
-                "plain_per_seed": plain_quality, "ray_2_workers_per_seed": ray_quality,
-                "plain_median": {k: median(r[k] for r in plain_quality) for k in quality_keys},
-                "ray_median": {k: median(r[k] for r in ray_quality) for k in quality_keys},
-                "ray_minus_plain_val_negative_elbo_median": round(
-                    median(r["val_negative_elbo"] for r in ray_quality) - median(r["val_negative_elbo"] for r in plain_quality), 3),
+        save(
+            "train",
+            {
+                "data": "MNIST t10k, key-based split",
+                "train_rows": len(x_train),
+                "validation_rows": len(x_val),
+                "model": f"MLP 784-{'-'.join(map(str, HIDDEN))}, z={LATENT_DIM}, Bernoulli, dynamic "
+                "binarization",
+                "global_batch": GLOBAL_BATCH,
+                "cpus": os.cpu_count(),
+                "ray_start_seconds": round(ray_start, 2),
+                "quality": {
+                    "epochs": args.epochs,
+                    "iw_samples": args.iw_samples,
+                    "seeds": args.seeds,
+                    "plain_per_seed": plain_quality,
+                    "ray_2_workers_per_seed": ray_quality,
+                    "plain_median": {k: median(r[k] for r in plain_quality) for k in quality_keys},
+                    "ray_median": {k: median(r[k] for r in ray_quality) for k in quality_keys},
+                    "ray_minus_plain_val_negative_elbo_median": round(
+                        median(r["val_negative_elbo"] for r in ray_quality)
+                        - median(r["val_negative_elbo"] for r in plain_quality),
+                        3,
+                    ),
+                },
+                "speed": {
+                    "epochs": args.speed_epochs,
+                    "repeats": args.repeats,
+                    "plain_samples_per_s_median": {
+                        f"{k}_threads": round(median(v)) for k, v in plain.items()
+                    },
+                    "ray_2_workers_x_1_thread_samples_per_s_median": round(median(ray_speed)),
+                    "ray_1_worker_x_2_threads_samples_per_s_median": round(median(ray_single)),
+                    "ratio_2_workers_vs_best_plain": round(median(ray_speed) / best_plain, 3),
+                    "ratio_1_worker_vs_best_plain": round(median(ray_single) / best_plain, 3),
+                    "ray_fixed_cost_seconds_median": round(median(ray_fixed), 1),
+                    "epoch_seconds_materialized_median": round(median(materialized), 3),
+                    "epoch_seconds_streamed_median": round(median(streamed), 3),
+                },
             },
-            "speed": {
-                "epochs": args.speed_epochs, "repeats": args.repeats,
-                "plain_samples_per_s_median": {f"{k}_threads": round(median(v)) for k, v in plain.items()},
-                "ray_2_workers_x_1_thread_samples_per_s_median": round(median(ray_speed)),
-                "ray_1_worker_x_2_threads_samples_per_s_median": round(median(ray_single)),
-                "ratio_2_workers_vs_best_plain": round(median(ray_speed) / best_plain, 3),
-                "ratio_1_worker_vs_best_plain": round(median(ray_single) / best_plain, 3),
-                "ray_fixed_cost_seconds_median": round(median(ray_fixed), 1),
-                "epoch_seconds_materialized_median": round(median(materialized), 3),
-                "epoch_seconds_streamed_median": round(median(streamed), 3),
-            },
-        })
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

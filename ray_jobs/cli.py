@@ -1,33 +1,106 @@
-"""`vaectl <job> [options]`: one console script for every job, so `ray job submit -- vaectl ...` works."""
+"""`vaectl <job> [options]`: one console script for every job, so `ray job submit -- vaectl ...` works.
+
+A job's options are parsed (and `--help` answered) from ray_jobs.config before its module, with
+torch, Ray and Feast behind it, is imported. Bad input ends with one line `error: ...` on stderr
+and exit code 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from ray_jobs.common import run_cli
+from ray_jobs import config
+from vae.errors import InputError, first_line
 
-# name: (module, its config class, summary)
+
+@dataclass(frozen=True)
+class Job:
+    module: str
+    config: type[config.JobConfig] | None  # None: the module parses its own arguments (submit)
+    summary: str
+
+
 JOBS = {
-    "train": ("ray_jobs.train", "TrainConfig", "train a VAE with Ray Train and save a model version"),
-    "embed": ("ray_jobs.embed", "EmbedConfig", "encode a Parquet dataset with a model version (Ray Data)"),
-    "publish": ("ray_jobs.publish", "PublishConfig", "register the Feast definitions and write embeddings online"),
-    "monitor": ("ray_jobs.monitor", "MonitorConfig", "drift, version movement, anomaly rate and collapse of a batch's latents; HTML report"),
-    "demo": ("ray_jobs.demo", "DemoConfig", "run train, embed and publish end to end on scikit-learn's digits"),
-    "submit": ("ray_jobs.submit", None, "run one of the jobs above on a Ray cluster: logs stream here, exit code is the job's"),
+    "train": Job("ray_jobs.train", config.TrainConfig, "train a VAE with Ray Train and save a model version"),
+    "embed": Job(
+        "ray_jobs.embed", config.EmbedConfig, "encode a Parquet dataset with a model version (Ray Data)"
+    ),
+    "publish": Job(
+        "ray_jobs.publish", config.PublishConfig, "register the Feast definitions and write embeddings online"
+    ),
+    "monitor": Job(
+        "ray_jobs.monitor",
+        config.MonitorConfig,
+        "drift, version movement, anomaly rate and collapse of a batch's latents; HTML report",
+    ),
+    "demo": Job(
+        "ray_jobs.demo", config.DemoConfig, "run train, embed and publish end to end on scikit-learn's digits"
+    ),
+    "submit": Job(
+        "ray_jobs.submit",
+        None,
+        "run one of the jobs above on a Ray cluster: logs stream here, exit code is the job's",
+    ),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in JOBS:
-        print("usage: vaectl {" + ",".join(JOBS) + "} [--config YAML] [--option VALUE ...]\n", file=sys.stderr)
-        for name, (_, _, summary) in JOBS.items():
-            print(f"  {name:<8} {summary}", file=sys.stderr)
+        print(
+            "usage: vaectl {" + ",".join(JOBS) + "} [--config YAML] [--option VALUE ...]\n", file=sys.stderr
+        )
+        for name, job in JOBS.items():
+            print(f"  {name:<8} {job.summary}", file=sys.stderr)
         print("\n`vaectl <job> --help` lists a job's options.", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    module = importlib.import_module(JOBS[argv[0]][0])  # imported lazily: Ray and Feast are slow to import
-    run_cli(module.main, argv[1:])
+    run_cli(lambda args: run_job(argv[0], args), argv[1:])
+
+
+def run_job(name: str, argv: list[str]) -> object:
+    """Parse the job's options, then import its module (slow: torch, Ray, Feast) and run it."""
+    job = JOBS[name]
+    if job.config is None:
+        return importlib.import_module(job.module).main(argv)
+    parsed = config.parse_config(job.config, argv, prog=f"vaectl {name}")
+    return importlib.import_module(job.module).run(parsed)
+
+
+def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Run a job's main: bad input ends with one line on stderr and exit code 2, no traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        job(argv)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as error:
+        input_error = find_input_error(error)
+        if input_error is None:
+            raise
+        print(f"error: {first_line(input_error, limit=100_000)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def find_input_error(error: BaseException) -> InputError | None:
+    """The InputError behind an exception, looking through Ray's task and training wrappers."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, InputError):
+            # Ray's RayTaskError(InputError) carries the original as .cause, without Ray's traceback text.
+            original = getattr(current, "cause", None)
+            return original if isinstance(original, InputError) else current
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+        pending += list(getattr(current, "worker_failures", {}).values())  # ray.train WorkerGroupError
+    return None
 
 
 if __name__ == "__main__":

@@ -13,27 +13,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
 
-from ray_jobs.common import JobConfig, parse_config, ray_session, run_cli
-from ray_jobs.embed import EmbedConfig, embed
-from ray_jobs.publish import PublishConfig, publish
-from ray_jobs.train import TrainConfig, train
+from ray_jobs.cli import run_cli
+from ray_jobs.cluster import ray_session
+from ray_jobs.config import DemoConfig, EmbedConfig, PublishConfig, TrainConfig, parse_config
+from ray_jobs.embed import embed
+from ray_jobs.publish import publish
+from ray_jobs.train import train
 
 log = logging.getLogger("ray_jobs.demo")
-
-
-class DemoConfig(JobConfig):
-    """Run train, embed and publish end to end on scikit-learn's digits."""
-
-    work_dir: str = Field("demo_output", description="where the dataset, model versions and Ray results go")
-    feature_repo: str = Field("feature_repo", description="Feast repo to publish into")
-    epochs: int = Field(30, gt=0, description="training epochs")
-    batch_size: int = Field(32, gt=0, description="examples per step on each worker (1797 rows: keep it small)")
-    latent_dim: int = Field(16, gt=0, description="size of the latent vector")
-    learning_rate: float = Field(1e-3, gt=0, description="Adam peak learning rate")
-    kl_warmup_epochs: float = Field(5.0, ge=0, description="epochs over which the KL weight rises to 1 (few epochs: lower it)")
-    num_workers: int = Field(2, gt=0, description="data-parallel training workers")
 
 
 def write_digits_parquet(path: Path, rows: int | None = None) -> Path:
@@ -42,61 +30,95 @@ def write_digits_parquet(path: Path, rows: int | None = None) -> Path:
 
     digits = load_digits()
     pixels = digits.data.astype(np.float32)[:rows]
-    table = pa.table({
-        "item_id": pa.array(np.arange(len(pixels)), pa.int64()),
-        "pixels": pa.FixedSizeListArray.from_arrays(pa.array(pixels.ravel()), 64),
-        "label": pa.array(digits.target[:rows].astype(np.int64)),
-    })
+    table = pa.table(
+        {
+            "item_id": pa.array(np.arange(len(pixels)), pa.int64()),
+            "pixels": pa.FixedSizeListArray.from_arrays(pa.array(pixels.ravel()), 64),
+            "label": pa.array(digits.target[:rows].astype(np.int64)),
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path
 
 
 def demo(config: DemoConfig) -> dict:
+    """digits -> Parquet -> train -> embed -> publish, each stage timed; prints where everything went."""
     work_dir = Path(config.work_dir).absolute()
     model_root = work_dir / "models"
     embeddings = Path(config.feature_repo).absolute() / "data" / "embeddings"
     timings: dict[str, float] = {}
-
     started = time.perf_counter()
     with ray_session():
         timings["ray start"] = time.perf_counter() - started
-
-        stage = time.perf_counter()
-        data = write_digits_parquet(work_dir / "data" / "digits.parquet")
-        timings["write dataset"] = time.perf_counter() - stage
-
-        stage = time.perf_counter()
-        version = train(TrainConfig(
-            data=str(data), vector_column="pixels", image_shape=[1, 8, 8], model_root=str(model_root),
-            epochs=config.epochs, batch_size=config.batch_size, latent_dim=config.latent_dim,
-            learning_rate=config.learning_rate, kl_warmup_epochs=config.kl_warmup_epochs,
-            num_workers=config.num_workers, storage_path=str(work_dir / "ray_results"),
-        ))
-        timings["train"] = time.perf_counter() - stage
-
-        stage = time.perf_counter()
-        output = embed(EmbedConfig(data=str(data), model_root=str(model_root), model_version=version, output=str(embeddings))).output
-        timings["embed"] = time.perf_counter() - stage
-
-    stage = time.perf_counter()
-    published = publish(PublishConfig(embeddings=str(embeddings), model_version=version, feature_repo=config.feature_repo,
-                                      model_root=str(model_root), monitoring=str(work_dir / "monitoring")))
-    timings["publish"] = time.perf_counter() - stage
+        data = timed(timings, "write dataset", write_digits_parquet, work_dir / "data" / "digits.parquet")
+        training = TrainConfig(
+            data=str(data),
+            vector_column="pixels",
+            image_shape=[1, 8, 8],
+            model_root=str(model_root),
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            latent_dim=config.latent_dim,
+            learning_rate=config.learning_rate,
+            kl_warmup_epochs=config.kl_warmup_epochs,
+            num_workers=config.num_workers,
+            storage_path=str(work_dir / "ray_results"),
+        )
+        version = timed(timings, "train", train, training)
+        embedding = EmbedConfig(
+            data=str(data), model_root=str(model_root), model_version=version, output=str(embeddings)
+        )
+        output = timed(timings, "embed", embed, embedding).output
+    publishing = PublishConfig(
+        embeddings=str(embeddings),
+        model_version=version,
+        feature_repo=config.feature_repo,
+        model_root=str(model_root),
+        monitoring=str(work_dir / "monitoring"),
+    )
+    published = timed(timings, "publish", publish, publishing)
     timings["total"] = time.perf_counter() - started
+    summary = {
+        "model_version": version,
+        "embeddings": str(output),
+        "timings": timings,
+        "sample": published["sample"],
+    }
+    print_summary(config, data, model_root, published, summary)
+    return summary
 
+
+def timed(timings: dict[str, float], stage: str, step, *args):
+    started = time.perf_counter()
+    result = step(*args)
+    timings[stage] = time.perf_counter() - started
+    return result
+
+
+def print_summary(config: DemoConfig, data: Path, model_root: Path, published: dict, summary: dict) -> None:
+    gate = published["gate"]
     print("\nDemo finished.")
     print(f"  dataset        {data}")
-    print(f"  model version  {model_root / version}")
-    print(f"  embeddings     {output}  ({published['rows']} rows)")
-    print(f"  feature store  {Path(config.feature_repo).absolute()}  (view {published['view']}, service item_embeddings_current)")
-    print(f"  monitoring     {published['gate']['report']}  (gate {'passed' if published['gate']['passed'] else 'failed'})")
-    print("  stage timings  " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items()))
+    print(f"  model version  {model_root / summary['model_version']}")
+    print(f"  embeddings     {summary['embeddings']}  ({published['rows']} rows)")
+    repo = Path(config.feature_repo).absolute()
+    print(f"  feature store  {repo}  (view {published['view']}, service item_embeddings_current)")
+    print(f"  monitoring     {gate['report']}  (gate {'passed' if gate['passed'] else 'failed'})")
+    timings = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in summary["timings"].items())
+    print(f"  stage timings  {timings}")
     print("  online sample:")
     for entity in published["sample"]:
-        print(f"    item_id={entity['item_id']} latent[:4]={np.round(entity['latent'][:4], 3).tolist()} "
-              f"anomaly_score={entity['anomaly_score']:.2f} is_anomaly={entity['is_anomaly']} model_version={entity['model_version']}")
-    return {"model_version": version, "embeddings": str(output), "timings": timings, "sample": published["sample"]}
+        latent = np.round(entity["latent"][:4], 3).tolist()
+        print(
+            f"    item_id={entity['item_id']} latent[:4]={latent} "
+            f"anomaly_score={entity['anomaly_score']:.2f} is_anomaly={entity['is_anomaly']} "
+            f"model_version={entity['model_version']}"
+        )
+
+
+def run(config: DemoConfig) -> dict:
+    return demo(config)
 
 
 def main(argv: list[str] | None = None) -> dict:

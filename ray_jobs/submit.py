@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import shlex
@@ -18,71 +17,116 @@ import sys
 import time
 from pathlib import Path
 
-from ray.exceptions import AuthenticationError
-
-from ray_jobs.common import parse_config, read_yaml_mapping
-from vae.errors import InputError
+from ray_jobs.config import parse_config, read_yaml_mapping
+from vae.errors import InputError, first_line
 
 log = logging.getLogger("ray_jobs.submit")
 
-TOKEN_HELP = ("set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, the one `ray get-auth-token` prints on "
-              "its head (a `ray up cluster.yaml` cluster uses this machine's ~/.ray/auth_token)")
-DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the head's dashboard, locally or through `ray dashboard cluster.yaml`
+TOKEN_HELP = (
+    "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, the one `ray get-auth-token` prints "
+    "on "
+    "its head (a `ray up cluster.yaml` cluster uses this machine's ~/.ray/auth_token)"
+)
+# the head's dashboard, locally or through `ray dashboard cluster.yaml`
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ray_jobs.cli import JOBS
-
-    parser = argparse.ArgumentParser(
-        prog="vaectl submit", allow_abbrev=False,
-        description="Submit a job to a Ray cluster, stream its logs and exit with its status. Options not listed here are "
-                    "the job's own (`vaectl <job> --help`).",
-    )
-    parser.add_argument("job", choices=[name for name in JOBS if name != "submit"])
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS,
-                        help=f"the cluster's job server (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
-    parser.add_argument("--working-dir", help="directory shipped to the cluster as the job's working directory "
-                        "(default: the runtime env's working_dir, else .)")
-    parser.add_argument("--python", default="python", help="interpreter on the cluster that has this project's dependencies")
-    parser.add_argument("--runtime-env", metavar="YAML", help="more of the job's runtime_env (env_vars, pip, excludes, ...)")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME",
-                        help="pass this variable of your environment to the job (repeatable), e.g. REDIS_CONNECTION_STRING")
-    parser.add_argument("--submission-id", help="the job's id (default: Ray picks one)")
-    parser.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
-    options, job_args = parser.parse_known_args(argv)
-
-    # Check the job's options here, where a typo costs a second, not an upload and a driver start.
-    # Paths inside them (--config) are relative to the working directory, as on the cluster.
-    module_name, config_name, _ = JOBS[options.job]
-    config_class = getattr(importlib.import_module(module_name), config_name)
-    runtime_env = read_yaml_mapping(options.runtime_env, "--runtime-env", "runtime_env fields") if options.runtime_env else {}
-    working_dir = Path(options.working_dir or runtime_env.get("working_dir") or ".")
-    if not working_dir.is_dir():
-        raise InputError(f"working dir {working_dir}: not a directory")
-    with contextlib.chdir(working_dir):
-        parse_config(config_class, job_args, prog=f"vaectl {options.job}")
-
-    runtime_env["working_dir"] = str(working_dir)
-    if missing := [name for name in options.env if name not in os.environ]:
-        raise InputError(f"--env {missing[0]}: not set in this environment")
-    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **{name: os.environ[name] for name in options.env}}
+    options, job_args = _parser().parse_known_args(argv)
+    runtime_env = job_runtime_env(options, job_args)
     entrypoint = shlex.join([options.python, "-m", "ray_jobs.cli", options.job, *job_args])
-    try:
-        client = connect(options.address)
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=options.submission_id,
-                                   metadata={"vaectl_job": options.job})
-    except AuthenticationError:  # Ray raises it for a 401/403 from any request (its version check is open)
-        raise InputError(f"the Ray cluster at {options.address} refused this client's token: {TOKEN_HELP}") from None
-    print(f"submitted {options.job} as {job_id} to {options.address}: {entrypoint}", file=sys.stderr, flush=True)
+    client, job_id = submit(options, entrypoint, runtime_env)
+    print(
+        f"submitted {options.job} as {job_id} to {options.address}: {entrypoint}", file=sys.stderr, flush=True
+    )
     if options.no_wait:
         return
     try:
         status, exit_code, message = follow(client, job_id)
     except KeyboardInterrupt:
-        print(f"\nstopped following {job_id}; it keeps running (`ray job stop {job_id}` stops it)", file=sys.stderr)
+        stop = f"`ray job stop {job_id}` stops it"
+        print(f"\nstopped following {job_id}; it keeps running ({stop})", file=sys.stderr)
         sys.exit(130)
-    print(f"job {job_id} {status}" + (f": {message}" if status != "SUCCEEDED" and message else ""), file=sys.stderr)
+    failed = f": {message}" if status != "SUCCEEDED" and message else ""
+    print(f"job {job_id} {status}{failed}", file=sys.stderr)
     sys.exit(exit_code)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ray_jobs.cli import JOBS
+
+    parser = argparse.ArgumentParser(
+        prog="vaectl submit",
+        allow_abbrev=False,
+        description="Submit a job to a Ray cluster, stream its logs and exit with its status. Options not "
+        "listed here are the job's own (`vaectl <job> --help`).",
+    )
+    add = parser.add_argument
+    add("job", choices=[name for name in JOBS if name != "submit"])
+    address = os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    add(
+        "--address",
+        default=address,
+        help=f"the cluster's job server (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})",
+    )
+    add(
+        "--working-dir",
+        help="directory shipped as the job's working directory (default: the runtime env's, else .)",
+    )
+    add("--python", default="python", help="interpreter on the cluster that has this project's dependencies")
+    add("--runtime-env", metavar="YAML", help="more of the job's runtime_env (env_vars, pip, excludes, ...)")
+    add(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pass this variable of your environment to the job (repeatable), e.g. REDIS_CONNECTION_STRING",
+    )
+    add("--submission-id", help="the job's id (default: Ray picks one)")
+    add("--no-wait", action="store_true", help="return once the job is submitted")
+    return parser
+
+
+def job_runtime_env(options: argparse.Namespace, job_args: list[str]) -> dict:
+    """The job's runtime_env, after checking its options here, where a typo costs a second, not an
+    upload and a driver start. Paths inside them (--config) are relative to the working directory."""
+    from ray_jobs.cli import JOBS
+
+    runtime_env = {}
+    if options.runtime_env:
+        runtime_env = read_yaml_mapping(options.runtime_env, "--runtime-env", "runtime_env fields")
+    working_dir = Path(options.working_dir or runtime_env.get("working_dir") or ".")
+    if not working_dir.is_dir():
+        raise InputError(f"working dir {working_dir}: not a directory")
+    with contextlib.chdir(working_dir):
+        parse_config(JOBS[options.job].config, job_args, prog=f"vaectl {options.job}")
+    if missing := [name for name in options.env if name not in os.environ]:
+        raise InputError(f"--env {missing[0]}: not set in this environment")
+    passed = {name: os.environ[name] for name in options.env}
+    return {
+        **runtime_env,
+        "working_dir": str(working_dir),
+        "env_vars": {**runtime_env.get("env_vars", {}), **passed},
+    }
+
+
+def submit(options: argparse.Namespace, entrypoint: str, runtime_env: dict):
+    """(the client, the job's id) once the job server took the job."""
+    from ray.exceptions import AuthenticationError  # here: Ray is slow to import, the checks before are not
+
+    try:
+        client = connect(options.address)
+        metadata = {"vaectl_job": options.job}
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=options.submission_id,
+            metadata=metadata,
+        )
+    except AuthenticationError:  # Ray raises it for a 401/403 from any request (its version check is open)
+        refused = f"the Ray cluster at {options.address} refused this client's token"
+        raise InputError(f"{refused}: {TOKEN_HELP}") from None
+    return client, job_id
 
 
 def connect(address: str):
@@ -91,9 +135,12 @@ def connect(address: str):
 
     try:
         return JobSubmissionClient(address, headers=auth_headers())
-    except (OSError, RuntimeError) as error:  # requests' ConnectionError, Ray's RuntimeError for a failed version check
-        raise InputError(f"cannot reach a Ray job server at {address} ({_first_line(str(error))}); for a `ray up` cluster "
-                         "open the tunnel first: `ray dashboard cluster.yaml`") from None
+    # requests' ConnectionError, Ray's RuntimeError for a failed version check
+    except (OSError, RuntimeError) as error:
+        raise InputError(
+            f"cannot reach a Ray job server at {address} ({first_line(str(error))}); for a `ray up` cluster "
+            "open the tunnel first: `ray dashboard cluster.yaml`"
+        ) from None
 
 
 def auth_headers() -> dict[str, str]:
@@ -126,8 +173,9 @@ def follow(client, job_id: str) -> tuple[str, int, str]:
 
     try:
         asyncio.run(tail())
-    except (OSError, RuntimeError, aiohttp.ClientError) as error:  # a dropped log stream is not the job failing
-        log.warning("log stream ended early (%s); waiting for the job to finish", _first_line(str(error)))
+    # a dropped log stream is not the job failing
+    except (OSError, RuntimeError, aiohttp.ClientError) as error:
+        log.warning("log stream ended early (%s); waiting for the job to finish", first_line(str(error)))
     while not (info := client.get_job_info(job_id)).status.is_terminal():
         time.sleep(1)
     status = str(info.status)
@@ -135,8 +183,4 @@ def follow(client, job_id: str) -> tuple[str, int, str]:
         return status, 0, ""
     # The driver's own exit code when it has one: 2 is bad input, as when the job runs locally.
     exit_code = info.driver_exit_code if getattr(info, "driver_exit_code", None) else 1
-    return status, exit_code, _first_line(info.message or "")
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0][:300] if text.strip() else ""
+    return status, exit_code, first_line(info.message or "")

@@ -1,5 +1,8 @@
-"""Shared fixtures: a moto S3 server and one real local Ray cluster per test session, and one
-trained model version."""
+"""Shared fixtures: a moto S3 server and one real local Ray cluster per test session, one trained
+model version and three embedded versions of it, and private copies of the Feast repo.
+
+tests/unit need none of the servers; tests/integration use real Ray, S3 (moto), Redis and Feast.
+Helpers that start servers and clusters live in tests/helpers."""
 
 import os
 import shutil
@@ -7,11 +10,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from redis_server import redis_server
-from s3_server import moto_server
+from helpers.servers import free_port, moto_server, redis_server
 
 REPO = Path(__file__).resolve().parent.parent
-T1, T2, T3 = (datetime(2026, month, 1, tzinfo=UTC) for month in (1, 6, 9))  # event times of the `versions` fixture
+# No usage telemetry from the test clusters (Ray Data would also query a Prometheus on :9090 per dataset).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# event times of the `versions` fixture
+T1, T2, T3 = (datetime(2026, month, 1, tzinfo=UTC) for month in (1, 6, 9))
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +27,14 @@ def s3_endpoint():
 
     with moto_server() as endpoint:
         saved = {name: os.environ.get(name) for name in _AWS_ENV}
-        os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test-key-id",
-                           "AWS_SECRET_ACCESS_KEY": "test-secret-key", "AWS_DEFAULT_REGION": "us-east-1"})
+        os.environ.update(
+            {
+                "AWS_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": "test-key-id",
+                "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+        )
         s3fs.S3FileSystem.clear_instance_cache()
         yield endpoint
         for name, value in saved.items():
@@ -39,12 +50,20 @@ _AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "A
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
-    """A real local Ray cluster with the machine's 2 CPUs, torn down after the session."""
+    """A real local Ray cluster with the machine's 2 CPUs, torn down after the session. Its dashboard
+    and dashboard agent get free ports: Ray's fixed defaults (8265, 52365) stay free for the clusters
+    other tests start meanwhile (a job's private cluster, `ray start`)."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ports = {"dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()}
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False, **ports}
+    )
+    ray.init(address=cluster.address, log_to_driver=False)
     yield ray
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -57,14 +76,25 @@ def digits_parquet(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained(ray_cluster, digits_parquet, tmp_path_factory) -> dict:
     """A model version trained once with 2 DDP workers, shared by the train, embed and publish tests."""
-    from ray_jobs.train import TrainConfig, train
+    from ray_jobs.config import TrainConfig
+    from ray_jobs.train import train
 
     work = tmp_path_factory.mktemp("train")
     config = TrainConfig(
-        data=str(digits_parquet), vector_column="pixels", image_shape=[1, 8, 8], model_root=str(work / "models"),
-        # no KL warm-up and a higher learning rate: 5 of 8 units active in 6 epochs (the publish gate checks collapse)
-        label_column="label", latent_dim=8, hidden_dims=[64, 32], epochs=6, batch_size=32, num_workers=2,
-        kl_warmup_epochs=0, learning_rate=3e-3,
+        data=str(digits_parquet),
+        vector_column="pixels",
+        image_shape=[1, 8, 8],
+        model_root=str(work / "models"),
+        # no KL warm-up and a higher learning rate: 5 of 8 units active in 6 epochs (the publish gate checks
+        # collapse)
+        label_column="label",
+        latent_dim=8,
+        hidden_dims=[64, 32],
+        epochs=6,
+        batch_size=32,
+        num_workers=2,
+        kl_warmup_epochs=0,
+        learning_rate=3e-3,
         storage_path=str(work / "ray_results"),
     )
     version = train(config)
@@ -76,14 +106,20 @@ def validation_reference(model, loaded, trained) -> tuple[dict, dict]:
     import pyarrow.parquet as pq
 
     from vae import encode_matrix, features_to_numpy
+    from vae.keys import is_validation, key_hash
     from vae.monitoring import anomaly_thresholds
-    from vae.preprocessing import is_validation, key_hash
 
     table = pq.read_table(trained["data"])
-    table = table.filter(is_validation(key_hash(table.column("item_id")), trained["config"].validation_fraction))
+    table = table.filter(
+        is_validation(key_hash(table.column("item_id")), trained["config"].validation_fraction)
+    )
     latents, scores = encode_matrix(model, loaded.normalizer, features_to_numpy(table, loaded.features))
     thresholds = anomaly_thresholds(scores)
-    return {"posterior_mean": latents, "anomaly_score": scores}, {"quantile": 0.99, "threshold": thresholds["0.99"], "thresholds": thresholds}
+    return {"posterior_mean": latents, "anomaly_score": scores}, {
+        "quantile": 0.99,
+        "threshold": thresholds["0.99"],
+        "thresholds": thresholds,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +127,8 @@ def versions(trained, tmp_path_factory):
     """Three model versions (the trained one and two with perturbed weights) embedded at T1 < T2 < T3."""
     import torch
 
-    from ray_jobs.embed import EmbedConfig, embed
+    from ray_jobs.config import EmbedConfig
+    from ray_jobs.embed import embed
     from vae import load_model_version, save_model_version
 
     work = tmp_path_factory.mktemp("versions")
@@ -105,14 +142,34 @@ def versions(trained, tmp_path_factory):
                 for parameter in model.parameters():
                     parameter.add_(0.05 * torch.randn_like(parameter))
         reference, anomaly = validation_reference(model, loaded, trained)
-        names.append(save_model_version(work / "models", model, loaded.normalizer, loaded.features, {}, {}, {"seed": seed},
-                                        reference=reference, anomaly=anomaly))
+        names.append(
+            save_model_version(
+                work / "models",
+                model,
+                loaded.normalizer,
+                loaded.features,
+                {},
+                {},
+                {"seed": seed},
+                reference=reference,
+                anomaly=anomaly,
+            )
+        )
     import pyarrow.parquet as pq
 
-    pq.write_table(pq.read_table(trained["data"]), work / "digits.parquet", row_group_size=400)  # 5 output files per version
-    for name, event_time in zip(names, (T1, T2, T3)):
-        embed(EmbedConfig(data=str(work / "digits.parquet"), model_root=str(work / "models"), model_version=name,
-                          output=str(work / "embeddings"), event_time=event_time, rows_per_file=400))
+    # 5 output files per version
+    pq.write_table(pq.read_table(trained["data"]), work / "digits.parquet", row_group_size=400)
+    for name, event_time in zip(names, (T1, T2, T3), strict=True):
+        embed(
+            EmbedConfig(
+                data=str(work / "digits.parquet"),
+                model_root=str(work / "models"),
+                model_version=name,
+                output=str(work / "embeddings"),
+                event_time=event_time,
+                rows_per_file=400,
+            )
+        )
     return {"root": work / "embeddings", "names": names}
 
 

@@ -49,15 +49,21 @@ STAGING_PREFIX = ".staging-"
 
 
 @dataclass
-class ModelVersion:
-    """A loaded, verified model version: everything needed to encode a dataset."""
+class ModelVersionInfo:
+    """A committed version's name, location and model.json, read without touching the weights."""
 
     version: str
     path: str  # local directory or s3:// URL
+    metadata: dict[str, Any]
+
+
+@dataclass
+class ModelVersion(ModelVersionInfo):
+    """A loaded, verified model version: everything needed to encode a dataset."""
+
     model: VAE
     normalizer: Normalizer
     features: FeatureSchema
-    metadata: dict[str, Any]
 
 
 def save_model_version(
@@ -82,9 +88,11 @@ def save_model_version(
     local = is_local(fs)
     if local:
         os.makedirs(root, exist_ok=True)
-    # Locally the staging directory sits in the root so the commit is one rename on one filesystem.
-    staging = Path(root) / f"{STAGING_PREFIX}{uuid.uuid4().hex}" if local else Path(tempfile.mkdtemp(prefix="vae-version-"))
-    staging.mkdir(exist_ok=True)
+        # In the root, so that the commit is one rename on one filesystem.
+        staging = Path(root) / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        staging.mkdir()
+    else:
+        staging = Path(tempfile.mkdtemp(prefix="vae-version-"))
     try:
         weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
         save_file(weights, staging / WEIGHTS_FILE)
@@ -105,27 +113,41 @@ def save_model_version(
             "code_version": code_version(),
             "weights_sha256": weights_sha256,
         }
-        if reference is not None:
-            save_file({name: torch.from_numpy(np.ascontiguousarray(values, np.float32)) for name, values in reference.items()},
-                      staging / REFERENCE_FILE)
-            metadata["reference_sha256"] = _sha256(staging / REFERENCE_FILE)
-        if anomaly is not None:
-            metadata["anomaly"] = anomaly
-        if report_dir is not None:
-            shutil.copytree(report_dir, staging / "report")
-            metadata["report"] = sorted(p.name for p in (staging / "report").iterdir())
+        metadata |= _write_extras(staging, reference, anomaly, report_dir)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-        if local:
-            os.rename(staging, Path(root) / version)  # the commit: atomic on one filesystem
-        else:
-            with storage_errors(url_of(fs, root)):
-                for path in sorted(staging.rglob("*")):
-                    if path.is_file() and path.name != METADATA_FILE:
-                        fs.put_file(str(path), f"{root}/{version}/{path.relative_to(staging).as_posix()}")
-                fs.put_file(str(staging / METADATA_FILE), f"{root}/{version}/{METADATA_FILE}")  # the commit: written last
+        _commit(fs, root, staging, version)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return version
+
+
+def _write_extras(staging: Path, reference: dict | None, anomaly: dict | None, report_dir) -> dict[str, Any]:
+    """The reference sample, the anomaly calibration and the report: files and their model.json entries."""
+    entries: dict[str, Any] = {}
+    if reference is not None:
+        tensors = {
+            name: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for name, v in reference.items()
+        }
+        save_file(tensors, staging / REFERENCE_FILE)
+        entries["reference_sha256"] = _sha256(staging / REFERENCE_FILE)
+    if anomaly is not None:
+        entries["anomaly"] = anomaly
+    if report_dir is not None:
+        shutil.copytree(report_dir, staging / "report")
+        entries["report"] = sorted(p.name for p in (staging / "report").iterdir())
+    return entries
+
+
+def _commit(fs, root: str, staging: Path, version: str) -> None:
+    """Locally one rename (atomic on one filesystem); on S3 every file uploaded, model.json last."""
+    if is_local(fs):
+        os.rename(staging, Path(root) / version)
+        return
+    with storage_errors(url_of(fs, root)):
+        for path in sorted(staging.rglob("*")):
+            if path.is_file() and path.name != METADATA_FILE:
+                fs.put_file(str(path), f"{root}/{version}/{path.relative_to(staging).as_posix()}")
+        fs.put_file(str(staging / METADATA_FILE), f"{root}/{version}/{METADATA_FILE}")
 
 
 def list_model_versions(model_root: str | os.PathLike) -> list[str]:
@@ -150,8 +172,8 @@ def resolve_model_version(model_root: str | os.PathLike, version: str = "latest"
     return version
 
 
-def load_model_version(model_root: str | os.PathLike, version: str = "latest") -> ModelVersion:
-    """Load and verify a version; raise InputError if it is missing, incomplete or tampered with."""
+def read_model_version_info(model_root: str | os.PathLike, version: str = "latest") -> ModelVersionInfo:
+    """A version's model.json (for its metadata, thresholds, reference), without loading the weights."""
     version = resolve_model_version(model_root, version)
     fs, root = filesystem(model_root)
     path = url_of(fs, f"{root}/{version}")
@@ -159,34 +181,45 @@ def load_model_version(model_root: str | os.PathLike, version: str = "latest") -
         with storage_errors(path):
             metadata = json.loads(fs.cat_file(f"{root}/{version}/{METADATA_FILE}"))
     except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"model version {path}: {METADATA_FILE} is unreadable ({error}); the version is corrupt") from None
+        raise InputError(
+            f"model version {path}: {METADATA_FILE} is unreadable ({error}); the version is corrupt"
+        ) from None
     if metadata.get("format") != FORMAT:
         raise InputError(f"model version {path}: format {metadata.get('format')!r} is not {FORMAT!r}")
+    return ModelVersionInfo(version, path, metadata)
+
+
+def load_model_version(model_root: str | os.PathLike, version: str = "latest") -> ModelVersion:
+    """Load and verify a version; raise InputError if it is missing, incomplete or tampered with."""
+    info = read_model_version_info(model_root, version)
+    fs, path = filesystem(info.path)
     try:
-        with storage_errors(path):
-            weights_bytes = fs.cat_file(f"{root}/{version}/{WEIGHTS_FILE}")
+        with storage_errors(info.path):
+            weights_bytes = fs.cat_file(f"{path}/{WEIGHTS_FILE}")
     except OSError:
         weights_bytes = None
-    if weights_bytes is None or hashlib.sha256(weights_bytes).hexdigest() != metadata.get("weights_sha256"):
+    if weights_bytes is None or hashlib.sha256(weights_bytes).hexdigest() != info.metadata.get(
+        "weights_sha256"
+    ):
         raise InputError(
-            f"model version {path}: {WEIGHTS_FILE} is missing or does not match the checksum in "
+            f"model version {info.path}: {WEIGHTS_FILE} is missing or does not match the checksum in "
             f"{METADATA_FILE} (truncated or modified); restore it or train a new version"
         )
     try:
-        config = ModelConfig.from_dict(metadata["architecture"])
-        normalizer = Normalizer.from_dict(metadata["normalizer"])
-        features = FeatureSchema.from_dict(metadata["features"])
+        config = ModelConfig.from_dict(info.metadata["architecture"])
+        normalizer = Normalizer.from_dict(info.metadata["normalizer"])
+        features = FeatureSchema.from_dict(info.metadata["features"])
         weights = load_safetensors(weights_bytes)
     except (KeyError, TypeError, ValueError, SafetensorError) as error:
-        raise InputError(f"model version {path} is corrupt: {error}") from None
+        raise InputError(f"model version {info.path} is corrupt: {error}") from None
     model = VAE(config)
-    _check_shapes(model, weights, path)
+    _check_shapes(model, weights, info.path)
     model.load_state_dict(weights, strict=True)
     model.eval()
-    return ModelVersion(version, path, model, normalizer, features, metadata)
+    return ModelVersion(info.version, info.path, info.metadata, model, normalizer, features)
 
 
-def load_reference(version: ModelVersion) -> dict[str, np.ndarray] | None:
+def load_reference(version: ModelVersionInfo) -> dict[str, np.ndarray] | None:
     """The version's reference sample (validation posterior means and anomaly scores), checksum
     verified; None for a version saved without one."""
     expected = version.metadata.get("reference_sha256")
@@ -199,12 +232,14 @@ def load_reference(version: ModelVersion) -> dict[str, np.ndarray] | None:
     except OSError:
         data = None
     if data is None or hashlib.sha256(data).hexdigest() != expected:
-        raise InputError(f"model version {version.path}: {REFERENCE_FILE} is missing or does not match its checksum; "
-                         "the version is corrupt")
+        raise InputError(
+            f"model version {version.path}: {REFERENCE_FILE} is missing or does not match its checksum; "
+            "the version is corrupt"
+        )
     return {name: tensor.numpy() for name, tensor in load_safetensors(data).items()}
 
 
-def anomaly_threshold(version: ModelVersion, quantile: float | None = None) -> float | None:
+def anomaly_threshold(version: ModelVersionInfo, quantile: float | None = None) -> float | None:
     """The anomaly_score above which a row is flagged: the version's calibrated threshold, or the
     given quantile of its validation scores; None for a version saved without a calibration."""
     from vae.monitoring import anomaly_thresholds
@@ -213,8 +248,10 @@ def anomaly_threshold(version: ModelVersion, quantile: float | None = None) -> f
         return (version.metadata.get("anomaly") or {}).get("threshold")
     reference = load_reference(version)
     if reference is None:
-        raise InputError(f"model version {version.version} has no validation reference to take the {quantile} quantile of "
-                         "(saved before anomaly calibration); leave anomaly_quantile unset or train a new version")
+        raise InputError(
+            f"model version {version.version} has no validation reference to take the {quantile} quantile of "
+            "(saved before anomaly calibration); leave anomaly_quantile unset or train a new version"
+        )
     return anomaly_thresholds(reference["anomaly_score"], (quantile,))[str(quantile)]
 
 
@@ -227,7 +264,9 @@ def _check_shapes(model: VAE, weights: dict[str, torch.Tensor], path: str) -> No
             for name in expected.keys() | found.keys()
             if expected.get(name) != found.get(name)
         )
-        raise InputError(f"model version {path}: weights do not fit the architecture ({'; '.join(differences[:3])})")
+        raise InputError(
+            f"model version {path}: weights do not fit the architecture ({'; '.join(differences[:3])})"
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -244,7 +283,12 @@ def code_version() -> str:
 
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], check=False, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--short", "HEAD"],
+            check=False,
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""

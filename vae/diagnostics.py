@@ -33,14 +33,20 @@ def collapse_warning(active: int, latent_dim: int, min_active_share: float) -> s
     if active >= min_active_share * latent_dim:
         return None
     return (
-        f"posterior collapse: {active} of {latent_dim} latent units are active (Cov > {ACTIVE_UNIT_THRESHOLD}), "
-        f"below {min_active_share:.0%}; try kl_warmup_epochs, free_bits, a smaller latent_dim or a smaller batch"
+        f"posterior collapse: {active} of {latent_dim} latent units are active (Cov > "
+        f"{ACTIVE_UNIT_THRESHOLD}), "
+        f"below {min_active_share:.0%}; try kl_warmup_epochs, free_bits, a smaller latent_dim or a smaller "
+        "batch"
     )
 
 
 @torch.no_grad()
 def importance_weighted_nll(
-    model: VAE, x: torch.Tensor, samples: int = 1000, generator: torch.Generator | None = None, rows_per_pass: int = 65536
+    model: VAE,
+    x: torch.Tensor,
+    samples: int = 1000,
+    generator: torch.Generator | None = None,
+    rows_per_pass: int = 65536,
 ) -> torch.Tensor:
     """-log p(x) estimated with `samples` importance samples from q(z|x), per example, in nats."""
     posterior = model.encode(x)

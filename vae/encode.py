@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from vae.losses import elbo_terms
@@ -23,13 +22,3 @@ def encode_matrix(
     x = torch.from_numpy(normalizer(matrix)).to(device, non_blocking=True)
     terms = elbo_terms(model, x, sample=False)
     return terms.posterior.mean.cpu().numpy(), terms.negative_elbo.cpu().numpy()
-
-
-def latent_column(posterior_mean: np.ndarray) -> pa.ListArray:
-    """Rows of a (n, z) float32 matrix as a plain Arrow list<float32> column, without copying the values.
-
-    Not fixed_size_list and not Ray's tensor type: Feast's list handling accepts only plain lists.
-    """
-    rows, latent_dim = posterior_mean.shape
-    offsets = pa.array(np.arange(0, (rows + 1) * latent_dim, latent_dim, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(posterior_mean.ravel()))

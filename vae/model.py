@@ -33,11 +33,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.architecture == "conv":
             if self.image_shape is None or len(self.image_shape) != 3:
-                raise ValueError(f"a conv model needs image_shape (channels, height, width), got {self.image_shape}")
+                raise ValueError(
+                    f"a conv model needs image_shape (channels, height, width), got {self.image_shape}"
+                )
             if math.prod(self.image_shape) != self.input_dim:
                 raise ValueError(f"image_shape {self.image_shape} does not hold {self.input_dim} features")
             if min(self.image_shape[1:]) < 2 ** len(self.conv_channels):
-                raise ValueError(f"image {self.image_shape} is too small for {len(self.conv_channels)} stride-2 convolutions")
+                raise ValueError(
+                    f"image {self.image_shape} is too small for {len(self.conv_channels)} stride-2 "
+                    "convolutions"
+                )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,10 +50,14 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
         shape = values.get("image_shape")
-        return cls(**{
-            **values, "hidden_dims": tuple(values["hidden_dims"]),
-            "image_shape": tuple(shape) if shape else None, "conv_channels": tuple(values.get("conv_channels", (32, 64))),
-        })
+        return cls(
+            **{
+                **values,
+                "hidden_dims": tuple(values["hidden_dims"]),
+                "image_shape": tuple(shape) if shape else None,
+                "conv_channels": tuple(values.get("conv_channels", (32, 64))),
+            }
+        )
 
 
 class DiagonalGaussian:
@@ -94,7 +103,9 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
 class ConvEncoder(nn.Module):
     """Flat image rows -> stride-2 convolutions (each halves height and width) -> MLP head."""
 
-    def __init__(self, image_shape: tuple[int, ...], channels: tuple[int, ...], hidden: list[int], out_features: int):
+    def __init__(
+        self, image_shape: tuple[int, ...], channels: tuple[int, ...], hidden: list[int], out_features: int
+    ):
         super().__init__()
         self.image_shape = image_shape
         layers: list[nn.Module] = []
@@ -111,15 +122,20 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """The mirror of ConvEncoder: MLP -> transposed convolutions back to the exact image size -> flat rows."""
 
-    def __init__(self, image_shape: tuple[int, ...], channels: tuple[int, ...], hidden: list[int], latent_dim: int):
+    def __init__(
+        self, image_shape: tuple[int, ...], channels: tuple[int, ...], hidden: list[int], latent_dim: int
+    ):
         super().__init__()
         self.sizes = _conv_sizes(image_shape, len(channels))  # (height, width) after each encoder stage
         height, width = self.sizes[-1]
         self.start_shape = (channels[-1], height, width)
-        self.body = nn.Sequential(_mlp([latent_dim, *reversed(hidden), channels[-1] * height * width]), nn.SiLU())
+        self.body = nn.Sequential(
+            _mlp([latent_dim, *reversed(hidden), channels[-1] * height * width]), nn.SiLU()
+        )
         up = [*reversed(channels), image_shape[0]]
         self.upsample = nn.ModuleList(
-            nn.ConvTranspose2d(fan_in, fan_out, kernel_size=4, stride=2, padding=1) for fan_in, fan_out in itertools.pairwise(up)
+            nn.ConvTranspose2d(fan_in, fan_out, kernel_size=4, stride=2, padding=1)
+            for fan_in, fan_out in itertools.pairwise(up)
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -148,14 +164,20 @@ class VAE(nn.Module):
         # The encoder emits mean and logvar side by side.
         if config.architecture == "conv":
             assert config.image_shape is not None
-            self.encoder: nn.Module = ConvEncoder(config.image_shape, config.conv_channels, hidden, 2 * config.latent_dim)
-            self.decoder: nn.Module = ConvDecoder(config.image_shape, config.conv_channels, hidden, config.latent_dim)
+            self.encoder: nn.Module = ConvEncoder(
+                config.image_shape, config.conv_channels, hidden, 2 * config.latent_dim
+            )
+            self.decoder: nn.Module = ConvDecoder(
+                config.image_shape, config.conv_channels, hidden, config.latent_dim
+            )
         else:
             self.encoder = _mlp([config.input_dim, *hidden, 2 * config.latent_dim])
             self.decoder = _mlp([config.latent_dim, *reversed(hidden), config.input_dim])
         # Gaussian likelihood: one learned log-variance per feature, so the likelihood is a real
         # normalized density rather than a squared error with an arbitrary scale.
-        self.decoder_logvar = nn.Parameter(torch.zeros(config.input_dim), requires_grad=config.likelihood == "gaussian")
+        self.decoder_logvar = nn.Parameter(
+            torch.zeros(config.input_dim), requires_grad=config.likelihood == "gaussian"
+        )
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         mean, logvar = self.encoder(x).chunk(2, dim=-1)

@@ -6,6 +6,8 @@ import base64
 import html
 import io
 import json
+import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import matplotlib
@@ -14,12 +16,34 @@ matplotlib.use("Agg")  # files only; no display on cluster nodes
 import matplotlib.pyplot as plt
 import numpy as np
 
+from vae.storage import filesystem, is_local, storage_errors, url_of
+
 MAX_DIMENSION_PLOTS = 32
 
 
-def write_monitoring_report(directory: str | Path, report: dict, reference: np.ndarray | None, new: np.ndarray,
-                            reference_scores: np.ndarray | None, new_scores: np.ndarray,
-                            movement_distances: np.ndarray | None) -> tuple[Path, Path]:
+def write_report(root: str | Path, report: dict, arrays: dict) -> tuple[str, str]:
+    """report.json + report.html under <root>/<version>-<UTC time>/ (a local path or s3://); returns where
+    they are."""
+    name = f"{report['model_version']}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    fs, base = filesystem(root)
+    if is_local(fs):
+        json_path, html_path = write_monitoring_report(Path(base) / name, report, **arrays)
+        return str(json_path), str(html_path)
+    with tempfile.TemporaryDirectory() as local, storage_errors(str(root)):
+        write_monitoring_report(Path(local) / name, report, **arrays)
+        fs.put(str(Path(local) / name), f"{base}/{name}", recursive=True)
+    return url_of(fs, f"{base}/{name}/report.json"), url_of(fs, f"{base}/{name}/report.html")
+
+
+def write_monitoring_report(
+    directory: str | Path,
+    report: dict,
+    reference: np.ndarray | None,
+    new: np.ndarray,
+    reference_scores: np.ndarray | None,
+    new_scores: np.ndarray,
+    movement_distances: np.ndarray | None,
+) -> tuple[Path, Path]:
     """Write report.json and report.html into directory; returns their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -29,16 +53,33 @@ def write_monitoring_report(directory: str | Path, report: dict, reference: np.n
     drift = report.get("drift")
     if drift is not None and reference is not None:
         drifted = set(drift["tests"]["per_dimension"]["drifted_dimensions"])
-        figures.append(("dimensions", "Per-dimension distributions, reference vs new (red title: drifted after Holm)",
-                        _dimensions(reference, new, drifted)))
+        figures.append(
+            (
+                "dimensions",
+                "Per-dimension distributions, reference vs new (red title: drifted after Holm)",
+                _dimensions(reference, new, drifted),
+            )
+        )
         mmd = drift["tests"]["mmd"]
-        figures.append(("mmd-null", f"MMD² null distribution ({len(mmd['null'])} permutations) and the observed value",
-                        _mmd_null(np.asarray(mmd["null"]), mmd["mmd2"], mmd["p_value"])))
+        figures.append(
+            (
+                "mmd-null",
+                f"MMD² null distribution ({len(mmd['null'])} permutations) and the observed value",
+                _mmd_null(np.asarray(mmd["null"]), mmd["mmd2"], mmd["p_value"]),
+            )
+        )
     if movement_distances is not None:
-        figures.append(("movement", "Per-entity movement after Procrustes alignment", _movement(movement_distances)))
+        figures.append(
+            ("movement", "Per-entity movement after Procrustes alignment", _movement(movement_distances))
+        )
     anomaly = report.get("anomaly") or {}
-    figures.append(("anomaly-scores", "Anomaly scores (negative ELBO, nats) and the version's threshold",
-                    _scores(reference_scores, new_scores, anomaly.get("threshold"))))
+    figures.append(
+        (
+            "anomaly-scores",
+            "Anomaly scores (negative ELBO, nats) and the version's threshold",
+            _scores(reference_scores, new_scores, anomaly.get("threshold")),
+        )
+    )
     html_path = directory / "report.html"
     html_path.write_text(_page(report, figures))
     return json_path, html_path
@@ -55,13 +96,22 @@ def _dimensions(reference: np.ndarray, new: np.ndarray, drifted: set[int]) -> by
             continue
         both = np.concatenate([reference[:, index], new[:, index]])
         bins = np.linspace(*np.percentile(both, [0.5, 99.5]), 40) if np.ptp(both) > 0 else 10
-        axis.hist(reference[:, index], bins=bins, density=True, alpha=0.5, label="reference", histtype="stepfilled")
+        axis.hist(
+            reference[:, index], bins=bins, density=True, alpha=0.5, label="reference", histtype="stepfilled"
+        )
         axis.hist(new[:, index], bins=bins, density=True, alpha=0.5, label="new", histtype="stepfilled")
         axis.set_title(f"z{index}", color="tab:red" if index in drifted else "black", fontsize=9)
         axis.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=7)
     # fixed margins: tight_layout over 16 small axes costs half a second per report
-    figure.subplots_adjust(left=0.04, right=0.99, bottom=0.5 / (2.2 * rows), top=1 - 0.35 / (2.2 * rows), wspace=0.25, hspace=0.55)
+    figure.subplots_adjust(
+        left=0.04,
+        right=0.99,
+        bottom=0.5 / (2.2 * rows),
+        top=1 - 0.35 / (2.2 * rows),
+        wspace=0.25,
+        hspace=0.55,
+    )
     return _png(figure, tight=False)
 
 
@@ -77,7 +127,9 @@ def _mmd_null(null: np.ndarray, observed: float, p_value: float) -> bytes:
 def _movement(distances: np.ndarray) -> bytes:
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.hist(distances, bins=40, color="tab:purple")
-    axis.axvline(float(np.median(distances)), color="black", linestyle="--", label=f"median {np.median(distances):.3f}")
+    axis.axvline(
+        float(np.median(distances)), color="black", linestyle="--", label=f"median {np.median(distances):.3f}"
+    )
     axis.set(xlabel="distance after alignment (RMS spread = 1)", ylabel="entities")
     axis.legend(fontsize=8)
     return _png(figure)
@@ -108,17 +160,23 @@ def _png(figure: plt.Figure, tight: bool = True) -> bytes:
 
 def _page(report: dict, figures: list[tuple[str, str, bytes]]) -> str:
     checks = "".join(
-        f"<tr class='{'pass' if c['passed'] else 'fail'}'><td>{html.escape(c['name'])}</td><td>{html.escape(c['detail'])}</td>"
-        f"<td>{'pass' if c['passed'] else 'FAIL'}</td></tr>" for c in report.get("checks", [])
+        f"<tr class='{'pass' if c['passed'] else 'fail'}'><td>{html.escape(c['name'])}</td>"
+        f"<td>{html.escape(c['detail'])}</td><td>{'pass' if c['passed'] else 'FAIL'}</td></tr>"
+        for c in report.get("checks", [])
     )
     drift_rows = ""
     if report.get("drift"):
-        drift_rows = "".join(f"<tr><td>{name}</td><td>{test['p_value']:.4g}</td><td>{html.escape(_effect(name, test))}</td></tr>"
-                             for name, test in report["drift"]["tests"].items())
+        drift_rows = "".join(
+            f"<tr><td>{name}</td><td>{test['p_value']:.4g}</td>"
+            f"<td>{html.escape(_effect(name, test))}</td></tr>"
+            for name, test in report["drift"]["tests"].items()
+        )
     movers = ""
     if report.get("movement"):
-        movers = "".join(f"<tr><td>{html.escape(str(m['key']))}</td><td>{m['movement']:.3f}</td></tr>"
-                         for m in report["movement"]["top_movers"])
+        movers = "".join(
+            f"<tr><td>{html.escape(str(m['key']))}</td><td>{m['movement']:.3f}</td></tr>"
+            for m in report["movement"]["top_movers"]
+        )
     plots = "".join(
         f"<figure id='plot-{name}'><img class='plot' alt='{html.escape(caption)}' src='data:image/png;base64,"
         f"{base64.b64encode(png).decode()}'><figcaption>{html.escape(caption)}</figcaption></figure>"
@@ -128,14 +186,22 @@ def _page(report: dict, figures: list[tuple[str, str, bytes]]) -> str:
     title = html.escape(f"Latent monitoring: {report.get('model_version', '')}")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}} tr.fail td{{background:#fdd}} tr.pass td{{background:#efe}}
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;margin:1em
+0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}} tr.fail td{{background:#fdd}} tr.pass
+td{{background:#efe}}
 img.plot{{max-width:100%}} figure{{margin:1.5em 0}}</style></head>
 <body><h1>{title}</h1>
 <p>{html.escape(report.get("verdict", ""))}</p>
 <h2>Checks</h2><table><tr><th>check</th><th>value</th><th>result</th></tr>{checks}</table>
 <p>{sampling}</p>
-{"<h2>Drift tests</h2><table><tr><th>test</th><th>p-value</th><th>effect</th></tr>" + drift_rows + "</table>" if drift_rows else ""}
+{
+        "<h2>Drift tests</h2><table><tr><th>test</th><th>p-value</th><th>effect</th></tr>"
+        + drift_rows
+        + "</table>"
+        if drift_rows
+        else ""
+    }
 {"<h2>Top movers</h2><table><tr><th>key</th><th>movement</th></tr>" + movers + "</table>" if movers else ""}
 <h2>Plots</h2>{plots}
 <script>
@@ -150,9 +216,16 @@ window.addEventListener("load", () => {{
 
 def _effect(name: str, test: dict) -> str:
     return {
-        "per_dimension": lambda: f"{len(test['drifted_dimensions'])} drifted dimension(s) {test['drifted_dimensions'][:10]}",
-        "mmd": lambda: f"MMD² {test['mmd2']:.3g} (bandwidth {test['bandwidth']:.3g}, {test['blocks']} block(s) of {test['block_rows']})",
-        "mean_shift": lambda: f"mean squared standardized difference {test['mean_squared_standardized_difference']:.3g}",
+        "per_dimension": lambda: (
+            f"{len(test['drifted_dimensions'])} drifted dimension(s) {test['drifted_dimensions'][:10]}"
+        ),
+        "mmd": lambda: (
+            f"MMD² {test['mmd2']:.3g} (bandwidth {test['bandwidth']:.3g}, {test['blocks']} block(s) of "
+            f"{test['block_rows']})"
+        ),
+        "mean_shift": lambda: (
+            f"mean squared standardized difference {test['mean_squared_standardized_difference']:.3g}"
+        ),
         "covariance": lambda: f"relative Frobenius distance {test['relative_frobenius_distance']:.3g}",
         "classifier": lambda: f"held-out AUC {test['auc']:.3f}",
     }[name]()

@@ -34,9 +34,17 @@ ANOMALY_QUANTILES = (0.9, 0.95, 0.99, 0.999)
 # Drift within one latent space
 
 
-def drift_test(reference: np.ndarray, new: np.ndarray, alpha: float = 0.05, permutations: int = 200, seed: int = 0,
-               max_rows: int = 5000, mmd_block: int = 512) -> dict:
-    """All five tests on (up to max_rows per side of) two samples of posterior means, and the combined decision."""
+def drift_test(
+    reference: np.ndarray,
+    new: np.ndarray,
+    alpha: float = 0.05,
+    permutations: int = 200,
+    seed: int = 0,
+    max_rows: int = 5000,
+    mmd_block: int = 512,
+) -> dict:
+    """All five tests on (up to max_rows per side of) two samples of posterior means, and the combined
+    decision."""
     reference, new = _check_pair(reference, new)
     rng = np.random.default_rng(seed)
     reference, new = _subsample(reference, max_rows, rng), _subsample(new, max_rows, rng)
@@ -51,8 +59,14 @@ def drift_test(reference: np.ndarray, new: np.ndarray, alpha: float = 0.05, perm
     combined = min(1.0, len(DRIFT_TESTS) * smallest)
     strongest = min(DRIFT_TESTS, key=lambda name: results[name]["p_value"])
     return {
-        "detected": combined < alpha, "p_value": combined, "alpha": alpha, "strongest_test": strongest,
-        "reference_rows": len(reference), "new_rows": len(new), "permutations": permutations, "seed": seed,
+        "detected": combined < alpha,
+        "p_value": combined,
+        "alpha": alpha,
+        "strongest_test": strongest,
+        "reference_rows": len(reference),
+        "new_rows": len(new),
+        "permutations": permutations,
+        "seed": seed,
         "tests": results,
     }
 
@@ -63,8 +77,11 @@ def per_dimension_test(reference: np.ndarray, new: np.ndarray, alpha: float = 0.
     statistic, p = np.atleast_1d(result.statistic), np.atleast_1d(result.pvalue)
     adjusted = holm(p)
     return {
-        "p_value": float(adjusted.min()), "ks_statistic": _rounded(statistic), "p_values": _rounded(p, 6),
-        "adjusted_p_values": _rounded(adjusted, 6), "drifted_dimensions": [int(i) for i in np.flatnonzero(adjusted < alpha)],
+        "p_value": float(adjusted.min()),
+        "ks_statistic": _rounded(statistic),
+        "p_values": _rounded(p, 6),
+        "adjusted_p_values": _rounded(adjusted, 6),
+        "drifted_dimensions": [int(i) for i in np.flatnonzero(adjusted < alpha)],
         "drifted_share": float((adjusted < alpha).mean()),
     }
 
@@ -88,8 +105,11 @@ def rbf_bandwidth(points: np.ndarray, rng: np.random.Generator, max_points: int 
     return median if median > 0 else 1.0
 
 
-def mmd_test(reference: np.ndarray, new: np.ndarray, permutations: int, rng: np.random.Generator, block: int = 512) -> dict:
-    """Block MMD^2 (Zaremba et al. 2013): the mean of unbiased MMD^2 over disjoint blocks of `block` rows per side.
+def mmd_test(
+    reference: np.ndarray, new: np.ndarray, permutations: int, rng: np.random.Generator, block: int = 512
+) -> dict:
+    """Block MMD^2 (Zaremba et al. 2013): the mean of unbiased MMD^2 over disjoint blocks of `block` rows
+    per side.
 
     The null is built by permuting the labels within each block: a group of permutations under which
     two samples from one distribution are exchangeable, so the p-value is exact, and each block's
@@ -115,8 +135,12 @@ def mmd_test(reference: np.ndarray, new: np.ndarray, permutations: int, rng: np.
         observed += statistics[0] / blocks
         null += statistics[1:] / blocks
     return {
-        "p_value": float((1 + np.sum(null >= observed)) / (1 + permutations)), "mmd2": float(observed),
-        "bandwidth": bandwidth, "block_rows": rows // blocks, "blocks": blocks, "rows_per_side": rows,
+        "p_value": float((1 + np.sum(null >= observed)) / (1 + permutations)),
+        "mmd2": float(observed),
+        "bandwidth": bandwidth,
+        "block_rows": rows // blocks,
+        "blocks": blocks,
+        "rows_per_side": rows,
         "null": _rounded(null, 8),
     }
 
@@ -130,15 +154,18 @@ def _mmd_from_labels(kernel: np.ndarray, labels: np.ndarray, size: int) -> np.nd
     return (first + second) / (size * (size - 1)) - 2.0 * cross / size**2
 
 
-def mean_shift_test(reference: np.ndarray, new: np.ndarray, permutations: int, rng: np.random.Generator) -> dict:
-    """Mean of the squared per-dimension mean differences in pooled standard deviations, permutation p-value."""
+def mean_shift_test(
+    reference: np.ndarray, new: np.ndarray, permutations: int, rng: np.random.Generator
+) -> dict:
+    """Mean of the squared per-dimension mean differences in pooled standard deviations, permutation
+    p-value."""
     pooled = _standardized(np.concatenate([reference, new]))
     weights = np.empty((permutations + 1, len(pooled)))
     weights[0] = np.r_[np.full(len(reference), -1.0 / len(reference)), np.full(len(new), 1.0 / len(new))]
     for row in range(1, permutations + 1):
         weights[row] = rng.permutation(weights[0])
     statistics = np.mean((weights @ pooled) ** 2, axis=1)
-    difference = (weights[0] @ pooled)
+    difference = weights[0] @ pooled
     return {
         "p_value": float((1 + np.sum(statistics[1:] >= statistics[0])) / (1 + permutations)),
         "mean_squared_standardized_difference": float(statistics[0]),
@@ -147,7 +174,9 @@ def mean_shift_test(reference: np.ndarray, new: np.ndarray, permutations: int, r
     }
 
 
-def covariance_test(reference: np.ndarray, new: np.ndarray, permutations: int, rng: np.random.Generator, max_rows: int = 2000) -> dict:
+def covariance_test(
+    reference: np.ndarray, new: np.ndarray, permutations: int, rng: np.random.Generator, max_rows: int = 2000
+) -> dict:
     """||C_new - C_reference||_F / ||C_pooled||_F of the standardized data, permutation p-value."""
     reference, new = _subsample(reference, max_rows, rng), _subsample(new, max_rows, rng)
     pooled = _standardized(np.concatenate([reference, new]))
@@ -155,12 +184,17 @@ def covariance_test(reference: np.ndarray, new: np.ndarray, permutations: int, r
     is_new = np.r_[np.zeros(len(reference), bool), np.ones(len(new), bool)]
 
     def statistic(mask: np.ndarray) -> float:
-        return float(np.linalg.norm(np.cov(pooled[mask], rowvar=False) - np.cov(pooled[~mask], rowvar=False)) / scale)
+        return float(
+            np.linalg.norm(np.cov(pooled[mask], rowvar=False) - np.cov(pooled[~mask], rowvar=False)) / scale
+        )
 
     observed = statistic(is_new)
     null = np.array([statistic(rng.permutation(is_new)) for _ in range(permutations)])
-    return {"p_value": float((1 + np.sum(null >= observed)) / (1 + permutations)), "relative_frobenius_distance": observed,
-            "rows_per_side": [len(reference), len(new)]}
+    return {
+        "p_value": float((1 + np.sum(null >= observed)) / (1 + permutations)),
+        "relative_frobenius_distance": observed,
+        "rows_per_side": [len(reference), len(new)],
+    }
 
 
 def classifier_test(reference: np.ndarray, new: np.ndarray, rng: np.random.Generator) -> dict:
@@ -175,31 +209,49 @@ def classifier_test(reference: np.ndarray, new: np.ndarray, rng: np.random.Gener
     labels = np.r_[np.zeros(len(reference)), np.ones(len(new))]
     order = rng.permutation(len(features))
     train, test = order[: len(order) // 2], order[len(order) // 2 :]
-    classifier = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, max_leaf_nodes=15, early_stopping=False,
-                                                random_state=int(rng.integers(2**31)))
+    classifier = HistGradientBoostingClassifier(
+        max_iter=100,
+        learning_rate=0.1,
+        max_leaf_nodes=15,
+        early_stopping=False,
+        random_state=int(rng.integers(2**31)),
+    )
     classifier.fit(features[train], labels[train])
     scores = classifier.predict_proba(features[test])[:, 1]
     new_scores, reference_scores = scores[labels[test] == 1], scores[labels[test] == 0]
     if len(new_scores) == 0 or len(reference_scores) == 0:
         return {"p_value": 1.0, "auc": 0.5, "test_rows": len(test)}
     result = stats.mannwhitneyu(new_scores, reference_scores, alternative="greater")
-    return {"p_value": float(result.pvalue), "auc": float(result.statistic / (len(new_scores) * len(reference_scores))),
-            "test_rows": len(test)}
+    return {
+        "p_value": float(result.pvalue),
+        "auc": float(result.statistic / (len(new_scores) * len(reference_scores))),
+        "test_rows": len(test),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Movement between two model versions
 
 
-def movement(keys: np.ndarray, before: np.ndarray, after: np.ndarray, neighbours: int = 10, top: int = 20,
-             max_rows: int = 5000, seed: int = 0) -> dict:
+def movement(
+    keys: np.ndarray,
+    before: np.ndarray,
+    after: np.ndarray,
+    neighbours: int = 10,
+    top: int = 20,
+    max_rows: int = 5000,
+    seed: int = 0,
+) -> dict:
     """How far the same entities moved from one version's space (`before`) to another's (`after`).
 
     Both standardized, `before` rotated onto `after` by orthogonal Procrustes. Movement is the
     distance after alignment in units of the spaces' RMS spread: 0 = same place, ~1.4 = unrelated.
     """
     if len(before) != len(after) or len(keys) != len(before):
-        raise ValueError(f"movement needs the same entities in both versions: {len(keys)} keys, {len(before)} and {len(after)} rows")
+        raise ValueError(
+            f"movement needs the same entities in both versions: {len(keys)} keys, {len(before)} and "
+            f"{len(after)} rows"
+        )
     if len(before) < neighbours + 2:
         raise ValueError(f"movement needs more than {neighbours + 1} shared entities, got {len(before)}")
     rng = np.random.default_rng(seed)
@@ -214,23 +266,33 @@ def movement(keys: np.ndarray, before: np.ndarray, after: np.ndarray, neighbours
     overlap = knn_overlap(source, target, neighbours)
     movers = np.argsort(-distances)[:top]
     return {
-        "rows": len(keys), "linear_cka": linear_cka(source, target),
-        "movement": {"mean": float(distances.mean()), **{f"p{q}": float(np.percentile(distances, q)) for q in (50, 90, 99)},
-                     "max": float(distances.max())},
-        "knn_overlap": {"k": neighbours, "mean": float(overlap.mean()), "p10": float(np.percentile(overlap, 10))},
+        "rows": len(keys),
+        "linear_cka": linear_cka(source, target),
+        "movement": {
+            "mean": float(distances.mean()),
+            **{f"p{q}": float(np.percentile(distances, q)) for q in (50, 90, 99)},
+            "max": float(distances.max()),
+        },
+        "knn_overlap": {
+            "k": neighbours,
+            "mean": float(overlap.mean()),
+            "p10": float(np.percentile(overlap, 10)),
+        },
         "top_movers": [{"key": _plain(keys[i]), "movement": float(distances[i])} for i in movers],
         "distances": _rounded(distances, 4),
     }
 
 
 def procrustes_rotation(source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """The orthogonal R minimizing ||source @ R - target||_F (Schoenemann 1966): U V^T of svd(source^T target)."""
+    """The orthogonal R minimizing ||source @ R - target||_F (Schoenemann 1966): U V^T of svd(source^T
+    target)."""
     u, _, vt = np.linalg.svd(source.T @ target)
     return u @ vt
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Linear centered kernel alignment (Kornblith et al. 2019): 1 = same geometry up to rotation and scale."""
+    """Linear centered kernel alignment (Kornblith et al. 2019): 1 = same geometry up to rotation and
+    scale."""
     x, y = x - x.mean(axis=0), y - y.mean(axis=0)
     cross = np.linalg.norm(y.T @ x) ** 2
     normalizer = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
@@ -240,7 +302,8 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 def knn_overlap(x: np.ndarray, y: np.ndarray, k: int = 10) -> np.ndarray:
     """Per row: the share of its k nearest neighbours (itself excluded) that are the same in both spaces."""
     first, second = nearest_neighbours(x, k), nearest_neighbours(y, k)
-    return np.array([len(np.intersect1d(a, b, assume_unique=True)) / k for a, b in zip(first, second)])
+    pairs = zip(first, second, strict=True)
+    return np.array([len(np.intersect1d(a, b, assume_unique=True)) / k for a, b in pairs])
 
 
 def nearest_neighbours(points: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
@@ -257,13 +320,31 @@ def nearest_neighbours(points: np.ndarray, k: int, chunk: int = 1024) -> np.ndar
 # Anomaly thresholds
 
 
-def anomaly_thresholds(scores: np.ndarray, quantiles: tuple[float, ...] = ANOMALY_QUANTILES) -> dict[str, float]:
+def anomaly_thresholds(
+    scores: np.ndarray, quantiles: tuple[float, ...] = ANOMALY_QUANTILES
+) -> dict[str, float]:
     """Score quantiles of (validation) rows: a row above the q threshold is rarer than 1 - q of them."""
     scores = np.asarray(scores, dtype=np.float64)
     scores = scores[np.isfinite(scores)]
     if len(scores) == 0:
         raise ValueError("no finite anomaly scores to calibrate thresholds on")
     return {str(q): float(np.quantile(scores, q)) for q in quantiles}
+
+
+def anomaly_calibration(
+    latents: np.ndarray, scores: np.ndarray, quantile: float, rows: int
+) -> tuple[dict, dict]:
+    """What a model version keeps for monitoring from its validation rows: the reference (up to
+    `rows` posterior means and scores) and the anomaly thresholds, `quantile`'s chosen."""
+    reference = {"posterior_mean": latents[:rows], "anomaly_score": scores[:rows]}
+    thresholds = anomaly_thresholds(reference["anomaly_score"], tuple(sorted({*ANOMALY_QUANTILES, quantile})))
+    anomaly = {
+        "quantile": quantile,
+        "threshold": thresholds[str(quantile)],
+        "thresholds": thresholds,
+        "validation_rows": len(reference["anomaly_score"]),
+    }
+    return reference, anomaly
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +355,9 @@ def _check_pair(reference: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.
     if reference.ndim != 2 or new.ndim != 2 or reference.shape[1] != new.shape[1]:
         raise ValueError(f"drift compares vectors of one size: reference {reference.shape}, new {new.shape}")
     if min(len(reference), len(new)) < 20:
-        raise ValueError(f"drift needs at least 20 rows on each side: reference {len(reference)}, new {len(new)}")
+        raise ValueError(
+            f"drift needs at least 20 rows on each side: reference {len(reference)}, new {len(new)}"
+        )
     if not (np.isfinite(reference).all() and np.isfinite(new).all()):
         raise ValueError("latent vectors contain NaN or infinite values")
     return reference, new

@@ -6,7 +6,6 @@ several numeric scalar columns. Fixed-size list columns of float32 convert witho
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -29,9 +28,13 @@ class FeatureSchema:
 
     def __post_init__(self) -> None:
         if (self.vector_column is None) == (not self.feature_columns):
-            raise InputError("name either one vector column or a list of feature columns, not both or neither")
+            raise InputError(
+                "name either one vector column or a list of feature columns, not both or neither"
+            )
         if self.image_shape is not None and int(np.prod(self.image_shape)) != self.dim:
-            raise InputError(f"image shape {self.image_shape} has {int(np.prod(self.image_shape))} values, not {self.dim}")
+            raise InputError(
+                f"image shape {self.image_shape} has {int(np.prod(self.image_shape))} values, not {self.dim}"
+            )
 
     @property
     def columns(self) -> list[str]:
@@ -44,7 +47,11 @@ class FeatureSchema:
     def from_dict(cls, values: dict) -> FeatureSchema:
         shape = values.get("image_shape")
         return cls(
-            **{**values, "feature_columns": tuple(values.get("feature_columns", ())), "image_shape": tuple(shape) if shape else None}
+            **{
+                **values,
+                "feature_columns": tuple(values.get("feature_columns", ())),
+                "image_shape": tuple(shape) if shape else None,
+            }
         )
 
 
@@ -62,7 +69,8 @@ def infer_feature_schema(
     type. Variable-length list columns need image_shape; their rows are checked as batches arrive.
     """
     if vector_column and image_shape is not None:
-        dim = int(np.prod(image_shape))  # the declared shape sets the length; the column is checked against it
+        # the declared shape sets the length; the column is checked against it
+        dim = int(np.prod(image_shape))
     elif vector_column:
         dim = _list_size(schema, source, vector_column)
         if dim is None:
@@ -98,14 +106,27 @@ def check_arrow_schema(schema: pa.Schema, features: FeatureSchema, source: str) 
     """Raise InputError naming the column if a dataset cannot feed a model with `features`."""
     _require_columns(schema, features.columns, source)
     key_type = schema.field(features.key_column).type
-    if not (pa.types.is_integer(key_type) or pa.types.is_string(key_type) or pa.types.is_large_string(key_type)):
-        raise InputError(f"{source}: key column '{features.key_column}' is {key_type}; it must be a string or an integer")
+    if not (
+        pa.types.is_integer(key_type) or pa.types.is_string(key_type) or pa.types.is_large_string(key_type)
+    ):
+        raise InputError(
+            f"{source}: key column '{features.key_column}' is {key_type}; it must be a string or an integer"
+        )
     if features.vector_column:
         column_type = schema.field(features.vector_column).type
-        if not (pa.types.is_list(column_type) or pa.types.is_large_list(column_type) or pa.types.is_fixed_size_list(column_type)):
-            raise InputError(f"{source}: column '{features.vector_column}' is {column_type}; it must be a list of numbers")
+        if not (
+            pa.types.is_list(column_type)
+            or pa.types.is_large_list(column_type)
+            or pa.types.is_fixed_size_list(column_type)
+        ):
+            raise InputError(
+                f"{source}: column '{features.vector_column}' is {column_type}; it must be a list of numbers"
+            )
         if not _is_numeric(column_type.value_type):
-            raise InputError(f"{source}: column '{features.vector_column}' holds {column_type.value_type}; it must hold numbers")
+            raise InputError(
+                f"{source}: column '{features.vector_column}' holds {column_type.value_type}; it must hold "
+                "numbers"
+            )
         if pa.types.is_fixed_size_list(column_type) and column_type.list_size != features.dim:
             raise InputError(
                 f"{source}: column '{features.vector_column}' has vectors of length {column_type.list_size}; "
@@ -113,20 +134,30 @@ def check_arrow_schema(schema: pa.Schema, features: FeatureSchema, source: str) 
             )
     for name in features.feature_columns:
         if not _is_numeric(schema.field(name).type):
-            raise InputError(f"{source}: feature column '{name}' is {schema.field(name).type}; it must be numeric")
+            raise InputError(
+                f"{source}: feature column '{name}' is {schema.field(name).type}; it must be numeric"
+            )
 
 
 def _is_numeric(arrow_type: pa.DataType) -> bool:
     return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
 
 
-def features_to_numpy(batch: pa.Table | pa.RecordBatch, features: FeatureSchema, required: tuple[str, ...] = ()) -> np.ndarray:
+def features_to_numpy(
+    batch: pa.Table | pa.RecordBatch,
+    features: FeatureSchema,
+    required: tuple[str, ...] = (),
+    validated: bool = False,
+) -> np.ndarray:
     """The batch's features as a float32 (rows, dim) matrix, validated.
 
     Zero-copy for a float32 fixed_size_list column without nulls held in one chunk; any other
     layout is copied once. Raises InputError naming the column and the row's key on nulls,
-    wrong vector lengths and NaN/inf, and on nulls in the `required` columns.
+    wrong vector lengths and NaN/inf, and on nulls in the `required` columns. validated=True:
+    the rows were checked already (training's statistics pass), only convert them.
     """
+    if validated:
+        return _to_matrix(batch, features)
     if features.vector_column:
         column = _single_chunk(batch.column(features.vector_column))
         if pa.types.is_fixed_size_list(column.type) and column.type.list_size != features.dim:
@@ -136,10 +167,13 @@ def features_to_numpy(batch: pa.Table | pa.RecordBatch, features: FeatureSchema,
             )
     problems = row_problems(batch, features, required)
     if problems is not None:
-        bad = np.flatnonzero(problems != None)
+        bad = np.flatnonzero(np.not_equal(problems, None))
         row = int(bad[0])
         more = f" ({bad.size} bad rows in this batch)" if bad.size > 1 else ""
-        raise InputError(f"{_describe_row(batch, features, row)} {problems[row]}{more}; fix or drop such rows, or quarantine them")
+        raise InputError(
+            f"{_describe_row(batch, features, row)} {problems[row]}{more}; fix or drop such rows, or "
+            "quarantine them"
+        )
     return _to_matrix(batch, features)
 
 
@@ -150,61 +184,80 @@ def split_bad_rows(
     problems = row_problems(batch, features, required)
     if problems is None:
         return batch, _to_matrix(batch, features), batch.slice(0, 0), []
-    is_bad = problems != None
+    is_bad = np.not_equal(problems, None)
     good = batch.filter(pa.array(~is_bad))
-    return good, _to_matrix(good, features), batch.filter(pa.array(is_bad)), [str(r) for r in problems[is_bad]]
+    return (
+        good,
+        _to_matrix(good, features),
+        batch.filter(pa.array(is_bad)),
+        [str(r) for r in problems[is_bad]],
+    )
 
 
-def row_problems(batch: pa.Table | pa.RecordBatch, features: FeatureSchema, required: tuple[str, ...] = ()) -> np.ndarray | None:
+def row_problems(
+    batch: pa.Table | pa.RecordBatch, features: FeatureSchema, required: tuple[str, ...] = ()
+) -> np.ndarray | None:
     """Per row, why it cannot be encoded (None where it can); None if every row is fine.
 
     Checks: a null key, a missing vector or feature value, a wrong vector length, null elements,
     NaN or infinite values, a null in a `required` column (e.g. the event timestamp). The common
     all-good case costs one pass over the values.
     """
-    rows = batch.num_rows
-    problems: np.ndarray | None = None
-
-    def mark(mask: np.ndarray, reason: str) -> None:
-        nonlocal problems
-        if mask.any():
-            if problems is None:
-                problems = np.full(rows, None, dtype=object)
-            problems[mask & (problems == None)] = reason  # the first problem found per row wins
-
+    problems = _Problems(batch.num_rows)
     for name in (features.key_column, *required):
-        column = batch.column(name)
-        if column.null_count:
-            mark(_nulls(column), f"has no value in column '{name}'")
+        problems.nulls(batch.column(name), name)
     if features.vector_column:
-        name = features.vector_column
-        column = _single_chunk(batch.column(name))
-        if column.null_count:
-            mark(_nulls(column), f"has no value in column '{name}'")
-        if not pa.types.is_fixed_size_list(column.type):
-            lengths = pc.fill_null(pc.list_value_length(column), features.dim).to_numpy(zero_copy_only=False)
-            wrong = lengths != features.dim
-            for length in np.unique(lengths[wrong])[:20]:
-                mark(wrong & (lengths == length), f"has a vector of length {length} in column '{name}'; the model expects length {features.dim}")
-        values = pc.list_flatten(column)
-        parents = None
-        if values.null_count:
-            parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
-            mark(_rows_of(parents, _nulls(values), rows), f"has null elements inside its vector in column '{name}'")
-        if pa.types.is_floating(values.type):
-            finite = np.isfinite(values.to_numpy(zero_copy_only=False))
-            if not finite.all():
-                parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False) if parents is None else parents
-                mark(_rows_of(parents, ~finite, rows), "has NaN or infinite feature values")
+        _vector_problems(problems, _single_chunk(batch.column(features.vector_column)), features)
     for name in features.feature_columns:
         column = batch.column(name)
-        if column.null_count:
-            mark(_nulls(column), f"has no value in column '{name}'")
+        problems.nulls(column, name)
         if pa.types.is_floating(column.type):
-            finite = np.isfinite(column.to_numpy(zero_copy_only=False))
-            if not finite.all():
-                mark(~finite, "has NaN or infinite feature values")
-    return problems
+            problems.mark(
+                ~np.isfinite(column.to_numpy(zero_copy_only=False)), "has NaN or infinite feature values"
+            )
+    return problems.reasons
+
+
+class _Problems:
+    """Per row, the first reason found why it cannot be encoded; allocated only once there is one."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.reasons: np.ndarray | None = None
+
+    def mark(self, mask: np.ndarray, reason: str) -> None:
+        if not mask.any():
+            return
+        if self.reasons is None:
+            self.reasons = np.full(self.rows, None, dtype=object)
+        self.reasons[mask & np.equal(self.reasons, None)] = reason  # the first problem found per row wins
+
+    def nulls(self, column: pa.Array | pa.ChunkedArray, name: str) -> None:
+        if column.null_count:
+            self.mark(_nulls(column), f"has no value in column '{name}'")
+
+
+def _vector_problems(problems: _Problems, column: pa.Array, features: FeatureSchema) -> None:
+    name = features.vector_column
+    problems.nulls(column, name)
+    if not pa.types.is_fixed_size_list(column.type):
+        lengths = pc.fill_null(pc.list_value_length(column), features.dim).to_numpy(zero_copy_only=False)
+        wrong = lengths != features.dim
+        for length in np.unique(lengths[wrong])[:20]:
+            reason = (
+                f"has a vector of length {length} in column '{name}'; the model expects length {features.dim}"
+            )
+            problems.mark(wrong & (lengths == length), reason)
+    values = pc.list_flatten(column)
+    if values.null_count:
+        parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+        reason = f"has null elements inside its vector in column '{name}'"
+        problems.mark(_rows_of(parents, _nulls(values), problems.rows), reason)
+    if pa.types.is_floating(values.type):
+        finite = np.isfinite(values.to_numpy(zero_copy_only=False))
+        if not finite.all():
+            parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+            problems.mark(_rows_of(parents, ~finite, problems.rows), "has NaN or infinite feature values")
 
 
 def _single_chunk(column: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -276,6 +329,16 @@ class FeatureStats:
             fingerprint=(self.fingerprint + other.fingerprint) % 2**64,
         )
 
+    def to_row(self) -> dict[str, np.ndarray]:
+        """One row of arrays (a leading axis of 1), as a batch of a Ray Data pass carries it."""
+        row = {name: np.asarray(value)[None] for name, value in asdict(self).items() if name != "fingerprint"}
+        return {**row, "fingerprint": np.array([self.fingerprint], dtype=np.uint64)}
+
+    @classmethod
+    def from_rows(cls, rows: dict[str, np.ndarray], index: int) -> FeatureStats:
+        values = {name: rows[name][index] for name in ("total", "total_squares", "minimum", "maximum")}
+        return cls(int(rows["count"][index]), fingerprint=int(rows["fingerprint"][index]), **values)
+
     @property
     def mean(self) -> np.ndarray:
         return self.total / self.count
@@ -290,7 +353,9 @@ def _rows_fingerprint(matrix: np.ndarray) -> int:
     # change to a value changes the row hash; summing rows makes it independent of order and
     # of how the dataset is split into files and blocks.
     bits = np.ascontiguousarray(matrix, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    weights = np.random.default_rng(20261123).integers(1, 2**63, size=bits.shape[1], dtype=np.uint64) | np.uint64(1)
+    weights = np.random.default_rng(20261123).integers(
+        1, 2**63, size=bits.shape[1], dtype=np.uint64
+    ) | np.uint64(1)
     with np.errstate(over="ignore"):
         h = (bits * weights).sum(axis=1, dtype=np.uint64)
         h ^= h >> np.uint64(30)
@@ -334,39 +399,3 @@ class Normalizer:
     @classmethod
     def from_dict(cls, values: dict) -> Normalizer:
         return cls(tuple(values["offset"]), tuple(values["scale"]), bool(values["clip_unit_interval"]))
-
-
-def key_hash(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A stable 64-bit hash per entity key (integer or string), the same on every machine and run.
-
-    Used to hold out validation rows and to shard rows over workers by key, so neither depends
-    on file layout, block order or worker count.
-    """
-    if pa.types.is_integer(keys.type):
-        values = np.asarray(keys.to_numpy(zero_copy_only=False), dtype=np.int64).view(np.uint64)
-        return _splitmix64(values)
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(str(key).encode(), digest_size=8).digest(), "little") for key in keys.to_pylist()),
-        dtype=np.uint64, count=len(keys),
-    )
-
-
-def _splitmix64(values: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        h = values + np.uint64(0x9E3779B97F4A7C15)
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return h ^ (h >> np.uint64(31))
-
-
-_SPLIT_BUCKETS = 1 << 20
-
-
-def is_validation(hashes: np.ndarray, validation_fraction: float) -> np.ndarray:
-    """True for rows held out for validation: the low 20 bits of the key hash fall below the fraction."""
-    return (hashes % np.uint64(_SPLIT_BUCKETS)) < np.uint64(round(validation_fraction * _SPLIT_BUCKETS))
-
-
-def worker_of(hashes: np.ndarray, num_workers: int) -> np.ndarray:
-    """Which of num_workers owns each row: independent bits of the same hash, so shards stay balanced."""
-    return ((hashes >> np.uint64(20)) % np.uint64(num_workers)).astype(np.int64)

@@ -36,7 +36,9 @@ def _curves(directory: Path, history: list[dict]) -> str:
     figure, (elbo_axis, kl_axis) = plt.subplots(1, 2, figsize=(11, 4))
     elbo_axis.plot(epochs, [h["negative_elbo"] for h in history], label="train -ELBO")
     elbo_axis.plot(epochs, [h["val_negative_elbo"] for h in history], label="validation -ELBO")
-    elbo_axis.plot(epochs, [h["val_reconstruction"] for h in history], label="validation reconstruction", linestyle="--")
+    elbo_axis.plot(
+        epochs, [h["val_reconstruction"] for h in history], label="validation reconstruction", linestyle="--"
+    )
     elbo_axis.set(xlabel="epoch", ylabel="nats per example", title="Negative ELBO")
     elbo_axis.legend()
     kl_axis.plot(epochs, [h["val_kl"] for h in history], label="validation KL (nats)")
@@ -54,12 +56,17 @@ def _kl_per_dim(directory: Path, kl_per_dim: list[float], variance: list[float])
     figure, axis = plt.subplots(figsize=(max(6, 0.25 * len(kl_per_dim)), 4))
     active = np.asarray(variance) > ACTIVE_UNIT_THRESHOLD
     axis.bar(range(len(kl_per_dim)), kl_per_dim, color=np.where(active, "tab:blue", "tab:gray"))
-    axis.set(xlabel="latent dimension", ylabel="KL (nats per example)",
-             title=f"Validation KL per dimension ({int(active.sum())} of {len(active)} active, grey = inactive)")
+    axis.set(
+        xlabel="latent dimension",
+        ylabel="KL (nats per example)",
+        title=f"Validation KL per dimension ({int(active.sum())} of {len(active)} active, grey = inactive)",
+    )
     return _save(figure, directory / "kl_per_dim.png")
 
 
-def _latent_pca(directory: Path, latents: np.ndarray, labels: np.ndarray | None, label_name: str | None) -> str:
+def _latent_pca(
+    directory: Path, latents: np.ndarray, labels: np.ndarray | None, label_name: str | None
+) -> str:
     points, explained = pca_2d(latents)
     figure, axis = plt.subplots(figsize=(6, 5))
     if labels is None:
@@ -67,12 +74,27 @@ def _latent_pca(directory: Path, latents: np.ndarray, labels: np.ndarray | None,
     else:
         values = np.unique(labels)
         colour_of = {value: i for i, value in enumerate(values)}
-        scatter = axis.scatter(points[:, 0], points[:, 1], s=4, alpha=0.7, cmap="tab10" if len(values) <= 10 else "viridis",
-                               c=[colour_of[v] for v in labels])
+        scatter = axis.scatter(
+            points[:, 0],
+            points[:, 1],
+            s=4,
+            alpha=0.7,
+            cmap="tab10" if len(values) <= 10 else "viridis",
+            c=[colour_of[v] for v in labels],
+        )
         if len(values) <= 20:
-            axis.legend(scatter.legend_elements()[0], [str(v) for v in values], title=label_name, fontsize=7, loc="best")
-    axis.set(xlabel=f"PC1 ({explained[0]:.0%})", ylabel=f"PC2 ({explained[1]:.0%})",
-             title=f"Validation posterior means, {len(latents)} rows")
+            axis.legend(
+                scatter.legend_elements()[0],
+                [str(v) for v in values],
+                title=label_name,
+                fontsize=7,
+                loc="best",
+            )
+    axis.set(
+        xlabel=f"PC1 ({explained[0]:.0%})",
+        ylabel=f"PC2 ({explained[1]:.0%})",
+        title=f"Validation posterior means, {len(latents)} rows",
+    )
     return _save(figure, directory / "latent_pca.png")
 
 

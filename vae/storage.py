@@ -13,9 +13,11 @@ import uuid
 from collections.abc import Iterator
 
 import fsspec
+import pyarrow as pa
+import pyarrow.dataset as pads
 from fsspec.implementations.local import LocalFileSystem
 
-from vae.errors import InputError
+from vae.errors import InputError, first_line
 
 
 def filesystem(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -78,13 +80,51 @@ def describe_storage_error(url: str, error: BaseException) -> str | None:
         code in text for code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
     ):
         return (
-            f"{url}: access denied; check the AWS credentials this process uses (AWS_PROFILE, AWS_ACCESS_KEY_ID, "
+            f"{url}: access denied; check the AWS credentials this process uses (AWS_PROFILE, "
+            "AWS_ACCESS_KEY_ID, "
             "instance profile) and that they may read/write this location"
         )
     if "NoCredentials" in text or "Unable to locate credentials" in text:
-        return f"{url}: no AWS credentials found; set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or use an instance profile"
-    if any(word in text for word in ("EndpointConnectionError", "Could not connect", "ConnectTimeout", "ClientConnectorError",
-                                     "Connection refused", "Name or service not known")):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
+        return (
+            f"{url}: no AWS credentials found; set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "or use an instance profile"
+        )
+    if any(
+        word in text
+        for word in (
+            "EndpointConnectionError",
+            "Could not connect",
+            "ConnectTimeout",
+            "ClientConnectorError",
+            "Connection refused",
+            "Name or service not known",
+        )
+    ):
+        endpoint = (
+            os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or "the AWS default endpoint"
+        )
         return f"{url}: cannot reach the S3 endpoint ({endpoint}); check AWS_ENDPOINT_URL and the network"
     return None  # a plain FileNotFoundError stays one: callers know what was missing
+
+
+def open_parquet_dataset(url: str, what: str = "check the path") -> pads.Dataset:
+    """A Parquet file or directory (local or s3://) as a pyarrow dataset, with one clear error if it
+    is missing, unreadable or holds no Parquet files (`what` says what to do then)."""
+    fs, root = filesystem(url)
+    try:
+        with storage_errors(url):
+            dataset = pads.dataset(root, format="parquet", filesystem=fs)
+    except FileNotFoundError:
+        raise InputError(f"{url}: no such file or directory") from None
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputError(f"{url}: not readable as Parquet ({first_line(error)})") from None
+    if not dataset.files:
+        raise InputError(f"{url}: no Parquet files found; {what}")
+    return dataset
+
+
+def parquet_schema(url: str) -> pa.Schema:
+    """The Arrow schema of a Parquet file or directory, with a clear error if it can't be read."""
+    return open_parquet_dataset(url).schema

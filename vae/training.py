@@ -1,16 +1,30 @@
-"""Training pieces every loop shares (the Ray job and the plain baseline): schedules and the
-resumable state of a run, stored as safetensors + JSON like model versions (no pickle)."""
+"""Training pieces any loop can use (the Ray job's workers, the plain baseline): schedules, one
+epoch of optimizer steps, the validation and importance-weighted sums (all-reducible), a worker's
+key-hash shard as tensors, and the resumable state of a run, stored as safetensors + JSON like
+model versions (no pickle). Nothing here knows about Ray."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
+
+from vae.diagnostics import active_units, importance_weighted_nll, posterior_mean_variance
+from vae.errors import InputError
+from vae.keys import is_validation, key_hash, worker_of
+from vae.losses import elbo_terms
+from vae.model import VAE
+from vae.preprocessing import FeatureSchema, Normalizer, features_to_numpy
 
 
 @dataclass(frozen=True)
@@ -36,7 +50,9 @@ class Schedule:
         if self.lr_schedule == "constant":
             return self.learning_rate
         progress = min(1.0, (step - self.lr_warmup_steps) / max(1, self.total_steps - self.lr_warmup_steps))
-        return self.learning_rate * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return self.learning_rate * (
+            self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        )
 
     def kl_weight(self, step: int) -> float:
         if step >= self.kl_warmup_steps:
@@ -51,19 +67,27 @@ STATE_FILE = "state.json"
 
 
 def save_training_state(
-    directory: str | Path, model: torch.nn.Module, best_weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+    directory: str | Path,
+    model: torch.nn.Module,
+    best_weights: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
 ) -> None:
-    """Everything needed to continue a run exactly: weights, best weights so far, optimizer moments, counters."""
+    """Everything needed to continue a run exactly: weights, best weights so far, optimizer moments,
+    counters."""
     directory = Path(directory)
     save_file(_cpu(model.state_dict()), directory / MODEL_FILE)
     save_file(_cpu(best_weights), directory / BEST_FILE)
     optimizer_state = optimizer.state_dict()
     tensors = {
-        f"{index}.{name}": value for index, slots in optimizer_state["state"].items() for name, value in slots.items()
+        f"{index}.{name}": value
+        for index, slots in optimizer_state["state"].items()
+        for name, value in slots.items()
     }
     save_file(_cpu(tensors), directory / OPTIMIZER_FILE)
-    (directory / STATE_FILE).write_text(json.dumps({**state, "param_groups": optimizer_state["param_groups"]}))
+    (directory / STATE_FILE).write_text(
+        json.dumps({**state, "param_groups": optimizer_state["param_groups"]})
+    )
 
 
 def load_training_state(
@@ -87,3 +111,225 @@ def load_best_weights(directory: str | Path) -> dict[str, torch.Tensor]:
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+
+
+@dataclass
+class RunState:
+    """Where a run stands: saved in every checkpoint, so a restarted run continues exactly."""
+
+    epoch: int = 0  # last finished epoch
+    step: int = 0  # optimizer steps so far
+    history: list[dict] = field(default_factory=list)  # per-epoch metrics
+    best_epoch: int = 0
+    best_val: float = math.inf  # best validation negative ELBO so far
+    stale_epochs: int = 0  # epochs since the best, counted after KL warm-up
+    final: dict | None = None  # set once the run has finished (IW-NLL, collapse check)
+    resumed_from: list[int] = field(default_factory=list)  # epochs this run was restarted from
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunState:
+        """From a checkpoint's state.json (which also holds the optimizer's param_groups)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in values.items() if name in names})
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What an optimizer step minimizes and how: the schedule (learning rate, KL weight), the loss's
+    settings (vae.losses.ElboTerms.loss), gradient clipping, dynamic binarization, autocast."""
+
+    schedule: Schedule
+    free_bits: float = 0.0
+    trim_fraction: float = 0.0
+    grad_clip_norm: float | None = None
+    binarize: bool = False  # dynamic binarization of [0, 1] targets
+    autocast: dict = field(default_factory=lambda: {"device_type": "cpu", "enabled": False})
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[torch.Tensor],
+    objective: Objective,
+    state: RunState,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of optimizer steps; advances state.step. Returns (rows, sum of reconstruction, sum
+    of KL) as a float64 tensor and the largest gradient norm, both for the caller to all-reduce."""
+    device, schedule = generator.device, objective.schedule
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    grad_norm_max = torch.zeros((), device=device)
+    for x in batches:
+        x = targets(x, objective.binarize, generator)
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr(state.step)
+        with torch.autocast(**objective.autocast):
+            terms = elbo_terms(model, x, generator=generator)
+        loss = terms.loss(schedule.kl_weight(state.step), objective.free_bits, objective.trim_fraction)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if objective.grad_clip_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), objective.grad_clip_norm)
+            grad_norm_max = torch.maximum(grad_norm_max, grad_norm.detach())
+        optimizer.step()
+        state.step += 1
+        rows = torch.tensor(float(len(x)), device=device)
+        totals += torch.stack([rows, terms.reconstruction.detach().sum(), terms.kl.detach().sum()]).double()
+    return totals, grad_norm_max
+
+
+def targets(x: torch.Tensor, binarize: bool, generator: torch.Generator) -> torch.Tensor:
+    """Dynamic binarization: a fresh binary sample of the [0, 1] intensities each time."""
+    return torch.bernoulli(x, generator=generator) if binarize else x
+
+
+@torch.no_grad()
+def validation_sums(
+    model: VAE, batches: Iterable[torch.Tensor], objective: Objective, generator: torch.Generator
+) -> torch.Tensor:
+    """Sums over validation rows (rows, reconstruction, KL, KL per dim, posterior-mean sums and
+    squares), float64: all-reduce them across workers, then `validation_metrics`."""
+    model.eval()
+    latent_dim = model.config.latent_dim
+    sums = torch.zeros(3 + 3 * latent_dim, dtype=torch.float64, device=generator.device)
+    for x in batches:
+        x = targets(x, objective.binarize, generator)
+        with torch.autocast(**objective.autocast):
+            terms = elbo_terms(model, x, generator=generator)
+        mean = terms.posterior.mean.double()
+        sums += torch.cat(
+            [
+                torch.tensor([len(x)], dtype=torch.float64, device=sums.device),
+                terms.reconstruction.double().sum()[None],
+                terms.kl.double().sum()[None],
+                terms.posterior.kl_per_dim().double().sum(dim=0),
+                mean.sum(dim=0),
+                mean.pow(2).sum(dim=0),
+            ]
+        )
+    return sums
+
+
+def validation_metrics(sums: torch.Tensor, latent_dim: int) -> dict:
+    """Validation ELBO terms per example, KL per dimension and active units from `validation_sums`."""
+    values = sums.cpu().numpy()
+    rows = max(values[0], 1.0)
+    kl_per_dim = values[3 : 3 + latent_dim] / rows
+    mean_sums, square_sums = values[3 + latent_dim : 3 + 2 * latent_dim], values[3 + 2 * latent_dim :]
+    variance = posterior_mean_variance(rows, mean_sums, square_sums)
+    return {
+        "val_rows": int(values[0]),
+        "val_reconstruction": values[1] / rows,
+        "val_kl": values[2] / rows,
+        "val_negative_elbo": (values[1] + values[2]) / rows,
+        "val_kl_per_dim": [round(float(v), 5) for v in kl_per_dim],
+        "val_posterior_mean_variance": [round(float(v), 5) for v in variance],
+        "active_units": active_units(variance),
+    }
+
+
+@torch.no_grad()
+def iw_nll_sums(
+    model: VAE,
+    batches: Iterable[torch.Tensor],
+    samples: int,
+    objective: Objective,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """(rows, sum of the importance-weighted NLL), float64, over the batches: all-reducible."""
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=generator.device)
+    for x in batches:
+        x = targets(x, objective.binarize, generator)
+        for chunk in x.split(256):
+            nll = importance_weighted_nll(model, chunk, samples, generator)
+            sums += torch.stack(
+                [torch.tensor(float(len(chunk)), device=sums.device), nll.double().sum()]
+            ).double()
+    return sums
+
+
+def key_shard(
+    batches: Iterable[pa.Table],
+    features: FeatureSchema,
+    normalizer: Normalizer,
+    rank: int,
+    world: int,
+    validation_fraction: float,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This worker's (training, validation) rows as normalized tensors: the keys that hash to its
+    rank, sorted by key hash, so the data (and the run) is the same whatever the file layout.
+
+    Rows are filtered before they are converted; the statistics pass validated them already."""
+    parts: dict[bool, list[tuple[np.ndarray, np.ndarray]]] = {False: [], True: []}
+    for batch in batches:
+        hashes = key_hash(batch.column(features.key_column))
+        mine = worker_of(hashes, world) == rank
+        hashes = hashes[mine]
+        matrix = features_to_numpy(batch.filter(pa.array(mine)), features, validated=True)
+        validation = is_validation(hashes, validation_fraction)
+        for held_out in (False, True):
+            rows = validation == held_out
+            parts[held_out].append((hashes[rows], matrix[rows]))
+    return _sorted_tensor(parts[False], features, normalizer, device), _sorted_tensor(
+        parts[True], features, normalizer, device
+    )
+
+
+def _sorted_tensor(
+    parts, features: FeatureSchema, normalizer: Normalizer, device: torch.device
+) -> torch.Tensor:
+    hashes = np.concatenate([h for h, _ in parts]) if parts else np.empty(0, np.uint64)
+    matrix = np.concatenate([m for _, m in parts]) if parts else np.empty((0, features.dim), np.float32)
+    order = np.argsort(hashes, kind="stable")
+    return torch.from_numpy(normalizer(matrix[order])).to(device)
+
+
+def batches_of(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive batches of a tensor's rows."""
+    for start in range(0, len(x), batch_size):
+        yield x[start : start + batch_size]
+
+
+def take_rows(batches: Iterable[torch.Tensor], max_rows: int | None) -> Iterator[torch.Tensor]:
+    """The batches' first max_rows rows (all of them for None)."""
+    seen = 0
+    for x in batches:
+        if max_rows is not None:
+            if seen >= max_rows:
+                return
+            x = x[: max_rows - seen]
+        seen += len(x)
+        yield x
+
+
+def derived_run_name(identity: dict) -> str:
+    """A run name that is a hash of what the run computes: the same config and data resume the same run."""
+    return f"vae-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def claim_run(storage_path: str, run_name: str, identity: dict) -> bool:
+    """Record what a run trains under <storage_path>/<run_name>/vae_run.json; refuse a run directory
+    that trained something else. Returns whether the run existed (a re-run resumes it)."""
+    # through JSON, so tuples compare equal to the lists read back
+    identity = json.loads(json.dumps(identity))
+    filesystem, root = pafs.FileSystem.from_uri(storage_path)
+    path = f"{root}/{run_name}/vae_run.json"
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        filesystem.create_dir(f"{root}/{run_name}", recursive=True)
+        with filesystem.open_output_stream(path) as f:
+            f.write(json.dumps(identity, sort_keys=True).encode())
+        return False
+    with filesystem.open_input_stream(path) as f:
+        existing = json.loads(f.read())
+    if existing != identity:
+        differing = sorted(k for k in identity if identity[k] != existing.get(k))
+        raise InputError(
+            f"run '{run_name}' under {storage_path} was started with a different {', '.join(differing)}; "
+            "choose another run_name or storage_path"
+        )
+    return True

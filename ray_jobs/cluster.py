@@ -1,0 +1,76 @@
+"""Where jobs run: joining or starting Ray, and the resource arithmetic of placing workers and actors.
+
+Ray is imported inside the functions that need it, so configs and `vaectl --help` stay fast."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+from vae.errors import InputError
+
+
+def resource_request(
+    cpus: float, gpus: float = 0.0, extra: dict[str, float] | None = None, accelerator_type: str | None = None
+) -> dict[str, float]:
+    """One worker's or actor's Ray resources. An accelerator type is asked for as Ray does (0.001 of
+    the node's accelerator_type:<name>): it pins to such nodes, it doesn't count."""
+    request = {"CPU": cpus, "GPU": gpus, **(extra or {})}
+    if accelerator_type:
+        request[f"accelerator_type:{accelerator_type}"] = 0.001
+    return {name: amount for name, amount in request.items() if amount > 0}
+
+
+def node_capacity(request: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many copies of a request the nodes hold at once: counted per node, since an actor can't
+    straddle two half-free nodes."""
+    needed = {name: amount for name, amount in request.items() if amount > 0}
+    if not needed:
+        raise ValueError("a request for no resources fits without limit")
+    return sum(
+        min(int(node.get(name, 0) / amount + 1e-9) for name, amount in needed.items()) for node in nodes
+    )
+
+
+def describe(request: dict[str, float]) -> str:
+    return ", ".join(f"{name} {amount:g}" for name, amount in request.items() if amount > 0)
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    """The total resources of each node of the cluster this process is connected to."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def capacity_or_fail(
+    request: dict[str, float], what: str, fix: str, nodes: list[dict[str, float]] | None = None
+) -> int:
+    """How many `what` the cluster holds at once; one clear error when no node holds even one."""
+    capacity = node_capacity(request, alive_node_resources() if nodes is None else nodes)
+    if capacity < 1:
+        raise InputError(f"no node of the cluster holds one {what} ({describe(request)}); {fix}")
+    return capacity
+
+
+@contextlib.contextmanager
+def ray_session() -> Iterator[None]:
+    """Use Ray if this process already started it, join the cluster RAY_ADDRESS names (set for
+    every submitted job; `auto` finds a `ray start` cluster on this machine), or else start a
+    private local cluster and stop it afterwards. Never a stale cluster left on the machine."""
+    import ray
+
+    # Re-raise a failing map function's own exception (an InputError naming the row) rather
+    # than Ray Data's UserCodeException, which keeps only its text.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+    if ray.is_initialized():
+        yield
+        return
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()

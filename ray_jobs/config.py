@@ -1,0 +1,444 @@
+"""Every job's one typed config: defaults < YAML file (--config) < one flag per field.
+
+This module imports no torch, Ray or Feast, so `vaectl <job> --help` and the option check of
+`vaectl submit` take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from datetime import datetime
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ray_jobs.cluster import resource_request
+from vae.errors import InputError
+from vae.thresholds import Thresholds
+
+
+class JobConfig(BaseModel):
+    """Base for the one config object of each job: unknown keys are errors, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+ConfigT = TypeVar("ConfigT", bound=JobConfig)
+
+
+def parse_config(config_class: type[ConfigT], argv: list[str] | None, prog: str) -> ConfigT:
+    """Defaults < YAML file (--config) < one flag per field (values parsed as YAML: 16, [256,128])."""
+    parser = argparse.ArgumentParser(prog=prog, description=(config_class.__doc__ or "").strip())
+    parser.add_argument("--config", metavar="YAML", help="YAML file with any of the options below")
+    for name, field in config_class.model_fields.items():
+        default = "required" if field.is_required() else f"default: {field.default!r}"
+        switch = field.annotation is bool  # `--rollback` alone means true; `--rollback false` still works
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=argparse.SUPPRESS,
+            metavar="VALUE",
+            nargs="?" if switch else None,
+            const="true" if switch else None,
+            help=f"{field.description or ''} ({default})",
+        )
+    args = vars(parser.parse_args(argv))
+    values: dict = {}
+    if config_path := args.pop("config", None):
+        values = read_yaml_mapping(config_path, "config", "option names to values")
+    values.update({name: _parse_flag(raw) for name, raw in args.items()})
+    try:
+        return config_class(**values)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise InputError(f"invalid {prog} config: {problems}") from None
+
+
+def read_yaml_mapping(path: str, what: str, of: str) -> dict:
+    """A YAML file that must hold a mapping; anything else is one clear error naming the file."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise InputError(f"{what} {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{what} {path}: expected a mapping of {of}")
+    return values
+
+
+def _parse_flag(raw: str):
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+class TrainConfig(JobConfig):
+    """Train a VAE with Ray Train on a Parquet dataset and save a model version."""
+
+    # data
+    data: str = Field(description="Parquet file or directory to train on")
+    key_column: str = Field(
+        "item_id", description="entity key column (string or integer); decides the validation split"
+    )
+    vector_column: str | None = Field(None, description="one list column holding the features")
+    feature_columns: list[str] = Field(
+        [], description="numeric scalar feature columns, instead of vector_column"
+    )
+    image_shape: list[int] | None = Field(None, description="declared shape of the vector, e.g. [1, 28, 28]")
+    label_column: str | None = Field(
+        None, description="optional column that colours the report's latent PCA plot"
+    )
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of keys held out for validation")
+    model_root: str = Field("models", description="directory that holds model versions")
+    # model
+    architecture: Literal["mlp", "conv"] = Field(
+        "mlp", description="mlp for vectors and tabular rows, conv for images"
+    )
+    latent_dim: int = Field(16, gt=0, description="size of the latent vector")
+    hidden_dims: list[int] = Field(
+        [256, 128], description="MLP hidden layer sizes (after the convolutions for conv)"
+    )
+    conv_channels: list[int] = Field(
+        [32, 64], description="channels of the stride-2 convolutions (conv only)"
+    )
+    likelihood: Literal["bernoulli", "gaussian"] = Field(
+        "bernoulli", description="bernoulli for [0,1] data, gaussian for tabular"
+    )
+    binarize: bool = Field(
+        False, description="dynamic binarization: sample binary targets from [0,1] data each step"
+    )
+    # objective
+    beta: float = Field(1.0, ge=0, description="weight of the KL term after warm-up (1 = the true ELBO)")
+    kl_warmup_epochs: float = Field(
+        5.0, ge=0, description="epochs over which the KL weight rises linearly from 0 to beta"
+    )
+    free_bits: float = Field(
+        0.0, ge=0, description="minimum batch-mean KL per latent dimension in the loss (nats)"
+    )
+    trim_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="leave this share of each batch's highest-loss rows out of the "
+        "loss: robust to outliers in unlabeled data (anomaly detection)",
+    )
+    # optimization
+    epochs: int = Field(20, gt=0, description="maximum passes over the training data")
+    batch_size: int = Field(128, gt=0, description="examples per step on each worker")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam peak learning rate")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="learning-rate decay after warm-up"
+    )
+    lr_warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="final learning rate of the cosine schedule, relative"
+    )
+    grad_clip_norm: float | None = Field(
+        100.0, gt=0, description="clip the global gradient norm (null = off)"
+    )
+    early_stopping_patience: int = Field(
+        10, ge=0, description="stop after this many epochs without a better validation ELBO (0 = off)"
+    )
+    seed: int = Field(0, description="seed for initialization, shuffling and sampling")
+    # scale
+    num_workers: int = Field(2, gt=0, description="data-parallel training workers")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each training worker")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="GPUs per worker; > 0 trains on GPU with NCCL, else CPU with gloo"
+    )
+    accelerator_type: str | None = Field(
+        None,
+        description="train only on nodes with this accelerator (Ray's accelerator_type:<name> resource, "
+        "e.g. A10G, H100)",
+    )
+    worker_resources: dict[str, float] = Field(
+        {}, description="extra Ray resources each worker needs (pins it to node types)"
+    )
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 runs the model under autocast (GPU)")
+    materialize: bool = Field(
+        True,
+        description="true: each worker holds its shard in memory; false: stream from Ray Data each epoch",
+    )
+    shuffle_buffer: int = Field(
+        2048, ge=0, description="rows in the local shuffle buffer when streaming (0 = off)"
+    )
+    # fault tolerance
+    storage_path: str = Field(
+        "ray_results", description="where Ray Train keeps checkpoints (local path or s3://)"
+    )
+    run_name: str | None = Field(
+        None, description="Ray Train run name; the default derives from config + data, so a re-run resumes"
+    )
+    checkpoint_every: int = Field(1, gt=0, description="checkpoint every N epochs (and always at the end)")
+    keep_checkpoints: int = Field(
+        2, gt=0, description="checkpoints kept, best by validation ELBO (the latest is kept too)"
+    )
+    max_failures: int = Field(
+        3, ge=0, description="restarts from the last checkpoint after a worker or node failure"
+    )
+    # diagnostics
+    iw_samples: int = Field(
+        1000, ge=0, description="importance samples for the final validation NLL (0 = skip)"
+    )
+    iw_max_rows: int = Field(
+        2048, gt=0, description="validation rows the importance-weighted NLL uses at most"
+    )
+    min_active_share: float = Field(
+        0.1, ge=0, le=1, description="warn of posterior collapse below this share of active units"
+    )
+    report_rows: int = Field(2000, ge=0, description="validation rows in the report's PCA plot")
+    # monitoring
+    reference_rows: int = Field(
+        10_000, ge=0, description="validation rows kept with the version: drift reference, anomaly thresholds"
+    )
+    anomaly_quantile: float = Field(
+        0.99, gt=0, lt=1, description="is_anomaly: score above this quantile of the validation scores"
+    )
+
+    def worker_request(self) -> dict[str, float]:
+        """The Ray resources of one training worker."""
+        return resource_request(
+            self.cpus_per_worker, self.gpus_per_worker, self.worker_resources, self.accelerator_type
+        )
+
+
+# Settings that do not change what a run computes (placement included): left out of the derived
+# run name, so that a re-run with them changed still resumes.
+TRAIN_OPERATIONAL = {
+    "run_name",
+    "storage_path",
+    "max_failures",
+    "keep_checkpoints",
+    "checkpoint_every",
+    "model_root",
+    "report_rows",
+    "reference_rows",
+    "anomaly_quantile",
+    "cpus_per_worker",
+    "accelerator_type",
+    "worker_resources",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# embed
+
+
+class EmbedConfig(JobConfig):
+    """Encode a Parquet dataset with a model version and write the embeddings as Parquet."""
+
+    data: str = Field(description="Parquet file or directory (local or s3://), hive-style partitions allowed")
+    model_root: str = Field("models", description="directory or s3:// prefix that holds model versions")
+    model_version: str = Field("latest", description="version name, or 'latest'")
+    output: str = Field(
+        "feature_repo/data/embeddings",
+        description="embeddings root (local or s3://); the job writes <output>/<version>/",
+    )
+    timestamp_column: str | None = Field(None, description="input column used as event_timestamp")
+    event_time: datetime | None = Field(
+        None,
+        description="event_timestamp of every row when no timestamp_column (default: the model version's "
+        "creation time, so re-runs write identical rows)",
+    )
+    on_bad_rows: Literal["fail", "quarantine"] = Field(
+        "fail",
+        description="a row that cannot be encoded stops the job (fail) or goes to "
+        "<output>/<version>/_quarantine/ (quarantine)",
+    )
+    anomaly_quantile: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="is_anomaly = score above this quantile of the version's validation scores "
+        "(default: the threshold chosen at training, anomaly_quantile there)",
+    )
+    batch_size: int = Field(8192, gt=0, description="rows per encoder call")
+    rows_per_file: int = Field(
+        262_144, gt=0, description="rows per output file: the unit of work and of resuming"
+    )
+    num_encoders: int | None = Field(
+        None, gt=0, description="encoder actors (default: one per CPU, or per GPU when the cluster has GPUs)"
+    )
+    cpus_per_encoder: float = Field(
+        1.0, gt=0, description="CPUs reserved by each encoder actor (its torch threads)"
+    )
+    gpus_per_encoder: float | None = Field(
+        None, ge=0, description="GPUs per encoder actor (default: 1 if the cluster has GPUs, else 0)"
+    )
+    encoder_resources: dict[str, float] = Field(
+        {}, description="extra Ray resources each encoder actor needs (pins it to node types)"
+    )
+
+    def encoder_request(self, cluster_has_gpus: bool) -> dict[str, float]:
+        """One encoder actor's Ray resources: on a GPU when the cluster has GPUs and gpus_per_encoder
+        is unset, else on CPU."""
+        gpus = (
+            self.gpus_per_encoder if self.gpus_per_encoder is not None else (1.0 if cluster_has_gpus else 0.0)
+        )
+        return resource_request(self.cpus_per_encoder, gpus, self.encoder_resources)
+
+
+# ---------------------------------------------------------------------------------------------
+# monitor and the publish gate
+
+_DEFAULT = Thresholds()
+
+
+class GateOptions(JobConfig):
+    """The thresholds of vae.gate, as options of the jobs that check batches (monitor, publish)."""
+
+    min_active_share: float = Field(
+        _DEFAULT.min_active_share,
+        ge=0,
+        le=1,
+        description="collapse: least share of latent units with Var(mean) > 0.01",
+    )
+    drift_alpha: float = Field(
+        _DEFAULT.drift_alpha,
+        gt=0,
+        lt=1,
+        description="drift: the combined p-value below which drift is declared",
+    )
+    min_linear_cka: float = Field(
+        _DEFAULT.min_linear_cka, ge=0, le=1, description="movement: least linear CKA to the baseline version"
+    )
+    min_knn_overlap: float = Field(
+        _DEFAULT.min_knn_overlap,
+        ge=0,
+        le=1,
+        description="movement: least mean k-NN overlap@10 with the baseline version",
+    )
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(**{f.name: getattr(self, f.name) for f in fields(Thresholds)})
+
+
+class MonitorConfig(GateOptions):
+    """Drift, movement, anomaly rate and collapse of a batch's latent vectors, with a report."""
+
+    new: str = Field(description="embeddings to check (a version directory written by vaectl embed)")
+    reference: str | None = Field(
+        None,
+        description="reference embeddings by the same version (default: the version's validation reference)",
+    )
+    baseline: str | None = Field(
+        None, description="embeddings of the same entities by another version: movement"
+    )
+    model_root: str = Field(
+        "models", description="where the model version lives (its manifest's path is tried first)"
+    )
+    output: str = Field("monitoring", description="reports go to <output>/<version>-<time>/ (local or s3://)")
+    sample_rows: int = Field(5000, ge=100, description="rows per side the tests use, chosen by key hash")
+    permutations: int = Field(
+        200, ge=19, description="permutations behind the MMD, mean and covariance p-values"
+    )
+    neighbours: int = Field(10, gt=0, description="k of the k-NN overlap")
+    in_memory_rows: int = Field(
+        1_000_000, ge=0, description="inputs above this many rows are read with Ray Data"
+    )
+    seed: int = Field(0, description="seed of the permutations and the classifier split")
+
+
+# ---------------------------------------------------------------------------------------------
+# publish
+
+
+class PublishConfig(GateOptions):
+    """Register the Feast definitions, write a model version's embeddings online, switch "current"."""
+
+    embeddings: str = Field(
+        "feature_repo/data/embeddings",
+        description="embeddings root written by the embed job (local or s3://)",
+    )
+    model_version: str = Field(
+        "latest", description="version directory under the embeddings root, or 'latest'"
+    )
+    feature_repo: str = Field(
+        "feature_repo", description="Feast repo directory (feature_store.yaml + definitions)"
+    )
+    feature_store_yaml: str | None = Field(
+        None,
+        description="another feature_store.yaml for the same definitions, e.g. deploy/feature_store.yaml: "
+        "registry on S3, Redis (default: the repo's)",
+    )
+    switch_current: bool = Field(
+        True, description="point the 'current' feature service at this version after verifying it"
+    )
+    rollback: bool = Field(False, description="only point 'current' back at the previous version (no writes)")
+    keep_online: int = Field(
+        2, ge=1, description="model versions kept in the online store (current always kept)"
+    )
+    write_batch_rows: int = Field(
+        65_536, gt=0, description="rows per online write call (SQLite: per transaction)"
+    )
+    # 1 by default: on the 2-core dev machine one in-process writer beat two Ray writers (Redis
+    # shares the cores); more pay off where Redis runs on its own machines.
+    writers: int = Field(
+        1,
+        gt=0,
+        description="online writers for Redis: 1 = this process, N > 1 = N Ray actors; SQLite has one writer",
+    )
+    cpus_per_writer: float = Field(
+        1.0, gt=0, description="CPUs reserved by each Ray writer (asks for no GPU: kept off GPU nodes)"
+    )
+    writer_resources: dict[str, float] = Field(
+        {}, description="extra Ray resources each Ray writer needs (pins it to node types)"
+    )
+    parallel_min_rows: int = Field(
+        100_000, ge=0, description="below this many rows write in this process (Ray start-up costs more)"
+    )
+    verify_rows: int = Field(256, ge=0, description="rows read back through Feast and compared after writing")
+    vector_search: bool = Field(
+        False,
+        description="also index the version for similarity search (Milvus Lite, "
+        "<feature_repo>/vector_search)",
+    )
+    show: int = Field(3, ge=0, description="entities to fetch and print at the end")
+    # the gate before switching "current" (thresholds: min_active_share, drift_alpha, min_linear_cka,
+    # min_knn_overlap)
+    force: bool = Field(
+        False, description="switch 'current' even when a monitoring check fails (the report is still written)"
+    )
+    model_root: str = Field(
+        "models", description="where the model version lives, if not at the path in the embeddings manifest"
+    )
+    monitoring: str | None = Field(
+        None,
+        description="the gate's reports go to <monitoring>/<version>-<time>/, local or s3:// "
+        "(default: <feature_repo>/data/monitoring)",
+    )
+    gate_sample_rows: int = Field(
+        5000, ge=100, description="rows per side the gate's drift and movement checks use"
+    )
+
+    def writer_request(self) -> dict[str, float]:
+        """One Ray online writer's resources (never a GPU)."""
+        return resource_request(self.cpus_per_writer, 0.0, self.writer_resources)
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+class DemoConfig(JobConfig):
+    """Run train, embed and publish end to end on scikit-learn's digits."""
+
+    work_dir: str = Field("demo_output", description="where the dataset, model versions and Ray results go")
+    feature_repo: str = Field("feature_repo", description="Feast repo to publish into")
+    epochs: int = Field(30, gt=0, description="training epochs")
+    batch_size: int = Field(
+        32, gt=0, description="examples per step on each worker (1797 rows: keep it small)"
+    )
+    latent_dim: int = Field(16, gt=0, description="size of the latent vector")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam peak learning rate")
+    kl_warmup_epochs: float = Field(
+        5.0, ge=0, description="epochs over which the KL weight rises to 1 (few epochs: lower it)"
+    )
+    num_workers: int = Field(2, gt=0, description="data-parallel training workers")

@@ -1,0 +1,159 @@
+"""The console script as a user runs it: bad input exits 2 with one line (in this process: the
+checks run before Ray starts), usage and help, and the demo end to end as a subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers.cli import flags
+
+from ray_jobs import cli
+from ray_jobs.config import PublishConfig
+from ray_jobs.publish import publish
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def vaectl(capsys, *args: str) -> tuple[int, str, str]:
+    """`vaectl ARGS` in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(list(args))
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
+def assert_one_line_error(capsys, args: list[str], *fragments: str) -> None:
+    code, _, stderr = vaectl(capsys, *args)
+    assert code == 2, stderr[-2000:]
+    error_lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+def test_embed_missing_feature_column(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    renamed = pq.read_table(trained["data"]).rename_columns(["item_id", "image", "label"])
+    pq.write_table(renamed, tmp_path / "renamed.parquet")
+    args = [
+        "embed",
+        *flags(data="renamed.parquet", model_root=str(trained["model_root"]), output="out"),
+    ]
+    assert_one_line_error(capsys, args, "renamed.parquet", "missing column(s) 'pixels'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_embed_wrong_vector_length(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    values = np.zeros((10, 32), np.float32)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 32)
+    pq.write_table(pa.table({"item_id": np.arange(10), "pixels": vectors}), tmp_path / "short.parquet")
+    args = ["embed", "--data", "short.parquet", "--model-root", str(trained["model_root"]), "--output", "out"]
+    assert_one_line_error(capsys, args, "'pixels' has vectors of length 32; the model expects length 64")
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_missing_feature_column(digits_parquet, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", str(digits_parquet), "--vector-column", "embedding", "--model-root", "models"]
+    assert_one_line_error(capsys, args, "missing column(s) 'embedding'", "pixels")
+    assert not (tmp_path / "models").exists()
+
+
+def test_train_wrong_vector_length_for_declared_image_shape(digits_parquet, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "train",
+        *flags(
+            data=str(digits_parquet), vector_column="pixels", image_shape="[1, 28, 28]", model_root="models"
+        ),
+    ]
+    assert_one_line_error(capsys, args, "'pixels' has vectors of length 64; the model expects length 784")
+    assert not (tmp_path / "models").exists()
+
+
+def test_bad_config_values_and_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("data: x.parquet\nepochs: -1\nlatent_size: 3\n")
+    assert_one_line_error(capsys, ["train", "--config", "c.yaml"], "epochs", "latent_size")
+    assert_one_line_error(
+        capsys, ["train", "--data", "nowhere.parquet"], "nowhere.parquet: no such file or directory"
+    )
+    assert_one_line_error(capsys, ["train", "--config", "missing.yaml"], "config missing.yaml")
+
+
+def test_usage_and_help_list_jobs_and_options(capsys):
+    code, _, stderr = vaectl(capsys)
+    assert code == 2 and all(
+        job in stderr for job in ("train", "embed", "publish", "monitor", "demo", "submit")
+    )
+    code, stdout, _ = vaectl(capsys, "embed", "--help")
+    assert code == 0 and "--model-version" in stdout and "--num-encoders" in stdout
+
+
+def test_usage_and_help_do_not_import_torch_ray_or_feast():
+    """What makes `vaectl` and `vaectl <job> --help` answer in a fraction of a second."""
+    script = (
+        "import sys\nfrom ray_jobs import cli\ntry:\n    cli.main(['train', '--help'])\nexcept SystemExit:\n "
+        "   pass\n"
+        "print(sorted(m for m in ('torch', 'ray', 'feast', 'pyarrow') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True, cwd=REPO
+    )
+    assert "--epochs" in result.stdout and result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def readme_python_blocks() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+@pytest.mark.timeout(600)
+def test_demo_runs_end_to_end_and_the_readme_snippets_run_as_written(feature_repo, tmp_path, monkeypatch):
+    """`vaectl demo` with its defaults in a directory holding a copy of the repo's feature_repo, as
+    `make demo` runs it; then every ```python block of README.md, as written, in that directory."""
+    # a private local cluster, as `make demo`
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    # 3 epochs with the default 5-epoch KL warm-up leave every unit inactive, and the publish gate refuses a
+    # collapsed space
+    command = [
+        sys.executable,
+        "-m",
+        "ray_jobs.cli",
+        "demo",
+        *flags(epochs="3", kl_warmup_epochs="0", learning_rate="0.003"),
+    ]
+    result = subprocess.run(
+        command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Demo finished." in result.stdout and "stage timings" in result.stdout
+    versions = list((tmp_path / "demo_output" / "models").iterdir())
+    assert len(versions) == 1
+    embeddings = feature_repo / "data" / "embeddings" / versions[0].name
+    assert pq.read_table(embeddings).num_rows == 1797
+    assert (feature_repo / "data" / "online_store.db").is_file()
+    assert result.stdout.count(f"model_version={versions[0].name}") == 3 and "(gate passed)" in result.stdout
+
+    # README's vector-search snippet needs the version indexed: `vaectl publish --model-version latest
+    # --vector-search`
+    monkeypatch.chdir(tmp_path)
+    indexed = publish(
+        PublishConfig(
+            model_root="demo_output/models", monitoring="demo_output/monitoring", vector_search=True
+        )
+    )
+    assert indexed["model_version"] == versions[0].name
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 3
+    for block in blocks:
+        # noqa: S102 (the README's own code)
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})

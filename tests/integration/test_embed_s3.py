@@ -1,0 +1,144 @@
+"""The embed job against a real S3 API (moto's server on 127.0.0.1) through s3fs: input, model
+versions and output on S3, and the storage errors a user meets first."""
+
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from helpers.cli import flags
+from helpers.servers import free_port, moto_server
+from test_embed import run_embed, run_embed_output
+
+from ray_jobs.config import EmbedConfig
+from ray_jobs.embed import embed
+from vae import list_model_versions, load_model_version, save_model_version
+
+
+@pytest.fixture
+def bucket(s3_endpoint):
+    fs = s3fs.S3FileSystem()
+    name = f"vae-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    return fs, name
+
+
+def latents_by_key(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    table = table.sort_by("item_id")
+    return table.column("item_id").to_numpy(), table.column(
+        "latent"
+    ).combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+
+
+def test_input_model_and_output_on_s3(trained, bucket, tmp_path):
+    fs, name = bucket
+    table = pq.read_table(trained["data"])
+    for label in range(10):  # hive-style partitions, several files
+        part = table.filter(pa.compute.equal(table.column("label"), label)).drop_columns(["label"])
+        pq.write_table(part, f"{name}/data/label={label}/part-0.parquet", filesystem=fs, row_group_size=64)
+    local = load_model_version(trained["model_root"], trained["version"])
+    version = save_model_version(
+        f"s3://{name}/models", local.model, local.normalizer, local.features, {}, {}, {"source": "test"}
+    )
+    assert list_model_versions(f"s3://{name}/models") == [version]
+    assert (
+        load_model_version(f"s3://{name}/models").metadata["weights_sha256"]
+        == local.metadata["weights_sha256"]
+    )
+
+    config = EmbedConfig(
+        data=f"s3://{name}/data",
+        model_root=f"s3://{name}/models",
+        output=f"s3://{name}/embeddings",
+        rows_per_file=100,
+    )
+    result = embed(config)
+    assert (
+        result.output == f"s3://{name}/embeddings/{version}"
+        and result.input_rows == result.embedded_rows == 1797
+    )
+    written = pq.read_table(f"{name}/embeddings/{version}", filesystem=fs)  # readers skip _manifest.json
+    keys, latent = latents_by_key(written)
+    assert np.array_equal(keys, np.arange(1797))
+    # nothing but the committed version is left: no staging objects, no partial files
+    objects = [p.removeprefix(f"{name}/embeddings/") for p in fs.find(f"{name}/embeddings")]
+    assert all(p.startswith(f"{version}/") for p in objects) and f"{version}/_manifest.json" in objects
+    assert len([p for p in objects if p.endswith(".parquet")]) == result.files
+
+    # the same data and version, read locally, give bit-identical latents
+    pq.write_table(table, tmp_path / "digits.parquet")
+    local_result = embed(
+        EmbedConfig(
+            data=str(tmp_path / "digits.parquet"),
+            model_root=f"s3://{name}/models",
+            output=str(tmp_path / "out"),
+        )
+    )
+    _, local_latent = latents_by_key(pq.read_table(local_result.output))
+    assert local_latent.tobytes() == latent.tobytes()
+
+    # a re-run on S3 replaces the version's files with the same rows, never adds any
+    again = embed(config)
+    _, latent_again = latents_by_key(pq.read_table(f"{name}/embeddings/{version}", filesystem=fs))
+    assert again.files == result.files and latent_again.tobytes() == latent.tobytes()
+    assert sorted(p.removeprefix(f"{name}/embeddings/") for p in fs.find(f"{name}/embeddings")) == sorted(
+        objects
+    )
+
+
+@pytest.fixture
+def fresh_s3_clients():
+    """s3fs caches clients per process; a test that changes the AWS environment needs new ones."""
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_missing_bucket(trained, bucket, capsys, tmp_path, fresh_s3_clients):
+    fs, name = bucket
+    line = run_embed(
+        capsys,
+        *flags(
+            data="s3://no-such-bucket-4d1f/data",
+            model_root=str(trained["model_root"]),
+            output=f"s3://{name}/out",
+        ),
+    )
+    assert "bucket 'no-such-bucket-4d1f' does not exist" in line
+    pq.write_table(pq.read_table(trained["data"]), f"{name}/data/part-0.parquet", filesystem=fs)
+    line = run_embed(
+        capsys,
+        *flags(
+            data=f"s3://{name}/data",
+            model_root=str(trained["model_root"]),
+            output="s3://no-such-bucket-4d1f/out",
+        ),
+    )
+    assert "bucket 'no-such-bucket-4d1f' does not exist" in line
+    assert not fs.exists(f"{name}/out")
+
+
+def test_unreachable_endpoint(trained, capsys, monkeypatch, fresh_s3_clients):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    line = run_embed(
+        capsys,
+        *flags(data="s3://bucket/data", model_root=str(trained["model_root"]), output="s3://bucket/out"),
+    )
+    assert f"cannot reach the S3 endpoint ({endpoint})" in line and "AWS_ENDPOINT_URL" in line
+
+
+def test_bad_credentials_are_named_and_never_printed(trained, capsys, caplog, monkeypatch, fresh_s3_clients):
+    caplog.set_level("INFO")  # every record the job logs (it logs at INFO) is searched for the secret too
+    with moto_server(require_auth=True) as endpoint:  # an S3 that knows no keys: every key is wrong
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-that-must-not-leak")
+        line, output = run_embed_output(
+            capsys,
+            *flags(data="s3://bucket/data", model_root=str(trained["model_root"]), output="s3://bucket/out"),
+        )
+    assert "s3://bucket/data: access denied; check the AWS credentials" in line
+    everything = output + caplog.text
+    assert "secret-that-must-not-leak" not in everything and "test-key-id" not in everything

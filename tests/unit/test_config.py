@@ -1,0 +1,53 @@
+"""Job configs: defaults < YAML < flags, typed, unknown keys refused."""
+
+import pytest
+from helpers.cli import flags
+
+from ray_jobs.config import PublishConfig, TrainConfig, parse_config
+from vae import InputError
+
+
+def test_yaml_then_flags_override(tmp_path):
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(
+        "data: digits.parquet\nvector_column: pixels\nlatent_dim: 8\nhidden_dims: [64, 32]\nepochs: 3\n"
+    )
+    config = parse_config(
+        TrainConfig,
+        [
+            *flags(config=str(config_file), epochs="7", gpus_per_worker="1", worker_resources="{trainer: 1}"),
+        ],
+        "vaectl train",
+    )
+    assert config.data == "digits.parquet" and config.latent_dim == 8 and config.hidden_dims == [64, 32]
+    assert (
+        config.epochs == 7 and config.gpus_per_worker == 1.0 and config.worker_resources == {"trainer": 1.0}
+    )
+    assert config.batch_size == TrainConfig.model_fields["batch_size"].default
+
+
+def test_unknown_keys_and_bad_values_are_named(tmp_path):
+    with pytest.raises(InputError, match="latent_size"):
+        parse_config(
+            TrainConfig, ["--data", "x", "--config", _write(tmp_path, "latent_size: 3\n")], "vaectl train"
+        )
+    with pytest.raises(InputError, match="likelihood"):
+        parse_config(TrainConfig, ["--data", "x", "--likelihood", "poisson"], "vaectl train")
+    with pytest.raises(InputError, match="data"):
+        parse_config(TrainConfig, [], "vaectl train")
+
+
+def _write(tmp_path, text: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_boolean_options_are_switches():
+    assert parse_config(PublishConfig, ["--rollback"], "vaectl publish").rollback is True
+    config = parse_config(
+        PublishConfig,
+        ["--vector-search", "--switch-current", "false", "--keep-online", "3"],
+        "vaectl publish",
+    )
+    assert config.vector_search is True and config.switch_current is False and config.keep_online == 3

@@ -1,0 +1,201 @@
+"""The deployment files: cluster.yaml through Ray's own config validation, the KubeRay RayJob's
+structure, and for both: every resource the jobs in deploy/jobs/ ask for exists on a node type,
+training only where the accelerator is. No cluster is started here (see test_cluster.py)."""
+
+import copy
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_jobs.cli import JOBS
+from ray_jobs.cluster import node_capacity
+from ray_jobs.config import EmbedConfig, PublishConfig, TrainConfig, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_YAML = REPO / "cluster.yaml"
+RAYJOB_YAML = REPO / "deploy" / "kuberay" / "rayjob.yaml"
+IMAGE = re.compile(r"rayproject/ray:2\.60\.\d+-py311-gpu")
+PIN = re.compile(r"vae-feast(?:\.git@|/archive/)([0-9a-f]{40})\b")
+
+
+def fits(request: dict[str, float], node: dict[str, float]) -> bool:
+    return node_capacity(request, [node]) >= 1  # the jobs' own capacity rule, for one node
+
+
+def deploy_config(config_class, name: str):
+    return parse_config(config_class, ["--config", str(REPO / "deploy" / "jobs" / f"{name}.yaml")], prog=name)
+
+
+def assert_jobs_fit(node_types: dict[str, dict[str, float]]) -> None:
+    """The requests of deploy/jobs/*.yaml, computed by the jobs' own functions, against node types'
+    resources."""
+    train = deploy_config(TrainConfig, "train").worker_request()
+    embed = deploy_config(EmbedConfig, "embed")
+    publish = deploy_config(PublishConfig, "publish").writer_request()
+    gpu_types = {name for name, resources in node_types.items() if resources.get("GPU", 0) >= 1}
+    cpu_types = set(node_types) - gpu_types
+
+    training_types = {name for name, resources in node_types.items() if fits(train, resources)}
+    assert training_types, f"no node type holds a training worker {train}"
+    assert training_types <= gpu_types, (
+        f"training could land on {training_types - gpu_types}, which have no GPU"
+    )
+    assert train.get("GPU", 0) >= 1 and any(name.startswith("accelerator_type:") for name in train)
+    assert any(fits(embed.encoder_request(cluster_has_gpus=True), node_types[name]) for name in gpu_types)
+    assert any(fits(embed.encoder_request(cluster_has_gpus=False), node_types[name]) for name in cpu_types)
+    assert "GPU" not in publish and any(fits(publish, node_types[name]) for name in cpu_types)
+
+
+def pinned_commits(text: str) -> set[str]:
+    return set(PIN.findall(text))
+
+
+def assert_commit_exists(commit: str) -> None:
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    found = subprocess.run(
+        ["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"], check=False, capture_output=True
+    )
+    assert found.returncode == 0, f"the pinned revision {commit} is not a commit of this repository"
+
+
+# --- cluster.yaml ---------------------------------------------------------------------------------
+
+
+def test_cluster_yaml_passes_rays_own_validation_and_a_broken_one_does_not():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(CLUSTER_YAML.read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))  # what `ray up` runs before it touches AWS
+
+    broken = copy.deepcopy(raw)
+    broken["available_node_types"]["gpu_worker"]["resources"]["GPU"] = 0.5  # resources must be integers
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(broken))
+
+
+def test_cluster_yaml_has_the_promised_shape():
+    text = CLUSTER_YAML.read_text()
+    config = yaml.safe_load(text)
+    assert config["provider"]["type"] == "aws"
+    assert IMAGE.fullmatch(config["docker"]["image"])
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"] == {"/home/ray/.ray/auth_token": "~/.ray/auth_token"}
+
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}, "the head must run no tasks or actors (no training)"
+    gpu = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
+    cpu = [
+        name
+        for name, t in types.items()
+        if name != config["head_node_type"] and not t["resources"].get("GPU")
+    ]
+    assert gpu and all(t["min_workers"] == 0 and t["max_workers"] > 0 for t in gpu), (
+        "GPU workers scale from zero"
+    )
+    assert cpu, "a CPU worker type for Ray Data"
+
+    # S3 through instance profiles, never keys; the dashboard only through the SSH tunnel.
+    for name, node_type in types.items():
+        if name != config["head_node_type"]:
+            assert "IamInstanceProfile" in node_type["node_config"], name
+    assert not re.search(r"aws_access_key|aws_secret|secret_access|AKIA[0-9A-Z]{12}", text, re.IGNORECASE)
+    assert "aws_credentials" not in config["provider"] and "security_group" not in config["provider"]
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "--include-dashboard=false" not in head_start
+
+    # The project at a pinned commit.
+    setup = " ".join(config["setup_commands"])
+    commits = pinned_commits(setup)
+    assert len(commits) == 1, f"setup_commands must install this project at one pinned commit: {setup}"
+    assert_commit_exists(commits.pop())
+
+
+def test_every_resource_the_jobs_ask_for_exists_on_a_cluster_yaml_node_type():
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    assert_jobs_fit({name: t["resources"] for name, t in config["available_node_types"].items()})
+
+
+def test_the_fit_check_catches_a_job_no_node_type_can_run():
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    node_types = [t["resources"] for t in config["available_node_types"].values()]
+    train = deploy_config(TrainConfig, "train").model_copy(update={"accelerator_type": "H100"})
+    assert not any(fits(train.worker_request(), resources) for resources in node_types)
+    embed = deploy_config(EmbedConfig, "embed").model_copy(update={"cpus_per_encoder": 32})
+    assert not any(fits(embed.encoder_request(cluster_has_gpus=False), resources) for resources in node_types)
+
+
+def test_the_production_feature_store_yaml_is_a_valid_feast_config(monkeypatch):
+    from feast.repo_config import load_repo_config
+
+    monkeypatch.setenv("REDIS_CONNECTION_STRING", "redis.example:6379,password=x")
+    config = load_repo_config(REPO / "feature_repo", REPO / "deploy" / "feature_store.yaml")
+    assert config.registry.path.startswith("s3://") and config.online_store.type == "redis"
+    assert (
+        config.project
+        == load_repo_config(REPO / "feature_repo", REPO / "feature_repo" / "feature_store.yaml").project
+    )
+    publish = deploy_config(PublishConfig, "publish")
+    assert (REPO / publish.feature_store_yaml).resolve() == REPO / "deploy" / "feature_store.yaml"
+    assert publish.embeddings.startswith("s3://") and (publish.monitoring or "").startswith("s3://")
+
+
+# --- KubeRay --------------------------------------------------------------------------------------
+
+
+def group_resources(group: dict) -> dict[str, float]:
+    """The Ray resources of a KubeRay group's pod: CPU and GPU from its limits, the rest from
+    rayStartParams."""
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    params = group["rayStartParams"]
+    resources = {
+        "CPU": float(params.get("num-cpus", limits["cpu"])),
+        "GPU": float(limits.get("nvidia.com/gpu", 0)),
+    }
+    if "resources" in params:  # KubeRay's quoting: a JSON string inside a string
+        resources |= json.loads(json.loads(params["resources"]))
+    return resources
+
+
+def test_kuberay_rayjob_structure():
+    import ray
+
+    job = yaml.safe_load(RAYJOB_YAML.read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert spec["shutdownAfterJobFinishes"] is True
+
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0", "the head must run no tasks or actors"
+    groups = {group["groupName"]: group for group in cluster["workerGroupSpecs"]}
+    for group in [head, *groups.values()]:
+        for container in group["template"]["spec"]["containers"]:
+            assert IMAGE.fullmatch(container["image"])
+            assert "AWS_SECRET_ACCESS_KEY" not in {env["name"] for env in container.get("env", [])}
+    gpu_groups = [g for g in groups.values() if group_resources(g)["GPU"] >= 1]
+    assert gpu_groups and all(g["minReplicas"] == 0 and g["maxReplicas"] > 0 for g in gpu_groups)
+    assert_jobs_fit({name: group_resources(group) for name, group in groups.items()})
+
+    # runtimeEnvYAML: the code and its dependencies at the commit cluster.yaml pins.
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert set(runtime_env) >= {"working_dir", "pip"}
+    commits = pinned_commits(spec["runtimeEnvYAML"])
+    assert commits == pinned_commits(CLUSTER_YAML.read_text()) and len(commits) == 1
+
+    # The entrypoint: vaectl jobs whose options parse with the jobs' own config classes.
+    steps = [shlex.split(step) for step in spec["entrypoint"].split("&&")]
+    assert [step[3] for step in steps] == ["train", "embed", "publish"]
+    for step in steps:
+        assert step[:3] == ["python", "-m", "ray_jobs.cli"]
+        arguments = [a.replace("deploy/", f"{REPO}/deploy/") for a in step[4:]]
+        parse_config(JOBS[step[3]].config, arguments, prog=step[3])
