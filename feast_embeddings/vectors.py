@@ -64,8 +64,8 @@ def verify_self_search(store, view_name: str, table: pa.Table, join_key: str, sa
         hits = search_similar(store, view_name, row["latent"], 1, join_key)
         if not hits or hits[0]["distance"] > 1e-6:
             raise RuntimeError(
-                f"vector index verification failed: {join_key}={row[join_key]!r} finds {hits[:1]} instead of "
-                "itself"
+                f"vector index verification failed: {join_key}={row[join_key]!r} finds {hits[:1]} instead "
+                "of itself"
             )
 
 

@@ -18,10 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from feast_embeddings.writers import redis_command, send_commands
+from vae.embeddings import SERVED
 
 log = logging.getLogger("feast_embeddings")
-
-SERVED = ("latent", "anomaly_score", "is_anomaly", "model_version")
 
 
 def online_row_count(store, view) -> int | None:
@@ -52,8 +51,7 @@ def check_complete(store, view, table: pa.Table, join_key: str, written: int) ->
     if written != table.num_rows or (stored is not None and stored != distinct):
         raise RuntimeError(
             f"online write of {view.name} did not complete: {table.num_rows} rows to write, {written} "
-            "written, "
-            f"{stored} keys in the online store for {distinct} distinct keys"
+            f"written, {stored} keys in the online store for {distinct} distinct keys"
         )
 
 

@@ -17,6 +17,7 @@ import struct
 import numpy as np
 import pyarrow as pa
 
+# vae.embeddings.SERVED in the order the Redis writer lays out each hash's fields
 FEATURES = ("latent", "anomaly_score", "model_version", "is_anomaly")
 
 
@@ -143,8 +144,8 @@ def entity_keys(keys: pa.Array, join_key: str, serialization_version: int) -> li
         EntityKey(join_keys=[join_key], entity_values=[first]), serialization_version
     ):
         raise RuntimeError(
-            "entity key bytes differ from Feast's serialize_entity_key; this Feast version is not supported "
-            "by the fast writer"
+            "entity key bytes differ from Feast's serialize_entity_key; this Feast version is not "
+            "supported by the fast writer"
         )
     return serialized
 
@@ -267,8 +268,7 @@ def write_sqlite(
         connection.executemany(
             f"INSERT INTO {quoted} (entity_key, feature_name, value, value_text, event_ts, created_ts) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET value = "
-            "excluded.value, "
-            "value_text = excluded.value_text, event_ts = excluded.event_ts, created_ts = "
+            "excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, created_ts = "
             "excluded.created_ts;",
             rows,
         )

@@ -111,8 +111,8 @@ def encode_options(config: EmbedConfig, model_version: ModelVersion, plan: Plan)
     threshold = anomaly_threshold(model_version, config.anomaly_quantile)
     if threshold is None:
         log.warning(
-            "model version %s has no calibrated anomaly threshold (saved before calibration): "
-            "is_anomaly is null",
+            "model version %s has no calibrated anomaly threshold (saved before calibration): is_anomaly "
+            "is null",
             model_version.version,
         )
     return EncodeOptions(

@@ -41,8 +41,8 @@ def run(config: MonitorConfig) -> dict:
 
 
 def monitor(config: MonitorConfig) -> dict:
-    """Run the checks and write the report; returns the report (its "passed" says whether every check "
-    "passed)."""
+    """Run the checks and write the report; returns the report (its "passed" says whether every check
+    passed)."""
     new = read_embeddings(config.new, config.sample_rows, config.in_memory_rows)
     version = model_version_of(config.new, config.model_root, new.model_version)
     reference = None

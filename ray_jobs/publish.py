@@ -63,8 +63,7 @@ def publish(config: PublishConfig) -> dict:
         if type(error).__module__.split(".")[0] in {"redis", "sqlite3"}:
             raise InputError(
                 f"online store: {type(error).__name__}: {first_line(error)}; check online_store in "
-                f"{repo.yaml} "
-                "(for Redis: REDIS_CONNECTION_STRING and its password)"
+                f"{repo.yaml} (for Redis: REDIS_CONNECTION_STRING and its password)"
             ) from None
         raise
 

@@ -23,9 +23,8 @@ from vae.errors import InputError, first_line
 log = logging.getLogger("ray_jobs.submit")
 
 TOKEN_HELP = (
-    "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, the one `ray get-auth-token` prints "
-    "on "
-    "its head (a `ray up cluster.yaml` cluster uses this machine's ~/.ray/auth_token)"
+    "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, the one `ray get-auth-token` "
+    "prints on its head (a `ray up cluster.yaml` cluster uses this machine's ~/.ray/auth_token)"
 )
 # the head's dashboard, locally or through `ray dashboard cluster.yaml`
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"

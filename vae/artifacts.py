@@ -233,8 +233,8 @@ def load_reference(version: ModelVersionInfo) -> dict[str, np.ndarray] | None:
         data = None
     if data is None or hashlib.sha256(data).hexdigest() != expected:
         raise InputError(
-            f"model version {version.path}: {REFERENCE_FILE} is missing or does not match its checksum; "
-            "the version is corrupt"
+            f"model version {version.path}: {REFERENCE_FILE} is missing or does not match its checksum; the "
+            "version is corrupt"
         )
     return {name: tensor.numpy() for name, tensor in load_safetensors(data).items()}
 

@@ -34,9 +34,8 @@ def collapse_warning(active: int, latent_dim: int, min_active_share: float) -> s
         return None
     return (
         f"posterior collapse: {active} of {latent_dim} latent units are active (Cov > "
-        f"{ACTIVE_UNIT_THRESHOLD}), "
-        f"below {min_active_share:.0%}; try kl_warmup_epochs, free_bits, a smaller latent_dim or a smaller "
-        "batch"
+        f"{ACTIVE_UNIT_THRESHOLD}), below {min_active_share:.0%}; try kl_warmup_epochs, free_bits, a "
+        "smaller latent_dim or a smaller batch"
     )
 
 

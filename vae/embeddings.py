@@ -29,6 +29,7 @@ from vae.errors import InputError, first_line
 from vae.storage import filesystem, open_parquet_dataset, storage_errors, url_of
 
 COLUMNS = ("latent", "anomaly_score", "is_anomaly", "model_version", "event_timestamp")
+SERVED = COLUMNS[:4]  # what a feature view serves for each key (event_timestamp is the row's time)
 MANIFEST = "_manifest.json"
 QUARANTINE_DIR = "_quarantine"
 STAGING_DIR = ".staging"

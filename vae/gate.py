@@ -272,9 +272,9 @@ def _verdict(checks: list[Check], moved: dict | None) -> str:
         return text
     if moved["linear_cka"] >= 0.95 and moved["knn_overlap"]["mean"] >= 0.7:
         return text + (
-            " The new version keeps the baseline's geometry (up to rotation): downstream models that use raw "
-            "coordinates still need retraining or the aligned vectors, those using distances or neighbours "
-            "do not."
+            " The new version keeps the baseline's geometry (up to rotation): downstream models that use "
+            "raw coordinates still need retraining or the aligned vectors, those using distances or "
+            "neighbours do not."
         )
     return (
         text

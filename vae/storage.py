@@ -81,8 +81,7 @@ def describe_storage_error(url: str, error: BaseException) -> str | None:
     ):
         return (
             f"{url}: access denied; check the AWS credentials this process uses (AWS_PROFILE, "
-            "AWS_ACCESS_KEY_ID, "
-            "instance profile) and that they may read/write this location"
+            "AWS_ACCESS_KEY_ID, instance profile) and that they may read/write this location"
         )
     if "NoCredentials" in text or "Unable to locate credentials" in text:
         return (

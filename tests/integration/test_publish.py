@@ -43,8 +43,8 @@ def online_tables(feature_repo) -> dict[str, list]:
 
 
 def read_current(store, repo, keys) -> list[dict]:
-    """What a consumer that follows "current" does (README): the service resolved to references once per "
-    "request."""
+    """What a consumer that follows "current" does (README): the service resolved to references once
+    per request."""
     response = store.get_online_features(
         features=current_features(store, repo.CURRENT_SERVICE), entity_rows=[{"item_id": k} for k in keys]
     )
