@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The local CPU wheel; on a GPU machine set TORCH_SPEC to the CUDA build you want.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-unit bench lint clean redis-server chromium cluster-pin
+.PHONY: setup demo test test-unit bench lint clean redis-server postgresql chromium cluster-pin
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/vaectl demo
 
-test: setup redis-server chromium
+test: setup redis-server postgresql chromium
 	$(BIN)/python -m pytest -q
 
 # The library, configs and deployment files without servers or Ray: seconds.
@@ -33,6 +33,11 @@ redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
+# One test keeps the embeddings catalog on a real PostgreSQL server it starts on 127.0.0.1.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null; }
+
 # The monitoring report test renders the HTML report in headless Chromium.
 chromium:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
@@ -41,6 +46,7 @@ chromium:
 bench: setup redis-server
 	$(BIN)/python -m benchmarks.embed
 	$(BIN)/python -m benchmarks.publish
+	$(BIN)/python -m benchmarks.history
 	$(BIN)/python -m benchmarks.train
 	$(BIN)/python -m benchmarks.anomaly
 	$(BIN)/python -m benchmarks.drift

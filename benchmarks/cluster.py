@@ -56,7 +56,13 @@ def main() -> None:
             runs: dict[str, list[float]] = {"direct": [], "submitted": []}
             for repeat in range(args.repeats):
                 for path in ("direct", "submitted"):
-                    output = ["--output", str(work / f"out-{path}-{repeat}")]
+                    catalog = work / f"out-{path}-{repeat}"
+                    output = [
+                        "--catalog",
+                        f"sqlite:///{catalog}/catalog.db",
+                        "--warehouse",
+                        str(catalog / "warehouse"),
+                    ]
                     if path == "direct":
                         command = [sys.executable, "-m", "ray_jobs.cli", *embed, *output]
                     else:

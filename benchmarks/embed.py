@@ -8,8 +8,8 @@ torch threads. For each size, in the same process run:
                    one finishing (actor start, planning and commit excluded); for the loop, its
                    whole time (it has no start-up)
     end to end     rows / wall time of the whole job call (planning, actor start, encoding,
-                   manifest, commit) vs the whole loop; Ray's own start (ray.init) is reported
-                   separately as the fixed cost a long-lived cluster pays once
+                   the Iceberg commit) vs the whole loop; the commit is also reported apart, and
+                   Ray's own start (ray.init) as the fixed cost a long-lived cluster pays once
 
 A 784-d image case (uint8 28x28, MLP 784-512-256, z=32) is reported against the compute limit:
 the best matmul FLOP/s measured in this run times the model's FLOPs per row.
@@ -130,6 +130,7 @@ def compare(work: Path, data: Path, version: str, rows: int, repeats: int, batch
     job_end_to_end: list[float] = []
     job_steady: list[float] = []
     job_startup: list[float] = []
+    job_commit: list[float] = []
     for repeat in range(repeats):
         for threads in (1, 2):
             output = work / f"plain-{threads}"
@@ -143,7 +144,8 @@ def compare(work: Path, data: Path, version: str, rows: int, repeats: int, batch
             data=str(data),
             model_root=str(work / "models"),
             model_version=version,
-            output=str(work / "ray"),
+            catalog=f"sqlite:///{work}/ray/catalog.db",
+            warehouse=str(work / "ray" / "warehouse"),
             batch_size=batch_size,
         )
         seconds, result = timed(lambda: embed(config))  # noqa: B023
@@ -151,12 +153,13 @@ def compare(work: Path, data: Path, version: str, rows: int, repeats: int, batch
         job_end_to_end.append(rows / seconds)
         job_steady.append(rows / result.encode_seconds)
         job_startup.append(result.startup_seconds)
+        job_commit.append(result.commit_seconds)
         shutil.rmtree(work / "ray")
         print(
             f"  {rows:,} rows, repeat {repeat}: plain 1 thread {plain[1][-1]:,.0f} rows/s, 2 threads "
             f"{plain[2][-1]:,.0f}; "
             f"ray job end to end {job_end_to_end[-1]:,.0f}, steady {job_steady[-1]:,.0f}, start-up "
-            f"{job_startup[-1]:.1f}s",
+            f"{job_startup[-1]:.1f}s, commit {job_commit[-1]:.2f}s",
             flush=True,
         )
     best_plain = max(median(plain[1]), median(plain[2]))
@@ -166,6 +169,7 @@ def compare(work: Path, data: Path, version: str, rows: int, repeats: int, batch
         "job_end_to_end_rows_per_s_median": round(median(job_end_to_end)),
         "job_steady_rows_per_s_median": round(median(job_steady)),
         "job_startup_seconds_median": round(median(job_startup), 2),
+        "job_commit_seconds_median": round(median(job_commit), 3),
         "ratio_steady_vs_best_plain": round(median(job_steady) / best_plain, 3),
         "ratio_end_to_end_vs_best_plain": round(median(job_end_to_end) / best_plain, 3),
     }

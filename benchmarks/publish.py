@@ -71,6 +71,23 @@ def write_embeddings(directory: Path, rows: int, dim: int, files: int = 4) -> pa
     return pa.concat_tables(tables)
 
 
+def add_version(repo, name: str, table: pa.Table) -> None:
+    """The rows as one batch of a version's table in the repo's catalog (as the embed job lands them)."""
+    from conftest import commit_rows
+
+    from vae import embeddings
+
+    owner = repo.catalog.register("item", "item_id", "int64")
+    version_table = repo.catalog.create_table(owner, name, embeddings.schema("item_id", pa.int64()), {})
+    rows = table.append_column("batch_id", pa.array(["bench"] * table.num_rows, pa.string()))
+    commit_rows(
+        repo.catalog,
+        version_table,
+        rows.set_column(4, "model_version", pa.array([name] * rows.num_rows)),
+        "bench",
+    )
+
+
 def make_repo(work: Path, store_kind: str) -> Path:
     """A copy of the project's Feast repo, switched to Redis the documented way if asked."""
     repo = work / f"repo-{store_kind}"
@@ -118,23 +135,23 @@ def bench_store(
     load_seconds: float,
 ) -> dict:
     from feast_embeddings import EmbeddingsRepo
+    from feast_embeddings.delta import Delta
     from feast_embeddings.verify import online_row_count
     from ray_jobs.config import PublishConfig
     from ray_jobs.publish import write_online
 
     repo_dir = make_repo(work, store_kind)
-    repo = EmbeddingsRepo(repo_dir, embeddings_root=str(work / "embeddings"))
+    repo = EmbeddingsRepo(repo_dir)
     store = repo.store
     # Each writer fills a fresh view (its own SQLite table / Redis fields) with the same rows:
-    # re-writing a view would measure updates, or on Redis nothing (same event time = skipped).
+    # re-writing a view would measure updates, or on Redis nothing (an older event time is skipped).
     counts = writer_counts if store_kind != "sqlite" else [1]  # SQLite takes one writer at a time
-    for writers in counts:
-        alias = work / "embeddings" / f"{VERSION}-w{writers}"
-        if not alias.exists():
-            alias.symlink_to(work / "embeddings" / VERSION)
+    small = pq.read_table(work / "embeddings" / SMALL_VERSION)
     names = (VERSION, SMALL_VERSION, *(f"{VERSION}-w{writers}" for writers in counts))
-    views = {name: repo.version_view(name) for name in names}
-    store.apply([*repo.declarations(), *views.values()])
+    for name in names:
+        add_version(repo, name, small if name == SMALL_VERSION else table)
+    views = {name: repo.version_view("item", name, online=True, published_at="") for name in names}
+    store.apply([repo.entity("item"), *views.values()])
     view = views[VERSION].name
     rows = table.num_rows
     result: dict = {"store": store_kind, "rows": rows}
@@ -153,14 +170,10 @@ def bench_store(
 
     result["publish_writers"] = {}
     for writers in counts:
-        config = PublishConfig(
-            embeddings=str(work / "embeddings"),
-            feature_repo=str(repo_dir),
-            writers=writers,
-            parallel_min_rows=0,
-        )
+        config = PublishConfig(feature_repo=str(repo_dir), writers=writers, parallel_min_rows=0)
         target = store.get_feature_view(views[f"{VERSION}-w{writers}"].name)
-        seconds, (written, _) = timed(lambda: write_online(config, repo, target, table))  # noqa: B023
+        delta = Delta(0, ["bench"], table, table.num_rows)
+        seconds, (written, _) = timed(lambda: write_online(config, repo, target, delta, "item_id"))  # noqa: B023
         result["publish_writers"][str(writers)] = round(written / seconds)
         print(
             f"  {store_kind}: {writers} writer(s) {written / seconds:,.0f} rows/s "
@@ -200,10 +213,11 @@ def bench_vector_search(work: Path, rows: int, dim: int, queries: int) -> dict:
     yaml_path = repo_dir / "vector_search" / "feature_store.yaml"
     yaml_path.write_text(yaml_path.read_text().replace("embedding_dim: 16", f"embedding_dim: {dim}"))
     table = write_embeddings(work / "embeddings" / VECTOR_VERSION, rows, dim, files=1)
-    repo = EmbeddingsRepo(repo_dir, embeddings_root=str(work / "embeddings"))
-    seconds, _ = timed(lambda: index_vectors(repo, VECTOR_VERSION, table, 65_536, keep_online=2))
+    repo = EmbeddingsRepo(repo_dir)
+    repo.catalog.register("item", "item_id", "int64")
+    seconds, _ = timed(lambda: index_vectors(repo, "item", VECTOR_VERSION, table, 65_536, keep_online=2))
     store = FeatureStore(repo_path=str(repo_dir / "vector_search"))
-    view = repo.definitions.vector_view_name(VECTOR_VERSION)
+    view = repo.definitions.vector_view_name("item", VECTOR_VERSION)
 
     keys = table.column("item_id").to_numpy()
     vectors = np.asarray(table.column("latent").combine_chunks().values.to_numpy()).reshape(rows, dim)

@@ -1,39 +1,35 @@
-"""A Feast repo of VAE embeddings, opened for one embeddings root: the FeatureStore, the repo's
-declarations (its features.py), and the views they make over that root.
+"""A Feast repo of VAE embeddings: the FeatureStore, the repo's declarations (its features.py) and the
+embeddings catalog its feature_store.yaml names (the `vae_embeddings` block).
 
-The declarations never look up where embeddings live: every view gets its files from here
-(<root>/<model_version>/*.parquet, vae.embeddings), so one repo serves a local root and an
-s3:// one alike, and nothing travels through the environment.
+The catalog is the record of what is published (vae.catalog.Publication: versions, online flags,
+current, previous); the Feast objects are derived from it by the factories in features.py. Publish
+changes the record and applies the derived objects; `feast apply` in the repo derives the same
+objects (features.py calls `declare_published`), so it never deletes a published view or service.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 from types import ModuleType
 
-from vae import embeddings
+from vae.catalog import NAMESPACE, EmbeddingsCatalog, EntitySet, redact, settings_from_yaml, table_name
 from vae.errors import InputError
-from vae.storage import filesystem, url_of
+
+YAML_KEY = "__vae_feature_store_yaml__"  # set on the definitions module by EmbeddingsRepo
 
 
 class EmbeddingsRepo:
-    """The store and the declarations of a feature repo, with the views for one embeddings root."""
+    """The store, the declarations and the embeddings catalog of one feature repo."""
 
-    def __init__(
-        self,
-        feature_repo: str | os.PathLike,
-        feature_store_yaml: str | os.PathLike | None = None,
-        embeddings_root: str | None = None,
-    ):
+    def __init__(self, feature_repo: str | os.PathLike, feature_store_yaml: str | os.PathLike | None = None):
         self.path = Path(feature_repo).absolute()
         self.yaml = store_yaml(self.path, feature_store_yaml)
-        self.definitions = load_definitions(self.path)
-        root = embeddings_root or str(self.path / "data" / "embeddings")
-        fs, path = filesystem(root)
-        self.embeddings_root = url_of(fs, path)  # absolute or a URL: DuckDB resolves relative paths elsewhere
+        self.catalog = open_catalog(self.yaml)
+        self.definitions = load_definitions(self.path, self.yaml)
 
     @cached_property
     def store(self):
@@ -41,67 +37,109 @@ class EmbeddingsRepo:
 
         return FeatureStore(repo_path=str(self.path), fs_yaml_file=self.yaml)
 
-    @property
-    def current_service(self) -> str:
-        return self.definitions.CURRENT_SERVICE
+    def entity(self, name: str):
+        """An entity set's Feast entity, from the catalog (its join key and key type come from the data)."""
+        found = self.catalog.entity_set(name)
+        return self.definitions.entity(found.name, found.join_key, found.key_type)
 
-    @property
-    def entity(self):
-        """The one entity the repo declares: what every embeddings view is keyed by."""
-        from feast import Entity
+    def source(self, entity: str, version: str):
+        """A version's Iceberg table as a Feast source, read by the DuckDB offline store through pyiceberg."""
+        return _source(self.catalog, self.definitions, entity, version)
 
-        entities = [v for v in vars(self.definitions).values() if isinstance(v, Entity)]
-        if len(entities) != 1:
-            raise InputError(
-                f"{self.path / 'features.py'}: declares {len(entities)} entities; one is expected"
-            )
-        return entities[0]
+    def version_view_name(self, entity: str, version: str) -> str:
+        return self.definitions.version_view_name(entity, version)
 
-    @property
-    def join_key(self) -> str:
-        """The entity's join key, which must be the embeddings' key column."""
-        return self.entity.join_key
+    def current_service_name(self, entity: str) -> str:
+        return self.definitions.current_service_name(entity)
 
-    def version_view_name(self, version: str) -> str:
-        return self.definitions.version_view_name(version)
-
-    def version_view(self, version: str, online: bool = True):
-        """The view that pins one model version, over <root>/<version>/*.parquet."""
-        path = embeddings.version_files(self.embeddings_root, version)
-        return self.definitions.version_view(version, path, online=online, s3_endpoint=self._s3_endpoint())
-
-    def vector_view(self, version: str, online: bool = True):
-        """One version's vectors, indexed for similarity search (the vector_search repo)."""
-        path = embeddings.version_files(self.embeddings_root, version)
-        return self.definitions.vector_view(version, path, online=online, s3_endpoint=self._s3_endpoint())
-
-    def declarations(self) -> list:
-        """The module-level Feast objects, as `feast apply` collects them, with the history view over
-        this root in place of the repo's default one."""
-        from feast import Entity, FeatureService, FeatureView
-        from feast.data_source import DataSource
-
-        history = self.definitions.history_view(
-            embeddings.all_version_files(self.embeddings_root), s3_endpoint=self._s3_endpoint()
+    def version_view(self, entity: str, version: str, online: bool, published_at: str):
+        owner = self.entity(entity)
+        return self.definitions.version_view(
+            owner, version, self.source(entity, version), online, published_at
         )
-        kinds = (Entity, FeatureView, FeatureService, DataSource)
-        replaced = {history.name, history.batch_source.name}
-        declared = [
-            v for v in vars(self.definitions).values() if isinstance(v, kinds) and v.name not in replaced
-        ]
-        return [*declared, history]
 
-    def check_key_column(self, key_column: str, source: str) -> None:
-        if key_column != self.join_key:
-            raise InputError(
-                f"{source}: the embeddings' key column is '{key_column}' but the feature views join on "
-                f"'{self.join_key}'; edit {self.path / 'features.py'} (the entity's join key and the key "
-                "field)"
-            )
+    def vector_view(self, entity: str, version: str, online: bool = True):
+        owner = self.entity(entity)
+        return self.definitions.vector_view(owner, version, self.source(entity, version), online)
 
-    def _s3_endpoint(self) -> str | None:
-        # The S3 endpoint the publishing environment uses (unset on AWS; set for S3-compatible stores).
-        return os.environ.get("AWS_ENDPOINT_URL") if self.embeddings_root.startswith("s3://") else None
+    def published_objects(self) -> list:
+        """Every entity set's entity, published version views and current service, as the catalog
+        records them."""
+        return published_objects(self.catalog, self.definitions)
+
+    def apply(self) -> None:
+        """Register the published objects: the registry becomes what the catalog records. The registry's
+        record of the online tables is updated too, as `feast apply` does, so `feast plan` shows no change."""
+        store = self.store
+        store.apply(self.published_objects())
+        store.registry.refresh(project=store.project)
+        infra = store._get_provider().plan_infra(store.config, store.registry.proto())
+        store.registry.update_infra(infra, store.project, commit=True)
+
+
+def published_objects(catalog: EmbeddingsCatalog, definitions) -> list:
+    objects: list = []
+    for found in catalog.entity_sets():
+        objects += _entity_objects(catalog, definitions, found)
+    return objects
+
+
+def _entity_objects(catalog: EmbeddingsCatalog, definitions, found: EntitySet) -> list:
+    owner = definitions.entity(found.name, found.join_key, found.key_type)
+    state = catalog.publication(found.name)
+    views = {}
+    for version, published_at in sorted(state.published.items()):
+        source = _source(catalog, definitions, found.name, version)
+        online = state.online.get(version, False)
+        views[version] = definitions.version_view(owner, version, source, online, published_at)
+    objects = [owner, *views.values()]
+    if state.current in views:
+        objects.append(definitions.current_service(views[state.current], found.name, state.previous or ""))
+    return objects
+
+
+def _source(catalog: EmbeddingsCatalog, definitions, entity: str, version: str):
+    from feast.infra.data_sources.contrib.iceberg_catalog.iceberg_source import IcebergSource
+
+    return IcebergSource(
+        name=f"{definitions.version_view_name(entity, version)}_source",
+        warehouse=catalog.warehouse,
+        namespace=f"{NAMESPACE}.{entity}",
+        table=table_name(version),
+        catalog_type="sql",
+        catalog_name=NAMESPACE,
+        catalog_properties=catalog.properties,
+        timestamp_field="event_timestamp",
+    )
+
+
+def declare_published(namespace: dict) -> dict:
+    """For features.py: the published objects as module-level names, built with the module's own factories.
+
+    The feature_store.yaml is the one EmbeddingsRepo opened the module for, else Feast's
+    FEAST_FS_YAML_FILE_PATH, else the repo's own (so `feast apply` and `feast -f` alike, with the
+    variable)."""
+    here = Path(namespace["__file__"]).parent
+    yaml_path = (
+        namespace.get(YAML_KEY) or os.environ.get("FEAST_FS_YAML_FILE_PATH") or here / "feature_store.yaml"
+    )
+    catalog = open_catalog(Path(yaml_path))
+    definitions = ModuleType("declarations")
+    definitions.__dict__.update(namespace)
+    declared = {}
+    for obj in published_objects(catalog, definitions):
+        declared[f"{type(obj).__name__.lower()}_{re.sub(r'[^0-9A-Za-z_]', '_', obj.name)}"] = obj
+    return declared
+
+
+def open_catalog(yaml_path: Path) -> EmbeddingsCatalog:
+    uri, warehouse = settings_from_yaml(yaml_path)
+    if redact(uri) != uri:
+        raise InputError(
+            f"{yaml_path}: the catalog URI holds a password, which Feast's registry would store; give it to "
+            "PostgreSQL in PGPASSWORD instead"
+        )
+    return EmbeddingsCatalog(uri, warehouse)
 
 
 def store_yaml(feature_repo: Path, feature_store_yaml: str | os.PathLike | None = None) -> Path:
@@ -112,12 +150,13 @@ def store_yaml(feature_repo: Path, feature_store_yaml: str | os.PathLike | None 
     return path.absolute()
 
 
-def load_definitions(feature_repo: Path) -> ModuleType:
-    """The repo's features.py as a module: its Feast objects and the per-version view factories."""
+def load_definitions(feature_repo: Path, yaml_path: Path) -> ModuleType:
+    """The repo's features.py as a module: its factories and the objects it declares."""
     path = feature_repo / "features.py"
     if not path.is_file():
         raise InputError(f"{feature_repo}: no features.py with the Feast definitions")
     spec = importlib.util.spec_from_file_location(f"feature_repo_features_{abs(hash(str(path)))}", path)
     module = importlib.util.module_from_spec(spec)
+    setattr(module, YAML_KEY, str(yaml_path))
     spec.loader.exec_module(module)
     return module

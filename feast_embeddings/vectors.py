@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from feast_embeddings.repo import EmbeddingsRepo
-from feast_embeddings.versions import retire_old_versions
+from feast_embeddings.versions import VERSION_TAG
 from feast_embeddings.writers import write_batch
 from vae.errors import InputError
 
@@ -19,30 +19,70 @@ log = logging.getLogger("feast_embeddings")
 
 
 def index_vectors(
-    repo: EmbeddingsRepo, version: str, table: pa.Table, batch_rows: int, keep_online: int
+    repo: EmbeddingsRepo, entity: str, version: str, table: pa.Table, batch_rows: int, keep_online: int
 ) -> None:
-    """Write a version's vectors to the vector-search store, check that sampled vectors find
-    themselves, and keep `keep_online` versions there too."""
+    """Write a version's vectors (all of them, or a batch's) to the vector-search store, check that sampled
+    vectors find themselves, and keep `keep_online` versions there too."""
     from feast import FeatureStore
 
     path = repo.path / "vector_search"
     if not (path / "feature_store.yaml").is_file():
         raise InputError(
-            f"{path}: no feature_store.yaml for vector search (the project's feature_repo/vector_search has "
-            "one)"
+            f"{path}: no feature_store.yaml for vector search (the project's feature_repo/vector_search "
+            "has one)"
         )
     store = FeatureStore(repo_path=str(path))
     _check_dimension(store, path, version, table)
-    store.apply([repo.entity, repo.vector_view(version)])
-    view = store.get_feature_view(repo.definitions.vector_view_name(version))
+    _apply(store, [repo.entity(entity), repo.vector_view(entity, version)])
+    view = store.get_feature_view(repo.definitions.vector_view_name(entity, version))
+    join_key = repo.entity(entity).join_key
     started = time.perf_counter()
     for batch in table.to_batches(max_chunksize=batch_rows):
-        write_batch(store, view, batch, repo.join_key)
+        write_batch(store, view, batch, join_key)
     log.info(
         "indexed %d vectors of %s for search in %.1fs", table.num_rows, version, time.perf_counter() - started
     )
-    verify_self_search(store, view.name, table, repo.join_key)
-    retire_old_versions(store, keep_online, None, repo.vector_view)
+    if table.num_rows:
+        verify_self_search(store, view.name, table, join_key)
+    retired = _retire(store, keep_online, lambda v, online: repo.vector_view(entity, v, online))
+    if retired:  # a version indexed again later is indexed whole
+        repo.catalog.update_publication(entity, **{f"indexed.{v}": None for v in retired})
+
+
+def _apply(store, objects: list, attempts: int = 3) -> None:
+    """store.apply, which starts Milvus Lite's embedded server on first use: on a loaded machine the
+    server can miss pymilvus's connect timeout ("Fail connecting to server on unix:..."), so retry."""
+    for attempt in range(attempts):
+        try:
+            store.apply(objects)
+            return
+        except Exception as error:
+            if "Fail connecting to server" not in str(error) or attempt == attempts - 1:
+                raise
+            log.warning("vector store: Milvus Lite did not answer in time; retrying (%d)", attempt + 1)
+            time.sleep(2)
+
+
+def _retire(store, keep_online: int, make_view) -> list[str]:
+    """Keep the `keep_online` most recently indexed versions' collections; returns the versions retired."""
+    views = [v for v in store.list_feature_views(allow_cache=False) if VERSION_TAG in v.tags and v.online]
+    views.sort(
+        key=lambda v: (v.created_timestamp.timestamp() if v.created_timestamp else 0.0, v.tags[VERSION_TAG]),
+        reverse=True,
+    )
+    retired = views[keep_online:]
+    if not retired:
+        return []
+    store.apply([make_view(v.tags[VERSION_TAG], False) for v in retired])
+    store._get_provider().update_infra(
+        project=store.project,
+        tables_to_delete=retired,
+        tables_to_keep=[],
+        entities_to_delete=[],
+        entities_to_keep=[],
+        partial=False,
+    )
+    return [view.tags[VERSION_TAG] for view in retired]
 
 
 def _check_dimension(store, path, version: str, table: pa.Table) -> None:

@@ -1,7 +1,7 @@
 """What publish checks after writing, read from the store itself rather than trusted: Feast's own
 Ray engine has reported success after writing nothing.
 
-    the key count   keys the online store holds for the view = distinct keys written
+    the key count   keys the online store holds for the view = the version's distinct keys
     the read-back   a seeded sample read through Feast equals the embeddings, bit for bit
 """
 
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from feast_embeddings.writers import redis_command, send_commands
 from vae.embeddings import SERVED
@@ -44,14 +43,14 @@ def online_row_count(store, view) -> int | None:
     return None
 
 
-def check_complete(store, view, table: pa.Table, join_key: str, written: int) -> None:
-    """Raise unless every row was written and the store holds exactly one row per distinct key."""
+def check_complete(store, view, to_write: int, written: int, version_keys: int) -> None:
+    """Raise unless every row was written and the store holds exactly one row per key of the version
+    (the batches written before included)."""
     stored = online_row_count(store, view)
-    distinct = len(pc.unique(table.column(join_key)))
-    if written != table.num_rows or (stored is not None and stored != distinct):
+    if written != to_write or (stored is not None and stored != version_keys):
         raise RuntimeError(
-            f"online write of {view.name} did not complete: {table.num_rows} rows to write, {written} "
-            f"written, {stored} keys in the online store for {distinct} distinct keys"
+            f"online write of {view.name} did not complete: {to_write} rows to write, {written} written, "
+            f"{stored} keys in the online store for the version's {version_keys} keys"
         )
 
 

@@ -1,9 +1,9 @@
-"""Which model versions a feature store serves: "current", switching it, rolling it back, and
-taking old versions out of the online store. Every operation here is registry writes only.
+"""Which model versions a feature store serves, per entity set: publishing a version, switching
+"current", rolling back, and taking old versions out of the online store.
 
-A version's view carries its name in the tag `vae_model_version` and the time it was published in
-`vae_published_at`; the "current" feature service carries the version it points at and the one
-before it, which is what a rollback returns to.
+Each operation changes the catalog's record of what is published (vae.catalog.Publication) and
+applies the Feast objects derived from it, under one lock in the catalog's database: publishers of
+several entity sets or versions at once each land whole, and the registry always equals the record.
 """
 
 from __future__ import annotations
@@ -16,24 +16,13 @@ from vae.errors import InputError
 
 log = logging.getLogger("feast_embeddings")
 
-VERSION_TAG = "vae_model_version"
-PUBLISHED_TAG = "vae_published_at"
-PREVIOUS_TAG = "vae_previous_version"
+REGISTRY_LOCK = "feast-registry"
+VERSION_TAG = "vae_model_version"  # on every version's view and on "current"
 
 
-def stamp_published(view) -> None:
-    """Mark a view as published now: keep_online keeps the most recently published versions."""
-    view.tags[PUBLISHED_TAG] = datetime.now(UTC).isoformat()
-
-
-def current_version(repo: EmbeddingsRepo) -> str | None:
-    """The model version the 'current' feature service points at, or None before the first publish."""
-    from feast.errors import FeatureServiceNotFoundException
-
-    try:
-        return repo.store.get_feature_service(repo.current_service, allow_cache=False).tags.get(VERSION_TAG)
-    except FeatureServiceNotFoundException:
-        return None
+def current_version(repo: EmbeddingsRepo, entity: str = "item") -> str | None:
+    """The model version an entity set's "current" service points at, or None before the first publish."""
+    return repo.catalog.publication(entity).current
 
 
 def current_features(store, service_name: str = "item_embeddings_current") -> list[str]:
@@ -50,63 +39,78 @@ def current_features(store, service_name: str = "item_embeddings_current") -> li
     ]
 
 
-def switch_current(repo: EmbeddingsRepo, version: str) -> None:
+def register_version(repo: EmbeddingsRepo, entity: str, version: str) -> None:
+    """Make a version's view exist and be online (its online table created) before rows are written."""
+    with repo.catalog.lock(REGISTRY_LOCK):
+        state = repo.catalog.publication(entity)
+        updates = {f"online.{version}": "true"}
+        if version not in state.published:
+            updates[f"published.{version}"] = datetime.now(UTC).isoformat()
+        repo.catalog.update_publication(entity, **updates)
+        repo.apply()
+
+
+def record_written(repo: EmbeddingsRepo, entity: str, version: str, snapshot_id: int) -> None:
+    """The table snapshot whose rows are now online: the next publish of the version writes only
+    newer batches."""
+    repo.catalog.update_publication(entity, **{f"written.{version}": str(snapshot_id)})
+
+
+def switch_current(repo: EmbeddingsRepo, entity: str, version: str) -> None:
     """Point 'current' at an online version. One registry write: a reader resolves the service once
     per request, so it gets all of its vectors from one version, before or after the switch."""
-    view = repo.store.get_feature_view(repo.version_view_name(version))
-    if not view.online:
-        raise InputError(
-            f"model version {version} is not in the online store any more; publish it again "
-            f"(vaectl publish --model-version {version})"
-        )
-    previous = current_version(repo)
-    if previous == version:
-        return
-    repo.store.apply([repo.definitions.current_service(view, previous_version=previous or "")])
-    log.info("current: %s -> %s", previous or "(none)", version)
+    with repo.catalog.lock(REGISTRY_LOCK):
+        state = repo.catalog.publication(entity)
+        if not state.online.get(version):
+            raise InputError(
+                f"model version {version} is not in the online store any more; publish it again "
+                f"(vaectl publish --entity {entity} --model-version {version})"
+            )
+        if state.current == version:
+            return
+        repo.catalog.update_publication(entity, current=version, previous=state.current)
+        repo.apply()
+    log.info("%s current: %s -> %s", entity, state.current or "(none)", version)
 
 
-def rollback(repo: EmbeddingsRepo) -> str:
+def rollback(repo: EmbeddingsRepo, entity: str) -> str:
     """Point 'current' back at the version it pointed at before the last switch; returns that version."""
-    current = current_version(repo)
-    if current is None:
-        raise InputError("nothing to roll back: no version has been published as current")
-    service = repo.store.get_feature_service(repo.current_service, allow_cache=False)
-    previous = service.tags.get(PREVIOUS_TAG)
-    if not previous:
-        raise InputError(f"current is {current} and has no previous version to roll back to")
-    switch_current(repo, previous)
-    return previous
+    state = repo.catalog.publication(entity)
+    if state.current is None:
+        raise InputError(f"nothing to roll back: no version of '{entity}' has been published as current")
+    if not state.previous:
+        raise InputError(f"current is {state.current} and has no previous version to roll back to")
+    switch_current(repo, entity, state.previous)
+    return state.previous
 
 
-def retire_old_versions(store, keep_online: int, current: str | None, make_view) -> list[str]:
-    """Take versions beyond the `keep_online` most recently published (current always kept) out of
-    the online store; returns them.
-
-    Their feature views stay registered with online=False (re-made by `make_view(version,
-    online=False)`), so offline retrieval by version works as before; only the online rows go."""
-    views = store.list_feature_views(allow_cache=False)
-    online = [v for v in views if VERSION_TAG in v.tags and v.online]
-    online.sort(key=lambda v: (v.tags.get(PUBLISHED_TAG, ""), v.tags[VERSION_TAG]), reverse=True)
-    others = [v.tags[VERSION_TAG] for v in online if v.tags[VERSION_TAG] != current]
-    keep = ({current} if current else set()) | set(others[: keep_online - (1 if current else 0)])
-    retired = [v for v in online if v.tags[VERSION_TAG] not in keep]
-    if not retired:
-        return []
-    store.apply([make_view(v.tags[VERSION_TAG], online=False) for v in retired])
-    # apply() keeps the online tables of views it updates; dropping them is the provider's infra update.
-    store._get_provider().update_infra(
-        project=store.project,
-        tables_to_delete=retired,
-        tables_to_keep=[],
-        entities_to_delete=[],
-        entities_to_keep=[],
-        partial=False,
-    )
-    names = [v.tags[VERSION_TAG] for v in retired]
-    log.info(
-        "removed from the %s online store (offline data kept): %s",
-        store.config.online_store.type,
-        ", ".join(names),
-    )
-    return names
+def retire_old_versions(repo: EmbeddingsRepo, entity: str, keep_online: int) -> list[str]:
+    """Take versions beyond the `keep_online` most recently published (current always kept, and a version
+    still being written never) out of the online store; returns them. Their views stay registered
+    with online=False: offline retrieval by version works as before; only the online rows go."""
+    with repo.catalog.lock(REGISTRY_LOCK):
+        state = repo.catalog.publication(entity)
+        online = [v for v, is_online in state.online.items() if is_online and v in state.written]
+        online.sort(key=lambda v: (state.published.get(v, ""), v), reverse=True)
+        others = [v for v in online if v != state.current]
+        keep = ({state.current} if state.current else set()) | set(
+            others[: keep_online - (1 if state.current else 0)]
+        )
+        retired = [v for v in online if v not in keep]
+        if not retired:
+            return []
+        updates = {f"online.{v}": "false" for v in retired} | {f"written.{v}": None for v in retired}
+        repo.catalog.update_publication(entity, **updates)
+        repo.apply()
+        # apply() keeps the online tables of views it updates; dropping them is the provider's infra update.
+        views = [repo.store.get_feature_view(repo.version_view_name(entity, v)) for v in retired]
+        repo.store._get_provider().update_infra(
+            project=repo.store.project,
+            tables_to_delete=views,
+            tables_to_keep=[],
+            entities_to_delete=[],
+            entities_to_keep=[],
+            partial=False,
+        )
+    log.info("%s: removed from the online store (offline data kept): %s", entity, ", ".join(retired))
+    return retired

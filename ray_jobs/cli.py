@@ -37,6 +37,11 @@ JOBS = {
         config.MonitorConfig,
         "drift, version movement, anomaly rate and collapse of a batch's latents; HTML report",
     ),
+    "embeddings": Job(
+        "ray_jobs.embeddings",
+        config.EmbeddingsCommand,
+        "an entity set's tables: history <entity> [<version>], export, migrate --source ROOT",
+    ),
     "demo": Job(
         "ray_jobs.demo", config.DemoConfig, "run train, embed and publish end to end on scikit-learn's digits"
     ),
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             "usage: vaectl {" + ",".join(JOBS) + "} [--config YAML] [--option VALUE ...]\n", file=sys.stderr
         )
         for name, job in JOBS.items():
-            print(f"  {name:<8} {job.summary}", file=sys.stderr)
+            print(f"  {name:<11} {job.summary}", file=sys.stderr)
         print("\n`vaectl <job> --help` lists a job's options.", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     run_cli(lambda args: run_job(argv[0], args), argv[1:])
@@ -66,13 +71,25 @@ def run_job(name: str, argv: list[str]) -> object:
     job = JOBS[name]
     if job.config is None:
         return importlib.import_module(job.module).main(argv)
+    if name == "embeddings":
+        argv = embeddings_positionals(argv)
     parsed = config.parse_config(job.config, argv, prog=f"vaectl {name}")
     return importlib.import_module(job.module).run(parsed)
+
+
+def embeddings_positionals(argv: list[str]) -> list[str]:
+    """`embeddings history item v1 --as-of X` -> `--command history --entity item --model-version v1 ...`."""
+    names, argv, positional = ["--command", "--entity", "--model-version"], list(argv), []
+    while argv and not argv[0].startswith("-") and len(positional) < len(names):
+        positional.append(argv.pop(0))
+    return [part for pair in zip(names, positional, strict=False) for part in pair] + argv
 
 
 def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run a job's main: bad input ends with one line on stderr and exit code 2, no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Feast logs "Registry cache expired, so refreshing" on nearly every call; its warnings still show.
+    logging.getLogger("feast").setLevel(logging.WARNING)
     try:
         job(argv)
     except KeyboardInterrupt:

@@ -55,6 +55,33 @@ def capacity_or_fail(
     return capacity
 
 
+class _NoInputErrorTracebacks(logging.Filter):
+    """Drops Ray Data's reports of a failed task when the failure is bad input: the job ends with the
+    InputError's one line, which is all the user needs (Ray Data logs the same error two or three times
+    with its stack traces first). Other failures are still logged in full."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            from ray_jobs.cli import find_input_error
+
+            if find_input_error(record.exc_info[1]) is not None:
+                return False
+            text += repr(record.exc_info[1])
+        return "InputError" not in text and not record.name.startswith("ray.data.exceptions")
+
+
+def quiet_ray_data_input_errors() -> None:
+    """Ray Data's console handlers get the filter (its session log file keeps everything)."""
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                if not any(isinstance(f, _NoInputErrorTracebacks) for f in handler.filters):
+                    handler.addFilter(_NoInputErrorTracebacks())
+
+
 @contextlib.contextmanager
 def ray_session() -> Iterator[None]:
     """Use Ray if this process already started it, join the cluster RAY_ADDRESS names (set for
@@ -65,6 +92,7 @@ def ray_session() -> Iterator[None]:
     # Re-raise a failing map function's own exception (an InputError naming the row) rather
     # than Ray Data's UserCodeException, which keeps only its text.
     ray.data.DataContext.get_current().raise_original_map_exception = True
+    quiet_ray_data_input_errors()
     if ray.is_initialized():
         yield
         return

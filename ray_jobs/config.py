@@ -231,26 +231,61 @@ TRAIN_OPERATIONAL = {
 # embed
 
 
-class EmbedConfig(JobConfig):
-    """Encode a Parquet dataset with a model version and write the embeddings as Parquet."""
+class EmbeddingsOptions(JobConfig):
+    """Where an entity set's embeddings live: the Iceberg catalog and warehouse of a feature store."""
+
+    entity: str = Field("item", description="the embedding set (entity), e.g. item or user: one VAE, one key")
+    feature_store_yaml: str = Field(
+        "feature_repo/feature_store.yaml",
+        description="the feature store whose embeddings catalog is used (its vae_embeddings block)",
+    )
+    catalog: str | None = Field(
+        None,
+        description="Iceberg SQL catalog URI instead of the feature store's: sqlite:///path.db or "
+        "postgresql+psycopg2://user@host/db (password from PGPASSWORD, never in config)",
+    )
+    warehouse: str | None = Field(
+        None,
+        description="where the catalog's tables keep their files (local or s3://) instead of the "
+        "feature store's",
+    )
+
+    def catalog_settings(self) -> tuple[str, str]:
+        """(catalog URI, warehouse): the options', else the feature store's vae_embeddings block."""
+        from vae.catalog import settings_from_yaml
+
+        if self.catalog and self.warehouse:
+            return self.catalog, self.warehouse
+        uri, warehouse = settings_from_yaml(self.feature_store_yaml)
+        return self.catalog or uri, self.warehouse or warehouse
+
+
+class EmbedConfig(EmbeddingsOptions):
+    """Encode a Parquet dataset with a model version: one batch of the version's Iceberg table."""
 
     data: str = Field(description="Parquet file or directory (local or s3://), hive-style partitions allowed")
     model_root: str = Field("models", description="directory or s3:// prefix that holds model versions")
     model_version: str = Field("latest", description="version name, or 'latest'")
-    output: str = Field(
-        "feature_repo/data/embeddings",
-        description="embeddings root (local or s3://); the job writes <output>/<version>/",
+    batch: str | None = Field(
+        None,
+        description="the batch's name, e.g. 2026-11-23 (default: a hash of the input listing); re-running a "
+        "batch replaces exactly its rows",
     )
     timestamp_column: str | None = Field(None, description="input column used as event_timestamp")
     event_time: datetime | None = Field(
         None,
-        description="event_timestamp of every row when no timestamp_column (default: the model version's "
-        "creation time, so re-runs write identical rows)",
+        description="event_timestamp of every row when no timestamp_column (default: the batch's time, when "
+        "its newest input file was written)",
     )
     on_bad_rows: Literal["fail", "quarantine"] = Field(
         "fail",
-        description="a row that cannot be encoded stops the job (fail) or goes to "
-        "<output>/<version>/_quarantine/ (quarantine)",
+        description="a row that cannot be encoded (or whose model output is not finite) stops the job (fail) "
+        "or goes to the run's quarantine (quarantine)",
+    )
+    on_duplicate_keys: Literal["fail", "keep-latest"] = Field(
+        "fail",
+        description="a key twice in the batch stops the job (fail), or only its latest row by "
+        "event_timestamp is kept (keep-latest)",
     )
     anomaly_quantile: float | None = Field(
         None,
@@ -320,19 +355,26 @@ class GateOptions(JobConfig):
         return Thresholds(**{f.name: getattr(self, f.name) for f in fields(Thresholds)})
 
 
-class MonitorConfig(GateOptions):
+class MonitorConfig(GateOptions, EmbeddingsOptions):
     """Drift, movement, anomaly rate and collapse of a batch's latent vectors, with a report."""
 
-    new: str = Field(description="embeddings to check (a version directory written by vaectl embed)")
-    reference: str | None = Field(
-        None,
-        description="reference embeddings by the same version (default: the version's validation reference)",
+    model_version: str = Field("latest", description="the version to check: a name, 'latest' or 'current'")
+    batch: str | None = Field(
+        None, description="the batch to check (default: the version's newest; all: every batch)"
     )
-    baseline: str | None = Field(
-        None, description="embeddings of the same entities by another version: movement"
+    as_of: str | int | None = Field(
+        None, description="read the tables as of a snapshot id or an ISO time (time travel)"
+    )
+    reference_batch: str | None = Field(
+        None,
+        description="a batch of the same version to compare with (default: the version's validation "
+        "reference)",
+    )
+    baseline_version: str | None = Field(
+        None, description="another version of the entity set: movement, on the entities both embedded"
     )
     model_root: str = Field(
-        "models", description="where the model version lives (its manifest's path is tried first)"
+        "models", description="where the model version lives, if not at its recorded path"
     )
     output: str = Field("monitoring", description="reports go to <output>/<version>-<time>/ (local or s3://)")
     sample_rows: int = Field(5000, ge=100, description="rows per side the tests use, chosen by key hash")
@@ -346,6 +388,24 @@ class MonitorConfig(GateOptions):
     seed: int = Field(0, description="seed of the permutations and the classifier split")
 
 
+class EmbeddingsCommand(EmbeddingsOptions):
+    """`vaectl embeddings history|export|migrate`: a version's batches and snapshots, a time-travel export,
+    the migration of Parquet-directory versions into tables."""
+
+    command: Literal["history", "export", "migrate"] = Field(description="what to do")
+    model_version: str = Field(
+        "latest", description="history/export: the version ('latest', 'current' or a name)"
+    )
+    as_of: str | int | None = Field(None, description="export: as of a snapshot id or an ISO time")
+    batch: str | None = Field(None, description="export: one batch only")
+    output: str | None = Field(
+        None, description="export: the Parquet file or directory to write (local or s3://)"
+    )
+    source: str | None = Field(
+        None, description="migrate: the old embeddings root (<root>/<version>/*.parquet)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # publish
 
@@ -353,12 +413,9 @@ class MonitorConfig(GateOptions):
 class PublishConfig(GateOptions):
     """Register the Feast definitions, write a model version's embeddings online, switch "current"."""
 
-    embeddings: str = Field(
-        "feature_repo/data/embeddings",
-        description="embeddings root written by the embed job (local or s3://)",
-    )
+    entity: str = Field("item", description="the embedding set (entity) to publish, e.g. item or user")
     model_version: str = Field(
-        "latest", description="version directory under the embeddings root, or 'latest'"
+        "latest", description="the version to publish: a name, or 'latest' (the newest embedded)"
     )
     feature_repo: str = Field(
         "feature_repo", description="Feast repo directory (feature_store.yaml + definitions)"

@@ -1,23 +1,24 @@
-"""Embed a Parquet dataset with a model version: a Ray Data batch job, exactly once.
+"""Embed a Parquet dataset with a model version: a Ray Data batch job that lands exactly once, as one
+batch of the version's Apache Iceberg table.
 
     plan (driver)    load and verify the model version; list the input, check every file's schema
-                     against it, cut the row groups into work units (vae.embedding_run.plan_run)
-    start (driver)   the run's staging directory, named by a hash of the plan and the settings;
-                     finished units of an earlier attempt are kept
+                     against it, cut the row groups into work units (vae.embedding_run.plan_run);
+                     the entity set and the version's table in the catalog (vae.catalog)
+    start (driver)   the run's staging directory in the table's location, named by a hash of the
+                     batch, the plan and the settings; finished units of an earlier attempt are kept
     encode (Ray)     a pool of encoder actors, each running vae.embedding_run.UnitEncoder on one
                      unit at a time: read -> validate (fail or quarantine) -> encode -> one file
-    commit (driver)  input rows = embedded + quarantined, _manifest.json, move into
-                     <output>/<model_version>/ (the layout of vae.embeddings)
+    commit (driver)  input rows = embedded + quarantined, duplicate keys settled, one Iceberg commit
+                     that replaces the batch's rows (another batch's are never touched)
 
-A run that dies is resumed by running the same command again: the commit publishes exactly one
-row per input row. Readers (Feast's sources glob <output>/<version>/*.parquet) never see staging.
+A run that dies is resumed by running the same command again. Readers (Feast, monitor, publish) see
+a batch whole or not at all.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
 
 import numpy as np
 import ray
@@ -26,14 +27,19 @@ import torch
 from ray_jobs.cli import find_input_error, run_cli
 from ray_jobs.cluster import alive_node_resources, capacity_or_fail, ray_session
 from ray_jobs.config import EmbedConfig, parse_config
-from vae import InputError, load_model_version
+from vae import InputError, embeddings, load_model_version
 from vae.artifacts import ModelVersion, anomaly_threshold
+from vae.catalog import EmbeddingsCatalog
 from vae.embedding_run import (
     EmbedResult,
     EncodeOptions,
     Plan,
+    RunPaths,
     UnitEncoder,
     WorkUnit,
+    batch_id_of,
+    batch_time,
+    check_batch_id,
     commit_run,
     discard_run,
     plan_run,
@@ -51,58 +57,70 @@ def run(config: EmbedConfig) -> EmbedResult:
 def embed(config: EmbedConfig) -> EmbedResult:
     """Run the whole embedding job; everything is checked before Ray starts."""
     started = time.time()
-    # resolves 'latest', verifies weights
-    model_version = load_model_version(config.model_root, config.model_version)
+    model_version = load_model_version(config.model_root, config.model_version)  # 'latest' resolved, verified
     plan = plan_run(config.data, model_version.features, config.rows_per_file, config.timestamp_column)
     options = encode_options(config, model_version, plan)
+    catalog = EmbeddingsCatalog(*config.catalog_settings())
+    entity = catalog.register(config.entity, model_version.features.key_column, plan.key_type)
+    schema = embeddings.schema(entity.join_key, _arrow_key(plan.key_type))
+    table = catalog.create_table(
+        entity, model_version.version, schema, {"vae.model-path": model_version.path}
+    )
     run = run_id(config.data, model_version.version, plan.listing, options, config.rows_per_file)
+    paths = RunPaths.of(table.location(), options.batch_id, run)
     marker = {
         "run_id": run,
+        "batch_id": options.batch_id,
         "model_version": model_version.version,
         "data": config.data,
         "units": len(plan.units),
     }
-    staging, done = start_run(config.output, run, marker)
+    done = start_run(paths, marker)
     pending = [unit for unit in plan.units if unit.output_name not in done]
-    if done:
-        log.info(
-            "resuming run %s: %d of %d output files already written",
-            run,
-            len(plan.units) - len(pending),
-            len(plan.units),
-        )
-
+    if done and pending:
+        log.info("resuming run %s: %d of %d output files already written", run, len(done), len(plan.units))
     summaries: list[dict] = []
-    if pending:
-        try:
+    try:
+        if pending:
             with ray_session():
-                summaries = encode_units(config, model_version.version, options, pending, staging)
-        except Exception as error:
-            # Bad input must change before a run can succeed, so its staged files are of no use.
-            # Any other failure (a lost node, a killed driver) keeps them for the re-run to resume.
-            if find_input_error(error) is not None:
-                discard_run(config.output, staging)
-            raise
-    manifest = {
-        "anomaly_threshold": options.threshold,
-        "data": config.data,
-        "on_bad_rows": config.on_bad_rows,
-    }
-    result = commit_run(config.output, staging, model_version, plan, summaries, manifest, started)
+                summaries = encode_units(config, model_version.version, options, pending, paths)
+        settings = {
+            "vae.data": config.data,
+            "vae.model-path": model_version.path,
+            "vae.anomaly-threshold": str(options.threshold),
+            "vae.on-bad-rows": config.on_bad_rows,
+        }
+        result = commit_run(catalog, table, paths, model_version, plan, options, summaries, settings, started)
+    except Exception as error:
+        # Bad input must change before a run can succeed, so its staged files are of no use.
+        # Any other failure (a lost node, a killed driver) keeps them for the re-run to resume.
+        if find_input_error(error) is not None and "was committed by another run" not in str(error):
+            discard_run(paths)
+        raise
+    if not result.committed:
+        log.info(
+            "batch %s of %s was already committed by this same run (snapshot %d): nothing changed",
+            result.batch_id,
+            result.output,
+            result.snapshot_id,
+        )
+        return result
     log.info(
-        "embedded %s rows with model %s: %s quarantined, %s rows/s end to end -> %s",
+        "embedded %s rows as batch %s of %s: %s quarantined, %s duplicate rows dropped, %s rows/s end to end",
         f"{result.embedded_rows:,}",
-        result.model_version,
-        f"{result.quarantined_rows:,}",
-        f"{result.rows_per_second:,.0f}",
+        result.batch_id,
         result.output,
+        f"{result.quarantined_rows:,}",
+        f"{result.duplicate_rows:,}",
+        f"{result.rows_per_second:,.0f}",
     )
     return result
 
 
 def encode_options(config: EmbedConfig, model_version: ModelVersion, plan: Plan) -> EncodeOptions:
-    """The settings that shape the output rows: event time, anomaly threshold, bad-row handling."""
-    event_time = config.event_time or datetime.fromisoformat(model_version.metadata["created_at"])
+    """The settings that shape the output rows: batch, event time, anomaly threshold, bad rows, duplicates."""
+    batch = check_batch_id(config.batch) if config.batch else batch_id_of(plan.listing)
+    event_time = config.event_time or batch_time(plan.listing)
     if event_time.tzinfo is None:
         raise InputError(
             f"event_time {event_time.isoformat()} has no time zone; write it in UTC, e.g. "
@@ -111,17 +129,30 @@ def encode_options(config: EmbedConfig, model_version: ModelVersion, plan: Plan)
     threshold = anomaly_threshold(model_version, config.anomaly_quantile)
     if threshold is None:
         log.warning(
-            "model version %s has no calibrated anomaly threshold (saved before calibration): is_anomaly "
-            "is null",
+            "model version %s has no calibrated anomaly threshold (saved before calibration): "
+            "is_anomaly is null",
             model_version.version,
         )
     return EncodeOptions(
-        config.batch_size, config.on_bad_rows, config.timestamp_column, event_time, threshold, plan.key_type
+        batch,
+        config.batch_size,
+        config.on_bad_rows,
+        config.on_duplicate_keys,
+        config.timestamp_column,
+        event_time,
+        threshold,
+        plan.key_type,
     )
 
 
+def _arrow_key(key_type: str):
+    import pyarrow as pa
+
+    return pa.int64() if key_type == "int64" else pa.string()
+
+
 def encode_units(
-    config: EmbedConfig, version: str, options: EncodeOptions, units: list[WorkUnit], staging: str
+    config: EmbedConfig, version: str, options: EncodeOptions, units: list[WorkUnit], paths: RunPaths
 ) -> list[dict]:
     """Encode the units on a pool of actors; returns one summary per unit."""
     nodes = alive_node_resources()
@@ -149,7 +180,7 @@ def encode_units(
             "config": config.model_dump(),
             "version": version,
             "options": options,
-            "staging": staging,
+            "paths": paths,
         },
         batch_size=1,
         batch_format="numpy",
@@ -172,7 +203,7 @@ def encode_units(
 class EncoderActor:
     """A Ray Data actor: loads the model version once, then encodes one work unit per call."""
 
-    def __init__(self, config: dict, version: str, options: EncodeOptions, staging: str):
+    def __init__(self, config: dict, version: str, options: EncodeOptions, paths: RunPaths):
         config = EmbedConfig(**config)
         resources = ray.get_runtime_context().get_assigned_resources()
         # One torch thread per reserved CPU, so actors sharing a node do not oversubscribe it.
@@ -185,7 +216,7 @@ class EncoderActor:
             )
         model_version = load_model_version(config.model_root, version)
         model_version.model.to(device)
-        self.encoder = UnitEncoder(model_version, options, config.data, config.output, staging, device)
+        self.encoder = UnitEncoder(model_version, options, config.data, paths, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         summaries = [self.encoder.encode(WorkUnit.from_json(text)) for text in batch["unit"]]

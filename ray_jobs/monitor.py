@@ -1,16 +1,18 @@
 """Monitor a latent space: drift of a new batch, movement from another model version, anomaly rate,
 collapse (the checks of vae.gate); a JSON + HTML report.
 
-    read the new batch's embeddings (a sample by key hash; mean and spread over every row)
-    -> reference: another batch embedded by the same version, or the version's own validation
-       reference (saved with it at training)
-    -> baseline (optional): the same entities embedded by another version -> movement
+    the version's Iceberg table (vae.catalog), as of now or a snapshot / time (--as-of)
+    -> the new rows: one batch (default: the newest), or every batch (--batch all); a sample by key
+       hash, mean and spread over every row
+    -> reference: another batch of the same version (--reference-batch), or the version's own
+       validation reference (saved with it at training)
+    -> baseline (optional): another version of the entity set, on the entities both embedded
     -> checks against thresholds -> <output>/<version>-<time>/report.json + report.html
 
-Inputs are embeddings as `vaectl embed` writes them (local or s3://). Up to `in_memory_rows` rows
-they are read in this process; larger inputs are read with Ray Data (two streaming passes: the
-moments, then the sample), so they never have to fit in memory. The sample is chosen by a hash of
-the entity key, so two versions' embeddings of the same rows yield the same entities.
+Up to `in_memory_rows` rows are read in this process; larger inputs are read with Ray Data from the
+snapshot's data files (two streaming passes: the moments, then the sample), so they never have to
+fit in memory. The sample is chosen by a hash of the entity key, so two versions' embeddings of the
+same rows yield the same entities.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from ray_jobs.cli import run_cli
 from ray_jobs.cluster import ray_session
 from ray_jobs.config import MonitorConfig, parse_config
 from vae import InputError
-from vae.embeddings import latent_matrix, model_version_of, open_embeddings
+from vae.catalog import EmbeddingsCatalog, model_version_info
+from vae.embeddings import latent_matrix
 from vae.gate import SAMPLED_COLUMNS, LatentSample, evaluate, sample_mask
 from vae.monitor_report import write_report
 
@@ -43,25 +46,23 @@ def run(config: MonitorConfig) -> dict:
 def monitor(config: MonitorConfig) -> dict:
     """Run the checks and write the report; returns the report (its "passed" says whether every check
     passed)."""
-    new = read_embeddings(config.new, config.sample_rows, config.in_memory_rows)
-    version = model_version_of(config.new, config.model_root, new.model_version)
+    catalog = EmbeddingsCatalog(*config.catalog_settings())
+    version = catalog.resolve(config.entity, config.model_version)
+    table = catalog.table(config.entity, version)
+    batches = new_batches(catalog, table, config.batch, config.as_of)
+    new = read_embeddings(catalog, table, batches, config)
     reference = None
-    if config.reference:
-        reference = read_embeddings(config.reference, config.sample_rows, config.in_memory_rows)
-        if reference.model_version != new.model_version:
-            raise InputError(
-                f"drift compares one latent space: {config.reference} was embedded by "
-                f"{reference.model_version}, "
-                f"{config.new} by {new.model_version}; compare versions with baseline instead"
-            )
-    baseline = (
-        read_embeddings(config.baseline, config.sample_rows, config.in_memory_rows)
-        if config.baseline
-        else None
-    )
+    if config.reference_batch:
+        reference = read_embeddings(
+            catalog, table, new_batches(catalog, table, config.reference_batch, config.as_of), config
+        )
+    baseline = None
+    if config.baseline_version:
+        other = catalog.table(config.entity, catalog.resolve(config.entity, config.baseline_version))
+        baseline = read_embeddings(catalog, other, None, config)
     report, arrays = evaluate(
         new,
-        version,
+        model_version_info(table, config.model_root),
         config.thresholds(),
         reference=reference,
         baseline=baseline,
@@ -69,6 +70,7 @@ def monitor(config: MonitorConfig) -> dict:
         neighbours=config.neighbours,
         seed=config.seed,
     )
+    report["batches"] = batches
     json_path, html_path = write_report(config.output, report, arrays)
     for check in report["checks"]:
         log.info("%s %s: %s", "pass" if check["passed"] else "FAIL", check["name"], check["detail"])
@@ -77,34 +79,60 @@ def monitor(config: MonitorConfig) -> dict:
     return report
 
 
-def read_embeddings(url: str, sample_rows: int, in_memory_rows: int = 1_000_000) -> LatentSample:
-    """A key-hash sample of about sample_rows rows of an embeddings dataset, and per-dimension
-    variance over all rows: in this process up to in_memory_rows rows, else with Ray Data."""
-    dataset, key_column = open_embeddings(url)
-    columns = [key_column, *SAMPLED_COLUMNS]
-    total = dataset.count_rows()
+def new_batches(catalog: EmbeddingsCatalog, table, batch: str | None, as_of: str | None) -> list[str] | None:
+    """The batches to check: one by name, the newest committed (default), or None for all ('all')."""
+    committed = catalog.batches(table, as_of)
+    if not committed:
+        raise InputError(f"{'.'.join(table.name())} has no batches{f' as of {as_of}' if as_of else ''}")
+    if batch == "all":
+        return None
+    if batch is None:
+        return [committed[-1].batch_id]
+    if batch not in {b.batch_id for b in committed}:
+        have = ", ".join(b.batch_id for b in committed[-5:])
+        raise InputError(f"{'.'.join(table.name())} has no batch '{batch}' (newest: {have})")
+    return [batch]
+
+
+def read_embeddings(
+    catalog: EmbeddingsCatalog, table, batches: list[str] | None, config: MonitorConfig
+) -> LatentSample:
+    """A key-hash sample of about sample_rows rows of some batches of a table (None: all), and
+    per-dimension variance over all of their rows: in this process up to in_memory_rows rows, else
+    with Ray Data."""
+    join_key = catalog.entity_set(config.entity).join_key
+    columns = [join_key, *SAMPLED_COLUMNS]
+    source = ".".join(table.name()) + (f" batch {', '.join(batches)}" if batches else "")
+    counts = {b.batch_id: b.rows for b in catalog.batches(table, config.as_of)}
+    total = sum(rows for batch, rows in counts.items() if batches is None or batch in batches)
     if total == 0:
-        raise InputError(f"{url}: the embeddings have no rows")
-    if total <= in_memory_rows:
-        sample = LatentSample.of_table(dataset.to_table(columns=columns), url, sample_rows)
+        raise InputError(f"{source}: the embeddings have no rows")
+    if total <= config.in_memory_rows:
+        rows = catalog.read(table, columns, batches=batches, as_of=config.as_of)
+        sample = LatentSample.of_table(rows, source, config.sample_rows)
     else:
-        sampled, variance = _read_with_ray(url, columns, key_column, sample_rows, total)
-        sample = LatentSample.of_sampled(sampled, url, total, variance)
+        files = catalog.data_files(table, batches, config.as_of)
+        sampled, variance = _read_with_ray(files, columns, join_key, config.sample_rows, total, source)
+        sample = LatentSample.of_sampled(sampled, source, total, variance)
     share = 100 * len(sample.latents) / total
     log.info(
-        "%s: %s rows, %s sampled (%.1f%% by key hash)", url, f"{total:,}", f"{len(sample.latents):,}", share
+        "%s: %s rows, %s sampled (%.1f%% by key hash)",
+        source,
+        f"{total:,}",
+        f"{len(sample.latents):,}",
+        share,
     )
     return sample
 
 
 def _read_with_ray(
-    url: str, columns: list[str], key_column: str, sample_rows: int, total: int
+    files: list[str], columns: list[str], key_column: str, sample_rows: int, total: int, source: str
 ) -> tuple[pa.Table, np.ndarray]:
     """Larger than memory: the moments in one streaming pass, the key-hash sample in another."""
     import ray
 
     def moments(batch: pa.Table) -> dict[str, np.ndarray]:
-        latents = latent_matrix(batch.column("latent"), url).astype(np.float64)
+        latents = latent_matrix(batch.column("latent"), source).astype(np.float64)
         return {
             "count": np.array([len(latents)]),
             "total": latents.sum(axis=0)[None],
@@ -115,7 +143,7 @@ def _read_with_ray(
         return batch.filter(pa.array(sample_mask(batch.column(key_column), sample_rows, total)))
 
     with ray_session():
-        dataset = ray.data.read_parquet(url, columns=columns)
+        dataset = ray.data.read_parquet(files, columns=columns)
         count, sums, squares = 0, 0.0, 0.0
         parts = dataset.map_batches(moments, batch_format="pyarrow", batch_size=None)
         for part in parts.iter_batches(batch_format="numpy"):

@@ -1,16 +1,20 @@
-"""Publish a model version's embeddings into the Feast feature store, verify them, and switch "current".
+"""Publish a batch of a model version's embeddings into the Feast feature store, verify it, and
+switch "current".
 
-    read the version's embeddings once (key + the contract's columns)
-    -> the gate (vae.gate: collapse, drift against the version's validation reference, movement
-       against the current version): a refusal leaves everything as it was
-    -> register the repo's definitions + this version's feature view (feast apply)
-    -> write the rows online (feast_embeddings.writers: in this process, or Ray writer actors)
-    -> count the keys in the store, read a sample back through Feast and compare
-    -> point the "current" feature service at the version (one registry write)
-    -> take versions beyond `keep_online` out of the online store (their offline data stays)
+    the version's Iceberg table in the repo's embeddings catalog; the batches committed since the
+    version was last written online (all of them on its first publish): the delta
+    -> the gate, when this publish switches "current" to the version (vae.gate: collapse, drift
+       against the version's validation reference, movement against the current version): a
+       refusal leaves everything as it was
+    -> register the version (catalog record + feast apply of what it records, under one lock)
+    -> write the delta online, each key at its latest row (feast_embeddings.writers: in this process
+       or Ray writer actors), earlier batches' keys kept
+    -> count the version's keys in the store, read the delta's sample back through Feast and compare
+    -> record the snapshot written; point the "current" feature service at the version
+    -> take versions beyond `keep_online` out of the online store (their offline tables stay)
 
-Downstream models pin a version by its view (`item_embeddings_<version>:latent`) or follow the
-latest through the `item_embeddings_current` feature service; every vector carries its
+Downstream models pin a version by its view (`<entity>_embeddings_<version>:latent`) or follow the
+latest through the `<entity>_embeddings_current` feature service; every vector carries its
 `model_version`. `--rollback` points "current" back at the previous version: no re-encoding, no
 writes, visible to readers within the registry cache TTL (2 s in the repo's feature_store.yaml).
 """
@@ -25,25 +29,25 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from feast_embeddings.delta import Delta, online_delta
 from feast_embeddings.repo import EmbeddingsRepo
 from feast_embeddings.vectors import index_vectors
 from feast_embeddings.verify import check_complete, fetch_online, verify_online
 from feast_embeddings.versions import (
-    current_version,
+    record_written,
+    register_version,
     retire_old_versions,
     rollback,
-    stamp_published,
     switch_current,
 )
 from feast_embeddings.writers import write_batch, write_table
 from ray_jobs.cli import run_cli
 from ray_jobs.config import PublishConfig, parse_config
 from vae import InputError
-from vae.embeddings import COLUMNS, model_version_of, open_embeddings, version_url
+from vae.catalog import model_version_info
 from vae.errors import first_line
-from vae.gate import LatentSample, comparable, evaluate, read_sample
+from vae.gate import SAMPLED_COLUMNS, LatentSample, comparable, evaluate
 from vae.monitor_report import write_report
-from vae.storage import storage_errors
 
 log = logging.getLogger("ray_jobs.publish")
 
@@ -54,12 +58,12 @@ def run(config: PublishConfig) -> dict:
 
 def publish(config: PublishConfig) -> dict:
     """Run the whole publish job; returns a summary (version, rows, timings, sample)."""
-    repo = EmbeddingsRepo(config.feature_repo, config.feature_store_yaml, config.embeddings)
+    repo = EmbeddingsRepo(config.feature_repo, config.feature_store_yaml)
     try:
         return _publish(config, repo)
     except Exception as error:
-        # The online store's client errors (Redis: wrong password, unreachable) are configuration a user
-        # fixes.
+        # The online store's client errors (Redis: wrong password, unreachable) are configuration a
+        # user fixes.
         if type(error).__module__.split(".")[0] in {"redis", "sqlite3"}:
             raise InputError(
                 f"online store: {type(error).__name__}: {first_line(error)}; check online_store in "
@@ -69,19 +73,31 @@ def publish(config: PublishConfig) -> dict:
 
 
 def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
-    started = time.perf_counter()
+    entity, catalog = config.entity, repo.catalog
     if config.rollback:
-        return {"model_version": rollback(repo), "rows": 0, "write_seconds": 0.0, "sample": []}
-    version_dir = version_url(repo.embeddings_root, config.model_version)
-    version = version_dir.rpartition("/")[2]
-    table = read_version(repo, version_dir)
-    gate = check_gate(config, repo, version, version_dir, table) if config.switch_current else None
+        version = rollback(repo, entity)
+        return {"model_version": version, "rows": 0, "write_seconds": 0.0, "sample": []}
+    version = catalog.resolve(entity, config.model_version)
+    table = catalog.table(entity, version)
+    join_key = catalog.entity_set(entity).join_key
+    state = catalog.publication(entity)
+    written = state.written.get(version) if state.online.get(version) else None
+    delta = online_delta(catalog, table, join_key, written)
+    log.info(
+        "%s %s: %d batch(es) to write online (%s rows, each key's latest), %s keys in the version",
+        entity,
+        version,
+        len(delta.batches),
+        f"{delta.rows.num_rows:,}",
+        f"{delta.version_keys:,}",
+    )
+    switching = config.switch_current and state.current != version
+    gate = check_gate(config, repo, version, table, join_key) if switching else None
 
-    view = repo.version_view(version)
-    stamp_published(view)
-    repo.store.apply([*repo.declarations(), view])
-    view = repo.store.get_feature_view(view.name)
-    rows, writers = write_online(config, repo, view, table)
+    started = time.perf_counter()
+    register_version(repo, entity, version)
+    view = repo.store.get_feature_view(repo.version_view_name(entity, version))
+    rows, writers = write_online(config, repo, view, delta, join_key)
     write_seconds = time.perf_counter() - started
     log.info(
         "wrote %d rows of %s to the online store with %d writer(s) in %.1fs (%.0f rows/s, counted in the "
@@ -90,20 +106,24 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
         version,
         writers,
         write_seconds,
-        rows / write_seconds,
+        rows / max(write_seconds, 1e-9),
     )
-    verify_online(repo.store, view.name, table, repo.join_key, config.verify_rows)
+    verify_online(repo.store, view.name, delta.rows, join_key, config.verify_rows)
+    record_written(repo, entity, version, delta.snapshot_id)
     if config.vector_search:
-        index_vectors(repo, version, table, config.write_batch_rows, config.keep_online)
-
+        index_delta(config, repo, version, table, join_key)
     if config.switch_current:
-        switch_current(repo, version)
-    retired = retire_old_versions(repo.store, config.keep_online, current_version(repo), repo.version_view)
-    sample = show_sample(repo, view.name, table, config.show)
+        switch_current(repo, entity, version)
+    retired = retire_old_versions(repo, entity, config.keep_online)
+    sample = show_sample(repo, view.name, delta.rows, join_key, config.show)
     return {
+        "entity": entity,
         "model_version": version,
         "view": view.name,
+        "batches": delta.batches,
         "rows": rows,
+        "version_keys": delta.version_keys,
+        "snapshot_id": delta.snapshot_id,
         "writers": writers,
         "write_seconds": write_seconds,
         "sample": sample,
@@ -112,27 +132,29 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
     }
 
 
-def read_version(repo: EmbeddingsRepo, version_dir: str) -> pa.Table:
-    """The version's rows, read once for the gate, the writes and the checks."""
-    dataset, key_column = open_embeddings(version_dir)
-    repo.check_key_column(key_column, version_dir)
-    with storage_errors(version_dir):
-        return dataset.to_table(columns=[key_column, *COLUMNS])
+def index_delta(config: PublishConfig, repo: EmbeddingsRepo, version: str, table, join_key: str) -> None:
+    """The batches not yet in the vector index (all of them the first time), each key's latest row."""
+    indexed = repo.catalog.publication(config.entity).indexed.get(version)
+    delta = online_delta(repo.catalog, table, join_key, indexed)
+    index_vectors(repo, config.entity, version, delta.rows, config.write_batch_rows, config.keep_online)
+    repo.catalog.update_publication(config.entity, **{f"indexed.{version}": str(delta.snapshot_id)})
 
 
-def check_gate(
-    config: PublishConfig, repo: EmbeddingsRepo, version: str, version_dir: str, table: pa.Table
-) -> dict:
+def check_gate(config: PublishConfig, repo: EmbeddingsRepo, version: str, table, join_key: str) -> dict:
     """Collapse, drift (against the version's validation reference) and movement (against the
-    current version, on the entities both embedded): refuse the switch when a check fails, unless forced."""
-    new = LatentSample.of_table(table, version_dir, config.gate_sample_rows)
+    current version, on the entities both embedded): refuse the switch when a check fails, unless
+    forced."""
+    source = ".".join(table.name())
+    rows = repo.catalog.read(table, [join_key, *SAMPLED_COLUMNS])
+    new = LatentSample.of_table(rows, source, config.gate_sample_rows)
     try:
-        model = model_version_of(version_dir, config.model_root, version)
+        model = model_version_info(table, config.model_root)
     except InputError as error:
         raise InputError(
             f"the publish gate needs model version {version}'s metadata: {error}; set model_root"
         ) from None
-    report, arrays = evaluate(new, model, config.thresholds(), baseline=_baseline(config, repo, version, new))
+    baseline = _baseline(config, repo, version, new, join_key)
+    report, arrays = evaluate(new, model, config.thresholds(), baseline=baseline)
     monitoring = config.monitoring or Path(config.feature_repo) / "data" / "monitoring"
     _, html_path = write_report(monitoring, report, arrays)
     if report["passed"]:
@@ -151,43 +173,45 @@ def check_gate(
 
 
 def _baseline(
-    config: PublishConfig, repo: EmbeddingsRepo, version: str, new: LatentSample
+    config: PublishConfig, repo: EmbeddingsRepo, version: str, new: LatentSample, join_key: str
 ) -> LatentSample | None:
     """A sample of the current version's embeddings, when it shares enough entities with the new one."""
-    current = current_version(repo)
+    current = repo.catalog.publication(config.entity).current
     if not current or current == version:
         return None
-    try:
-        baseline = read_sample(version_url(repo.embeddings_root, current), config.gate_sample_rows)
-    except InputError:
-        log.info(
-            "gate: current %s has no embeddings under %s; movement not checked", current, repo.embeddings_root
-        )
+    table = repo.catalog.table(config.entity, current)
+    rows = repo.catalog.read(table, [join_key, *SAMPLED_COLUMNS])
+    if rows.num_rows == 0:
+        log.info("gate: current %s has no rows; movement not checked", current)
         return None
+    baseline = LatentSample.of_table(rows, ".".join(table.name()), config.gate_sample_rows)
     if not comparable(new, baseline):
         log.info("gate: %s and current %s share no sampled entities; movement not checked", version, current)
         return None
     return baseline
 
 
-def write_online(config: PublishConfig, repo: EmbeddingsRepo, view, table: pa.Table) -> tuple[int, int]:
-    """Write the rows to the view's online table in Feast's stored format, in this process or over
-    Ray writer actors; returns (rows written, writers) once the store holds exactly one row per key.
+def write_online(
+    config: PublishConfig, repo: EmbeddingsRepo, view, delta: Delta, join_key: str
+) -> tuple[int, int]:
+    """Write the delta's rows to the view's online table in Feast's stored format, in this process or
+    over Ray writer actors; returns (rows written, writers) once the store holds one row per key of
+    the whole version.
 
     SQLite takes one writer at a time, so it is written here, in key order. Redis takes parallel
-    writers: with `writers` > 1, versions of at least `parallel_min_rows` go to that many Ray actors."""
-    store = repo.store
+    writers: with `writers` > 1, deltas of at least `parallel_min_rows` go to that many Ray actors."""
+    store, table = repo.store, delta.rows
     sqlite = store.config.online_store.type == "sqlite"
     if not sqlite and config.writers != 1 and table.num_rows >= config.parallel_min_rows:
-        written, writers = _write_on_ray(config, repo, view.name, table)
+        written, writers = _write_on_ray(config, repo, view.name, table, join_key)
     else:
-        written, writers = write_table(store, view, table, repo.join_key, config.write_batch_rows), 1
-    check_complete(store, view, table, repo.join_key, written)
+        written, writers = write_table(store, view, table, join_key, config.write_batch_rows), 1
+    check_complete(store, view, table.num_rows, written, delta.version_keys)
     return written, writers
 
 
 def _write_on_ray(
-    config: PublishConfig, repo: EmbeddingsRepo, view_name: str, table: pa.Table
+    config: PublishConfig, repo: EmbeddingsRepo, view_name: str, table: pa.Table, join_key: str
 ) -> tuple[int, int]:
     """The rows the driver holds, in blocks of write_batch_rows through Ray's object store (not read
     from storage again), written by up to `writers` actors."""
@@ -210,7 +234,7 @@ def _write_on_ray(
             "fs_yaml_file": repo.yaml,
             "environment": _environment(repo),
             "view_name": view_name,
-            "join_key": repo.join_key,
+            "join_key": join_key,
         }
         results = ray.data.from_arrow(blocks).map_batches(
             OnlineWriter,
@@ -255,9 +279,10 @@ def _environment(repo: EmbeddingsRepo) -> dict[str, str]:
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
-def show_sample(repo: EmbeddingsRepo, view_name: str, table: pa.Table, count: int) -> list[dict]:
-    """A few entities as a consumer reads them, logged."""
-    key = repo.join_key
+def show_sample(repo: EmbeddingsRepo, view_name: str, table: pa.Table, key: str, count: int) -> list[dict]:
+    """A few entities of the delta as a consumer reads them, logged."""
+    if table.num_rows == 0 or count == 0:
+        return []
     sample = fetch_online(repo.store, view_name, table.column(key).to_pylist()[:count], key)
     for entity in sample:
         latent = ", ".join(f"{v:+.3f}" for v in entity["latent"][:4])

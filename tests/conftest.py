@@ -6,6 +6,7 @@ Helpers that start servers and clusters live in tests/helpers."""
 
 import os
 import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -157,20 +158,81 @@ def versions(trained, tmp_path_factory):
         )
     import pyarrow.parquet as pq
 
-    # 5 output files per version
+    # 5 output files per version, one batch each, into a catalog of their own (tests copy it)
     pq.write_table(pq.read_table(trained["data"]), work / "digits.parquet", row_group_size=400)
+    catalog = {"catalog": f"sqlite:///{work / 'catalog.db'}", "warehouse": str(work / "warehouse")}
     for name, event_time in zip(names, (T1, T2, T3), strict=True):
         embed(
             EmbedConfig(
                 data=str(work / "digits.parquet"),
                 model_root=str(work / "models"),
                 model_version=name,
-                output=str(work / "embeddings"),
+                batch="digits",
                 event_time=event_time,
                 rows_per_file=400,
+                **catalog,
             )
         )
-    return {"root": work / "embeddings", "names": names}
+    return {
+        "catalog_db": work / "catalog.db",
+        "warehouse": work / "warehouse",
+        "names": names,
+        "model_root": work / "models",
+    }
+
+
+@pytest.fixture(autouse=True)
+def _versions_in_the_repo(request):
+    """A test that asks for the versions and a feature repo gets a repo whose catalog holds them."""
+    if {"versions", "feature_repo"} <= set(request.fixturenames):
+        use_catalog(request.getfixturevalue("feature_repo"), request.getfixturevalue("versions"))
+
+
+def use_catalog(feature_repo: Path, versions: dict) -> Path:
+    """Point a test's feature repo at a copy of the versions' catalog: its own record of what is
+    published, the same tables (new commits write new metadata files, never touching the original's)."""
+    (feature_repo / "data").mkdir(exist_ok=True)
+    shutil.copy(versions["catalog_db"], feature_repo / "data" / "catalog.db")
+    yaml_path = feature_repo / "feature_store.yaml"
+    yaml_path.write_text(
+        yaml_path.read_text().replace("warehouse: data/warehouse", f"warehouse: {versions['warehouse']}")
+    )
+    return feature_repo
+
+
+def catalog_options(versions: dict) -> dict:
+    """Job options that read the versions' own catalog (monitor, embeddings history)."""
+    return {"catalog": f"sqlite:///{versions['catalog_db']}", "warehouse": str(versions["warehouse"])}
+
+
+def commit_rows(catalog, table, rows, batch_id: str) -> None:
+    """Commit rows as one batch of a table, the way the embed job lands a run (a file in the table's
+    location, one Iceberg commit replacing the batch)."""
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vae.embedding_run import RunPaths
+
+    run = f"test-{uuid.uuid4().hex[:8]}"
+    paths = RunPaths.of(table.location(), batch_id, run)
+    Path(paths.data).mkdir(parents=True)
+    batch = pa.array([batch_id] * rows.num_rows, pa.string())
+    rows = rows.set_column(rows.schema.get_field_index("batch_id"), "batch_id", batch)
+    schema = table.schema().as_arrow()
+    path = f"{paths.data}/part-000000.parquet"
+    pq.write_table(rows.select(schema.names).cast(schema), path)
+    catalog.commit_batch(table, batch_id, [f"file://{path}"], {}, run, int(time.time() * 1000))
+
+
+def version_rows(feature_repo: Path, version: str, entity: str = "item"):
+    """A version's rows as pandas, by key, read from the repo's catalog."""
+    from vae.catalog import EmbeddingsCatalog, settings_from_yaml
+
+    catalog = EmbeddingsCatalog(*settings_from_yaml(feature_repo / "feature_store.yaml"))
+    key = catalog.entity_set(entity).join_key
+    return catalog.read(catalog.table(entity, version)).to_pandas().set_index(key)
 
 
 @pytest.fixture

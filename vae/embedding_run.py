@@ -1,17 +1,20 @@
-"""An embedding run that lands exactly once: planned work units, each encoded into one file staged
-whole, and a commit that reconciles the counts and moves the run into place.
+"""An embedding run that lands exactly once as one batch of a version's Iceberg table: planned work
+units, each encoded into one file staged whole, and a commit that reconciles the counts and replaces
+the batch in one transaction (vae.catalog).
 
     plan     list the input files, read every footer, check each schema against the model, cut the
-             row groups into work units of about `rows_per_file` rows
-    encode   a unit's row groups (only the needed columns) -> posterior means and scores -> one
-             output file (and its quarantine file) written whole into <output>/.staging/<run id>/
-    commit   input rows = embedded + quarantined, write _manifest.json, move the run to
-             <output>/<model_version>/ (the layout of vae.embeddings)
+             row groups into work units of about `rows_per_file` rows; the batch id is a hash of the
+             listing (paths, sizes, ETags/mtimes) unless named
+    encode   a unit's row groups (only the needed columns) -> posterior means and scores -> one file
+             written whole under <table>/data/batch_id=<batch>/<run id>/ (bad rows, and rows whose
+             model output is not finite, to <table>/runs/<run id>/quarantine/)
+    commit   input rows = embedded + quarantined, duplicate keys refused or the latest kept, then
+             one Iceberg commit: the batch's earlier rows deleted and the run's files added
 
-The run id is a hash of the input listing, the model version and the settings that shape the
-output, and each unit's file name is fixed by the plan: a run that dies is resumed by running it
-again (finished files are kept), and the commit publishes exactly one row per input row.
-No Ray here: the embed job runs `UnitEncoder.encode` in its actors.
+The run id is a hash of the batch, the input listing, the model version and the settings that shape
+the output, and each unit's file name is fixed by the plan: a run that dies is resumed by running it
+again (finished files are kept and added in the final commit). Staged files are invisible to readers
+until the commit. No Ray here: the embed job runs `UnitEncoder.encode` in its actors.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 import numpy as np
@@ -35,6 +38,7 @@ import torch
 
 from vae import embeddings
 from vae.artifacts import ModelVersion, code_version
+from vae.catalog import EVENT_TIME
 from vae.encode import encode_matrix
 from vae.errors import InputError, first_line
 from vae.preprocessing import FeatureSchema, check_arrow_schema, features_to_numpy, split_bad_rows
@@ -84,8 +88,10 @@ class Plan:
 class EncodeOptions:
     """What shapes a run's output rows, besides the model version."""
 
+    batch_id: str
     batch_size: int
     on_bad_rows: Literal["fail", "quarantine"]
+    on_duplicate_keys: Literal["fail", "keep-latest"]
     timestamp_column: str | None
     event_time: datetime
     threshold: float | None
@@ -100,17 +106,22 @@ class EncodeOptions:
 class EmbedResult:
     """What a run did: the summary line's figures, and where the output is."""
 
-    output: str
+    output: str  # the table: vae.<entity>.v_<version>
     model_version: str
+    batch_id: str
+    snapshot_id: int  # the batch's commit
+    committed: bool  # False: this run had already landed the batch; nothing changed
     input_rows: int
     embedded_rows: int
     quarantined_rows: int
+    duplicate_rows: int  # dropped by on_duplicate_keys: keep-latest
     quarantine: str | None
     files: int
     resumed_files: int
     seconds: float
     startup_seconds: float  # run start until the first unit began encoding
     encode_seconds: float  # first unit began until the last one finished
+    commit_seconds: float  # reconcile, settle duplicates, the Iceberg commit
 
     @property
     def rows_per_second(self) -> float:
@@ -138,18 +149,7 @@ def plan_run(data: str, features: FeatureSchema, rows_per_file: int, timestamp_c
         key_types.add("int64" if pa.types.is_integer(schema.field(features.key_column).type) else "string")
         if timestamp_column:
             _check_timestamp_column(schema, timestamp_column, url)
-        info = infos[path]
-        # ETag on S3, modification time locally: a file rewritten in place with the same size is another
-        # input.
-        version = str(info.get("ETag") or info.get("mtime") or "")
-        listing.append(
-            {
-                "path": relative,
-                "size": int(info.get("size") or 0),
-                "rows": metadata.num_rows,
-                "version": version,
-            }
-        )
+        listing.append(_listing_entry(relative, infos[path], metadata.num_rows))
         units += _units_of(path, metadata, partition, rows_per_file, first_index=len(units))
     if not units:
         raise InputError(f"{data}: the dataset has no rows ({len(files)} file(s), all empty)")
@@ -158,6 +158,40 @@ def plan_run(data: str, features: FeatureSchema, rows_per_file: int, timestamp_c
             f"{data}: key column '{features.key_column}' is an integer in some files and a string in others"
         )
     return Plan(units, listing, key_types.pop())
+
+
+def _listing_entry(relative: str, info: dict, rows: int) -> dict:
+    # ETag on S3, modification time locally: a file rewritten in place with the same size is another input.
+    version = str(info.get("ETag") or info.get("mtime") or "")
+    modified = info.get("LastModified") or info.get("mtime")  # s3fs: a datetime; local: epoch seconds
+    if isinstance(modified, int | float):
+        modified = datetime.fromtimestamp(modified, UTC)
+    modified = modified.astimezone(UTC).isoformat() if isinstance(modified, datetime) else None
+    return {
+        "path": relative,
+        "size": int(info.get("size") or 0),
+        "rows": rows,
+        "version": version,
+        "modified": modified,
+    }
+
+
+def batch_id_of(listing: list[dict]) -> str:
+    """The default batch id: a hash of what was listed (the same files give the same batch)."""
+    identity = [{k: entry[k] for k in ("path", "size", "rows", "version")} for entry in listing]
+    return "b-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def batch_time(listing: list[dict]) -> datetime:
+    """The batch's own time: when its newest input file was written (UTC)."""
+    times = [datetime.fromisoformat(e["modified"]) for e in listing if e.get("modified")]
+    return max(times) if times else datetime.now(UTC)
+
+
+def check_batch_id(batch: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", batch):
+        raise InputError(f"batch '{batch}': use letters, digits, '.', '_' and '-' (e.g. 2026-11-23)")
+    return batch
 
 
 def _list_input(fs, root: str, data: str) -> tuple[list[str], dict]:
@@ -247,8 +281,9 @@ def _check_timestamp_column(schema: pa.Schema, column: str, source: str) -> None
 def run_id(
     data: str, model_version: str, listing: list[dict], options: EncodeOptions, rows_per_file: int
 ) -> str:
-    """Same input files, model version and output-shaping settings -> same run, so a re-run resumes."""
+    """Same batch, input files, model version and output-shaping settings -> same run, so a re-run resumes."""
     identity = {
+        "batch_id": options.batch_id,
         "model_version": model_version,
         "data": data,
         "listing": listing,
@@ -256,38 +291,55 @@ def run_id(
         "anomaly_threshold": options.threshold,
         "timestamp_column": options.timestamp_column,
         "on_bad_rows": options.on_bad_rows,
+        "on_duplicate_keys": options.on_duplicate_keys,
         "batch_size": options.batch_size,
         "rows_per_file": rows_per_file,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def start_run(output: str, run: str, marker: dict) -> tuple[str, set[str]]:
-    """The run's staging directory (inside the output filesystem) and the unit files already in it.
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run stages its files, inside its version table's location (URLs or local paths)."""
 
-    A new run writes its marker from here, before any encoder starts: an output location that
-    cannot be written (missing bucket, no permission) fails now, naming the output."""
-    fs, root = filesystem(output)
-    staging = f"{root}/{embeddings.STAGING_DIR}/{run}"
-    with storage_errors(output):
-        done = finished_units(fs, staging)
+    data: str  # <table>/data/batch_id=<batch>/<run id>: the files the commit adds
+    quarantine: str  # <table>/runs/<run id>/quarantine: bad rows, never in the table
+    marker: str  # <table>/runs/<run id>/run.json
+
+    @classmethod
+    def of(cls, table_location: str, batch_id: str, run: str) -> RunPaths:
+        root = table_location.removeprefix("file://").rstrip("/")
+        return cls(
+            f"{root}/data/batch_id={batch_id}/{run}",
+            f"{root}/runs/{run}/quarantine",
+            f"{root}/runs/{run}/run.json",
+        )
+
+
+def start_run(paths: RunPaths, marker: dict) -> set[str]:
+    """The unit files an earlier attempt of this run already staged. A new run writes its marker first:
+    a location that cannot be written (missing bucket, no permission) fails now, naming it."""
+    fs, data = filesystem(paths.data)
+    with storage_errors(paths.data):
+        done = finished_units(fs, data)
         if not done:
-            write_bytes_atomically(fs, f"{staging}/{RUN_MARKER}", json.dumps(marker).encode())
-    return staging, done
+            write_bytes_atomically(fs, filesystem(paths.marker)[1], json.dumps(marker).encode())
+    return done
 
 
-def finished_units(fs, staging: str) -> set[str]:
-    if not fs.isdir(staging):
+def finished_units(fs, directory: str) -> set[str]:
+    if not fs.isdir(directory):
         return set()
-    names = [path.rsplit("/", 1)[-1] for path in fs.ls(staging, detail=False, refresh=True)]
+    names = [path.rsplit("/", 1)[-1] for path in fs.ls(directory, detail=False, refresh=True)]
     return {n for n in names if n.startswith("part-") and n.endswith(".parquet")}
 
 
-def discard_run(output: str, staging: str) -> None:
+def discard_run(paths: RunPaths) -> None:
     """Remove a run's staged files (bad input: the input has to change before a run can succeed)."""
-    fs, _ = filesystem(output)
-    with storage_errors(output):
-        fs.rm(staging, recursive=True)
+    for url in (paths.data, paths.marker.rsplit("/", 1)[0]):
+        fs, path = filesystem(url)
+        with storage_errors(url), contextlib.suppress(FileNotFoundError):
+            fs.rm(path, recursive=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,14 +354,12 @@ class UnitEncoder:
         model_version: ModelVersion,
         options: EncodeOptions,
         data: str,
-        output: str,
-        staging: str,
+        paths: RunPaths,
         device: torch.device,
     ):
-        self.model_version, self.options, self.device = model_version, options, device
+        self.model_version, self.options, self.paths, self.device = model_version, options, paths, device
         self.input_fs, _ = filesystem(data)
-        self.output_fs, _ = filesystem(output)
-        self.staging = staging  # a path inside output_fs
+        self.output_fs, _ = filesystem(paths.data)
         self.key_type = pa.int64() if options.key_type == "int64" else pa.string()
 
     def encode(self, unit: WorkUnit) -> dict:
@@ -321,16 +371,21 @@ class UnitEncoder:
         with storage_errors(url), _naming_the_file(url):
             for batch in self._read(unit, url):
                 good, matrix, bad = self._split(batch, url)
-                if bad is not None:
-                    quarantined.append(bad)
                 posterior_mean, anomaly_score = encode_matrix(
                     self.model_version.model, self.model_version.normalizer, matrix, self.device
                 )
+                good, posterior_mean, anomaly_score, not_finite = self._finite(
+                    good, posterior_mean, anomaly_score, url
+                )
+                quarantined += [t for t in (bad, not_finite) if t is not None]
                 embedded.append(self._rows(good, posterior_mean, anomaly_score))
             # The quarantine file first: the embeddings file is the unit's "done" marker.
             if quarantined:
-                self._write(f"{embeddings.QUARANTINE_DIR}/{unit.output_name}", pa.concat_tables(quarantined))
-            self._write(unit.output_name, pa.concat_tables(embedded) if embedded else self._empty())
+                self._write(f"{self.paths.quarantine}/{unit.output_name}", pa.concat_tables(quarantined))
+            self._write(
+                f"{self.paths.data}/{unit.output_name}",
+                pa.concat_tables(embedded) if embedded else self._empty(),
+            )
         quarantined_rows = sum(t.num_rows for t in quarantined)
         return {
             "index": unit.index,
@@ -342,17 +397,30 @@ class UnitEncoder:
         }
 
     def _split(self, batch: pa.RecordBatch, url: str) -> tuple[pa.RecordBatch, np.ndarray, pa.Table | None]:
-        """(rows to encode, their feature matrix, quarantined rows or None). on_bad_rows=fail raises
+        """(rows to encode, their feature matrix, quarantined rows or None); on_bad_rows=fail raises
         instead."""
         features, required = self.model_version.features, self.options.required
         if self.options.on_bad_rows != "quarantine":
             return batch, features_to_numpy(batch, features, required), None
         good, matrix, bad, reasons = split_bad_rows(batch, features, required)
-        if not bad.num_rows:
-            return good, matrix, None
-        table = pa.Table.from_batches([bad]) if isinstance(bad, pa.RecordBatch) else bad
-        table = table.append_column("quarantine_reason", pa.array(reasons, pa.string()))
-        return good, matrix, table.append_column("source_file", pa.array([url] * table.num_rows, pa.string()))
+        return good, matrix, _quarantine_table(bad, reasons, url) if bad.num_rows else None
+
+    def _finite(self, good, posterior_mean: np.ndarray, anomaly_score: np.ndarray, url: str):
+        """Rows whose posterior mean or score is not finite (finite inputs far outside the training data can
+        overflow) never reach the table: refused, or quarantined with on_bad_rows=quarantine."""
+        finite = np.isfinite(posterior_mean).all(axis=1) & np.isfinite(anomaly_score)
+        if finite.all():
+            return good, posterior_mean, anomaly_score, None
+        reason = "has a model output (posterior mean or anomaly score) that is not finite: the row is far "
+        reason += "outside the data the model was trained on"
+        if self.options.on_bad_rows != "quarantine":
+            key_column = self.model_version.features.key_column
+            key = good.column(key_column)[int(np.flatnonzero(~finite)[0])].as_py()
+            raise InputError(f"row {key_column}={key!r} {reason}; fix or drop such rows, or quarantine them")
+        mask = pa.array(finite)
+        bad = good.filter(pa.compute.invert(mask))
+        quarantine = _quarantine_table(bad, [reason] * bad.num_rows, url)
+        return good.filter(mask), posterior_mean[finite], anomaly_score[finite], quarantine
 
     def _read(self, unit: WorkUnit, url: str) -> Iterator[pa.RecordBatch]:
         """The unit's row groups in batches, only the needed columns; hive partition values as columns."""
@@ -377,7 +445,7 @@ class UnitEncoder:
             except (pa.ArrowInvalid, OSError) as error:
                 raise _read_error(url, error) from None
 
-    def _rows(self, batch: pa.RecordBatch, posterior_mean: np.ndarray, anomaly_score: np.ndarray) -> pa.Table:
+    def _rows(self, batch, posterior_mean: np.ndarray, anomaly_score: np.ndarray) -> pa.Table:
         column = self.options.timestamp_column
         if column:
             event_timestamp = embeddings.to_utc_timestamps(batch.column(column), column)
@@ -392,22 +460,30 @@ class UnitEncoder:
             anomaly_score,
             self.options.threshold,
             self.model_version.version,
+            self.options.batch_id,
             event_timestamp,
         )
 
     def _empty(self) -> pa.Table:
         return embeddings.schema(self.model_version.features.key_column, self.key_type).empty_table()
 
-    def _write(self, name: str, table: pa.Table) -> None:
+    def _write(self, url: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
-        # several row groups per file: readers can split the work
-        pq.write_table(table, sink, row_group_size=65_536)
-        write_bytes_atomically(self.output_fs, f"{self.staging}/{name}", sink.getvalue().to_pybytes())
+        pq.write_table(
+            table, sink, row_group_size=65_536
+        )  # several row groups per file: readers can split the work
+        write_bytes_atomically(self.output_fs, filesystem(url)[1], sink.getvalue().to_pybytes())
+
+
+def _quarantine_table(bad: pa.Table | pa.RecordBatch, reasons: list[str], url: str) -> pa.Table:
+    table = pa.Table.from_batches([bad]) if isinstance(bad, pa.RecordBatch) else bad
+    table = table.append_column("quarantine_reason", pa.array(reasons, pa.string()))
+    return table.append_column("source_file", pa.array([url] * table.num_rows, pa.string()))
 
 
 def _read_error(url: str, error: BaseException) -> InputError:
-    # pyarrow reports undecodable pages as ArrowInvalid or a plain OSError; storage failures are told apart
-    # by text.
+    # pyarrow reports undecodable pages as ArrowInvalid or a plain OSError; storage failures are told
+    # apart by their text.
     if (problem := describe_storage_error(url, error)) is not None:
         return InputError(problem)
     if isinstance(error, FileNotFoundError):
@@ -430,124 +506,140 @@ def _naming_the_file(url: str):
 
 
 def commit_run(
-    output: str,
-    staging: str,
+    catalog,
+    table,
+    paths: RunPaths,
     model_version: ModelVersion,
     plan: Plan,
+    options: EncodeOptions,
     summaries: list[dict],
-    settings: dict,
+    settings: dict[str, str],
     started: float,
 ) -> EmbedResult:
-    """Reconcile the staged files with the plan, write the manifest, and move the run into place.
-
-    `settings`: what the caller records in the manifest beyond the counts (data, options)."""
-    fs, root = filesystem(output)
-    files, quarantine_files = _staged_counts(fs, output, staging, plan.units)
+    """Reconcile the staged files with the plan, settle duplicate keys, and replace the batch in the
+    version's table with one Iceberg commit. `settings`: what the batch records beyond its counts."""
+    fs, data = filesystem(paths.data)
+    files, quarantine_files = _staged_counts(fs, paths, plan.units)
     input_rows = sum(u.rows for u in plan.units)
     embedded, quarantined = sum(files.values()), sum(quarantine_files.values())
     if embedded + quarantined != input_rows:
         raise RuntimeError(
             f"staged output does not reconcile: {input_rows} input rows, {embedded} embedded + {quarantined} "
-            f"quarantined; nothing committed (staging kept at {url_of(fs, staging)})"
+            f"quarantined; nothing committed (staging kept at {paths.data})"
         )
-    counts = {"input_rows": input_rows, "embedded_rows": embedded, "quarantined_rows": quarantined}
-    manifest = _manifest(model_version, plan, settings, counts, files, quarantine_files, staging)
-    destination = f"{root}/{model_version.version}"
-    names = [*files, *(f"{embeddings.QUARANTINE_DIR}/{n}" for n in quarantine_files), embeddings.MANIFEST]
-    with storage_errors(output):
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(f"{staging}/{RUN_MARKER}")
-        write_bytes_atomically(
-            fs, f"{staging}/{embeddings.MANIFEST}", json.dumps(manifest, indent=2).encode()
-        )
-        _move_into_place(fs, staging, destination, names)
+    commit_started = time.time()
+    key_column = model_version.features.key_column
+    duplicates = settle_duplicates(
+        fs, [f"{data}/{name}" for name in files], key_column, options.on_duplicate_keys
+    )
+    urls = [file_url(fs, f"{data}/{name}") for name in files]
+    properties = {
+        **settings,
+        EVENT_TIME: options.event_time.isoformat(),
+        "vae.input-rows": str(input_rows),
+        "vae.embedded-rows": str(embedded - duplicates),
+        "vae.quarantined-rows": str(quarantined),
+        "vae.duplicate-rows-dropped": str(duplicates),
+        "vae.quarantine": paths.quarantine if quarantined else "",
+        "vae.input-listing-sha256": hashlib.sha256(
+            json.dumps(plan.listing, sort_keys=True).encode()
+        ).hexdigest(),
+        "vae.input-files": str(len(plan.listing)),
+        "vae.code-version": code_version(),
+    }
+    run = paths.data.rsplit("/", 1)[-1]
+    batch, committed = catalog.commit_batch(
+        table, options.batch_id, urls, properties, run, int(started * 1000)
+    )
     now = time.time()
     first_start = min((s["started"] for s in summaries), default=now)
     last_finish = max((s["finished"] for s in summaries), default=now)
     return EmbedResult(
-        output=url_of(fs, destination),
+        output=".".join(table.name()),
         model_version=model_version.version,
+        batch_id=options.batch_id,
+        snapshot_id=batch.snapshot_id,
+        committed=committed,
         input_rows=input_rows,
-        embedded_rows=embedded,
+        embedded_rows=embedded - duplicates,
         quarantined_rows=quarantined,
-        quarantine=url_of(fs, f"{destination}/{embeddings.QUARANTINE_DIR}") if quarantined else None,
+        duplicate_rows=duplicates,
+        quarantine=paths.quarantine if quarantined else None,
         files=len(files),
         resumed_files=len(plan.units) - len(summaries),
         seconds=now - started,
         startup_seconds=max(0.0, first_start - started),
         encode_seconds=last_finish - first_start,
+        commit_seconds=now - commit_started,
     )
 
 
-def _manifest(
-    model_version: ModelVersion,
-    plan: Plan,
-    settings: dict,
-    counts: dict,
-    files: dict,
-    quarantine_files: dict,
-    staging: str,
-) -> dict:
-    """The commit mark of a version directory: what made it, from what, and what it holds."""
-    return {
-        "format": embeddings.FORMAT,
-        "model_version": model_version.version,
-        "model_path": model_version.path,
-        "key_column": model_version.features.key_column,
-        **settings,
-        "input_files": plan.listing,
-        **counts,
-        "files": files,
-        "quarantine_files": quarantine_files,
-        "run_id": staging.rsplit("/", 1)[-1],
-        "committed_at": datetime.now().astimezone().isoformat(),
-        "code_version": code_version(),
-    }
+def settle_duplicates(fs, paths: list[str], key_column: str, policy: str) -> int:
+    """Keys that occur twice in one batch: refused (fail), or only each key's row with the latest
+    event_timestamp kept (keep-latest; the affected files are rewritten). Returns the rows dropped."""
+    keys = []
+    for index, path in enumerate(paths):
+        with fs.open(path, "rb") as f:
+            part = pq.read_table(f, columns=[key_column, "event_timestamp"])
+        keys.append(
+            part.append_column("file", pa.array(np.full(part.num_rows, index, np.int32))).append_column(
+                "row", pa.array(np.arange(part.num_rows, dtype=np.int64))
+            )
+        )
+    table = pa.concat_tables(keys) if keys else None
+    if table is None or table.num_rows == len(pa.compute.unique(table.column(key_column))):
+        return 0
+    counts = table.group_by(key_column).aggregate([(key_column, "count")])
+    repeated = counts.filter(pa.compute.greater(counts.column(f"{key_column}_count"), 1))
+    if policy != "keep-latest":
+        example = repeated.column(key_column)[0].as_py()
+        raise InputError(
+            f"duplicate keys: {repeated.num_rows} key(s) occur more than once in this batch (e.g. "
+            f"{key_column}={example!r}); fix the input, or embed with --on-duplicate-keys keep-latest to "
+            "keep each key's latest row"
+        )
+    order = table.sort_by(
+        [
+            (key_column, "ascending"),
+            ("event_timestamp", "descending"),
+            ("file", "descending"),
+            ("row", "descending"),
+        ]
+    )
+    keys_sorted = order.column(key_column).to_numpy(zero_copy_only=False)
+    first = np.ones(len(keys_sorted), bool)
+    first[1:] = keys_sorted[1:] != keys_sorted[:-1]
+    dropped = order.filter(pa.array(~first))
+    for index in sorted(set(dropped.column("file").to_pylist())):
+        rows = dropped.filter(pa.compute.equal(dropped.column("file"), index)).column("row").to_numpy()
+        with fs.open(paths[index], "rb") as f:
+            part = pq.read_table(f)
+        keep = np.ones(part.num_rows, bool)
+        keep[rows] = False
+        sink = pa.BufferOutputStream()
+        pq.write_table(part.filter(pa.array(keep)), sink, row_group_size=65_536)
+        write_bytes_atomically(fs, paths[index], sink.getvalue().to_pybytes())
+    return dropped.num_rows
 
 
-def _staged_counts(
-    fs, output: str, staging: str, units: list[WorkUnit]
-) -> tuple[dict[str, int], dict[str, int]]:
+def file_url(fs, path: str) -> str:
+    """A staged file as the Iceberg table records it."""
+    return f"file://{path}" if is_local(fs) else url_of(fs, path)
+
+
+def _staged_counts(fs, paths: RunPaths, units: list[WorkUnit]) -> tuple[dict[str, int], dict[str, int]]:
     """Rows per staged file, read from the footers: {embeddings file: rows}, {quarantine file: rows}."""
     names = [u.output_name for u in units]
-    quarantine_dir = f"{staging}/{embeddings.QUARANTINE_DIR}"
-    with storage_errors(output):
+    _, data = filesystem(paths.data)
+    _, quarantine_dir = filesystem(paths.quarantine)
+    with storage_errors(paths.data):
         quarantined = []
         if fs.isdir(quarantine_dir):
             listed = fs.ls(quarantine_dir, detail=False, refresh=True)
             quarantined = sorted(p.rsplit("/", 1)[-1] for p in listed if p.endswith(".parquet"))
-        paths = [f"{staging}/{n}" for n in names] + [f"{quarantine_dir}/{n}" for n in quarantined]
-        footers = read_footers(fs, paths)
+        locations = [f"{data}/{n}" for n in names] + [f"{quarantine_dir}/{n}" for n in quarantined]
+        footers = read_footers(fs, locations)
     files = {name: footer.num_rows for name, footer in zip(names, footers[: len(names)], strict=True)}
     quarantine_footers = footers[len(names) :]
     quarantine_files = {name: f.num_rows for name, f in zip(quarantined, quarantine_footers, strict=True)}
     return files, quarantine_files
-
-
-def _move_into_place(fs, staging: str, destination: str, names: list[str]) -> None:
-    """Publish a staged run as <output>/<version>, replacing an earlier run of that version.
-
-    Local: one directory rename (the old run is renamed aside first, then deleted). S3 has no
-    rename: files are copied server-side under their planned names (a re-run of the same input
-    overwrites a file with identical rows, never adds one), files of an earlier run that are not
-    in the new manifest are deleted, and the manifest (the last name) is written last.
-    """
-    if is_local(fs):
-        if os.path.exists(destination):
-            retired = f"{os.path.dirname(staging)}/retired-{uuid.uuid4().hex}"
-            os.rename(destination, retired)
-            os.rename(staging, destination)
-            fs.rm(retired, recursive=True)
-        else:
-            os.rename(staging, destination)
-        return
-    data_files = names[:-1]
-    # concurrent requests
-    fs.copy([f"{staging}/{n}" for n in data_files], [f"{destination}/{n}" for n in data_files])
-    if fs.isdir(destination):
-        keep = {f"{destination}/{name}" for name in names}
-        stale = [p for p in fs.find(destination) if p not in keep]
-        if stale:
-            fs.rm(stale)
-    fs.copy(f"{staging}/{names[-1]}", f"{destination}/{names[-1]}")
-    fs.rm(staging, recursive=True)

@@ -1,39 +1,29 @@
-"""The embeddings contract: what `vaectl embed` writes and every reader (publish, monitor, Feast) relies on.
+"""The embeddings contract: the rows `vaectl embed` writes and every reader (publish, monitor, Feast)
+relies on. Where they live (an Iceberg table per entity set and model version) is vae.catalog.
 
-    <root>/<model_version>/part-NNNNNN.parquet    one row per embedded input row:
-        <key column>     int64 or string: the input's entity key, under the input's column name
-        latent           list<float32>: the posterior mean
-        anomaly_score    float32: negative ELBO at the posterior mean in nats, higher = more unusual
-        is_anomaly       bool: score above the version's calibrated threshold (null: none calibrated)
-        model_version    string: the version that made the vector
-        event_timestamp  timestamp[us, UTC]
-    <root>/<model_version>/_manifest.json          the commit mark: input listing, counts, run id, model path
-    <root>/<model_version>/_quarantine/*.parquet   bad rows as read, plus quarantine_reason and source_file
-    <root>/.staging/<run id>/                      a run in progress, hidden from readers
-
-Parquet readers (pyarrow, Feast's sources over <root>/<version>/*.parquet) skip `_` and `.` names.
-`latent` is a plain list<float32>: Feast rejects fixed-size lists and Ray's tensor type.
+    <key column>     int64 or string: the input's entity key, under the input's column name
+    latent           list<float32>: the posterior mean (a plain list: Feast rejects fixed-size lists
+                     and Ray's tensor type)
+    anomaly_score    float32: negative ELBO at the posterior mean in nats, higher = more unusual;
+                     always finite (a row whose score or mean is not is quarantined or refused)
+    is_anomaly       bool: score above the version's calibrated threshold (null: none calibrated)
+    model_version    string: the version that made the vector
+    batch_id         string: the embed run (batch) that wrote the row
+    event_timestamp  timestamp[us, UTC]: when the vector became true (the batch's time by default)
 """
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from vae.errors import InputError, first_line
-from vae.storage import filesystem, open_parquet_dataset, storage_errors, url_of
 
-COLUMNS = ("latent", "anomaly_score", "is_anomaly", "model_version", "event_timestamp")
-SERVED = COLUMNS[:4]  # what a feature view serves for each key (event_timestamp is the row's time)
-MANIFEST = "_manifest.json"
-QUARANTINE_DIR = "_quarantine"
-STAGING_DIR = ".staging"
-FORMAT = "vae-embeddings/1"
+COLUMNS = ("latent", "anomaly_score", "is_anomaly", "model_version", "batch_id", "event_timestamp")
+SERVED = COLUMNS[:4]  # what a feature view serves for each key
 
 
 def schema(key_column: str, key_type: pa.DataType) -> pa.Schema:
@@ -44,6 +34,7 @@ def schema(key_column: str, key_type: pa.DataType) -> pa.Schema:
             ("anomaly_score", pa.float32()),
             ("is_anomaly", pa.bool_()),
             ("model_version", pa.string()),
+            ("batch_id", pa.string()),
             ("event_timestamp", pa.timestamp("us", tz="UTC")),
         ]
     )
@@ -64,6 +55,7 @@ def embedding_table(
     anomaly_score: np.ndarray,
     threshold: float | None,
     model_version: str,
+    batch_id: str,
     event_timestamp: pa.Array | pa.ChunkedArray,
 ) -> pa.Table:
     """Embedding rows in the contract's schema."""
@@ -72,14 +64,17 @@ def embedding_table(
         is_anomaly = pa.nulls(rows, pa.bool_())
     else:
         is_anomaly = pa.array(anomaly_score > threshold)
-    # One dictionary entry for the whole batch: no per-row Python strings.
-    versions = pa.DictionaryArray.from_arrays(np.zeros(rows, np.int32), [model_version])
+
+    def constant(value: str) -> pa.Array:  # one dictionary entry for the whole batch: no per-row strings
+        return pa.DictionaryArray.from_arrays(np.zeros(rows, np.int32), [value]).cast(pa.string())
+
     columns = {
         key_column: keys.cast(key_type),
         "latent": latent_column(posterior_mean),
         "anomaly_score": pa.array(anomaly_score.astype(np.float32, copy=False)),
         "is_anomaly": is_anomaly,
-        "model_version": versions.cast(pa.string()),
+        "model_version": constant(model_version),
+        "batch_id": constant(batch_id),
         "event_timestamp": event_timestamp,
     }
     return pa.table(columns, schema=schema(key_column, key_type))
@@ -125,58 +120,6 @@ def key_column(table_schema: pa.Schema, source: str, required: tuple[str, ...] =
     return keys[0]
 
 
-def open_embeddings(url: str) -> tuple[pads.Dataset, str]:
-    """An embeddings dataset (a version directory, local or s3://) and its key column."""
-    dataset = open_parquet_dataset(url, "point at a version directory written by vaectl embed")
-    return dataset, key_column(dataset.schema, url)
-
-
-def list_versions(root: str) -> list[str]:
-    """The committed model versions under an embeddings root, oldest first (names sort by time)."""
-    fs, path = filesystem(root)
-    with storage_errors(root):
-        fs.invalidate_cache(path)  # s3fs caches listings: a version another process just wrote must be seen
-        entries = fs.ls(path, detail=True) if fs.isdir(path) else []  # one listing, types included
-    names = [
-        entry["name"].rstrip("/").rpartition("/")[2] for entry in entries if entry["type"] == "directory"
-    ]
-    return sorted(name for name in names if not name.startswith((".", "_")))
-
-
-def version_url(root: str, version: str = "latest") -> str:
-    """<root>/<version> as a path or URL; 'latest' is the newest version there."""
-    versions = list_versions(root)
-    if version == "latest":
-        if not versions:
-            raise InputError(f"{root}: no embeddings found; run the embed job first (vaectl embed)")
-        version = versions[-1]
-    elif version not in versions:
-        have = ", ".join(versions[-5:]) or "none"
-        raise InputError(f"{root}: no embeddings for model version '{version}' (have: {have})")
-    fs, path = filesystem(root)
-    return url_of(fs, f"{path}/{version}")
-
-
-def version_files(root: str, version: str) -> str:
-    """The glob of one version's embedding files (Feast's per-version source)."""
-    return f"{root}/{version}/*.parquet"
-
-
-def all_version_files(root: str) -> str:
-    """The glob of every committed version's embedding files (Feast's history source)."""
-    return f"{root}/*/*.parquet"
-
-
-def read_manifest(version_dir: str) -> dict | None:
-    """A committed version's manifest; None where there is none or it is unreadable."""
-    fs, path = filesystem(version_dir)
-    try:
-        with storage_errors(version_dir):
-            return json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
-    except (OSError, InputError, json.JSONDecodeError):
-        return None
-
-
 def latent_matrix(column: pa.ChunkedArray | pa.Array, source: str) -> np.ndarray:
     """The latent column as a (rows, z) float32 matrix, refusing ragged, null or non-finite vectors."""
     if isinstance(column, pa.ChunkedArray):
@@ -192,19 +135,3 @@ def latent_matrix(column: pa.ChunkedArray | pa.Array, source: str) -> np.ndarray
     if not np.isfinite(values).all():
         raise InputError(f"{source}: 'latent' holds NaN or infinite values")
     return values
-
-
-def model_version_of(version_dir: str, model_root: str, version: str):
-    """The model version that made a version directory's embeddings (metadata only, no weights): at
-    the path its manifest records, else under model_root."""
-    from vae.artifacts import read_model_version_info
-
-    manifest = read_manifest(version_dir) or {}
-    path = manifest.get("model_path")
-    if path and manifest.get("model_version") == version:
-        parent, _, name = path.rstrip("/").rpartition("/")
-        try:
-            return read_model_version_info(parent, name)
-        except InputError:
-            pass  # moved since: look under model_root
-    return read_model_version_info(model_root, version)

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from vae.artifacts import ModelVersionInfo, load_reference
 from vae.diagnostics import ACTIVE_UNIT_THRESHOLD
-from vae.embeddings import key_column, latent_matrix, open_embeddings
+from vae.embeddings import key_column, latent_matrix
 from vae.errors import InputError
 from vae.keys import in_sample, key_hash
 from vae.monitoring import drift_test, movement
@@ -67,7 +67,7 @@ class LatentSample:
         if len(versions) != 1:
             raise InputError(
                 f"{source}: holds vectors of {len(versions)} model versions "
-                f"({', '.join(map(str, versions[:4]))}); point at one version's directory"
+                f"({', '.join(map(str, versions[:4]))}); a sample is of one version's table"
             )
         keys = sampled.column(key_column(sampled.schema, source, SAMPLED_COLUMNS)).to_numpy(
             zero_copy_only=False
@@ -75,13 +75,6 @@ class LatentSample:
         scores = sampled.column("anomaly_score").to_numpy(zero_copy_only=False).astype(np.float64)
         latents = latent_matrix(sampled.column("latent"), source)
         return cls(source, versions[0], keys, latents, scores, total_rows, variance)
-
-
-def read_sample(url: str, sample_rows: int) -> LatentSample:
-    """A key-hash sample of an embeddings dataset read in this process (ray_jobs.monitor streams
-    inputs too large for memory)."""
-    dataset, key = open_embeddings(url)
-    return LatentSample.of_table(dataset.to_table(columns=[key, *SAMPLED_COLUMNS]), url, sample_rows)
 
 
 def sample_mask(keys: pa.Array | pa.ChunkedArray, sample_rows: int, total_rows: int) -> np.ndarray:

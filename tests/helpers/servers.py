@@ -1,14 +1,17 @@
-"""Servers the tests start on 127.0.0.1 and stop by the PID they started: moto's S3 and redis-server."""
+"""Servers the tests start on 127.0.0.1 and stop by the PID they started: moto's S3, redis-server and
+PostgreSQL."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -78,3 +81,64 @@ def redis_server() -> Iterator[tuple[int, str]]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[tuple[int, str]]:
+    """Yield (port, password) of a fresh PostgreSQL server (Debian's `postgresql` package) holding an
+    empty database `vae_catalog` owned by user `vae`, password authentication only. As root, the
+    server runs as the `postgres` user (PostgreSQL refuses root), in a directory of its own under /tmp
+    (pytest's are private to root)."""
+    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not binaries:
+        raise RuntimeError(
+            "PostgreSQL is not installed; `make test` installs it (apt-get install postgresql)"
+        )
+    bin_dir = os.path.dirname(binaries[-1])
+    directory = tempfile.mkdtemp(prefix="vae-postgres-")
+    data, password, port = os.path.join(directory, "pgdata"), secrets.token_hex(16), free_port()
+    os.makedirs(data)
+    password_file = os.path.join(directory, "pgpass")
+    with open(password_file, "w") as file:
+        file.write(password)
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(directory, "postgres")
+        shutil.chown(data, "postgres")
+        shutil.chown(password_file, "postgres")
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run(
+        [
+            *as_postgres,
+            f"{bin_dir}/initdb",
+            "-D",
+            data,
+            "-U",
+            "vae",
+            "--auth=scram-sha-256",
+            f"--pwfile={password_file}",
+        ],
+        check=True,
+        **quiet,
+    )
+    options = f"-p {port} -k {directory} -h 127.0.0.1 -c fsync=off"
+    process = subprocess.Popen([*as_postgres, f"{bin_dir}/postgres", "-D", data, *options.split()], **quiet)
+    try:
+        wait_for_port(port, process, "postgres")
+        env = {**os.environ, "PGPASSWORD": password}
+        for _ in range(50):  # accepting connections before it accepts logins: retry briefly
+            created = subprocess.run(
+                [f"{bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "vae", "vae_catalog"],
+                env=env,
+                capture_output=True,
+            )
+            if created.returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"createdb failed: {created.stderr.decode()[-500:]}")
+        yield port, password
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -15,6 +15,7 @@ from helpers.cli import flags
 from ray_jobs import cli
 from ray_jobs.config import PublishConfig
 from ray_jobs.publish import publish
+from vae.catalog import EmbeddingsCatalog, settings_from_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,10 +44,10 @@ def test_embed_missing_feature_column(trained, tmp_path, monkeypatch, capsys):
     pq.write_table(renamed, tmp_path / "renamed.parquet")
     args = [
         "embed",
-        *flags(data="renamed.parquet", model_root=str(trained["model_root"]), output="out"),
+        *flags(data="renamed.parquet", model_root=str(trained["model_root"])),
     ]
     assert_one_line_error(capsys, args, "renamed.parquet", "missing column(s) 'pixels'")
-    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "renamed.parquet"]  # no catalog, no warehouse
 
 
 def test_embed_wrong_vector_length(trained, tmp_path, monkeypatch, capsys):
@@ -54,9 +55,9 @@ def test_embed_wrong_vector_length(trained, tmp_path, monkeypatch, capsys):
     values = np.zeros((10, 32), np.float32)
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 32)
     pq.write_table(pa.table({"item_id": np.arange(10), "pixels": vectors}), tmp_path / "short.parquet")
-    args = ["embed", "--data", "short.parquet", "--model-root", str(trained["model_root"]), "--output", "out"]
+    args = ["embed", "--data", "short.parquet", "--model-root", str(trained["model_root"])]
     assert_one_line_error(capsys, args, "'pixels' has vectors of length 32; the model expects length 64")
-    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "short.parquet"]
 
 
 def test_train_missing_feature_column(digits_parquet, tmp_path, monkeypatch, capsys):
@@ -91,7 +92,7 @@ def test_bad_config_values_and_files(tmp_path, monkeypatch, capsys):
 def test_usage_and_help_list_jobs_and_options(capsys):
     code, _, stderr = vaectl(capsys)
     assert code == 2 and all(
-        job in stderr for job in ("train", "embed", "publish", "monitor", "demo", "submit")
+        job in stderr for job in ("train", "embed", "publish", "monitor", "embeddings", "demo", "submit")
     )
     code, stdout, _ = vaectl(capsys, "embed", "--help")
     assert code == 0 and "--model-version" in stdout and "--num-encoders" in stdout
@@ -122,14 +123,14 @@ def test_demo_runs_end_to_end_and_the_readme_snippets_run_as_written(feature_rep
     # a private local cluster, as `make demo`
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    # 3 epochs with the default 5-epoch KL warm-up leave every unit inactive, and the publish gate refuses a
-    # collapsed space
+    # 5 epochs on day 1 (1,200 rows) without the default KL warm-up, 8 latent units: enough of them
+    # active for the publish gate, which refuses a collapsed space
     command = [
         sys.executable,
         "-m",
         "ray_jobs.cli",
         "demo",
-        *flags(epochs="3", kl_warmup_epochs="0", learning_rate="0.003"),
+        *flags(epochs="5", kl_warmup_epochs="0", learning_rate="0.003", latent_dim="8"),
     ]
     result = subprocess.run(
         command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
@@ -138,14 +139,18 @@ def test_demo_runs_end_to_end_and_the_readme_snippets_run_as_written(feature_rep
     assert "Demo finished." in result.stdout and "stage timings" in result.stdout
     versions = list((tmp_path / "demo_output" / "models").iterdir())
     assert len(versions) == 1
-    embeddings = feature_repo / "data" / "embeddings" / versions[0].name
-    assert pq.read_table(embeddings).num_rows == 1797
+    catalog = EmbeddingsCatalog(*settings_from_yaml(feature_repo / "feature_store.yaml"))
+    table = catalog.table("item", versions[0].name)
+    assert [(b.batch_id, b.rows) for b in catalog.batches(table)] == [("day-1", 1200), ("day-2", 597)]
+    assert catalog.read(table).num_rows == 1797 and "vaectl embeddings history item" in result.stdout
     assert (feature_repo / "data" / "online_store.db").is_file()
     assert result.stdout.count(f"model_version={versions[0].name}") == 3 and "(gate passed)" in result.stdout
 
     # README's vector-search snippet needs the version indexed: `vaectl publish --model-version latest
     # --vector-search`
     monkeypatch.chdir(tmp_path)
+    vector_yaml = feature_repo / "vector_search" / "feature_store.yaml"
+    vector_yaml.write_text(vector_yaml.read_text().replace("embedding_dim: 16", "embedding_dim: 8"))
     indexed = publish(
         PublishConfig(
             model_root="demo_output/models", monitoring="demo_output/monitoring", vector_search=True

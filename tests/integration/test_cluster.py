@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from helpers.cli import flags
 from helpers.local_cluster import local_cluster
+
+from vae.catalog import EmbeddingsCatalog, settings_from_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_NODE = {"num_cpus": 2, "num_gpus": 1, "resources": {"accelerator_type:A10G": 1}}
@@ -58,7 +59,7 @@ def test_train_embed_publish_as_ray_jobs_on_a_two_node_cluster(digits_parquet, f
 
     from feast_embeddings import current_features
 
-    models, embeddings = tmp_path / "models", tmp_path / "embeddings"
+    models = tmp_path / "models"
     with local_cluster(tmp_path, head_cpus=1, nodes=[GPU_NODE]) as cluster:
         (gpu_node,) = [n["node_id"] for n in cluster.nodes() if n["resources_total"].get("GPU", 0) >= 1]
 
@@ -108,7 +109,12 @@ def test_train_embed_publish_as_ray_jobs_on_a_two_node_cluster(digits_parquet, f
         ), [w["required_resources"] for w in workers]
 
         embed = submit(
-            "embed", "--data", str(digits_parquet), "--model-root", str(models), "--output", str(embeddings)
+            "embed",
+            *flags(
+                data=str(digits_parquet),
+                model_root=str(models),
+                feature_store_yaml=str(feature_repo / "feature_store.yaml"),
+            ),
         )
         assert embed.returncode == 0, embed.stdout[-3000:] + embed.stderr[-3000:]
         # The cluster has a GPU: the encoders asked for one and ran where it is.
@@ -121,7 +127,6 @@ def test_train_embed_publish_as_ray_jobs_on_a_two_node_cluster(digits_parquet, f
         publish = submit(
             "publish",
             *flags(
-                embeddings=str(embeddings),
                 model_root=str(models),
                 feature_repo=str(feature_repo),
                 verify_rows="64",
@@ -147,15 +152,16 @@ def test_train_embed_publish_as_ray_jobs_on_a_two_node_cluster(digits_parquet, f
         ]
 
     # The vectors, read back through Feast's online API, are the embed job's.
-    (version_dir,) = [p for p in embeddings.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))]
-    table = pq.read_table(version_dir, columns=["item_id", "latent", "model_version"])
+    catalog = EmbeddingsCatalog(*settings_from_yaml(feature_repo / "feature_store.yaml"))
+    (version,) = catalog.versions("item")
+    table = catalog.read(catalog.table("item", version), ["item_id", "latent", "model_version"])
     store = FeatureStore(repo_path=str(feature_repo))
     keys = table.column("item_id").to_pylist()[:50]
     online = store.get_online_features(
         features=current_features(store), entity_rows=[{"item_id": k} for k in keys]
     ).to_dict()
     expected = dict(zip(table.column("item_id").to_pylist(), table.column("latent").to_pylist(), strict=True))
-    assert online["item_id"] == keys and set(online["model_version"]) == {version_dir.name}
+    assert online["item_id"] == keys and set(online["model_version"]) == {version}
     np.testing.assert_array_equal(
         np.array(online["latent"], dtype=np.float32), np.array([expected[k] for k in keys], dtype=np.float32)
     )

@@ -1,10 +1,11 @@
-"""The embed job on Ray Data: one row per input row, exactly once, vectors equal to the library's
-encoder, bit-identical on re-runs, bad rows failed or quarantined, and every bad input one clear error."""
+"""The embed job on Ray Data: one row per input row as one batch of the version's Iceberg table,
+exactly once, vectors equal to the library's encoder, a re-run replacing exactly its batch, bad rows
+failed or quarantined, duplicate keys and non-finite outputs handled, and every bad input one clear
+error."""
 
-import json
 import os
 import shutil
-from pathlib import Path
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +17,7 @@ from ray_jobs.cli import find_input_error, run_cli
 from ray_jobs.config import EmbedConfig
 from ray_jobs.embed import embed, main
 from vae import encode_matrix, features_to_numpy, load_model_version
+from vae.catalog import EmbeddingsCatalog
 
 
 def pixels_table(trained) -> pa.Table:
@@ -35,18 +37,42 @@ def with_pixels(table: pa.Table, values, list_type=None) -> pa.Table:
     return table.set_column(table.schema.get_field_index("pixels"), "pixels", column)
 
 
-def committed(output) -> list[str]:
-    """What readers can see under an embeddings root (hidden staging excluded)."""
-    return sorted(p for p in os.listdir(output) if not p.startswith(".")) if os.path.isdir(output) else []
+def catalog_of(directory) -> dict:
+    """Embed options for a catalog of the test's own: a SQLite file and a local warehouse."""
+    return {"catalog": f"sqlite:///{directory}/catalog.db", "warehouse": f"{directory}/warehouse"}
 
 
-def staged_runs(output) -> list[str]:
-    staging = os.path.join(output, ".staging")
-    return sorted(os.listdir(staging)) if os.path.isdir(staging) else []
+def open_catalog(options: dict) -> EmbeddingsCatalog:
+    return EmbeddingsCatalog(options["catalog"], options["warehouse"])
 
 
-def latents_by_key(directory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    table = pq.read_table(directory).sort_by("item_id")
+def rows_of(options: dict, version: str, **read) -> pa.Table:
+    catalog = open_catalog(options)
+    return catalog.read(catalog.table("item", version), **read).sort_by("item_id")
+
+
+def committed_rows(options: dict) -> int:
+    """Rows readers can see in every table of the catalog (0 when nothing was committed)."""
+    catalog = open_catalog(options)
+    if not [e for e in catalog.entity_sets() if e.name == "item"]:
+        return 0
+    return sum(catalog.read(catalog.table("item", v)).num_rows for v in catalog.versions("item"))
+
+
+def staged_files(options: dict) -> list[str]:
+    """Files under the warehouse that no table references: left-overs of a failed run."""
+    root = options["warehouse"]
+    found = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names if f.endswith(".parquet")]
+    catalog = open_catalog(options)
+    referenced = set()
+    if [e for e in catalog.entity_sets() if e.name == "item"]:
+        for version in catalog.versions("item"):
+            referenced |= set(catalog.data_files(catalog.table("item", version)))
+    return sorted(set(found) - referenced - {f for f in found if "/quarantine/" in f})
+
+
+def latents_by_key(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    table = table.sort_by("item_id")
     latent = table.column("latent").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
     return table.column("item_id").to_numpy(), latent, table.column("anomaly_score").to_numpy()
 
@@ -56,45 +82,46 @@ def embedded(trained, tmp_path_factory):
     work = tmp_path_factory.mktemp("embed")
     # work units are whole row groups
     pq.write_table(pixels_table(trained), work / "digits.parquet", row_group_size=200)
+    catalog = catalog_of(work)
     config = EmbedConfig(
         data=str(work / "digits.parquet"),
         model_root=str(trained["model_root"]),
-        output=str(work / "embeddings"),
         batch_size=500,
         rows_per_file=400,
+        **catalog,
     )
-    return embed(config), trained
+    return embed(config), trained, catalog, config
 
 
 def test_one_row_per_input_row_keys_unchanged(embedded):
-    result, _ = embedded
-    table = pq.read_table(result.output)
+    result, trained, catalog, _ = embedded
+    table = rows_of(catalog, trained["version"])
     assert table.num_rows == 1797 == result.input_rows == result.embedded_rows
-    assert sorted(table.column("item_id").to_pylist()) == list(range(1797))
+    assert table.column("item_id").to_pylist() == list(range(1797))
     # 9 row groups of 200, 2 per file
     assert result.files == 5 and result.quarantined_rows == 0 and result.quarantine is None
+    assert result.committed and staged_files(catalog) == []
 
 
 def test_output_follows_the_embeddings_contract(embedded):
-    result, trained = embedded
-    schema = pq.read_schema(os.path.join(result.output, "part-000000.parquet"))
-    assert schema.field("latent").type == pa.list_(pa.float32())
-    assert schema.field("anomaly_score").type == pa.float32()
-    assert schema.field("model_version").type == pa.string()
-    assert schema.field("event_timestamp").type == pa.timestamp("us", tz="UTC")
-    table = pq.read_table(result.output)
+    result, trained, catalog, config = embedded
+    table = rows_of(catalog, trained["version"])
+    assert table.schema.field("latent").type in (pa.list_(pa.float32()), pa.large_list(pa.float32()))
+    assert table.schema.field("anomaly_score").type == pa.float32()
+    assert table.schema.field("event_timestamp").type == pa.timestamp("us", tz="UTC")
     assert set(table.column("model_version").to_pylist()) == {trained["version"]}
-    assert os.path.basename(result.output) == trained["version"]
-    # the default event time is the version's creation time, so re-runs write identical rows
-    created = load_model_version(trained["model_root"], trained["version"]).metadata["created_at"]
-    assert {t.isoformat() for t in table.column("event_timestamp").to_pylist()} == {created}
+    assert result.output == f"vae.item.v_{trained['version'].replace('-', '_')}"
+    # one batch, named by the input listing; its event time is the batch's own (newest input file)
+    assert set(table.column("batch_id").to_pylist()) == {result.batch_id} and result.batch_id.startswith("b-")
+    written = datetime.fromtimestamp(os.path.getmtime(config.data), UTC).replace(microsecond=0)
+    assert {t.replace(microsecond=0) for t in table.column("event_timestamp").to_pylist()} == {written}
 
 
 def test_is_anomaly_uses_the_threshold_calibrated_on_the_validation_split(embedded, trained):
     from vae.artifacts import load_reference
     from vae.keys import is_validation, key_hash
 
-    result, _ = embedded
+    result, _, catalog, _ = embedded
     loaded = load_model_version(trained["model_root"], trained["version"])
     calibration, reference = loaded.metadata["anomaly"], load_reference(loaded)
     assert calibration["quantile"] == 0.99 and set(calibration["thresholds"]) >= {
@@ -106,35 +133,33 @@ def test_is_anomaly_uses_the_threshold_calibrated_on_the_validation_split(embedd
     assert calibration["threshold"] == pytest.approx(
         float(np.quantile(reference["anomaly_score"].astype(np.float64), 0.99))
     )
-    table = pq.read_table(result.output)
-    scores, flags = (
-        table.column("anomaly_score").to_numpy(),
-        table.column("is_anomaly").to_numpy(zero_copy_only=False),
-    )
-    assert (flags == (scores > calibration["threshold"])).all() and table.column("is_anomaly").null_count == 0
+    table = rows_of(catalog, trained["version"])
+    scores = table.column("anomaly_score").to_numpy()
+    flags_ = table.column("is_anomaly").to_numpy(zero_copy_only=False)
+    assert (flags_ == (scores > calibration["threshold"])).all() and table.column(
+        "is_anomaly"
+    ).null_count == 0
     # on the validation rows it was calibrated on, about 1% are flagged
     validation = is_validation(key_hash(table.column("item_id")), trained["config"].validation_fraction)
-    assert reference["anomaly_score"].shape == (validation.sum(),) and flags[validation].mean() <= 0.02
-    assert (
-        json.loads(Path(result.output, "_manifest.json").read_text())["anomaly_threshold"]
-        == calibration["threshold"]
-    )
+    assert reference["anomaly_score"].shape == (validation.sum(),) and flags_[validation].mean() <= 0.02
+    batch = open_catalog(catalog).batches(open_catalog(catalog).table("item", trained["version"]))[0]
+    assert float(batch.properties["vae.anomaly-threshold"]) == calibration["threshold"]
 
 
-def test_manifest_reconciles_and_nothing_is_left_in_staging(embedded):
-    result, trained = embedded
-    manifest = json.loads(Path(result.output, "_manifest.json").read_text())
-    assert manifest["input_rows"] == 1797 == manifest["embedded_rows"] + manifest["quarantined_rows"]
-    assert sum(manifest["files"].values()) == 1797 and sorted(manifest["files"]) == sorted(
-        p for p in os.listdir(result.output) if p.endswith(".parquet")
-    )
-    assert manifest["model_version"] == trained["version"]
-    assert staged_runs(os.path.dirname(result.output)) == []
+def test_the_batch_commit_reconciles(embedded):
+    result, trained, catalog, _ = embedded
+    cat = open_catalog(catalog)
+    [batch] = cat.batches(cat.table("item", trained["version"]))
+    counts = {
+        k: int(batch.properties[f"vae.{k}"]) for k in ("input-rows", "embedded-rows", "quarantined-rows")
+    }
+    assert counts == {"input-rows": 1797, "embedded-rows": 1797, "quarantined-rows": 0} and batch.rows == 1797
+    assert (batch.batch_id, batch.snapshot_id) == (result.batch_id, result.snapshot_id)
 
 
 def test_vectors_equal_the_library_encoder(embedded):
-    result, trained = embedded
-    _keys, latent, score = latents_by_key(result.output)
+    result, trained, catalog, _ = embedded
+    _keys, latent, score = latents_by_key(rows_of(catalog, trained["version"]))
     loaded = load_model_version(trained["model_root"], trained["version"])
     source = pq.read_table(trained["data"]).sort_by("item_id")
     posterior_mean, anomaly_score = encode_matrix(
@@ -145,31 +170,33 @@ def test_vectors_equal_the_library_encoder(embedded):
     np.testing.assert_allclose(score, anomaly_score, rtol=1e-5, atol=1e-4)
 
 
-def test_rerun_is_bit_identical_without_duplicates(embedded, tmp_path):
-    result, trained = embedded
-    keys, latent, score = latents_by_key(result.output)
-    # the same job again, into a copy of the same root, with another actor count: replaces the version in
-    # place
-    output = str(tmp_path / "embeddings")
-    shutil.copytree(os.path.dirname(result.output), output)
-    data = os.path.join(os.path.dirname(os.path.dirname(result.output)), "digits.parquet")
-    again = embed(
-        EmbedConfig(
-            data=data,
-            model_root=str(trained["model_root"]),
-            output=output,
-            batch_size=500,
-            rows_per_file=400,
-            num_encoders=1,
-        )
-    )
-    assert again.output == os.path.join(output, trained["version"]) and committed(output) == [
-        trained["version"]
-    ]
-    keys_again, latent_again, score_again = latents_by_key(again.output)
+def test_a_rerun_changes_nothing_and_another_run_of_the_batch_replaces_exactly_it(embedded, tmp_path):
+    result, trained, catalog, config = embedded
+    mine = catalog_of(tmp_path)  # a copy of the catalog: the module's stays as it was
+    shutil.copy(catalog["catalog"].removeprefix("sqlite:///"), mine["catalog"].removeprefix("sqlite:///"))
+    mine["warehouse"] = catalog["warehouse"]
+    keys, latent, score = latents_by_key(rows_of(mine, trained["version"]))
+    # the very same run: nothing committed, the same snapshot
+    same = embed(config.model_copy(update=mine))
+    assert not same.committed and same.snapshot_id == result.snapshot_id
+    # another batch beside it, then the first batch again with other settings (batch size): a new run
+    # whose one commit replaces exactly that batch
+    other = embed(config.model_copy(update={**mine, "batch": "other", "rows_per_file": 1000}))
+    again = embed(config.model_copy(update={**mine, "batch_size": 250, "num_encoders": 1}))
+    assert again.committed and again.batch_id == result.batch_id and again.snapshot_id != result.snapshot_id
+    table = rows_of(mine, trained["version"])
+    assert table.num_rows == 2 * 1797
+    replaced = table.filter(pa.compute.equal(table.column("batch_id"), result.batch_id))
+    keys_again, latent_again, score_again = latents_by_key(replaced)
     assert np.array_equal(keys, keys_again) and len(np.unique(keys_again)) == 1797
-    assert latent.tobytes() == latent_again.tobytes() and score.tobytes() == score_again.tobytes()
-    assert [p for p in os.listdir(os.path.join(output, ".staging"))] == []
+    np.testing.assert_allclose(latent, latent_again, atol=1e-6)
+    np.testing.assert_allclose(score, score_again, rtol=1e-5, atol=1e-4)
+    # time travel: the snapshot of the first commit still reads the first batch alone
+    assert rows_of(mine, trained["version"], as_of=result.snapshot_id).num_rows == 1797
+    assert other.snapshot_id in {
+        b.snapshot_id
+        for b in open_catalog(mine).batches(open_catalog(mine).table("item", trained["version"]))
+    }
 
 
 def test_many_files_and_hive_partitions_read_only_needed_columns(trained, tmp_path):
@@ -182,16 +209,14 @@ def test_many_files_and_hive_partitions_read_only_needed_columns(trained, tmp_pa
         pq.write_table(part.slice(0, half), directory / "a.parquet", row_group_size=50)
         pq.write_table(part.slice(half), directory / "b.parquet", row_group_size=50)
     (tmp_path / "data" / "_SUCCESS").write_text("")  # marker files are skipped, as Spark and pyarrow do
+    catalog = catalog_of(tmp_path)
     result = embed(
         EmbedConfig(
-            data=str(tmp_path / "data"),
-            model_root=str(trained["model_root"]),
-            output=str(tmp_path / "out"),
-            rows_per_file=120,
+            data=str(tmp_path / "data"), model_root=str(trained["model_root"]), rows_per_file=120, **catalog
         )
     )
     assert result.input_rows == 1797 and result.files == 20  # units never span input files
-    keys, latent, _ = latents_by_key(result.output)
+    keys, latent, _ = latents_by_key(rows_of(catalog, trained["version"]))
     assert np.array_equal(keys, np.arange(1797))
     loaded = load_model_version(trained["model_root"], trained["version"])
     expected, _ = encode_matrix(
@@ -209,15 +234,16 @@ def test_timestamp_column_becomes_event_timestamp(trained, tmp_path):
         pa.timestamp("us"),
     )
     pq.write_table(table.append_column("seen_at", times), tmp_path / "t.parquet")
-    result = embed(
+    catalog = catalog_of(tmp_path)
+    embed(
         EmbedConfig(
             data=str(tmp_path / "t.parquet"),
             model_root=str(trained["model_root"]),
-            output=str(tmp_path / "out"),
             timestamp_column="seen_at",
+            **catalog,
         )
     )
-    out = pq.read_table(result.output).sort_by("item_id")
+    out = rows_of(catalog, trained["version"])
     assert out.column("event_timestamp").to_pylist()[5].isoformat() == "2026-01-01T05:00:00+00:00"
 
 
@@ -229,30 +255,58 @@ def test_quarantine_reconciles_and_names_each_reason(trained, tmp_path):
     rows[20] = rows[20][:10]
     rows[30][0] = float("inf")
     pq.write_table(with_pixels(table, rows, pa.list_(pa.float32())), tmp_path / "bad.parquet")
-    config = {
-        "data": str(tmp_path / "bad.parquet"),
-        "model_root": str(trained["model_root"]),
-        "output": str(tmp_path / "out"),
-    }
+    catalog = catalog_of(tmp_path)
+    config = {"data": str(tmp_path / "bad.parquet"), "model_root": str(trained["model_root"]), **catalog}
     # the default refuses: one message naming the file and the first bad row, nothing committed
     with pytest.raises(Exception) as raised:
         embed(EmbedConfig(**config))
     error = str(find_input_error(raised.value))
     assert "bad.parquet" in error and "row item_id=3 has NaN or infinite feature values" in error
-    assert committed(tmp_path / "out") == [] and staged_runs(tmp_path / "out") == []
+    assert committed_rows(catalog) == 0 and staged_files(catalog) == []
 
     result = embed(EmbedConfig(**config, on_bad_rows="quarantine"))
     assert (result.input_rows, result.embedded_rows, result.quarantined_rows) == (1797, 1793, 4)
-    keys, _, _ = latents_by_key(result.output)
-    assert set(range(1797)) - set(keys.tolist()) == {3, 10, 20, 30}
+    stored = rows_of(catalog, trained["version"])
+    assert set(range(1797)) - set(stored.column("item_id").to_pylist()) == {3, 10, 20, 30}
+    assert np.isfinite(stored.column("anomaly_score").to_numpy()).all()  # what reaches the store is finite
     quarantine = pq.read_table(result.quarantine).sort_by("item_id").to_pylist()
     assert [row["item_id"] for row in quarantine] == [3, 10, 20, 30]
     reasons = [row["quarantine_reason"] for row in quarantine]
     assert "NaN or infinite" in reasons[0] and "no value in column 'pixels'" in reasons[1]
     assert "vector of length 10" in reasons[2] and "NaN or infinite" in reasons[3]
     assert quarantine[2]["pixels"] == rows[20] and quarantine[0]["source_file"].endswith("bad.parquet")
-    manifest = json.loads(Path(result.output, "_manifest.json").read_text())
-    assert manifest["embedded_rows"] + manifest["quarantined_rows"] == manifest["input_rows"] == 1797
+
+
+def test_duplicate_keys_fail_by_default_or_keep_the_latest(trained, tmp_path):
+    table = pixels_table(trained).slice(0, 300)
+    times = pa.array([datetime(2026, 1, 1, tzinfo=UTC)] * 300, pa.timestamp("us", tz="UTC"))
+    first = table.append_column("seen_at", times)
+    later = table.slice(0, 50).append_column(
+        "seen_at", pa.array([datetime(2026, 1, 2, tzinfo=UTC)] * 50, pa.timestamp("us", tz="UTC"))
+    )
+    later = with_pixels(later, pixel_matrix(later)[::-1].copy())  # other vectors for keys 0..49
+    (tmp_path / "data").mkdir()
+    pq.write_table(first, tmp_path / "data" / "a.parquet")
+    pq.write_table(later, tmp_path / "data" / "b.parquet")
+    catalog = catalog_of(tmp_path)
+    config = {
+        "data": str(tmp_path / "data"),
+        "model_root": str(trained["model_root"]),
+        "timestamp_column": "seen_at",
+        **catalog,
+    }
+    with pytest.raises(Exception) as raised:
+        embed(EmbedConfig(**config))
+    error = str(find_input_error(raised.value))
+    assert "item_id" in error and "duplicate" in error and "--on-duplicate-keys keep-latest" in error, error
+    assert committed_rows(catalog) == 0
+
+    result = embed(EmbedConfig(**config, on_duplicate_keys="keep-latest"))
+    assert (result.input_rows, result.embedded_rows, result.duplicate_rows) == (350, 300, 50)
+    stored = rows_of(catalog, trained["version"])
+    assert stored.column("item_id").to_pylist() == list(range(300))
+    days = [t.day for t in stored.column("event_timestamp").to_pylist()]
+    assert days[:50] == [2] * 50 and days[50:] == [1] * 250
 
 
 # ---- every bad input: one line on stderr, exit code 2, nothing committed ----------------------
@@ -348,15 +402,11 @@ def test_bad_input_is_one_clear_error(case, trained, tmp_path, capsys):
     else:
         data = tmp_path / "nowhere"
         expected = ["nowhere: no such file or directory"]
+    catalog = catalog_of(tmp_path)
     line = run_embed(
         capsys,
-        *flags(
-            data=str(data),
-            model_root=str(trained["model_root"]),
-            model_version=version,
-            output=str(tmp_path / "out"),
-        ),
+        *flags(data=str(data), model_root=str(trained["model_root"]), model_version=version, **catalog),
     )
     for fragment in expected:
         assert fragment in line, line
-    assert committed(tmp_path / "out") == [] and staged_runs(tmp_path / "out") == []
+    assert committed_rows(catalog) == 0 and staged_files(catalog) == []

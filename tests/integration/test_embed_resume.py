@@ -1,5 +1,6 @@
-"""A killed embed job leaves nothing visible, and the same command run again resumes it and ends
-with exactly one row per input row."""
+"""A killed embed job leaves nothing visible in the version's table, and the same command run again
+resumes it (the files staged before the kill are committed as they are) and ends with exactly one row
+per input row."""
 
 import os
 import re
@@ -26,9 +27,11 @@ from vae import (
     load_model_version,
     save_model_version,
 )
+from vae.catalog import EmbeddingsCatalog
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS, UNIT_ROWS = 60_000, 1_000
+STAGED = "warehouse/vae.item/*/data/batch_id=day-1/*/part-*.parquet"  # a run's files, in its table's location
 
 
 def test_killed_driver_then_rerun_gives_exactly_one_row_per_input_row(tmp_path):
@@ -56,7 +59,9 @@ def test_killed_driver_then_rerun_gives_exactly_one_row_per_input_row(tmp_path):
         *flags(
             data=str(tmp_path / "images.parquet"),
             model_root=str(tmp_path / "models"),
-            output=str(tmp_path / "out"),
+            catalog=f"sqlite:///{tmp_path}/catalog.db",
+            warehouse=str(tmp_path / "warehouse"),
+            batch="day-1",
             rows_per_file=str(UNIT_ROWS),
         ),
     ]
@@ -67,19 +72,17 @@ def test_killed_driver_then_rerun_gives_exactly_one_row_per_input_row(tmp_path):
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.monotonic() + 240
-    while (
-        len(list(tmp_path.glob("out/.staging/*/part-*.parquet"))) < 3
-        and driver.poll() is None
-        and time.monotonic() < deadline
-    ):
+    while len(list(tmp_path.glob(STAGED))) < 3 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert driver.poll() is None, "the job finished before it could be killed"
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
-    staged = {p.name: _identity(p) for p in tmp_path.glob("out/.staging/*/part-*.parquet")}
+    staged = {str(p): _identity(p) for p in tmp_path.glob(STAGED)}
     done_before = len(staged)
-    # nothing visible to readers
-    assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == []
+    catalog = EmbeddingsCatalog(f"sqlite:///{tmp_path}/catalog.db", str(tmp_path / "warehouse"))
+    stored = catalog.table("item", version)
+    # nothing visible to readers: the table has no snapshot yet
+    assert stored.current_snapshot() is None and catalog.read(stored).num_rows == 0
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -89,14 +92,18 @@ def test_killed_driver_then_rerun_gives_exactly_one_row_per_input_row(tmp_path):
     assert resumed and done_before <= int(resumed[1]) < ROWS // UNIT_ROWS == int(resumed[2]), rerun.stderr[
         -3000:
     ]
-    output = pq.read_table(tmp_path / "out" / version)
+    stored = catalog.table("item", version)
+    output = catalog.read(stored)
     keys = output.column("item_id").to_numpy()
-    # exactly one row per input row
+    # exactly one row per input row, in one batch committed once
     assert len(keys) == ROWS and np.array_equal(np.sort(keys), np.arange(ROWS))
-    assert list(tmp_path.glob("out/.staging/*")) == []
+    assert [(b.batch_id, b.rows) for b in catalog.batches(stored)] == [("day-1", ROWS)]
+    assert len(stored.snapshots()) == 1
     # the files staged before the kill were kept, not encoded again: the same files (inode, mtime) were
-    # committed
-    assert {name: _identity(tmp_path / "out" / version / name) for name in staged} == staged
+    # committed, and every staged file is in the table
+    committed = set(catalog.data_files(stored))
+    assert set(staged) <= committed and {str(p) for p in tmp_path.glob(STAGED)} == committed
+    assert {path: _identity(Path(path)) for path in staged} == staged
 
     loaded = load_model_version(tmp_path / "models", version)
     sample = output.sort_by("item_id").slice(0, 2000)

@@ -15,6 +15,7 @@ from test_embed import run_embed, run_embed_output
 from ray_jobs.config import EmbedConfig
 from ray_jobs.embed import embed
 from vae import list_model_versions, load_model_version, save_model_version
+from vae.catalog import EmbeddingsCatalog, table_name
 
 
 @pytest.fixture
@@ -48,44 +49,48 @@ def test_input_model_and_output_on_s3(trained, bucket, tmp_path):
         == local.metadata["weights_sha256"]
     )
 
+    catalog = EmbeddingsCatalog(f"sqlite:///{tmp_path}/catalog.db", f"s3://{name}/warehouse")
     config = EmbedConfig(
         data=f"s3://{name}/data",
         model_root=f"s3://{name}/models",
-        output=f"s3://{name}/embeddings",
         rows_per_file=100,
+        batch="day-1",
+        catalog=catalog.uri,
+        warehouse=f"s3://{name}/warehouse",
     )
     result = embed(config)
     assert (
-        result.output == f"s3://{name}/embeddings/{version}"
+        result.output == f"vae.item.{table_name(version)}"
         and result.input_rows == result.embedded_rows == 1797
     )
-    written = pq.read_table(f"{name}/embeddings/{version}", filesystem=fs)  # readers skip _manifest.json
-    keys, latent = latents_by_key(written)
+    stored = catalog.table("item", version)
+    assert stored.location().startswith(f"s3://{name}/warehouse/")
+    keys, latent = latents_by_key(catalog.read(stored))
     assert np.array_equal(keys, np.arange(1797))
-    # nothing but the committed version is left: no staging objects, no partial files
-    objects = [p.removeprefix(f"{name}/embeddings/") for p in fs.find(f"{name}/embeddings")]
-    assert all(p.startswith(f"{version}/") for p in objects) and f"{version}/_manifest.json" in objects
-    assert len([p for p in objects if p.endswith(".parquet")]) == result.files
+    # every data file on S3 is the table's: no partial or orphaned objects
+    data_objects = {
+        f"s3://{p}" for p in fs.find(f"{name}/warehouse") if p.endswith(".parquet") and "/data/" in p
+    }
+    assert data_objects == set(catalog.data_files(stored)) and len(data_objects) == result.files
 
     # the same data and version, read locally, give bit-identical latents
     pq.write_table(table, tmp_path / "digits.parquet")
-    local_result = embed(
-        EmbedConfig(
-            data=str(tmp_path / "digits.parquet"),
-            model_root=f"s3://{name}/models",
-            output=str(tmp_path / "out"),
-        )
-    )
-    _, local_latent = latents_by_key(pq.read_table(local_result.output))
+    local = {"catalog": f"sqlite:///{tmp_path}/local.db", "warehouse": str(tmp_path / "warehouse")}
+    embed(EmbedConfig(data=str(tmp_path / "digits.parquet"), model_root=f"s3://{name}/models", **local))
+    local_catalog = EmbeddingsCatalog(local["catalog"], local["warehouse"])
+    _, local_latent = latents_by_key(local_catalog.read(local_catalog.table("item", version)))
     assert local_latent.tobytes() == latent.tobytes()
 
-    # a re-run on S3 replaces the version's files with the same rows, never adds any
+    # a re-run on S3 changes nothing: no commit, no new objects
+    objects = sorted(fs.find(f"{name}/warehouse"))
     again = embed(config)
-    _, latent_again = latents_by_key(pq.read_table(f"{name}/embeddings/{version}", filesystem=fs))
-    assert again.files == result.files and latent_again.tobytes() == latent.tobytes()
-    assert sorted(p.removeprefix(f"{name}/embeddings/") for p in fs.find(f"{name}/embeddings")) == sorted(
-        objects
-    )
+    assert not again.committed and again.snapshot_id == result.snapshot_id
+    after = sorted(fs.find(f"{name}/warehouse"))
+    assert after == objects, (set(after) ^ set(objects), objects)
+
+
+def s3_catalog(tmp_path) -> dict:
+    return {"catalog": f"sqlite:///{tmp_path}/catalog.db", "warehouse": "s3://bucket/warehouse"}
 
 
 @pytest.fixture
@@ -103,7 +108,8 @@ def test_missing_bucket(trained, bucket, capsys, tmp_path, fresh_s3_clients):
         *flags(
             data="s3://no-such-bucket-4d1f/data",
             model_root=str(trained["model_root"]),
-            output=f"s3://{name}/out",
+            catalog=f"sqlite:///{tmp_path}/catalog.db",
+            warehouse=f"s3://{name}/out",
         ),
     )
     assert "bucket 'no-such-bucket-4d1f' does not exist" in line
@@ -113,31 +119,34 @@ def test_missing_bucket(trained, bucket, capsys, tmp_path, fresh_s3_clients):
         *flags(
             data=f"s3://{name}/data",
             model_root=str(trained["model_root"]),
-            output="s3://no-such-bucket-4d1f/out",
+            catalog=f"sqlite:///{tmp_path}/catalog.db",
+            warehouse="s3://no-such-bucket-4d1f/out",
         ),
     )
     assert "bucket 'no-such-bucket-4d1f' does not exist" in line
     assert not fs.exists(f"{name}/out")
 
 
-def test_unreachable_endpoint(trained, capsys, monkeypatch, fresh_s3_clients):
+def test_unreachable_endpoint(trained, capsys, monkeypatch, fresh_s3_clients, tmp_path):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     line = run_embed(
         capsys,
-        *flags(data="s3://bucket/data", model_root=str(trained["model_root"]), output="s3://bucket/out"),
+        *flags(data="s3://bucket/data", model_root=str(trained["model_root"]), **s3_catalog(tmp_path)),
     )
     assert f"cannot reach the S3 endpoint ({endpoint})" in line and "AWS_ENDPOINT_URL" in line
 
 
-def test_bad_credentials_are_named_and_never_printed(trained, capsys, caplog, monkeypatch, fresh_s3_clients):
+def test_bad_credentials_are_named_and_never_printed(
+    trained, capsys, caplog, monkeypatch, fresh_s3_clients, tmp_path
+):
     caplog.set_level("INFO")  # every record the job logs (it logs at INFO) is searched for the secret too
     with moto_server(require_auth=True) as endpoint:  # an S3 that knows no keys: every key is wrong
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-that-must-not-leak")
         line, output = run_embed_output(
             capsys,
-            *flags(data="s3://bucket/data", model_root=str(trained["model_root"]), output="s3://bucket/out"),
+            *flags(data="s3://bucket/data", model_root=str(trained["model_root"]), **s3_catalog(tmp_path)),
         )
     assert "s3://bucket/data: access denied; check the AWS credentials" in line
     everything = output + caplog.text

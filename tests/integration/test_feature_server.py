@@ -30,7 +30,6 @@ def post(url: str, payload: dict) -> dict:
 def served(versions, feature_repo):
     publish(
         PublishConfig(
-            embeddings=str(versions["root"]),
             feature_repo=str(feature_repo),
             model_version=versions["names"][0],
             verify_rows=0,
@@ -82,9 +81,9 @@ def test_http_values_equal_the_sdk_and_survive_16_clients(served, versions):
 
     url, feature_repo = served
     v1 = versions["names"][0]
-    repo = EmbeddingsRepo(feature_repo).definitions
+    repo = EmbeddingsRepo(feature_repo)
     keys = [0, 5, 1234]
-    pinned = repo.version_view_name(v1)
+    pinned = repo.version_view_name("item", v1)
     response = post(
         f"{url}/get-online-features",
         {
@@ -103,13 +102,14 @@ def test_http_values_equal_the_sdk_and_survive_16_clients(served, versions):
         assert by_name["anomaly_score"][i] == pytest.approx(row["anomaly_score"], rel=1e-6)
 
     current = post(
-        f"{url}/get-online-features", {"feature_service": repo.CURRENT_SERVICE, "entities": {"item_id": keys}}
+        f"{url}/get-online-features",
+        {"feature_service": repo.current_service_name("item"), "entities": {"item_id": keys}},
     )
     assert {v for r in current["results"] for v in r["values"] if isinstance(v, str)} == {v1}
 
     load = http_load(
         f"{url}/get-online-features",
-        {"feature_service": repo.CURRENT_SERVICE, "entities": {"item_id": [7]}},
+        {"feature_service": repo.current_service_name("item"), "entities": {"item_id": [7]}},
         clients=16,
         seconds=5,
     )

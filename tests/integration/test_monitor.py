@@ -11,13 +11,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import catalog_options, commit_rows
 from helpers.cli import flags
 
 from feast_embeddings import EmbeddingsRepo, current_version
 from ray_jobs.config import MonitorConfig, PublishConfig
 from ray_jobs.monitor import monitor
 from ray_jobs.publish import publish
-from vae import InputError, encode_matrix, features_to_numpy, load_model_version
+from vae import InputError, embeddings, encode_matrix, features_to_numpy, load_model_version
+from vae.catalog import EmbeddingsCatalog
 from vae.gate import LatentSample, Thresholds, evaluate
 from vae.monitoring import DRIFT_TESTS, drift_test
 
@@ -90,14 +92,16 @@ def test_monitor_job_writes_json_and_an_html_report_that_chromium_renders(versio
     v1, v2, _ = versions["names"]
     report = monitor(
         MonitorConfig(
-            new=str(versions["root"] / v2),
-            baseline=str(versions["root"] / v1),
+            model_version=v2,
+            baseline_version=v1,
             output=str(tmp_path / "monitoring"),
-            model_root=str(versions["root"].parent / "models"),
+            model_root=str(versions["model_root"]),
+            **catalog_options(versions),
         )
     )
     saved = json.loads(Path(report["report"]["json"]).read_text())
     assert saved["model_version"] == v2 and saved["rows"] == 1797 and saved["sampled_rows"] == 1797
+    assert report["batches"] == ["digits"]  # the version's newest batch
     assert [c["name"] for c in saved["checks"]] == ["collapse", "drift", "movement_cka", "movement_knn"]
     # all rows vs its validation rows: one distribution
     assert saved["passed"] and saved["drift"]["tests"]["mmd"]["p_value"] > 0.01
@@ -136,7 +140,7 @@ def sample(latents: np.ndarray, version: str = "v") -> LatentSample:
 
 
 def test_collapse_check_counts_active_units(versions):
-    loaded = load_model_version(versions["root"].parent / "models", versions["names"][0])
+    loaded = load_model_version(versions["model_root"], versions["names"][0])
     latents = np.random.default_rng(0).standard_normal((500, 8))
     latents[:, 2:] *= 0.01  # 6 of 8 units carry nothing
     report, _ = evaluate(sample(latents, versions["names"][0]), loaded, Thresholds(min_active_share=0.5))
@@ -150,33 +154,34 @@ def test_collapse_check_counts_active_units(versions):
     )
 
 
+def shifted(rows: pa.Table, by: float) -> pa.Table:
+    latent = rows.column("latent").combine_chunks()
+    moved = pa.ListArray.from_arrays(
+        latent.offsets, pa.compute.add(latent.values, pa.scalar(by, pa.float32()))
+    )
+    return rows.set_column(rows.schema.get_field_index("latent"), "latent", moved)
+
+
 def test_publish_gate_refuses_drift_and_movement_unless_forced(versions, feature_repo, tmp_path):
     v1, v2, _ = versions["names"]
-    root = tmp_path / "embeddings"
-    shutil.copytree(versions["root"], root)
-    repo = EmbeddingsRepo(feature_repo, embeddings_root=str(root))
+    repo = EmbeddingsRepo(feature_repo)
 
     def config(**options) -> PublishConfig:
         return PublishConfig(
-            embeddings=str(root),
             feature_repo=str(feature_repo),
             verify_rows=0,
             monitoring=str(tmp_path / "monitoring"),
-            model_root=str(versions["root"].parent / "models"),
+            model_root=str(versions["model_root"]),
             **options,
         )
 
     first = publish(config(model_version=v1))
     assert first["gate"]["passed"] and (tmp_path / "monitoring").is_dir()
 
-    # v2's vectors shifted by half a unit: drift against v2's own validation reference
-    for part in sorted((root / v2).glob("part-*.parquet")):
-        table = pq.read_table(part)
-        latent = table.column("latent").combine_chunks()
-        shifted = pa.ListArray.from_arrays(
-            latent.offsets, pa.compute.add(latent.values, pa.scalar(0.5, pa.float32()))
-        )
-        pq.write_table(table.set_column(table.schema.get_field_index("latent"), "latent", shifted), part)
+    # v2's batch re-committed with its vectors shifted by half a unit: drift against v2's own validation
+    # reference
+    table = repo.catalog.table("item", v2)
+    commit_rows(repo.catalog, table, shifted(repo.catalog.read(table), 0.5), "digits")
     with pytest.raises(
         InputError, match=r"refusing to make .* current: drift: combined p = .*Nothing was written"
     ) as refused:
@@ -186,7 +191,7 @@ def test_publish_gate_refuses_drift_and_movement_unless_forced(versions, feature
 
     store = FeatureStore(repo_path=str(feature_repo))
     assert current_version(repo) == v1
-    assert repo.version_view_name(v2) not in {
+    assert repo.version_view_name("item", v2) not in {
         view.name for view in store.list_feature_views(allow_cache=False)
     }  # nothing applied
 
@@ -196,50 +201,56 @@ def test_publish_gate_refuses_drift_and_movement_unless_forced(versions, feature
 
     forced = publish(config(model_version=v2, force=True))
     assert not forced["gate"]["passed"] and current_version(repo) == v2
+    # the gate runs where a publish switches "current": the next batch of the current version is not gated
+    commit_rows(repo.catalog, table, shifted(repo.catalog.read(table, batches=["digits"]), 0.7), "day-2")
+    assert publish(config(model_version=v2))["gate"] is None
 
 
 def test_monitor_bad_inputs_are_clear_errors(versions, tmp_path):
     v1, v2, _ = versions["names"]
-    models = str(versions["root"].parent / "models")
-    raw = tmp_path / "raw.parquet"
-    pq.write_table(pa.table({"item_id": [1, 2], "pixels": [[0.0], [1.0]]}), raw)
-    with pytest.raises(InputError, match="missing column.*latent.*not an embeddings dataset"):
-        monitor(MonitorConfig(new=str(raw), model_root=models, output=str(tmp_path)))
-    with pytest.raises(InputError, match="no such file or directory"):
-        monitor(MonitorConfig(new=str(tmp_path / "nowhere"), model_root=models, output=str(tmp_path)))
-    with pytest.raises(InputError, match="drift compares one latent space"):
-        monitor(
-            MonitorConfig(
-                new=str(versions["root"] / v2),
-                reference=str(versions["root"] / v1),
-                model_root=models,
-                output=str(tmp_path),
-            )
-        )
-    other = tmp_path / "other"
-    other.mkdir()
-    table = pq.read_table(versions["root"] / v1)
-    pq.write_table(
-        table.set_column(0, "item_id", pa.compute.add(table.column("item_id"), 100_000)),
-        other / "part-000000.parquet",
+    options = {
+        "model_root": str(versions["model_root"]),
+        "output": str(tmp_path),
+        **catalog_options(versions),
+    }
+    with pytest.raises(InputError, match="no embeddings for entity 'user' in catalog sqlite:///"):
+        monitor(MonitorConfig(entity="user", **options))
+    with pytest.raises(InputError, match="has no embeddings by model version 'nope'"):
+        monitor(MonitorConfig(model_version="nope", **options))
+    with pytest.raises(InputError, match="has no batch 'day-9' \\(newest: digits\\)"):
+        monitor(MonitorConfig(model_version=v2, batch="day-9", **options))
+    with pytest.raises(InputError, match="did not exist yet at 2020-01-01"):
+        monitor(MonitorConfig(model_version=v2, as_of="2020-01-01T00:00:00Z", **options))
+    with pytest.raises(InputError, match="a snapshot id or an ISO time"):
+        monitor(MonitorConfig(model_version=v2, as_of="yesterday", **options))
+    # a version that embedded other entities: movement cannot be measured, and says why
+    (tmp_path / "catalog").mkdir()
+    shutil.copy(versions["catalog_db"], tmp_path / "catalog" / "catalog.db")
+    copy = {**options, "catalog": f"sqlite:///{tmp_path}/catalog/catalog.db"}
+    catalog = EmbeddingsCatalog(copy["catalog"], copy["warehouse"])
+    rows = catalog.read(catalog.table("item", v1))
+    other = catalog.create_table(
+        catalog.entity_set("item"), "other-entities", embeddings.schema("item_id", pa.int64()), {}
+    )
+    commit_rows(
+        catalog, other, rows.set_column(0, "item_id", pa.compute.add(rows.column("item_id"), 100_000)), "b"
     )
     with pytest.raises(
         InputError, match="share 0 sampled entities; movement needs the same rows embedded by both versions"
     ):
-        monitor(
-            MonitorConfig(
-                new=str(versions["root"] / v2), baseline=str(other), model_root=models, output=str(tmp_path)
-            )
-        )
+        monitor(MonitorConfig(model_version=v2, baseline_version="other-entities", **copy))
 
 
 def test_larger_than_memory_inputs_read_with_ray_data_give_the_same_sample(versions, ray_cluster):
     from ray_jobs.monitor import read_embeddings
 
-    directory = str(versions["root"] / versions["names"][0])
-    in_process = read_embeddings(directory, sample_rows=500)
-    # Ray Data: moments pass + key-hash sample
-    streamed = read_embeddings(directory, sample_rows=500, in_memory_rows=0)
+    options = catalog_options(versions)
+    catalog = EmbeddingsCatalog(options["catalog"], options["warehouse"])
+    table = catalog.table("item", versions["names"][0])
+    options = {"model_root": str(versions["model_root"]), "sample_rows": 500, **catalog_options(versions)}
+    in_process = read_embeddings(catalog, table, None, MonitorConfig(**options))
+    # Ray Data: moments pass + key-hash sample, over the snapshot's data files
+    streamed = read_embeddings(catalog, table, ["digits"], MonitorConfig(**options, in_memory_rows=0))
     assert 350 < len(in_process.keys) < 650 and in_process.total_rows == streamed.total_rows == 1797
     order = np.argsort(streamed.keys)
     np.testing.assert_array_equal(np.sort(in_process.keys), streamed.keys[order])

@@ -34,14 +34,12 @@ def embeddings(rows: int, seed: int, event_time: datetime = T_NEW) -> pa.Table:
 
 def two_views(feature_repo, tmp_path):
     """The repo's definitions plus two version views: one written by Feast, one by the fast writer."""
-    repo = EmbeddingsRepo(feature_repo, embeddings_root=str(tmp_path / "embeddings"))
+    repo = EmbeddingsRepo(feature_repo)
+    repo.catalog.register("item", "item_id", "int64")
     store = repo.store
-    store.apply([*repo.declarations(), repo.version_view("by-feast"), repo.version_view("by-us")])
-    return (
-        store,
-        store.get_feature_view(repo.version_view_name("by-feast")),
-        store.get_feature_view(repo.version_view_name("by-us")),
-    )
+    views = [repo.version_view("item", name, online=True, published_at="") for name in ("by-feast", "by-us")]
+    store.apply([repo.entity("item"), *views])
+    return store, *(store.get_feature_view(view.name) for view in views)
 
 
 def test_sqlite_rows_are_byte_identical_to_feasts(feature_repo, tmp_path):

@@ -9,9 +9,8 @@ from datetime import UTC, datetime
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import T3
+from conftest import T3, version_rows
 
 import ray_jobs.publish
 from feast_embeddings import current_features, fetch_online
@@ -21,18 +20,20 @@ from ray_jobs.config import PublishConfig
 from ray_jobs.publish import publish
 from vae import InputError
 
+CURRENT = "item_embeddings_current"
 
-def parquet_rows(versions, name) -> pd.DataFrame:
-    return pq.read_table(versions["root"] / name).to_pandas().set_index("item_id")
+
+def parquet_rows(feature_repo, name) -> pd.DataFrame:
+    return version_rows(feature_repo, name)
 
 
 def config(versions, feature_repo, **options) -> PublishConfig:
-    return PublishConfig(embeddings=str(versions["root"]), feature_repo=str(feature_repo), **options)
+    return PublishConfig(feature_repo=str(feature_repo), model_root=str(versions["model_root"]), **options)
 
 
 def load_repo(feature_repo):
-    """The repo's declarations (feature_repo/features.py), as publish loads them."""
-    return EmbeddingsRepo(feature_repo).definitions
+    """The repo as publish opens it (feature_store.yaml, features.py, the embeddings catalog)."""
+    return EmbeddingsRepo(feature_repo)
 
 
 def online_tables(feature_repo) -> dict[str, list]:
@@ -46,7 +47,7 @@ def read_current(store, repo, keys) -> list[dict]:
     """What a consumer that follows "current" does (README): the service resolved to references once
     per request."""
     response = store.get_online_features(
-        features=current_features(store, repo.CURRENT_SERVICE), entity_rows=[{"item_id": k} for k in keys]
+        features=current_features(store, CURRENT), entity_rows=[{"item_id": k} for k in keys]
     )
     columns = response.to_dict()
     return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
@@ -58,11 +59,11 @@ def test_pinned_versions_current_alias_and_rollback(versions, feature_repo):
     v1, v2, _ = versions["names"]
     repo = load_repo(feature_repo)
     first = publish(config(versions, feature_repo, model_version=v1, verify_rows=64))
-    assert first["rows"] == 1797 and first["view"] == repo.version_view_name(v1)
+    assert first["rows"] == 1797 and first["view"] == repo.version_view_name("item", v1)
     store = FeatureStore(repo_path=str(feature_repo))
 
     # every vector of the pinned view equals the Parquet row and carries its model version
-    expected = parquet_rows(versions, v1)
+    expected = parquet_rows(feature_repo, v1)
     fetched = fetch_online(store, first["view"], list(range(1797)), "item_id")
     assert [row["model_version"] for row in fetched] == [v1] * 1797
     for row in fetched[::97]:
@@ -73,10 +74,12 @@ def test_pinned_versions_current_alias_and_rollback(versions, feature_repo):
 
     publish(config(versions, feature_repo, model_version=v2, verify_rows=16))
     assert {row["model_version"] for row in read_current(store, repo, range(50))} == {v2}
-    still = fetch_online(store, repo.version_view_name(v1), [5], "item_id")[0]  # v1 stays pinned and online
+    still = fetch_online(store, repo.version_view_name("item", v1), [5], "item_id")[
+        0
+    ]  # v1 stays pinned and online
     assert still["model_version"] == v1 and still["latent"] is not None
 
-    resolved_before_rollback = current_features(store, repo.CURRENT_SERVICE)
+    resolved_before_rollback = current_features(store, CURRENT)
     stored_before_rollback = online_tables(feature_repo)
     rolled = publish(config(versions, feature_repo, rollback=True))
     assert rolled["model_version"] == v1
@@ -148,15 +151,15 @@ def test_keep_online_drops_old_versions_online_only(versions, feature_repo):
     assert summary["retired"] == [v1]
     store = FeatureStore(repo_path=str(feature_repo))
     repo = load_repo(feature_repo)
-    assert not store.get_feature_view(repo.version_view_name(v1)).online
-    assert store.get_feature_view(repo.version_view_name(v2)).online
+    assert not store.get_feature_view(repo.version_view_name("item", v1)).online
+    assert store.get_feature_view(repo.version_view_name("item", v2)).online
     # v1's online rows are gone (its table dropped), while v2 and v3 still read back their own vectors
     tables = online_tables(feature_repo)
     assert len(tables) == 2 and all(len(rows) == 4 * 1797 for rows in tables.values())
-    assert not any(repo.version_view_name(v1) in name for name in tables)
+    assert not any(repo.version_view_name("item", v1) in name for name in tables)
     for name in (v2, v3):
-        expected = parquet_rows(versions, name)
-        for row in fetch_online(store, repo.version_view_name(name), [3, 500, 1796], "item_id"):
+        expected = parquet_rows(feature_repo, name)
+        for row in fetch_online(store, repo.version_view_name("item", name), [3, 500, 1796], "item_id"):
             assert row["model_version"] == name
             np.testing.assert_array_equal(
                 np.asarray(row["latent"], np.float32),
@@ -166,13 +169,13 @@ def test_keep_online_drops_old_versions_online_only(versions, feature_repo):
     assert publish(config(versions, feature_repo, rollback=True))["model_version"] == v2
     entity_df = pd.DataFrame({"item_id": [3, 7], "event_timestamp": [T3, T3]})
     offline = store.get_historical_features(
-        entity_df=entity_df, features=[f"{repo.version_view_name(v1)}:model_version"]
+        entity_df=entity_df, features=[f"{repo.version_view_name('item', v1)}:model_version"]
     ).to_df()
     assert offline["model_version"].tolist() == [v1, v1]
     with pytest.raises(InputError, match="not in the online store any more"):
         from feast_embeddings.versions import switch_current
 
-        switch_current(EmbeddingsRepo(feature_repo, embeddings_root=str(versions["root"])), v1)
+        switch_current(EmbeddingsRepo(feature_repo), "item", v1)
 
 
 def test_point_in_time_retrieval_around_a_switch(versions, feature_repo):
@@ -198,28 +201,28 @@ def test_point_in_time_retrieval_around_a_switch(versions, feature_repo):
         )
         return [None if pd.isna(v) else v for v in frame["model_version"]]
 
-    # history (all versions): nothing before T1, v1 between T1 and T2, v2 after T2
-    assert versions_at(["item_embeddings:model_version"]) == [None, v1, v2]
+    # no all-versions view: a training set is built from one version's coordinates
+    assert not [view for view in store.list_feature_views() if view.name == "item_embeddings"]
     # pinned v1 offline: v1 from T1 on, whatever is current
-    assert versions_at([f"{repo.version_view_name(v1)}:model_version"]) == [None, v1, v1]
+    assert versions_at([f"{repo.version_view_name('item', v1)}:model_version"]) == [None, v1, v1]
     # the current service (v2) offline: only from T2 on
-    assert versions_at(current_features(store, repo.CURRENT_SERVICE)) == [None, None, v2]
+    assert versions_at(current_features(store, CURRENT)) == [None, None, v2]
     frame = store.get_historical_features(
-        entity_df=entity_df.iloc[[2]], features=["item_embeddings:latent"]
+        entity_df=entity_df.iloc[[2]], features=[f"{repo.version_view_name('item', v2)}:latent"]
     ).to_df()
     np.testing.assert_array_equal(
         np.asarray(frame["latent"].iloc[0], np.float32),
-        np.asarray(parquet_rows(versions, v2).loc[11, "latent"], np.float32),
+        np.asarray(parquet_rows(feature_repo, v2).loc[11, "latent"], np.float32),
     )
 
 
-def test_missing_embeddings_and_nothing_to_roll_back_are_clear_errors(feature_repo, tmp_path):
-    with pytest.raises(InputError, match="no embeddings found; run the embed job first"):
-        publish(PublishConfig(embeddings=str(tmp_path / "none"), feature_repo=str(feature_repo)))
+def test_missing_embeddings_and_nothing_to_roll_back_are_clear_errors(feature_repo):
+    with pytest.raises(InputError, match="no embeddings for entity 'item' in catalog sqlite:///"):
+        publish(PublishConfig(feature_repo=str(feature_repo)))
     with pytest.raises(InputError, match="nothing to roll back"):
-        publish(
-            PublishConfig(embeddings=str(tmp_path / "none"), feature_repo=str(feature_repo), rollback=True)
-        )
+        publish(PublishConfig(feature_repo=str(feature_repo), rollback=True))
+    with pytest.raises(InputError, match="no embeddings for entity 'user'"):
+        publish(PublishConfig(feature_repo=str(feature_repo), entity="user", model_version="v1"))
 
 
 def test_publish_refuses_a_write_that_left_keys_out_and_switches_nothing(versions, feature_repo, monkeypatch):

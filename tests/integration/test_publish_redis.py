@@ -5,8 +5,10 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pandas as pd
 import pytest
+from conftest import version_rows
+from helpers.servers import postgres_server
 
 from feast_embeddings import EmbeddingsRepo, current_features, fetch_online
 from feast_embeddings.verify import online_row_count
@@ -27,20 +29,14 @@ def test_publish_to_redis_with_password_ttl_and_retirement(versions, redis_repo)
     v1, v2, v3 = versions["names"]
     for name in (v1, v2, v3):
         summary = publish(
-            PublishConfig(
-                embeddings=str(versions["root"]),
-                feature_repo=str(feature_repo),
-                model_version=name,
-                keep_online=2,
-                verify_rows=64,
-            )
+            PublishConfig(feature_repo=str(feature_repo), model_version=name, keep_online=2, verify_rows=64)
         )
     assert summary["retired"] == [v1]
 
     store = FeatureStore(repo_path=str(feature_repo))
-    repo = EmbeddingsRepo(feature_repo).definitions
-    expected = pq.read_table(versions["root"] / v3).to_pandas().set_index("item_id")
-    fetched = fetch_online(store, repo.version_view_name(v3), list(range(0, 1797, 7)), "item_id")
+    repo = EmbeddingsRepo(feature_repo)
+    expected = version_rows(feature_repo, v3)
+    fetched = fetch_online(store, repo.version_view_name("item", v3), list(range(0, 1797, 7)), "item_id")
     for row in fetched:
         assert row["model_version"] == v3
         np.testing.assert_array_equal(
@@ -48,7 +44,7 @@ def test_publish_to_redis_with_password_ttl_and_retirement(versions, redis_repo)
             np.asarray(expected.loc[row["item_id"], "latent"], np.float32),
         )
     current = store.get_online_features(
-        features=current_features(store, repo.CURRENT_SERVICE), entity_rows=[{"item_id": 1}]
+        features=current_features(store, "item_embeddings_current"), entity_rows=[{"item_id": 1}]
     ).to_dict()
     assert current["model_version"] == [v3]
 
@@ -65,68 +61,93 @@ def test_wrong_redis_password_is_one_clear_error(versions, redis_repo, monkeypat
     feature_repo, port, password = redis_repo
     monkeypatch.setenv("REDIS_CONNECTION_STRING", f"127.0.0.1:{port},password=wrong-{password[:4]}")
     with pytest.raises(InputError, match="online store: AuthenticationError") as raised:
-        publish(
-            PublishConfig(
-                embeddings=str(versions["root"]),
-                feature_repo=str(feature_repo),
-                model_version=versions["names"][0],
-            )
-        )
+        publish(PublishConfig(feature_repo=str(feature_repo), model_version=versions["names"][0]))
     assert password not in str(raised.value)
 
 
-def test_parallel_writers_publish_from_s3_into_the_production_store(
-    versions, redis_repo, s3_endpoint, tmp_path, monkeypatch
+def test_the_production_layout_postgres_catalog_s3_tables_s3_registry_redis_and_parallel_writers(
+    versions, trained, redis_repo, s3_endpoint, tmp_path, monkeypatch
 ):
-    """The production layout: deploy/feature_store.yaml (registry on S3, Redis) with embeddings and the
-    gate's report on S3 (moto); two Ray writer actors read the version's files from S3 into Redis.
-    Every key counted, values read back through Feast from the S3 registry."""
+    """deploy/feature_store.yaml as a cluster uses it: the embeddings catalog on a real PostgreSQL
+    server (password from PGPASSWORD only), the tables' files on S3 (moto), Feast's registry on S3,
+    Redis online. Embed a batch, publish it with two Ray writer actors, read it back online and
+    point-in-time offline (Feast's IcebergSource through pyiceberg: PostgreSQL + S3)."""
     import s3fs
     from feast import FeatureStore
+
+    from ray_jobs.config import EmbedConfig
+    from ray_jobs.embed import embed
+    from vae.catalog import EmbeddingsCatalog, settings_from_yaml
 
     feature_repo, _, _ = redis_repo
     v1 = versions["names"][0]
     fs, bucket = s3fs.S3FileSystem(), f"vae-{uuid.uuid4().hex[:12]}"
     fs.mkdir(bucket)
-    # Parquet files + _manifest.json
-    fs.put(str(versions["root"] / v1), f"{bucket}/embeddings/{v1}", recursive=True)
-    production = tmp_path / "feature_store.yaml"
-    production.write_text(
-        (REPO / "deploy" / "feature_store.yaml").read_text().replace("s3://my-bucket/", f"s3://{bucket}/")
-    )
-    # Feast's S3 registry (boto3) reads its endpoint from here
-    monkeypatch.setenv("FEAST_S3_ENDPOINT_URL", s3_endpoint)
-    summary = publish(
-        PublishConfig(
-            embeddings=f"s3://{bucket}/embeddings",
-            feature_repo=str(feature_repo),
-            feature_store_yaml=str(production),
-            model_version="latest",
-            monitoring=f"s3://{bucket}/monitoring",
-            writers=2,
-            parallel_min_rows=0,
-            write_batch_rows=150,
-            verify_rows=200,
+    with postgres_server() as (port, password):
+        monkeypatch.setenv("PGUSER", "vae")
+        monkeypatch.setenv("PGHOST", "127.0.0.1")
+        monkeypatch.setenv("PGPASSWORD", password)
+        production = tmp_path / "feature_store.yaml"
+        text = (
+            (REPO / "deploy" / "feature_store.yaml").read_text().replace("s3://my-bucket/", f"s3://{bucket}/")
         )
-    )  # 5 files of up to 400 rows: 5 units over 2 actors
-    assert (
-        fs.exists(f"{bucket}/vae/feast/registry.pb") and not (feature_repo / "data" / "registry.db").exists()
-    )
-    assert summary["model_version"] == v1 and summary["rows"] == 1797 and summary["writers"] == 2
-    assert summary["gate"]["passed"] and summary["gate"]["report"].startswith(
-        f"s3://{bucket}/monitoring/{v1}-"
-    )
-    assert fs.exists(summary["gate"]["report"]) and fs.exists(
-        summary["gate"]["report"].replace("report.html", "report.json")
-    )
-    store = FeatureStore(repo_path=str(feature_repo), fs_yaml_file=production)
-    view = store.get_feature_view(summary["view"])
-    assert view.batch_source.path == f"s3://{bucket}/embeddings/{v1}/*.parquet"  # offline reads go to S3 too
-    assert online_row_count(store, view) == 1797
-    expected = pq.read_table(versions["root"] / v1).to_pandas().set_index("item_id")
-    for row in fetch_online(store, summary["view"], list(range(0, 1797, 13)), "item_id"):
-        np.testing.assert_array_equal(
-            np.asarray(row["latent"], np.float32),
-            np.asarray(expected.loc[row["item_id"], "latent"], np.float32),
+        production.write_text(text.replace(":5432/", f":{port}/"))
+        # Feast's S3 registry (boto3) reads its endpoint from here
+        monkeypatch.setenv("FEAST_S3_ENDPOINT_URL", s3_endpoint)
+        embedded = embed(
+            EmbedConfig(
+                data=str(trained["data"]),
+                model_root=str(versions["model_root"]),
+                model_version=v1,
+                feature_store_yaml=str(production),
+                rows_per_file=400,
+                batch="2026-11-30",
+            )
         )
-        assert row["anomaly_score"] == pytest.approx(expected.loc[row["item_id"], "anomaly_score"], rel=1e-6)
+        summary = publish(
+            PublishConfig(
+                feature_repo=str(feature_repo),
+                feature_store_yaml=str(production),
+                model_version="latest",
+                monitoring=f"s3://{bucket}/monitoring",
+                writers=2,
+                parallel_min_rows=0,
+                write_batch_rows=150,
+                verify_rows=200,
+            )
+        )
+        catalog = EmbeddingsCatalog(*settings_from_yaml(production))
+        table = catalog.table("item", v1)
+        assert table.location().startswith(f"s3://{bucket}/vae/warehouse/") and embedded.embedded_rows == 1797
+        assert (
+            fs.exists(f"{bucket}/vae/feast/registry.pb")
+            and not (feature_repo / "data" / "registry.db").exists()
+        )
+        assert summary["model_version"] == v1 and summary["rows"] == 1797 and summary["writers"] == 2
+        assert summary["gate"]["passed"] and summary["gate"]["report"].startswith(
+            f"s3://{bucket}/monitoring/{v1}-"
+        )
+        store = FeatureStore(repo_path=str(feature_repo), fs_yaml_file=production)
+        view = store.get_feature_view(summary["view"])
+        # offline reads go to the same catalog and tables; the registry holds no password
+        assert (
+            view.batch_source.catalog_properties["uri"]
+            == f"postgresql+psycopg2://vae@127.0.0.1:{port}/vae_catalog"
+        )
+        assert password not in production.read_text()
+        assert online_row_count(store, view) == 1797
+        expected = catalog.read(table).to_pandas().set_index("item_id")
+        for row in fetch_online(store, summary["view"], list(range(0, 1797, 13)), "item_id"):
+            np.testing.assert_array_equal(
+                np.asarray(row["latent"], np.float32),
+                np.asarray(expected.loc[row["item_id"], "latent"], np.float32),
+            )
+            assert row["anomaly_score"] == pytest.approx(
+                expected.loc[row["item_id"], "anomaly_score"], rel=1e-6
+            )
+        entity_df = pd.DataFrame({"item_id": [4, 1500], "event_timestamp": [pd.Timestamp.now(tz="UTC")] * 2})
+        offline = store.get_historical_features(entity_df=entity_df, features=[f"{view.name}:latent"]).to_df()
+        for key, latent in zip(offline["item_id"], offline["latent"], strict=True):
+            np.testing.assert_array_equal(
+                np.asarray(latent, np.float32), np.asarray(expected.loc[key, "latent"])
+            )

@@ -3,8 +3,8 @@ Milvus Lite (feature_repo/vector_search), checked against exact brute-force neig
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from conftest import version_rows
 
 import feast_embeddings.vectors
 from feast_embeddings import EmbeddingsRepo, search_similar
@@ -26,7 +26,6 @@ def test_search_matches_brute_force_neighbours_per_version(versions, feature_rep
     for name in (v1, v2):
         publish(
             PublishConfig(
-                embeddings=str(versions["root"]),
                 feature_repo=str(feature_repo),
                 model_version=name,
                 vector_search=True,
@@ -36,14 +35,14 @@ def test_search_matches_brute_force_neighbours_per_version(versions, feature_rep
     store = FeatureStore(repo_path=str(feature_repo / "vector_search"))
     repo = EmbeddingsRepo(feature_repo).definitions
 
-    table = pq.read_table(versions["root"] / v2, columns=["item_id", "latent"])
+    table = pa.Table.from_pandas(version_rows(feature_repo, v2).reset_index()[["item_id", "latent"]])
     keys = np.asarray(table.column("item_id").to_pylist())
     vectors = np.asarray(table.column("latent").to_pylist(), np.float32)
     queries = np.random.default_rng(0).standard_normal((40, vectors.shape[1])).astype(np.float32)
     recalls = []
     for query in queries:
         exact = keys[np.argsort(((vectors - query) ** 2).sum(axis=1))[:10]]
-        hits = search_similar(store, repo.vector_view_name(v2), query, 10)
+        hits = search_similar(store, repo.vector_view_name("item", v2), query, 10)
         # searched within the one version
         assert len(hits) == 10 and {h["model_version"] for h in hits} == {v2}
         assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
@@ -54,9 +53,9 @@ def test_search_matches_brute_force_neighbours_per_version(versions, feature_rep
         recalls.append(len(set(exact) & {h["item_id"] for h in hits}) / 10)
     assert np.mean(recalls) == 1.0  # FLAT is an exact index
     # v1 is searchable on its own, and gives its own answers.
-    assert {h["model_version"] for h in search_similar(store, repo.vector_view_name(v1), queries[0], 10)} == {
-        v1
-    }
+    assert {
+        h["model_version"] for h in search_similar(store, repo.vector_view_name("item", v1), queries[0], 10)
+    } == {v1}
 
 
 def test_latent_size_other_than_the_vector_store_is_a_clear_error(versions, feature_repo):
@@ -65,7 +64,6 @@ def test_latent_size_other_than_the_vector_store_is_a_clear_error(versions, feat
     ):
         publish(
             PublishConfig(
-                embeddings=str(versions["root"]),
                 feature_repo=str(feature_repo),
                 model_version=versions["names"][0],
                 vector_search=True,
@@ -91,7 +89,6 @@ def test_an_index_whose_vectors_do_not_find_themselves_is_refused(versions, feat
     with pytest.raises(RuntimeError, match="vector index verification failed: item_id=.* instead of itself"):
         publish(
             PublishConfig(
-                embeddings=str(versions["root"]),
                 feature_repo=str(feature_repo),
                 model_version=versions["names"][0],
                 vector_search=True,

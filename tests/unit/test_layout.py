@@ -28,7 +28,7 @@ def test_the_library_imports_neither_ray_nor_feast():
 
 def test_the_feast_package_and_the_feature_repo_import_no_ray_and_no_job_code():
     statements = [f"import {name}" for name in modules("feast_embeddings")]
-    statements.append("feast_embeddings.EmbeddingsRepo('feature_repo').declarations()")  # runs features.py
+    statements.append("feast_embeddings.EmbeddingsRepo('feature_repo').definitions")  # ran features.py
     loaded = imported_after("\n".join(statements))
     assert "feast" in loaded and not loaded & {"ray", "ray_jobs"}
 

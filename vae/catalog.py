@@ -1,0 +1,513 @@
+"""Embeddings as Apache Iceberg tables in a SQL catalog (pyiceberg): one table per (entity set, model
+version), one batch per embed run, and the catalog of published versions.
+
+    catalog     a SQLite file (the embedded default) or PostgreSQL: `catalog` in the settings
+    warehouse   where tables keep their files: a local directory or s3://
+    namespace   vae.<entity>: properties join_key, key_type, and the publication state (current,
+                previous, published.<version>, online.<version>, written.<version>,
+                indexed.<version>)
+    table       vae.<entity>.v_<version>, partitioned by batch_id: a batch is whole files
+    a batch     one Iceberg commit: rows of batch_id = B deleted and the run's files added, in one
+                transaction; its snapshots carry vae.batch-id, vae.run-id, vae.event-time and counts
+
+Readers see a batch whole or not at all; earlier snapshots stay readable (time travel). A commit that
+loses the optimistic-concurrency race (another batch landed first) is retried on the new metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+import pyarrow as pa
+
+from vae.errors import InputError, first_line
+from vae.storage import filesystem, is_local, storage_errors, url_of
+
+NAMESPACE = "vae"
+FILE_IO = "pyiceberg.io.fsspec.FsspecFileIO"  # s3fs: the AWS environment, AWS_ENDPOINT_URL included
+BATCH, RUN, EVENT_TIME = "vae.batch-id", "vae.run-id", "vae.event-time"
+KeyType = Literal["int64", "string"]
+
+logging.getLogger("pyiceberg").setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class EntitySet:
+    """An embedding set: what its vectors describe and how a consumer looks them up."""
+
+    name: str
+    join_key: str
+    key_type: KeyType
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One committed batch of a version's table."""
+
+    batch_id: str
+    rows: int
+    snapshot_id: int
+    committed_at: str
+    run_id: str
+    event_time: str | None
+    properties: dict[str, str]
+
+
+@dataclass
+class Publication:
+    """Which versions of an entity set the feature store serves: the catalog of published versions."""
+
+    current: str | None = None
+    previous: str | None = None
+    published: dict[str, str] = field(default_factory=dict)  # version -> first published at (ISO)
+    online: dict[str, bool] = field(default_factory=dict)
+    written: dict[str, int] = field(default_factory=dict)  # version -> snapshot id written online
+    indexed: dict[str, int] = field(default_factory=dict)  # version -> snapshot id in the vector index
+
+
+def table_name(version: str) -> str:
+    """A model version as an Iceberg (and SQL) identifier: v_20261123T203831Z_450da0be."""
+    return "v_" + re.sub(r"[^0-9A-Za-z_]", "_", version)
+
+
+def check_entity_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", name):
+        raise InputError(f"entity '{name}': use lower-case letters, digits and _ (e.g. item, user)")
+    return name
+
+
+class EmbeddingsCatalog:
+    """The SQL catalog of a feature repo's embeddings, with its warehouse."""
+
+    def __init__(self, uri: str, warehouse: str):
+        from pyiceberg.catalog.sql import SqlCatalog
+
+        _ensure_working_directory()
+        fs, root = filesystem(warehouse)
+        self.warehouse = f"file://{root}" if is_local(fs) else url_of(fs, root)
+        self.uri = uri
+        if is_local(fs):
+            os.makedirs(root, exist_ok=True)
+        if uri.startswith("sqlite:///"):  # SQLite makes the file, not its directory
+            os.makedirs(os.path.dirname(uri.removeprefix("sqlite:///")) or ".", exist_ok=True)
+        try:
+            self.catalog = SqlCatalog(NAMESPACE, uri=uri, warehouse=self.warehouse, **{"py-io-impl": FILE_IO})
+        except Exception as error:  # SQLAlchemy: a bad URI, a server that refuses, a missing driver
+            raise InputError(
+                f"catalog {redact(uri)}: {type(error).__name__}: {first_line(redact(str(error)))}"
+            ) from None
+
+    @property
+    def properties(self) -> dict[str, str]:
+        """What a reader needs to open this catalog (Feast's IcebergSource): no credentials in it."""
+        return {"uri": self.uri, "warehouse": self.warehouse, "py-io-impl": FILE_IO}
+
+    # -- entity sets -------------------------------------------------------------------------------
+
+    def entity_sets(self) -> list[EntitySet]:
+        namespaces = self.catalog.list_namespaces((NAMESPACE,)) if self._has_root() else []
+        return [self.entity_set(namespace[-1]) for namespace in sorted(namespaces)]
+
+    def entity_set(self, name: str) -> EntitySet:
+        from pyiceberg.exceptions import NoSuchNamespaceError
+
+        try:
+            properties = self.catalog.load_namespace_properties((NAMESPACE, name))
+        except NoSuchNamespaceError:
+            have = ", ".join(e.name for e in self.entity_sets()) or "none"
+            raise InputError(
+                f"no embeddings for entity '{name}' in catalog {redact(self.uri)} (have: {have})"
+            ) from None
+        return EntitySet(name, properties["join_key"], properties["key_type"])
+
+    def register(self, name: str, join_key: str, key_type: KeyType) -> EntitySet:
+        """The entity set, created on first use; a later embed must use the same key."""
+        from pyiceberg.exceptions import NamespaceAlreadyExistsError
+
+        check_entity_name(name)
+        with contextlib.suppress(NamespaceAlreadyExistsError):
+            self.catalog.create_namespace((NAMESPACE,))
+        with contextlib.suppress(NamespaceAlreadyExistsError):
+            self.catalog.create_namespace((NAMESPACE, name), {"join_key": join_key, "key_type": key_type})
+        existing = self.entity_set(name)
+        if (existing.join_key, existing.key_type) != (join_key, key_type):
+            raise InputError(
+                f"entity '{name}' is keyed by {existing.join_key} ({existing.key_type}), but this data by "
+                f"{join_key} ({key_type}); use another entity name (--entity) or the same key"
+            )
+        return existing
+
+    def _has_root(self) -> bool:
+        return (NAMESPACE,) in self.catalog.list_namespaces()
+
+    # -- tables --------------------------------------------------------------------------------------
+
+    def versions(self, entity: str) -> list[str]:
+        self.entity_set(entity)
+        tables = self.catalog.list_tables((NAMESPACE, entity))
+        loaded = [self.catalog.load_table(identifier) for identifier in tables]
+        return sorted(
+            t.properties["vae.model-version"] for t in loaded if "vae.model-version" in t.properties
+        )
+
+    def table(self, entity: str, version: str):
+        from pyiceberg.exceptions import NoSuchTableError
+
+        try:
+            return self.catalog.load_table((NAMESPACE, entity, table_name(version)))
+        except NoSuchTableError:
+            have = ", ".join(self.versions(entity)[-5:]) or "none"
+            raise InputError(
+                f"entity '{entity}' has no embeddings by model version '{version}' (have: {have})"
+            ) from None
+
+    def resolve(self, entity: str, version: str) -> str:
+        """A version name, with 'latest' (the newest embedded) and 'current' (the published one) resolved."""
+        if version == "current":
+            current = self.publication(entity).current
+            if current is None:
+                raise InputError(
+                    f"entity '{entity}' has no current version yet; publish one (vaectl publish)"
+                )
+            return current
+        if version == "latest":
+            versions = self.versions(entity)
+            if not versions:
+                raise InputError(
+                    f"entity '{entity}' has no embeddings yet; run the embed job first (vaectl embed)"
+                )
+            return versions[-1]
+        return version
+
+    def create_table(self, entity: EntitySet, version: str, schema: pa.Schema, properties: dict[str, str]):
+        """The version's table, created (partitioned by batch_id) if it does not exist yet."""
+        from pyiceberg.exceptions import TableAlreadyExistsError
+
+        identifier = (NAMESPACE, entity.name, table_name(version))
+        if self.catalog.table_exists(identifier):  # create_table writes a metadata file before it checks
+            return self.catalog.load_table(identifier)
+        with storage_errors(self.warehouse), contextlib.suppress(TableAlreadyExistsError):
+            table = self.catalog.create_table(
+                identifier, schema=schema, properties={"vae.model-version": version, **properties}
+            )
+            with table.update_spec() as spec:
+                spec.add_identity("batch_id")
+        return self.catalog.load_table(identifier)
+
+    # -- batches ---------------------------------------------------------------------------------------
+
+    def batches(self, table, as_of: str | int | None = None) -> list[Batch]:
+        """The batches a snapshot of the table holds (default: the current one), oldest commit first."""
+        snapshot = snapshot_of(table, as_of)
+        if snapshot is None:
+            return []
+        by_id = {s.snapshot_id: s for s in table.snapshots()}
+        chain = []
+        while snapshot is not None:
+            chain.append(snapshot)
+            snapshot = by_id.get(snapshot.parent_snapshot_id)
+        rows = rows_per_batch(table, chain[0].snapshot_id)
+        live: dict[str, Batch] = {}
+        for snap in reversed(chain):  # oldest first: a later commit of a batch replaces the earlier one
+            properties = snap.summary.additional_properties
+            batch = properties.get(BATCH)
+            if batch is None or snap.summary.operation.value != "append":
+                continue
+            committed = datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat()
+            live.pop(batch, None)
+            live[batch] = Batch(
+                batch,
+                rows.get(batch, 0),
+                snap.snapshot_id,
+                committed,
+                properties.get(RUN, ""),
+                properties.get(EVENT_TIME),
+                dict(properties),
+            )
+        return [b for b in live.values() if b.batch_id in rows]
+
+    def read(
+        self,
+        table,
+        columns: list[str] | None = None,
+        batches: list[str] | None = None,
+        as_of: str | int | None = None,
+    ) -> pa.Table:
+        """Rows of the table (at a snapshot), optionally of some batches only."""
+        from pyiceberg.expressions import AlwaysTrue, In
+
+        snapshot = snapshot_of(table, as_of)
+        if snapshot is None:
+            return table.schema().as_arrow().empty_table()
+        row_filter = In("batch_id", batches) if batches else AlwaysTrue()
+        fields = tuple(columns) if columns else ("*",)
+        return table.scan(
+            row_filter=row_filter, selected_fields=fields, snapshot_id=snapshot.snapshot_id
+        ).to_arrow()
+
+    def data_files(
+        self, table, batches: list[str] | None = None, as_of: str | int | None = None
+    ) -> list[str]:
+        """The data files of a snapshot (of some batches): a batch is whole files, so no deletes apply."""
+        from pyiceberg.expressions import AlwaysTrue, In
+
+        snapshot = snapshot_of(table, as_of)
+        if snapshot is None:
+            return []
+        row_filter = In("batch_id", batches) if batches else AlwaysTrue()
+        tasks = table.scan(row_filter=row_filter, snapshot_id=snapshot.snapshot_id).plan_files()
+        return [task.file.file_path.removeprefix("file://") for task in tasks]
+
+    def commit_batch(
+        self,
+        table,
+        batch_id: str,
+        files: list[str],
+        properties: dict[str, str],
+        run_id: str,
+        started_ms: int,
+        attempts: int = 10,
+    ) -> tuple[Batch, bool]:
+        """Replace batch B's rows with these files in one transaction; returns the batch as it landed,
+        and False where this run had already landed it (nothing committed now).
+
+        Another batch landing first makes the commit retry on the new metadata. Another run of the same
+        batch landing after this run started is a conflict: it is named, nothing is replaced."""
+        from pyiceberg.exceptions import CommitFailedException
+        from pyiceberg.expressions import EqualTo
+
+        snapshot_properties = {BATCH: batch_id, RUN: run_id, **properties}
+        _ensure_working_directory()
+        for attempt in range(attempts):
+            table.refresh()
+            landed = next((b for b in self.batches(table) if b.batch_id == batch_id), None)
+            if landed is not None and landed.run_id != run_id and _committed_ms(landed) > started_ms:
+                raise InputError(
+                    f"batch '{batch_id}' of {table.name()[-1]} was committed by another run "
+                    f"({landed.run_id}) at {landed.committed_at}, after this run started; nothing was "
+                    "replaced (run again to replace it)"
+                )
+            if (
+                landed is not None
+                and landed.run_id == run_id
+                and set(files) <= self._files_of(table, batch_id)
+            ):
+                return landed, False  # this very run already landed (a concurrent twin, or a re-run)
+            try:
+                with table.transaction() as transaction:
+                    if landed is not None:
+                        transaction.delete(
+                            EqualTo("batch_id", batch_id), snapshot_properties=snapshot_properties
+                        )
+                    transaction.add_files(files, snapshot_properties=snapshot_properties)
+                return next(b for b in self.batches(table) if b.batch_id == batch_id), True
+            except CommitFailedException:
+                time.sleep(0.05 * (attempt + 1))
+        raise RuntimeError(f"batch '{batch_id}': the catalog refused {attempts} commits in a row; try again")
+
+    def _files_of(self, table, batch_id: str) -> set[str]:
+        files = table.inspect.files()
+        if files.num_rows == 0:
+            return set()
+        pairs = zip(files.column("file_path").to_pylist(), files.column("partition").to_pylist(), strict=True)
+        return {path for path, partition in pairs if partition["batch_id"] == batch_id}
+
+    # -- publication ------------------------------------------------------------------------------------
+
+    def publication(self, entity: str) -> Publication:
+        """What is published of an entity set (nothing, for one not embedded yet)."""
+        from pyiceberg.exceptions import NoSuchNamespaceError
+
+        try:
+            properties = self.catalog.load_namespace_properties((NAMESPACE, entity))
+        except NoSuchNamespaceError:
+            return Publication()
+        state = Publication(
+            current=properties.get("current") or None, previous=properties.get("previous") or None
+        )
+        for key, value in properties.items():
+            kind, _, version = key.partition(".")
+            if kind == "published" and version:
+                state.published[version] = value
+            elif kind == "online" and version:
+                state.online[version] = value == "true"
+            elif kind in ("written", "indexed") and version:
+                getattr(state, kind)[version] = int(value)
+        return state
+
+    def update_publication(self, entity: str, **updates: str | None) -> None:
+        """Set publication properties, e.g. current=v, **{"online.v": "true"}; None removes one."""
+        removals = {key for key, value in updates.items() if value is None}
+        values = {key: value for key, value in updates.items() if value is not None}
+        self.catalog.update_namespace_properties((NAMESPACE, entity), removals=removals, updates=values)
+
+    # -- a lease lock in the catalog's database -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, name: str, ttl_seconds: float = 300, wait_seconds: float = 600) -> Iterator[None]:
+        """Held by one process at a time across machines (the catalog's database); a holder that crashed
+        loses it when its lease runs out."""
+        from sqlalchemy import text
+
+        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        engine = self.catalog.engine
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "CREATE TABLE IF NOT EXISTS vae_locks "
+                    "(name VARCHAR(255) PRIMARY KEY, holder VARCHAR(255), expires DOUBLE PRECISION)"
+                )
+            )
+        deadline = time.monotonic() + wait_seconds
+        while not self._try_lock(name, holder, ttl_seconds):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"lock '{name}' still held after {wait_seconds:.0f} s; see table vae_locks"
+                )
+            time.sleep(0.1)
+        try:
+            yield
+        finally:
+            with engine.begin() as connection:
+                connection.execute(
+                    text("DELETE FROM vae_locks WHERE name = :name AND holder = :holder"),
+                    {"name": name, "holder": holder},
+                )
+
+    def _try_lock(self, name: str, holder: str, ttl_seconds: float) -> bool:
+        from sqlalchemy import text
+        from sqlalchemy.exc import IntegrityError, OperationalError
+
+        now = time.time()
+        try:
+            with self.catalog.engine.begin() as connection:
+                taken = connection.execute(
+                    text(
+                        "UPDATE vae_locks SET holder = :holder, expires = :expires "
+                        "WHERE name = :name AND expires < :now"
+                    ),
+                    {"holder": holder, "expires": now + ttl_seconds, "name": name, "now": now},
+                ).rowcount
+                if taken:
+                    return True
+                connection.execute(
+                    text("INSERT INTO vae_locks (name, holder, expires) VALUES (:name, :holder, :expires)"),
+                    {"name": name, "holder": holder, "expires": now + ttl_seconds},
+                )
+                return True
+        except (IntegrityError, OperationalError):  # held by another process; SQLite: busy
+            return False
+
+
+def _ensure_working_directory() -> None:
+    """pyiceberg looks for its config file in the working directory on every operation; a Ray job's
+    working directory can be removed under it by Ray's package cache (seen on a two-node cluster)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(os.path.expanduser("~"))
+
+
+def model_version_info(table, model_root: str):
+    """The model version that made a table's embeddings (metadata only, no weights): at the path the
+    table records, else under model_root."""
+    from vae.artifacts import read_model_version_info
+
+    version = table.properties["vae.model-version"]
+    parent, _, name = table.properties.get("vae.model-path", "").rstrip("/").rpartition("/")
+    if parent and name == version:
+        with contextlib.suppress(InputError):  # moved since: look under model_root
+            return read_model_version_info(parent, name)
+    return read_model_version_info(model_root, version)
+
+
+def snapshot_of(table, as_of: str | int | None):
+    """The snapshot a read sees: the current one, a snapshot id, or the one current at an ISO time."""
+    if as_of is None:
+        return table.current_snapshot()
+    text_value = str(as_of)
+    if text_value.isdigit():
+        snapshot = table.snapshot_by_id(int(text_value))
+        if snapshot is None:
+            raise InputError(
+                f"{'.'.join(table.name())} has no snapshot {as_of}; see vaectl embeddings history"
+            )
+        return snapshot
+    try:
+        moment = datetime.fromisoformat(text_value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(f"--as-of {as_of}: a snapshot id or an ISO time (2026-11-23T00:00:00Z)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    snapshot = table.snapshot_as_of_timestamp(int(moment.timestamp() * 1000))
+    if snapshot is None:
+        raise InputError(f"{'.'.join(table.name())} did not exist yet at {moment.isoformat()}")
+    return snapshot
+
+
+def rows_per_batch(table, snapshot_id: int | None = None) -> dict[str, int]:
+    """Rows per batch in a snapshot, from its data files' records (no data read)."""
+    files = table.inspect.files(snapshot_id=snapshot_id)
+    rows: dict[str, int] = {}
+    partitions = files.column("partition").to_pylist() if files.num_rows else []
+    for partition, count in zip(partitions, files.column("record_count").to_pylist(), strict=True):
+        rows[partition["batch_id"]] = rows.get(partition["batch_id"], 0) + count
+    return rows
+
+
+def _committed_ms(batch: Batch) -> int:
+    return int(datetime.fromisoformat(batch.committed_at).timestamp() * 1000)
+
+
+def redact(text: str) -> str:
+    """A database URI or message with any password replaced by ***."""
+    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
+
+
+def listing_json(listing: list[dict]) -> str:
+    return json.dumps(listing, sort_keys=True)
+
+
+def settings_from_yaml(path: str | os.PathLike) -> tuple[str, str]:
+    """(catalog URI, warehouse) from a feature_store.yaml's `vae_embeddings` block, ${VARS} expanded
+    and relative paths taken relative to the file (where Feast takes the repo's paths)."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(os.path.expandvars(path.read_text())) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise InputError(f"{path}: {first_line(error)}") from None
+    block = values.get("vae_embeddings") if isinstance(values, dict) else None
+    if not isinstance(block, dict) or not block.get("catalog") or not block.get("warehouse"):
+        raise InputError(
+            f"{path}: no vae_embeddings block with catalog and warehouse (the project's has one)"
+        )
+    return absolute_uri(str(block["catalog"]), path.parent), absolute_path(
+        str(block["warehouse"]), path.parent
+    )
+
+
+def absolute_uri(uri: str, base) -> str:
+    """A SQLite URI with a relative file made absolute against `base`; other URIs as they are."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        return prefix + str((base / uri[len(prefix) :]).absolute())
+    return uri
+
+
+def absolute_path(location: str, base) -> str:
+    return location if "://" in location else str((base / location).absolute())
