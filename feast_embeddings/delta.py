@@ -48,9 +48,9 @@ def latest_per_key(keys: pa.Table, join_key: str, commit_order: list[str]) -> pa
     """One row per key: the latest event time, a tie going to the batch committed last."""
     if keys.num_rows == 0:
         return keys
-    rank = {batch: position for position, batch in enumerate(commit_order)}
-    order = pa.array([rank.get(b, -1) for b in keys.column("batch_id").to_pylist()], pa.int64())
-    ranked = keys.append_column("_commit", order)
+    # each row's batch as its position in the commit order, without a Python loop over the rows
+    order = pc.index_in(keys.column("batch_id"), value_set=pa.array(commit_order, pa.string()))
+    ranked = keys.append_column("_commit", pc.fill_null(order, -1).cast(pa.int64()))
     ranked = ranked.take(
         pc.sort_indices(
             ranked,

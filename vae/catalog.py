@@ -17,7 +17,6 @@ loses the optimistic-concurrency race (another batch landed first) is retried on
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -473,10 +472,6 @@ def _committed_ms(batch: Batch) -> int:
 def redact(text: str) -> str:
     """A database URI or message with any password replaced by ***."""
     return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
-
-
-def listing_json(listing: list[dict]) -> str:
-    return json.dumps(listing, sort_keys=True)
 
 
 def settings_from_yaml(path: str | os.PathLike) -> tuple[str, str]:

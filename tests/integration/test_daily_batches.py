@@ -114,23 +114,16 @@ def test_incremental_days_offline_and_online_rerun_and_feast_apply(trained, feat
     def publish_item(**options) -> dict:
         return publish(PublishConfig(feature_repo=str(feature_repo), verify_rows=64, **options))
 
+    def written(published: dict) -> tuple:
+        return published["rows"], published["version_keys"], published["batches"]
+
     first = embed_day("day-1", DAY_1)
     published_1 = publish_item()
-    assert (published_1["rows"], published_1["version_keys"], published_1["batches"]) == (
-        1000,
-        1000,
-        ["day-1"],
-    )
-    assert published_1["gate"]["passed"]
+    assert written(published_1) == (1000, 1000, ["day-1"]) and published_1["gate"]["passed"]
     second = embed_day("day-2", DAY_2)
     published_2 = publish_item()
     # only the day's batch is written online; the key count covers the whole version; no gate (no switch)
-    assert (published_2["rows"], published_2["version_keys"], published_2["batches"]) == (
-        897,
-        1797,
-        ["day-2"],
-    )
-    assert published_2["gate"] is None
+    assert written(published_2) == (897, 1797, ["day-2"]) and published_2["gate"] is None
 
     version = trained["version"]
     catalog = catalog_of(feature_repo)

@@ -23,10 +23,6 @@ from vae import InputError
 CURRENT = "item_embeddings_current"
 
 
-def parquet_rows(feature_repo, name) -> pd.DataFrame:
-    return version_rows(feature_repo, name)
-
-
 def config(versions, feature_repo, **options) -> PublishConfig:
     return PublishConfig(feature_repo=str(feature_repo), model_root=str(versions["model_root"]), **options)
 
@@ -63,7 +59,7 @@ def test_pinned_versions_current_alias_and_rollback(versions, feature_repo):
     store = FeatureStore(repo_path=str(feature_repo))
 
     # every vector of the pinned view equals the Parquet row and carries its model version
-    expected = parquet_rows(feature_repo, v1)
+    expected = version_rows(feature_repo, v1)
     fetched = fetch_online(store, first["view"], list(range(1797)), "item_id")
     assert [row["model_version"] for row in fetched] == [v1] * 1797
     for row in fetched[::97]:
@@ -158,7 +154,7 @@ def test_keep_online_drops_old_versions_online_only(versions, feature_repo):
     assert len(tables) == 2 and all(len(rows) == 4 * 1797 for rows in tables.values())
     assert not any(repo.version_view_name("item", v1) in name for name in tables)
     for name in (v2, v3):
-        expected = parquet_rows(feature_repo, name)
+        expected = version_rows(feature_repo, name)
         for row in fetch_online(store, repo.version_view_name("item", name), [3, 500, 1796], "item_id"):
             assert row["model_version"] == name
             np.testing.assert_array_equal(
@@ -212,7 +208,7 @@ def test_point_in_time_retrieval_around_a_switch(versions, feature_repo):
     ).to_df()
     np.testing.assert_array_equal(
         np.asarray(frame["latent"].iloc[0], np.float32),
-        np.asarray(parquet_rows(feature_repo, v2).loc[11, "latent"], np.float32),
+        np.asarray(version_rows(feature_repo, v2).loc[11, "latent"], np.float32),
     )
 
 
