@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+# the shared copy beside the checkout, or MNIST_DIR (a machine where it lies elsewhere)
+MNIST_DIR = Path(
+    os.environ.get("MNIST_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+)
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 from vae.errors import InputError
@@ -93,12 +94,25 @@ def ray_session() -> Iterator[None]:
     # than Ray Data's UserCodeException, which keeps only its text.
     ray.data.DataContext.get_current().raise_original_map_exception = True
     quiet_ray_data_input_errors()
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # workers' lines without escape codes in log files
     if ray.is_initialized():
         yield
         return
     address = os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+    global _private_cluster
+    _private_cluster = address == "local"
     try:
         yield
     finally:
+        _private_cluster = False
         ray.shutdown()
+
+
+_private_cluster = False
+
+
+def is_private_cluster() -> bool:
+    """Whether this process started the Ray cluster it uses (one machine, gone with the job)."""
+    return _private_cluster

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ray_jobs.cluster import resource_request
 from vae.errors import InputError
@@ -53,8 +53,13 @@ def parse_config(config_class: type[ConfigT], argv: list[str] | None, prog: str)
     try:
         return config_class(**values)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(_problem(e) for e in error.errors())
         raise InputError(f"invalid {prog} config: {problems}") from None
+
+
+def _problem(error: dict) -> str:
+    message = error["msg"].removeprefix("Value error, ")  # a model validator's: it names its fields
+    return f"{'.'.join(map(str, error['loc']))}: {message}" if error["loc"] else message
 
 
 def read_yaml_mapping(path: str, what: str, of: str) -> dict:
@@ -131,7 +136,9 @@ class TrainConfig(JobConfig):
     )
     # optimization
     epochs: int = Field(20, gt=0, description="maximum passes over the training data")
-    batch_size: int = Field(128, gt=0, description="examples per step on each worker")
+    batch_size: int = Field(
+        128, gt=0, description="examples per optimizer step across all workers (the global batch)"
+    )
     learning_rate: float = Field(1e-3, gt=0, description="Adam peak learning rate")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="learning-rate decay after warm-up"
@@ -176,7 +183,15 @@ class TrainConfig(JobConfig):
     run_name: str | None = Field(
         None, description="Ray Train run name; the default derives from config + data, so a re-run resumes"
     )
-    checkpoint_every: int = Field(1, gt=0, description="checkpoint every N epochs (and always at the end)")
+    checkpoint_every: int = Field(
+        0, ge=0, description="checkpoint every N epochs (0 = by time only; always at the end)"
+    )
+    checkpoint_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="checkpoint after an epoch when this many seconds passed since the last one "
+        "(0 = by epochs only): each checkpoint is a report that waits on Ray Train's controller",
+    )
     keep_checkpoints: int = Field(
         2, gt=0, description="checkpoints kept, best by validation ELBO (the latest is kept too)"
     )
@@ -202,6 +217,23 @@ class TrainConfig(JobConfig):
         0.99, gt=0, lt=1, description="is_anomaly: score above this quantile of the validation scores"
     )
 
+    @model_validator(mode="after")
+    def _global_batch_splits(self) -> TrainConfig:
+        if self.batch_size % self.num_workers:
+            fits = ", ".join(
+                str(self.batch_size // self.num_workers * self.num_workers + i * self.num_workers)
+                for i in (0, 1)
+            )
+            raise ValueError(
+                f"batch_size {self.batch_size} is the global batch and must split evenly across "
+                f"{self.num_workers} workers (e.g. {fits})"
+            )
+        return self
+
+    def worker_batch_size(self) -> int:
+        """Rows per optimizer step on each worker."""
+        return self.batch_size // self.num_workers
+
     def worker_request(self) -> dict[str, float]:
         """The Ray resources of one training worker."""
         return resource_request(
@@ -217,6 +249,7 @@ TRAIN_OPERATIONAL = {
     "max_failures",
     "keep_checkpoints",
     "checkpoint_every",
+    "checkpoint_seconds",
     "model_root",
     "report_rows",
     "reference_rows",

@@ -4,8 +4,13 @@
               checkpoint if there is one, this worker's data (its key-hash shard in memory, or
               Ray Data's streamed split), schedules
     epoch     optimizer steps over the shard -> all-reduced training sums -> validation over every
-              rank's validation rows -> one line of metrics (rank 0) -> report (+ checkpoint)
-    finish    best weights -> importance-weighted NLL, collapse check -> the final report
+              rank's validation rows -> one line of metrics (rank 0) -> a checkpoint when one is due
+    finish    best weights -> importance-weighted NLL, collapse check, the validation reference ->
+              the final checkpoint
+
+Ray Train hears from the workers only at checkpoints: each report waits for its controller to take
+the previous one (it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report per epoch would
+cost seconds per epoch. The per-epoch metrics are logged by rank 0 and kept in the run state.
 
 Everything the run needs to continue after a restart is in RunState, saved with each checkpoint.
 """
@@ -16,8 +21,10 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import ray
 import ray.train
@@ -27,9 +34,8 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from ray_jobs.config import TrainConfig
-from vae import VAE, FeatureSchema, ModelConfig, Normalizer, features_to_numpy
+from vae import VAE, FeatureSchema, ModelConfig, Normalizer, elbo_terms
 from vae.diagnostics import collapse_warning
-from vae.keys import key_hash, worker_of
 from vae.training import (
     Objective,
     RunState,
@@ -38,6 +44,7 @@ from vae.training import (
     iw_nll_sums,
     key_shard,
     load_training_state,
+    save_reference,
     save_training_state,
     take_rows,
     train_epoch,
@@ -57,6 +64,9 @@ class WorkerSetup:
     features: FeatureSchema
     normalizer: Normalizer
     train_rows: int
+    # per rank, the Arrow blocks of its own keys (materialize: all its rows; streaming: its
+    # validation rows), split off by the driver; held in Ray's object store
+    own_rows: list[list[ray.ObjectRef]]
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -71,7 +81,7 @@ class TrainingWorker:
         self.config, self.setup = setup.config, setup
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        _quiet_ray_train_reports()
+        _quiet_ray_logs()
         torch.set_num_threads(max(1, int(self.config.cpus_per_worker)))
         self.device = ray.train.torch.get_device()
         torch.manual_seed(self.config.seed)  # identical initial weights on every rank
@@ -85,6 +95,7 @@ class TrainingWorker:
         self.ddp_model = ray.train.torch.prepare_model(self.model)
         self.data = WorkerData(setup, self.rank, self.world, self.device)
         self.objective = objective(self.config, self.data.steps_per_epoch, self.device)
+        self.last_checkpoint = time.monotonic()
 
     def _resume(self, checkpoint: Checkpoint) -> None:
         with checkpoint.as_directory() as checkpoint_dir:
@@ -101,12 +112,22 @@ class TrainingWorker:
                 break  # a finished run re-submitted: nothing left to do
             metrics = self.epoch(epoch)
             stop = self.record(metrics)
-            last = stop or epoch == self.config.epochs
-            self.report(metrics, save=last or epoch % self.config.checkpoint_every == 0)
-            if stop:
-                break
+            if stop or epoch == self.config.epochs:
+                break  # finish() writes the final checkpoint
+            if self.checkpoint_due(epoch):
+                self.report(metrics)
         if self.state.final is None:
             self.finish()
+
+    def checkpoint_due(self, epoch: int) -> bool:
+        """Every checkpoint_every epochs, or when checkpoint_seconds have passed since the last one.
+        Rank 0's clock decides for every rank: all ranks must report together."""
+        every, seconds = self.config.checkpoint_every, self.config.checkpoint_seconds
+        elapsed = time.monotonic() - self.last_checkpoint
+        due = (every > 0 and epoch % every == 0) or (seconds > 0 and elapsed >= seconds)
+        decision = torch.tensor([int(due)], device=self.device)
+        dist.broadcast(decision, src=0)
+        return bool(decision.item())
 
     def epoch(self, epoch: int) -> dict:
         """Train one epoch and validate; returns the epoch's metrics (all ranks agree on them)."""
@@ -187,7 +208,7 @@ class TrainingWorker:
             **{k: v for k, v in state.final.items() if k != "resumed_from"},
             "final": True,
         }
-        self.report(final_metrics, save=True)
+        self.report(final_metrics, reference=self.validation_reference())
 
     def importance_weighted_nll(self) -> float | None:
         if self.config.iw_samples == 0:
@@ -199,80 +220,103 @@ class TrainingWorker:
         dist.all_reduce(sums)
         return float(sums[1] / sums[0]) if sums[0] else None
 
-    def report(self, metrics: dict, save: bool) -> None:
-        """Report from every rank; rank 0 attaches the checkpoint (weights are identical on all ranks).
-        Ray gets the scalar metrics; per-dimension lists live in the checkpoint's history."""
+    @torch.inference_mode()
+    def validation_reference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """Posterior means and anomaly scores (as the embed job computes them) of up to
+        max(report_rows, reference_rows) validation rows, an equal share from each rank, gathered on
+        rank 0 (None elsewhere): the version's monitoring reference and the report's plot."""
+        rows = math.ceil(max(self.config.report_rows, self.config.reference_rows) / self.world)
+        self.model.eval()
+        latents, scores = [], []
+        for x in batches_of(self.data.validation_x[:rows], 4096):
+            terms = elbo_terms(self.model, x, sample=False)
+            latents.append(terms.posterior.mean.float().cpu().numpy())
+            scores.append(terms.negative_elbo.float().cpu().numpy())
+        labels = self.data.validation_labels
+        mine = (
+            np.concatenate(latents) if latents else np.empty((0, self.setup.model.latent_dim), np.float32),
+            np.concatenate(scores) if scores else np.empty(0, np.float32),
+            None if labels is None else labels[:rows],
+        )
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        if self.rank != 0:
+            return None
+        parts = list(zip(*gathered, strict=True))
+        labels = None if labels is None else np.concatenate(parts[2])
+        return np.concatenate(parts[0]), np.concatenate(parts[1]), labels
+
+    def report(self, metrics: dict, reference: tuple | None = None) -> None:
+        """A checkpoint, reported from every rank; rank 0 attaches it (weights are identical on all
+        ranks). Ray gets the scalar metrics; per-dimension lists live in the checkpoint's history."""
         metrics = {name: value for name, value in metrics.items() if not isinstance(value, list)}
-        if not (save and self.rank == 0):
+        self.last_checkpoint = time.monotonic()
+        if self.rank != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             save_training_state(
                 checkpoint_dir, self.model, self.best_weights, self.optimizer, self.state.to_dict()
             )
+            if reference is not None:
+                save_reference(checkpoint_dir, *reference)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir))
 
 
 class WorkerData:
-    """This worker's training and validation rows as tensors on its device.
+    """This worker's rows. Validation rows (the keys hashing to its rank) are held in memory as
+    tensors, sorted by key hash, with their labels. Training rows, materialize: this rank's keys in
+    memory, sorted by key hash, so the data order (and the run) is the same whatever the file layout.
+    Streaming: Ray Data's equal split, converted to tensors in Ray Data tasks, local shuffle buffer.
 
-    materialize: rows are kept in memory; each worker owns the keys hashing to its rank, sorted by
-    key hash, so the data order (and the run) is the same whatever the file layout. Streaming: Ray
-    Data's equal split, with a local shuffle buffer."""
+    Each rank fetches only its own rows: the driver split them off by key hash."""
 
     def __init__(self, setup: WorkerSetup, rank: int, world: int, device: torch.device):
-        self.config, self.features, self.normalizer = setup.config, setup.features, setup.normalizer
-        self.rank, self.world, self.device = rank, world, device
+        self.config, self.rank, self.device = setup.config, rank, device
+        self.batch_size = self.config.worker_batch_size()
+        shard = key_shard(
+            _fetched(setup.own_rows[rank]),
+            setup.features,
+            setup.normalizer,
+            self.config.validation_fraction,
+            device,
+            self.config.label_column,
+        )
+        self.validation_x, self.validation_labels = shard.validation, shard.validation_labels
         self.train_x: torch.Tensor | None = None
         if self.config.materialize:
-            shard = ray.train.get_dataset_shard("train").iter_batches(batch_size=None, batch_format="pyarrow")
-            fraction = self.config.validation_fraction
-            self.train_x, self.validation_x = key_shard(
-                shard, self.features, self.normalizer, rank, world, fraction, device
-            )
-            # DDP ranks must take the same number of steps: every rank uses as many rows as the smallest
-            # shard.
-            smallest = torch.tensor([len(self.train_x)], dtype=torch.int64)
+            self.train_x = shard.train
+            # DDP ranks must take the same number of steps: every rank uses as many rows as the
+            # smallest shard (a different subset each epoch).
+            smallest = torch.tensor([len(self.train_x)], dtype=torch.int64, device=device)
             dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-            self.rows_per_epoch = int(smallest)
+            self.rows_per_epoch = int(smallest.item())
         else:
             self.rows_per_epoch = setup.train_rows // world
-        self.steps_per_epoch = max(1, math.ceil(self.rows_per_epoch / self.config.batch_size))
+        self.steps_per_epoch = max(1, math.ceil(self.rows_per_epoch / self.batch_size))
 
     def train_batches(self, epoch: int):
-        batch_size = self.config.batch_size
         if self.train_x is not None:
             generator = torch.Generator().manual_seed(_seed(self.config.seed, epoch, self.rank))
-            order = torch.randperm(len(self.train_x), generator=generator)[: self.rows_per_epoch].to(
-                self.device
-            )
-            return (self.train_x[index] for index in order.split(batch_size))
+            order = torch.randperm(len(self.train_x), generator=generator)[: self.rows_per_epoch]
+            return (self.train_x[index] for index in order.to(self.device).split(self.batch_size))
         shuffle = self.config.shuffle_buffer
-        batches = ray.train.get_dataset_shard("train").iter_batches(
-            batch_size=batch_size,
-            batch_format="pyarrow",
+        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=self.batch_size,
+            device=self.device,
             local_shuffle_buffer_size=shuffle or None,
             local_shuffle_seed=self.config.seed + epoch if shuffle else None,
+            prefetch_batches=4,
         )
-        return (self._tensor(batch) for batch in batches)
+        return (batch["x"] for batch in batches)
 
     def validation_batches(self):
-        batch_size = self.config.batch_size * 4
-        if self.train_x is not None:
-            return batches_of(self.validation_x, batch_size)
-        batches = ray.train.get_dataset_shard("validation").iter_batches(
-            batch_size=batch_size, batch_format="pyarrow"
-        )
-        return (self._tensor(self._own_rows(batch)) for batch in batches)
+        return batches_of(self.validation_x, self.batch_size * 4)
 
-    def _own_rows(self, batch: pa.Table) -> pa.Table:
-        hashes = key_hash(batch.column(self.features.key_column))
-        return batch.filter(pa.array(worker_of(hashes, self.world) == self.rank))
 
-    def _tensor(self, batch: pa.Table) -> torch.Tensor:
-        # the statistics pass checked every row
-        matrix = features_to_numpy(batch, self.features, validated=True)
-        return torch.from_numpy(self.normalizer(matrix)).to(self.device)
+def _fetched(blocks: list[ray.ObjectRef]) -> Iterator[pa.Table]:
+    for block in blocks:
+        yield ray.get(block)
 
 
 def objective(config: TrainConfig, steps_per_epoch: int, device: torch.device) -> Objective:
@@ -301,19 +345,21 @@ def _copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
 
 
-def _quiet_ray_train_reports() -> None:
-    # Ray Train logs every report (metrics and checkpoint) at INFO from every rank, under a logger
-    # named after its source file; our per-epoch line says the same once.
+def _quiet_ray_logs() -> None:
+    # Ray Train logs every report and checkpoint at INFO from every rank, and Ray Data every
+    # execution of a dataset, each epoch when streaming; our per-epoch line says what matters once.
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _max_param_divergence(model: torch.nn.Module) -> float:
     """Largest difference of any weight between ranks: 0.0 when DDP kept the replicas in sync."""
-    flat = torch.cat([p.detach().flatten().double().cpu() for p in model.parameters()])
+    flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
     high, low = flat.clone(), flat.clone()
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     dist.all_reduce(low, op=dist.ReduceOp.MIN)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from vae.diagnostics import active_units, importance_weighted_nll, posterior_mean_variance
 from vae.errors import InputError
-from vae.keys import is_validation, key_hash, worker_of
+from vae.keys import is_validation, key_hash
 from vae.losses import elbo_terms
 from vae.model import VAE
 from vae.preprocessing import FeatureSchema, Normalizer, features_to_numpy
@@ -64,6 +64,7 @@ MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
+REFERENCE_FILE = "reference.npz"
 
 
 def save_training_state(
@@ -103,6 +104,21 @@ def load_training_state(
         slots.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": state.pop("param_groups")})
     return load_file(directory / BEST_FILE), state
+
+
+def save_reference(
+    directory: str | Path, latents: np.ndarray, scores: np.ndarray, labels: np.ndarray | None
+) -> None:
+    """The best weights' posterior means and anomaly scores of validation rows (and their labels):
+    the version's monitoring reference and the report's plot, computed where the rows already are."""
+    arrays = {"latents": latents, "scores": scores} | ({} if labels is None else {"labels": labels})
+    np.savez(Path(directory) / REFERENCE_FILE, **arrays)
+
+
+def load_reference(directory: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    with np.load(Path(directory) / REFERENCE_FILE, allow_pickle=False) as arrays:
+        labels = arrays["labels"] if "labels" in arrays else None
+        return arrays["latents"], arrays["scores"], labels
 
 
 def load_best_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -252,41 +268,54 @@ def iw_nll_sums(
     return sums
 
 
+@dataclass
+class KeyShard:
+    """A worker's rows as normalized tensors, sorted by key hash (the same whatever the file layout),
+    and the validation rows' labels (for the report's plot), if a label column was given."""
+
+    train: torch.Tensor
+    validation: torch.Tensor
+    validation_labels: np.ndarray | None
+
+
 def key_shard(
     batches: Iterable[pa.Table],
     features: FeatureSchema,
     normalizer: Normalizer,
-    rank: int,
-    world: int,
     validation_fraction: float,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This worker's (training, validation) rows as normalized tensors: the keys that hash to its
-    rank, sorted by key hash, so the data (and the run) is the same whatever the file layout.
-
-    Rows are filtered before they are converted; the statistics pass validated them already."""
+    label_column: str | None = None,
+) -> KeyShard:
+    """The worker's own rows (the keys that hash to its rank, filtered before they get here), split by
+    key hash into training and validation. The statistics pass validated the rows already."""
     parts: dict[bool, list[tuple[np.ndarray, np.ndarray]]] = {False: [], True: []}
+    labels: list[np.ndarray] = []
     for batch in batches:
         hashes = key_hash(batch.column(features.key_column))
-        mine = worker_of(hashes, world) == rank
-        hashes = hashes[mine]
-        matrix = features_to_numpy(batch.filter(pa.array(mine)), features, validated=True)
+        matrix = features_to_numpy(batch, features, validated=True)
         validation = is_validation(hashes, validation_fraction)
         for held_out in (False, True):
-            rows = validation == held_out
-            parts[held_out].append((hashes[rows], matrix[rows]))
-    return _sorted_tensor(parts[False], features, normalizer, device), _sorted_tensor(
-        parts[True], features, normalizer, device
-    )
+            parts[held_out].append((hashes[validation == held_out], matrix[validation == held_out]))
+        if label_column:
+            labels.append(batch.column(label_column).to_numpy(zero_copy_only=False)[validation])
+    train, _ = _sorted_tensor(parts[False], features, normalizer, device)
+    validation, order = _sorted_tensor(parts[True], features, normalizer, device)
+    return KeyShard(train, validation, _label_array(labels)[order] if label_column else None)
 
 
 def _sorted_tensor(
     parts, features: FeatureSchema, normalizer: Normalizer, device: torch.device
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, np.ndarray]:
     hashes = np.concatenate([h for h, _ in parts]) if parts else np.empty(0, np.uint64)
     matrix = np.concatenate([m for _, m in parts]) if parts else np.empty((0, features.dim), np.float32)
     order = np.argsort(hashes, kind="stable")
-    return torch.from_numpy(normalizer(matrix[order])).to(device)
+    return torch.from_numpy(normalizer(matrix[order])).to(device), order
+
+
+def _label_array(parts: list[np.ndarray]) -> np.ndarray:
+    labels = np.concatenate(parts) if parts else np.empty(0)
+    # strings as a fixed-width unicode array: saved with the checkpoint without pickle
+    return labels.astype(str) if labels.dtype == object else labels
 
 
 def batches_of(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

@@ -33,6 +33,7 @@ config = TrainConfig(
     num_workers=2,
     worker_resources={"trainer": 1},
     max_failures=2,
+    checkpoint_every=1,
     iw_samples=0,
     report_rows=0,
     model_root=str(work / "models"),

@@ -102,6 +102,7 @@ def test_rerunning_after_the_driver_was_killed_resumes(vectors, tmp_path):
             kl_warmup_epochs="0",
             iw_samples="0",
             report_rows="0",
+            checkpoint_every="1",
             model_root=str(tmp_path / "models"),
             storage_path=str(tmp_path / "ray_results"),
             run_name="killed",

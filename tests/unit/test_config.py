@@ -51,3 +51,12 @@ def test_boolean_options_are_switches():
         "vaectl publish",
     )
     assert config.vector_search is True and config.switch_current is False and config.keep_online == 3
+
+
+def test_the_global_batch_must_split_evenly_across_the_workers():
+    with pytest.raises(
+        InputError, match=r"batch_size 128 is the global batch .* 3 workers \(e\.g\. 126, 129\)"
+    ):
+        parse_config(TrainConfig, ["--data", "x", "--num-workers", "3"], "vaectl train")
+    config = parse_config(TrainConfig, ["--data", "x", "--num-workers", "4", "--batch-size", "256"], "t")
+    assert config.worker_batch_size() == 64
