@@ -84,6 +84,8 @@ class TrainingWorker:
         _quiet_ray_logs()
         torch.set_num_threads(max(1, int(self.config.cpus_per_worker)))
         self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL's object collectives use the current device
         torch.manual_seed(self.config.seed)  # identical initial weights on every rank
         self.model = VAE(setup.model).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.learning_rate)
