@@ -80,21 +80,28 @@ def plain_loop(
     for _ in range(epochs):
         model.train()
         started = time.perf_counter()
-        for index in torch.randperm(len(x_train), generator=generator).split(GLOBAL_BATCH):
-            x = torch.bernoulli(x_train[index], generator=generator)  # dynamic binarization
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.lr(step)
-            terms = elbo_terms(model, x, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            terms.loss(schedule.kl_weight(step)).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
-            optimizer.step()
-            step += 1
+        order = torch.randperm(len(x_train), generator=generator)
+        step = steps_through(model, optimizer, schedule, x_train, order.split(GLOBAL_BATCH), generator, step)
         epoch_seconds.append(time.perf_counter() - started)
     result = {"epoch_seconds": epoch_seconds, "samples_per_s": len(x_train) / median(epoch_seconds[1:])}
     if iw_samples:
         result.update(evaluate(model, x_val, iw_samples))
     return result
+
+
+def steps_through(model, optimizer, schedule: Schedule, x_train, batches, generator, step: int) -> int:
+    """One optimizer step per batch of row indices (the baselines' whole loop); returns the step count."""
+    for index in batches:
+        x = torch.bernoulli(x_train[index], generator=generator)  # dynamic binarization
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr(step)
+        terms = elbo_terms(model, x, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        terms.loss(schedule.kl_weight(step)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
+        optimizer.step()
+        step += 1
+    return step
 
 
 @torch.no_grad()
@@ -150,16 +157,7 @@ def _ddp_rank(rank, processes, threads, shards, epochs, kl_warmup_epochs, port, 
     for _ in range(epochs):
         started = time.perf_counter()
         order = torch.randperm(len(x_train), generator=generator)[: steps * batch]
-        for index in order.split(batch):
-            x = torch.bernoulli(x_train[index], generator=generator)
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.lr(step)
-            terms = elbo_terms(model, x, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            terms.loss(schedule.kl_weight(step)).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
-            optimizer.step()
-            step += 1
+        step = steps_through(model, optimizer, schedule, x_train, order.split(batch), generator, step)
         epoch_seconds.append(time.perf_counter() - started)
     if rank == 0:
         results.put(epoch_seconds)

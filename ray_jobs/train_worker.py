@@ -34,8 +34,9 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from ray_jobs.config import TrainConfig
-from vae import VAE, FeatureSchema, ModelConfig, Normalizer, elbo_terms
+from vae import VAE, FeatureSchema, ModelConfig, Normalizer
 from vae.diagnostics import collapse_warning
+from vae.encode import encode_normalized
 from vae.training import (
     Objective,
     RunState,
@@ -222,24 +223,17 @@ class TrainingWorker:
         dist.all_reduce(sums)
         return float(sums[1] / sums[0]) if sums[0] else None
 
-    @torch.inference_mode()
     def validation_reference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
         """Posterior means and anomaly scores (as the embed job computes them) of up to
         max(report_rows, reference_rows) validation rows, an equal share from each rank, gathered on
         rank 0 (None elsewhere): the version's monitoring reference and the report's plot."""
         rows = math.ceil(max(self.config.report_rows, self.config.reference_rows) / self.world)
         self.model.eval()
-        latents, scores = [], []
-        for x in batches_of(self.data.validation_x[:rows], 4096):
-            terms = elbo_terms(self.model, x, sample=False)
-            latents.append(terms.posterior.mean.float().cpu().numpy())
-            scores.append(terms.negative_elbo.float().cpu().numpy())
+        encoded = [encode_normalized(self.model, x) for x in batches_of(self.data.validation_x[:rows], 4096)]
+        empty = (np.empty((0, self.setup.model.latent_dim), np.float32), np.empty(0, np.float32))
+        latents, scores = (np.concatenate(part) for part in zip(*encoded, strict=True)) if encoded else empty
         labels = self.data.validation_labels
-        mine = (
-            np.concatenate(latents) if latents else np.empty((0, self.setup.model.latent_dim), np.float32),
-            np.concatenate(scores) if scores else np.empty(0, np.float32),
-            None if labels is None else labels[:rows],
-        )
+        mine = (latents, scores, None if labels is None else labels[:rows])
         gathered: list = [None] * self.world
         dist.all_gather_object(gathered, mine)
         if self.rank != 0:

@@ -19,6 +19,11 @@ def encode_matrix(
     The anomaly score is the negative ELBO in nats evaluated at the posterior mean, so the same
     row always gets the same score; higher means more unusual.
     """
-    x = torch.from_numpy(normalizer(matrix)).to(device, non_blocking=True)
+    return encode_normalized(model, torch.from_numpy(normalizer(matrix)).to(device, non_blocking=True))
+
+
+@torch.inference_mode()
+def encode_normalized(model: VAE, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """`encode_matrix` for rows already normalized, on the model's device (training's validation rows)."""
     terms = elbo_terms(model, x, sample=False)
-    return terms.posterior.mean.cpu().numpy(), terms.negative_elbo.cpu().numpy()
+    return terms.posterior.mean.float().cpu().numpy(), terms.negative_elbo.float().cpu().numpy()
