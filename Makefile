@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The local CPU wheel; on a GPU machine set TORCH_SPEC to the CUDA build you want.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-unit bench lint clean redis-server postgresql chromium cluster-pin
+.PHONY: setup demo test test-unit bench lint clean redis-server postgresql chromium prometheus cluster-pin
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/vaectl demo
 
-test: setup redis-server postgresql chromium
+test: setup redis-server postgresql chromium prometheus
 	$(BIN)/python -m pytest -q
 
 # The library, configs and deployment files without servers or Ray: seconds.
@@ -43,6 +43,13 @@ chromium:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
+# The pipeline's metrics tests push to a real Pushgateway scraped by a real Prometheus (promtool
+# checks and unit-tests deploy/prometheus/); Debian's packages do not start services on install here.
+prometheus:
+	@{ command -v prometheus && command -v prometheus-pushgateway && command -v promtool; } >/dev/null || \
+		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+		prometheus prometheus-pushgateway >/dev/null; }
+
 bench: setup redis-server
 	$(BIN)/python -m benchmarks.embed
 	$(BIN)/python -m benchmarks.publish
@@ -51,12 +58,13 @@ bench: setup redis-server
 	$(BIN)/python -m benchmarks.anomaly
 	$(BIN)/python -m benchmarks.drift
 	$(BIN)/python -m benchmarks.cluster
+	$(BIN)/python -m benchmarks.month
 
 # Point cluster.yaml and the KubeRay RayJob at this checkout's commit (push it before `ray up`).
 cluster-pin:
 	@git diff --quiet HEAD || { echo "commit your changes first: the clusters install a commit, not a working tree" >&2; exit 1; }
-	sed -i -E "s/(vae-feast(\.git@|\/archive\/))[0-9a-f]{40}/\1$$(git rev-parse HEAD)/g" cluster.yaml deploy/kuberay/rayjob.yaml
-	@grep -hoE "vae-feast(\.git@|/archive/)[0-9a-f]{40}" cluster.yaml deploy/kuberay/rayjob.yaml | sort -u
+	sed -i -E "s/(vae-feast(\.git@|\/archive\/))[0-9a-f]{40}/\1$$(git rev-parse HEAD)/g" cluster.yaml deploy/kuberay/rayjob.yaml deploy/kuberay/pipeline-cronjob.yaml
+	@grep -hoE "vae-feast(\.git@|/archive/)[0-9a-f]{40}" cluster.yaml deploy/kuberay/rayjob.yaml deploy/kuberay/pipeline-cronjob.yaml | sort -u
 
 SOURCES := vae feast_embeddings ray_jobs feature_repo tests benchmarks
 # Lines of at most 110 characters (pyproject.toml), imports in order, one formatting.

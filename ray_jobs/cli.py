@@ -40,10 +40,15 @@ JOBS = {
     "embeddings": Job(
         "ray_jobs.embeddings",
         config.EmbeddingsCommand,
-        "an entity set's tables: history <entity> [<version>], export, migrate --source ROOT",
+        "an entity set's tables: history <entity> [<version>], export, decisions <entity>, migrate",
     ),
     "demo": Job(
         "ray_jobs.demo", config.DemoConfig, "run train, embed and publish end to end on scikit-learn's digits"
+    ),
+    "pipeline": Job(
+        "ray_jobs.pipeline",
+        config.PipelineConfig,
+        "the daily step: embed, monitor, publish a batch; retrain, gate, switch, roll back",
     ),
     "submit": Job(
         "ray_jobs.submit",

@@ -10,7 +10,7 @@ import argparse
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -49,7 +49,10 @@ def parse_config(config_class: type[ConfigT], argv: list[str] | None, prog: str)
     values: dict = {}
     if config_path := args.pop("config", None):
         values = read_yaml_mapping(config_path, "config", "option names to values")
-    values.update({name: _parse_flag(raw) for name, raw in args.items()})
+    for name, raw in args.items():
+        text_field = config_class.model_fields[name].annotation in (str, str | None)
+        # A string option keeps its text (--batch 2026-11-23 is a name, not a date); null still means None.
+        values[name] = (None if raw in ("null", "~") else raw) if text_field else _parse_flag(raw)
     try:
         return config_class(**values)
     except ValidationError as error:
@@ -88,7 +91,9 @@ class TrainConfig(JobConfig):
     """Train a VAE with Ray Train on a Parquet dataset and save a model version."""
 
     # data
-    data: str = Field(description="Parquet file or directory to train on")
+    data: str | list[str] = Field(
+        description="Parquet file or directory to train on, or a list of them (e.g. recent daily batches)"
+    )
     key_column: str = Field(
         "item_id", description="entity key column (string or integer); decides the validation split"
     )
@@ -118,6 +123,11 @@ class TrainConfig(JobConfig):
     )
     binarize: bool = Field(
         False, description="dynamic binarization: sample binary targets from [0,1] data each step"
+    )
+    init_from: str | None = Field(
+        None,
+        description="start from this model version's weights (a name under model_root; same architecture): "
+        "retraining a champion on new data keeps its latent space close",
     )
     # objective
     beta: float = Field(1.0, ge=0, description="weight of the KL term after warm-up (1 = the true ELBO)")
@@ -328,6 +338,12 @@ class EmbedConfig(EmbeddingsOptions):
         "(default: the threshold chosen at training, anomaly_quantile there)",
     )
     batch_size: int = Field(8192, gt=0, description="rows per encoder call")
+    in_process_rows: int = Field(
+        0,
+        ge=0,
+        description="inputs of at most this many rows are encoded in this process, without Ray (its "
+        "start-up costs more than a small daily batch); 0 = always on Ray",
+    )
     rows_per_file: int = Field(
         262_144, gt=0, description="rows per output file: the unit of work and of resuming"
     )
@@ -422,15 +438,15 @@ class MonitorConfig(GateOptions, EmbeddingsOptions):
 
 
 class EmbeddingsCommand(EmbeddingsOptions):
-    """`vaectl embeddings history|export|migrate`: a version's batches and snapshots, a time-travel export,
-    the migration of Parquet-directory versions into tables."""
+    """`vaectl embeddings history|export|decisions|migrate`: a version's batches and snapshots, a
+    time-travel export, the pipeline's decision log, the migration of Parquet-directory versions."""
 
-    command: Literal["history", "export", "migrate"] = Field(description="what to do")
+    command: Literal["history", "export", "decisions", "migrate"] = Field(description="what to do")
     model_version: str = Field(
         "latest", description="history/export: the version ('latest', 'current' or a name)"
     )
     as_of: str | int | None = Field(None, description="export: as of a snapshot id or an ISO time")
-    batch: str | None = Field(None, description="export: one batch only")
+    batch: str | None = Field(None, description="export, decisions: one batch only")
     output: str | None = Field(
         None, description="export: the Parquet file or directory to write (local or s3://)"
     )
@@ -511,6 +527,122 @@ class PublishConfig(GateOptions):
     def writer_request(self) -> dict[str, float]:
         """One Ray online writer's resources (never a GPU)."""
         return resource_request(self.cpus_per_writer, 0.0, self.writer_resources)
+
+
+# ---------------------------------------------------------------------------------------------
+# pipeline
+
+# What the step decides for every embed, publish and training it runs: not options of their blocks.
+_PIPELINE_SETS = {
+    "train": {"data", "model_root", "init_from", "run_name"},
+    "embed": {"data", "model_root", "model_version", "batch", "event_time", "entity", "feature_store_yaml"},
+    "publish": {
+        "entity",
+        "model_version",
+        "feature_repo",
+        "feature_store_yaml",
+        "switch_current",
+        "rollback",
+    },
+}
+
+
+class PipelineConfig(GateOptions):
+    """One daily step for one entity set: embed a new batch with the current version, monitor it, publish
+    it; retrain, gate, backfill and switch when the trigger fires; roll a new version back when a batch
+    breaches its watch. Idempotent: run it again after a failure, or twice, and nothing is duplicated."""
+
+    entity: str = Field("item", description="the embedding set (entity): one VAE, one key")
+    data: str = Field(description="the new batch: a Parquet file or directory (local or s3://)")
+    batch: str | None = Field(
+        None,
+        description="the batch's name (default: the data path's last part, date=2026-11-23 -> 2026-11-23)",
+    )
+    event_time: datetime | None = Field(
+        None, description="event_timestamp of the batch's rows (default: when its newest file was written)"
+    )
+    timestamp_column: str | None = Field(None, description="input column used as event_timestamp")
+    feature_repo: str = Field("feature_repo", description="Feast repo directory")
+    feature_store_yaml: str | None = Field(
+        None, description="another feature_store.yaml for the repo's definitions (default: the repo's)"
+    )
+    model_root: str = Field("models", description="directory or s3:// prefix that holds model versions")
+    initial_version: str | None = Field(
+        "latest",
+        description="when nothing is current yet: this version from model_root; when model_root has none "
+        "(or null), a first version is trained on this batch",
+    )
+    # the retraining trigger
+    drift_batches: int = Field(2, gt=0, description="retrain on drift in this many (K) of the last N batches")
+    drift_window: int = Field(3, gt=0, description="the N of the drift trigger: batches looked back on")
+    anomaly_rate_multiple: float = Field(
+        3.0,
+        gt=1,
+        description="retrain (or, watching, roll back) when the anomaly rate exceeds this "
+        "multiple of the calibrated rate",
+    )
+    retry_batches: int = Field(
+        2, ge=0, description="after a refused challenger, batches to wait before training another"
+    )
+    # the challenger
+    train_window: int = Field(7, gt=0, description="a challenger trains on this many recent batches")
+    warm_start: bool = Field(True, description="a challenger starts from the champion's weights")
+    elbo_margin: float = Field(
+        1.0, ge=0, description="the challenger's held-out -ELBO may exceed the champion's by this many nats"
+    )
+    train: dict[str, Any] = Field(
+        {},
+        description="training options of a challenger (default: the champion's own; a first version "
+        "needs its features, e.g. {feature_columns: [a, b]})",
+    )
+    # after a switch
+    watch_batches: int = Field(
+        3, ge=0, description="batches checked against a new version's own reference; a breach rolls back"
+    )
+    # the jobs the step runs
+    embed: dict[str, Any] = Field({}, description="embed options, e.g. {on_bad_rows: quarantine}")
+    in_process_rows: int = Field(
+        200_000, ge=0, description="batches of at most this many rows are encoded in this process, not on Ray"
+    )
+    publish: dict[str, Any] = Field({}, description="publish options, e.g. {writers: 4}")
+    monitoring: str | None = Field(
+        None, description="monitoring reports go here (default: <feature_repo>/data/monitoring)"
+    )
+    sample_rows: int = Field(5000, ge=100, description="rows per side the drift and movement checks use")
+    permutations: int = Field(200, ge=19, description="permutations behind the drift p-values")
+    # operations
+    pushgateway: str | None = Field(
+        None, description="Prometheus Pushgateway URL for the step's metrics (default: $PUSHGATEWAY_URL)"
+    )
+    lock_seconds: float = Field(
+        300, gt=0, description="the step's lease on the entity set's lock, renewed while it runs"
+    )
+    lock_wait_seconds: float = Field(
+        0, ge=0, description="how long to wait for another step of the entity set to finish"
+    )
+    exit_codes: bool = Field(
+        True,
+        description="exit with the code of the batch's most notable decision (3 drift seen, 4 switched, "
+        "5 challenger refused, 6 rolled back); false: 0 for every step that completed",
+    )
+
+    @model_validator(mode="after")
+    def _blocks(self) -> PipelineConfig:
+        for block, decided in _PIPELINE_SETS.items():
+            if taken := sorted(decided & set(getattr(self, block))):
+                raise ValueError(f"{block}: {', '.join(taken)} are set by the step, not in its {block} block")
+        placeholder = {"data": "-"}
+        for block, config_class in (("train", TrainConfig), ("embed", EmbedConfig)):
+            try:
+                config_class(**{**placeholder, **getattr(self, block)})
+            except ValidationError as error:
+                problems = "; ".join(_problem(e) for e in error.errors())
+                raise ValueError(f"{block}: {problems}") from None
+        try:
+            PublishConfig(**self.publish)
+        except ValidationError as error:
+            raise ValueError(f"publish: {'; '.join(_problem(e) for e in error.errors())}") from None
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

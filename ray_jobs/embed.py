@@ -24,6 +24,7 @@ import numpy as np
 import ray
 import torch
 
+from ray_jobs import metrics as figures
 from ray_jobs.cli import find_input_error, run_cli
 from ray_jobs.cluster import alive_node_resources, capacity_or_fail, ray_session
 from ray_jobs.config import EmbedConfig, parse_config
@@ -51,7 +52,12 @@ log = logging.getLogger("ray_jobs.embed")
 
 
 def run(config: EmbedConfig) -> EmbedResult:
-    return embed(config)
+    """The CLI's entry: embeds, then pushes the run's figures when a Pushgateway is configured."""
+    result = embed(config)
+    metrics = figures.JobMetrics("embed", config.entity)
+    figures.embed_figures(metrics, result)
+    metrics.push()
+    return result
 
 
 def embed(config: EmbedConfig) -> EmbedResult:
@@ -81,7 +87,10 @@ def embed(config: EmbedConfig) -> EmbedResult:
         log.info("resuming run %s: %d of %d output files already written", run, len(done), len(plan.units))
     summaries: list[dict] = []
     try:
-        if pending:
+        if pending and sum(unit.rows for unit in plan.units) <= config.in_process_rows:
+            encoder = UnitEncoder(model_version, options, config.data, paths, torch.device("cpu"))
+            summaries = [encoder.encode(unit) for unit in pending]
+        elif pending:
             with ray_session():
                 summaries = encode_units(config, model_version.version, options, pending, paths)
         settings = {
@@ -224,7 +233,7 @@ class EncoderActor:
 
 
 def main(argv: list[str] | None = None) -> EmbedResult:
-    return embed(parse_config(EmbedConfig, argv, prog="vaectl embed"))
+    return run(parse_config(EmbedConfig, argv, prog="vaectl embed"))
 
 
 if __name__ == "__main__":

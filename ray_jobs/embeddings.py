@@ -1,9 +1,10 @@
-"""`vaectl embeddings history|export|migrate`: look at and move an entity set's Iceberg tables.
+"""`vaectl embeddings history|export|decisions|migrate`: look at and move an entity set's Iceberg tables.
 
 history <entity> [<version>]   the version's batches (rows, snapshot, event time, run) and its
                                snapshots, oldest first: what `--as-of` can name
 export <entity> [<version>]    rows as of a snapshot id or time (--as-of), of one batch or all,
                                to one Parquet file (local or s3://): an offline copy, time-travelled
+decisions <entity>             the daily pipeline's decision log, oldest first (--batch: one batch)
 migrate --source ROOT          Parquet-directory versions (<root>/<version>/*.parquet, as written
                                before the tables) into tables, each as one batch named `migrated`;
                                a version already migrated is left as it is
@@ -32,9 +33,24 @@ def run(config: EmbeddingsCommand) -> dict:
     catalog = EmbeddingsCatalog(*config.catalog_settings())
     if config.command == "migrate":
         return migrate(catalog, config)
+    if config.command == "decisions":
+        return decisions(catalog, config)
     version = catalog.resolve(config.entity, config.model_version)
     table = catalog.table(config.entity, version)
     return history(catalog, table) if config.command == "history" else export(catalog, table, config)
+
+
+def decisions(catalog: EmbeddingsCatalog, config: EmbeddingsCommand) -> dict:
+    """The entity set's decision log (vae.decisions), one line per decision, printed and returned."""
+    from vae.decisions import DecisionLog
+
+    found = DecisionLog(catalog, config.entity).read()
+    if config.batch:
+        found = [d for d in found if d.batch_id == config.batch]
+    print(f"vae.{config.entity}.decisions: {len(found)} decision(s)")
+    for decision in found:
+        print("  " + decision.line())
+    return {"decisions": [decision.line() for decision in found]}
 
 
 def history(catalog: EmbeddingsCatalog, table) -> dict:

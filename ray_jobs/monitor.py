@@ -22,6 +22,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 
+from ray_jobs import metrics as figures
 from ray_jobs.cli import run_cli
 from ray_jobs.cluster import ray_session
 from ray_jobs.config import MonitorConfig, parse_config
@@ -37,6 +38,9 @@ log = logging.getLogger("ray_jobs.monitor")
 def run(config: MonitorConfig) -> dict:
     """The CLI's entry: the report, or an error (exit code 2) when a check failed."""
     report = monitor(config)
+    metrics = figures.JobMetrics("monitor", config.entity)
+    figures.monitoring_figures(metrics, report, ",".join(report["batches"] or ["all"]))
+    metrics.push()
     if not report["passed"]:
         failures = "; ".join(report["failures"])
         raise InputError(f"monitoring checks failed: {failures} (report: {report['report']['html']})")

@@ -41,6 +41,7 @@ from feast_embeddings.versions import (
     switch_current,
 )
 from feast_embeddings.writers import write_batch, write_table
+from ray_jobs import metrics as figures
 from ray_jobs.cli import run_cli
 from ray_jobs.config import PublishConfig, parse_config
 from vae import InputError
@@ -53,7 +54,13 @@ log = logging.getLogger("ray_jobs.publish")
 
 
 def run(config: PublishConfig) -> dict:
-    return publish(config)
+    """The CLI's entry: publishes, then pushes its figures when a Pushgateway is configured."""
+    started = time.perf_counter()
+    summary = publish(config)
+    metrics = figures.JobMetrics("publish", config.entity)
+    figures.publish_figures(metrics, summary, time.perf_counter() - started)
+    metrics.push()
+    return summary
 
 
 def publish(config: PublishConfig) -> dict:
@@ -299,7 +306,7 @@ def show_sample(repo: EmbeddingsRepo, view_name: str, table: pa.Table, key: str,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return publish(parse_config(PublishConfig, argv, prog="vaectl publish"))
+    return run(parse_config(PublishConfig, argv, prog="vaectl publish"))
 
 
 if __name__ == "__main__":

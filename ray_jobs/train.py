@@ -34,11 +34,12 @@ import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
+from ray_jobs import metrics as figures
 from ray_jobs.cli import run_cli
 from ray_jobs.cluster import alive_node_resources, describe, is_private_cluster, node_capacity, ray_session
 from ray_jobs.config import TRAIN_OPERATIONAL, TrainConfig, parse_config
 from ray_jobs.train_worker import WorkerSetup, train_loop_per_worker
-from vae.artifacts import save_model_version
+from vae.artifacts import load_model_version, read_model_version_info, save_model_version
 from vae.errors import InputError
 from vae.keys import is_validation, key_hash, worker_of
 from vae.model import VAE, ModelConfig
@@ -59,7 +60,17 @@ log = logging.getLogger("ray_jobs.train")
 
 
 def run(config: TrainConfig) -> str:
-    return train(config)
+    """The CLI's entry: trains, then pushes the version's figures when a Pushgateway is configured."""
+    started = time.perf_counter()
+    version = train(config)
+    metrics = figures.JobMetrics("train", "-")  # a version is trained before it serves an entity set
+    info = read_model_version_info(config.model_root, version).metadata
+    figures.version_figures(metrics, version, info)
+    figures.stage(
+        metrics, "train", time.perf_counter() - started, info["data"]["rows"], model_version=version
+    )
+    metrics.push()
+    return version
 
 
 def train(config: TrainConfig) -> str:
@@ -90,10 +101,14 @@ class PreparedRun:
 
 def check(config: TrainConfig) -> tuple[FeatureSchema, ModelConfig]:
     """The dataset's schema, the features it gives and the architecture: bad input fails in seconds."""
-    schema = parquet_schema(config.data)
+    paths = config.data if isinstance(config.data, list) else [config.data]
+    if not paths:
+        raise InputError("data: give a Parquet file or directory, or a non-empty list of them")
     image_shape = tuple(config.image_shape) if config.image_shape else None
     columns = (config.key_column, config.vector_column, tuple(config.feature_columns), image_shape)
-    features = infer_feature_schema(schema, config.data, *columns)
+    for path in paths:  # every part must give the same features
+        schema = parquet_schema(path)
+        features = infer_feature_schema(schema, path, *columns)
     if config.label_column and config.label_column not in schema.names:
         have = ", ".join(schema.names)
         raise InputError(
@@ -112,9 +127,17 @@ def check(config: TrainConfig) -> tuple[FeatureSchema, ModelConfig]:
         config.architecture,
     )
     try:
-        return features, ModelConfig(*shape, conv_shape, tuple(config.conv_channels))
+        model = ModelConfig(*shape, conv_shape, tuple(config.conv_channels))
     except ValueError as error:
         raise InputError(f"invalid architecture: {error}") from None
+    if config.init_from:
+        initial = read_model_version_info(config.model_root, config.init_from)
+        if ModelConfig.from_dict(initial.metadata["architecture"]) != model:
+            raise InputError(
+                f"init_from {config.init_from}: its architecture {initial.metadata['architecture']} is not "
+                f"this run's {model.to_dict()}; train from scratch or match latent_dim, hidden_dims, ..."
+            )
+    return features, model
 
 
 def prepare(config: TrainConfig, features: FeatureSchema, model: ModelConfig) -> PreparedRun:
@@ -179,7 +202,12 @@ def fit(config: TrainConfig, prepared: PreparedRun) -> ray.train.Result:
         )
     train_rows = prepared.stats.count - prepared.validation_rows
     shards = _rank_shards(own_rows, features, world)
-    setup = WorkerSetup(config, prepared.model, prepared.features, prepared.normalizer, train_rows, shards)
+    initial = None
+    if config.init_from:
+        initial = load_model_version(config.model_root, config.init_from).model.state_dict()
+    setup = WorkerSetup(
+        config, prepared.model, prepared.features, prepared.normalizer, train_rows, shards, initial
+    )
     use_gpu = config.gpus_per_worker > 0
     scaling = ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
     keep = CheckpointConfig(config.keep_checkpoints, "val_negative_elbo", checkpoint_score_order="min")
@@ -339,7 +367,7 @@ def _streamed_training_rows(
 
 
 def main(argv: list[str] | None = None) -> str:
-    return train(parse_config(TrainConfig, argv, prog="vaectl train"))
+    return run(parse_config(TrainConfig, argv, prog="vaectl train"))
 
 
 if __name__ == "__main__":

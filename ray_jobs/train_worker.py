@@ -68,6 +68,7 @@ class WorkerSetup:
     # per rank, the Arrow blocks of its own keys (materialize: all its rows; streaming: its
     # validation rows), split off by the driver; held in Ray's object store
     own_rows: list[list[ray.ObjectRef]]
+    initial_weights: dict[str, torch.Tensor] | None = None  # init_from: a version's weights
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -88,7 +89,10 @@ class TrainingWorker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL's object collectives use the current device
         torch.manual_seed(self.config.seed)  # identical initial weights on every rank
-        self.model = VAE(setup.model).to(self.device)
+        self.model = VAE(setup.model)
+        if setup.initial_weights is not None:
+            self.model.load_state_dict(setup.initial_weights)
+        self.model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.learning_rate)
         self.best_weights = _copy(self.model)
         self.state = RunState()

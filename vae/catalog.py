@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -128,6 +129,8 @@ class EmbeddingsCatalog:
             raise InputError(
                 f"no embeddings for entity '{name}' in catalog {redact(self.uri)} (have: {have})"
             ) from None
+        if "join_key" not in properties:  # a decision log before the first embed
+            raise InputError(f"entity '{name}' has no embeddings yet; run the embed job first (vaectl embed)")
         return EntitySet(name, properties["join_key"], properties["key_type"])
 
     def register(self, name: str, join_key: str, key_type: KeyType) -> EntitySet:
@@ -137,8 +140,11 @@ class EmbeddingsCatalog:
         check_entity_name(name)
         with contextlib.suppress(NamespaceAlreadyExistsError):
             self.catalog.create_namespace((NAMESPACE,))
+        key = {"join_key": join_key, "key_type": key_type}
         with contextlib.suppress(NamespaceAlreadyExistsError):
-            self.catalog.create_namespace((NAMESPACE, name), {"join_key": join_key, "key_type": key_type})
+            self.catalog.create_namespace((NAMESPACE, name), key)
+        if "join_key" not in self.catalog.load_namespace_properties((NAMESPACE, name)):
+            self.catalog.update_namespace_properties((NAMESPACE, name), updates=key)  # made by the log
         existing = self.entity_set(name)
         if (existing.join_key, existing.key_type) != (join_key, key_type):
             raise InputError(
@@ -354,9 +360,12 @@ class EmbeddingsCatalog:
     # -- a lease lock in the catalog's database -----------------------------------------------------------
 
     @contextlib.contextmanager
-    def lock(self, name: str, ttl_seconds: float = 300, wait_seconds: float = 600) -> Iterator[None]:
+    def lock(
+        self, name: str, ttl_seconds: float = 300, wait_seconds: float = 600, renew: bool = False
+    ) -> Iterator[None]:
         """Held by one process at a time across machines (the catalog's database); a holder that crashed
-        loses it when its lease runs out."""
+        loses it when its lease runs out. renew: a thread extends the lease every ttl/3 while held, for
+        work longer than one lease (a pipeline step that trains)."""
         from sqlalchemy import text
 
         holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -371,18 +380,42 @@ class EmbeddingsCatalog:
         deadline = time.monotonic() + wait_seconds
         while not self._try_lock(name, holder, ttl_seconds):
             if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"lock '{name}' still held after {wait_seconds:.0f} s; see table vae_locks"
-                )
+                raise LockHeld(name, wait_seconds, *self._lock_holder(name))
             time.sleep(0.1)
+        stop = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(name, holder, ttl_seconds, stop), daemon=True)
+        if renew:
+            renewer.start()
         try:
             yield
         finally:
+            stop.set()
+            if renew:
+                renewer.join()
             with engine.begin() as connection:
                 connection.execute(
                     text("DELETE FROM vae_locks WHERE name = :name AND holder = :holder"),
                     {"name": name, "holder": holder},
                 )
+
+    def _renew(self, name: str, holder: str, ttl_seconds: float, stop: threading.Event) -> None:
+        from sqlalchemy import text
+
+        while not stop.wait(ttl_seconds / 3):
+            with contextlib.suppress(Exception), self.catalog.engine.begin() as connection:
+                connection.execute(
+                    text("UPDATE vae_locks SET expires = :expires WHERE name = :name AND holder = :holder"),
+                    {"expires": time.time() + ttl_seconds, "name": name, "holder": holder},
+                )
+
+    def _lock_holder(self, name: str) -> tuple[str, float]:
+        from sqlalchemy import text
+
+        with self.catalog.engine.begin() as connection:
+            row = connection.execute(
+                text("SELECT holder, expires FROM vae_locks WHERE name = :name"), {"name": name}
+            ).first()
+        return (row[0], row[1] - time.time()) if row else ("nobody", 0.0)
 
     def _try_lock(self, name: str, holder: str, ttl_seconds: float) -> bool:
         from sqlalchemy import text
@@ -407,6 +440,17 @@ class EmbeddingsCatalog:
                 return True
         except (IntegrityError, OperationalError):  # held by another process; SQLite: busy
             return False
+
+
+class LockHeld(RuntimeError):
+    """Another process holds a lock past the wait."""
+
+    def __init__(self, name: str, waited: float, holder: str, expires_in: float):
+        super().__init__(
+            f"lock '{name}' is held by {holder} (lease ends in {expires_in:.0f} s unless renewed); waited "
+            f"{waited:.0f} s (table vae_locks)"
+        )
+        self.holder = holder
 
 
 def _ensure_working_directory() -> None:

@@ -1,5 +1,5 @@
-"""Servers the tests start on 127.0.0.1 and stop by the PID they started: moto's S3, redis-server and
-PostgreSQL."""
+"""Servers the tests start on 127.0.0.1 and stop by the PID they started: moto's S3, redis-server,
+PostgreSQL, Prometheus and its Pushgateway."""
 
 from __future__ import annotations
 
@@ -141,4 +141,58 @@ def postgres_server() -> Iterator[tuple[int, str]]:
     finally:
         process.terminate()
         process.wait(timeout=20)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def prometheus_servers(rules: str) -> Iterator[tuple[str, str]]:
+    """Yield (pushgateway URL, Prometheus URL): Debian's prometheus-pushgateway and prometheus on
+    127.0.0.1, Prometheus scraping the gateway every second (honor_labels, as deploy/prometheus/ does)
+    and evaluating the given rules file."""
+    for binary in ("prometheus", "prometheus-pushgateway"):
+        if shutil.which(binary) is None:
+            raise RuntimeError(
+                f"{binary} is not installed; `make test` installs it (apt-get install prometheus "
+                "prometheus-pushgateway)"
+            )
+    directory = tempfile.mkdtemp(prefix="vae-prometheus-")
+    gateway_port, prometheus_port = free_port(), free_port()
+    shutil.copy(rules, os.path.join(directory, "rules.yml"))
+    with open(os.path.join(directory, "prometheus.yml"), "w") as file:
+        file.write(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "rule_files: [rules.yml]\n"
+            "scrape_configs:\n"
+            "  - job_name: pushgateway\n"
+            "    honor_labels: true\n"
+            f"    static_configs: [{{targets: ['127.0.0.1:{gateway_port}']}}]\n"
+        )
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    gateway = subprocess.Popen(
+        # Debian's default persistence file is shared by every gateway on the machine: one of its own
+        [
+            "prometheus-pushgateway",
+            f"--web.listen-address=127.0.0.1:{gateway_port}",
+            f"--persistence.file={directory}/pushgateway.data",
+        ],
+        **quiet,
+    )
+    prometheus = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={directory}/prometheus.yml",
+            f"--storage.tsdb.path={directory}/data",
+            f"--web.listen-address=127.0.0.1:{prometheus_port}",
+        ],
+        cwd=directory,
+        **quiet,
+    )
+    try:
+        wait_for_port(gateway_port, gateway, "prometheus-pushgateway")
+        wait_for_port(prometheus_port, prometheus, "prometheus")
+        yield f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{prometheus_port}"
+    finally:
+        for process in (prometheus, gateway):
+            process.terminate()
+            process.wait(timeout=20)
         shutil.rmtree(directory, ignore_errors=True)

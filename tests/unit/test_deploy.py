@@ -209,3 +209,47 @@ def test_kuberay_rayjob_structure():
         assert step[:3] == ["python", "-m", "ray_jobs.cli"]
         arguments = [a.replace("deploy/", f"{REPO}/deploy/") for a in step[4:]]
         parse_config(JOBS[step[3]].config, arguments, prog=step[3])
+
+
+CRONJOB_YAML = REPO / "deploy" / "kuberay" / "pipeline-cronjob.yaml"
+
+
+def test_pipeline_cronjob_creates_the_days_rayjob_on_the_reviewed_cluster():
+    from ray_jobs.config import PipelineConfig
+
+    docs = {doc["kind"]: doc for doc in yaml.safe_load_all(CRONJOB_YAML.read_text())}
+    assert set(docs) == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"}
+    cron = docs["CronJob"]["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid", "two schedulers at once would race for the day"
+    assert re.fullmatch(r"\d+ \d+ \* \* \*", cron["schedule"]), "once a day"
+    pod = cron["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    binding = docs["RoleBinding"]
+    assert binding["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == docs["ServiceAccount"]["metadata"]["name"]
+    (rule,) = docs["Role"]["rules"]
+    assert rule["apiGroups"] == ["ray.io"] and rule["resources"] == ["rayjobs"] and "create" in rule["verbs"]
+    (container,) = pod["containers"]
+    script = container["args"][0]
+    assert "__DAY__" in script and "/template/rayjob.yaml" in script
+    volume = pod["volumes"][0]["configMap"]["name"]
+    assert volume == docs["ConfigMap"]["metadata"]["name"]
+
+    # The day's RayJob: the reviewed cluster of rayjob.yaml, the same pinned commit, one pipeline step.
+    day = "2026-11-23"
+    rayjob = yaml.safe_load(docs["ConfigMap"]["data"]["rayjob.yaml"].replace("__DAY__", day))
+    assert rayjob["kind"] == "RayJob" and rayjob["metadata"]["name"].endswith(day)
+    reviewed = yaml.safe_load(RAYJOB_YAML.read_text())["spec"]
+    assert rayjob["spec"]["rayClusterSpec"] == reviewed["rayClusterSpec"]
+    assert pinned_commits(rayjob["spec"]["runtimeEnvYAML"]) == pinned_commits(CLUSTER_YAML.read_text())
+    runtime_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
+    assert runtime_env["pip"] == yaml.safe_load(reviewed["runtimeEnvYAML"])["pip"]
+    assert runtime_env["env_vars"]["PUSHGATEWAY_URL"].startswith("http")
+    command = shlex.split(rayjob["spec"]["entrypoint"])
+    assert command[:4] == ["python", "-m", "ray_jobs.cli", "pipeline"]
+    arguments = [a.replace("deploy/", f"{REPO}/deploy/") for a in command[4:]]
+    config = parse_config(PipelineConfig, arguments, prog="pipeline")
+    assert config.batch == day and config.data.endswith(f"date={day}/")
+    assert config.exit_codes is False, "the RayJob fails only when the step fails; decisions go to Prometheus"
+    train = TrainConfig(**{**config.train, "data": "-"})
+    assert train.gpus_per_worker >= 1 and train.storage_path.startswith("s3://")

@@ -1,0 +1,518 @@
+"""The daily step a scheduler runs for one entity set: `vaectl pipeline --entity item --data <batch>`.
+
+    lock      one step per entity set at a time: a lease in the catalog's database, renewed while
+              the step runs, so a crashed step cannot hold it for ever
+    champion  the version "current" points at; the first step uses initial_version or trains one
+    embed     the batch with the champion (and, while a new version is watched, with the version it
+              replaced, so that a rollback needs no re-encoding)
+    monitor   drift against the champion's validation reference, anomaly rate against the calibrated
+              one, collapse (vae.gate)
+    publish   the batch online under the champion (and the watched-over version)
+    watch     a version switched to within the last watch_batches batches that breaches on this batch
+              is rolled back: "current" points at the version it replaced
+    retrain   when the trigger fires (vae.retraining): a challenger trained on the recent batches,
+              backfilled (every batch the champion serves, embedded with the challenger), gated
+              (collapse, movement against the champion on shared entities, held-out ELBO) and either
+              switched to or refused and left pinned with its report
+    record    each decision one row of the entity set's decision log (vae.decisions), the figures
+              pushed to a Prometheus Pushgateway, the exit code that of the most notable decision
+
+Every part is idempotent: embed commits a batch once per run id, publish writes what is not online
+yet, a decision already in the log is not appended again, and a challenger trained for this batch
+is reused. A step killed anywhere is finished by running the same command again; a step run twice
+changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from feast_embeddings.repo import EmbeddingsRepo
+from feast_embeddings.versions import switch_current
+from ray_jobs import metrics as figures
+from ray_jobs.cli import run_cli
+from ray_jobs.config import EmbedConfig, PipelineConfig, PublishConfig, TrainConfig, parse_config
+from ray_jobs.embed import embed
+from ray_jobs.publish import publish
+from vae.artifacts import read_model_version_info
+from vae.catalog import LockHeld, model_version_info
+from vae.decisions import Decision, DecisionLog, exit_code, of_batch
+from vae.embedding_run import check_batch_id
+from vae.errors import InputError
+from vae.gate import SAMPLED_COLUMNS, Check, LatentSample, evaluate
+from vae.keys import is_validation, key_hash
+from vae.monitor_report import write_report
+from vae.retraining import (
+    BatchHealth,
+    Trigger,
+    elbo_gate,
+    heldout_negative_elbo,
+    retrain_reason,
+    watch_breach,
+)
+
+log = logging.getLogger("ray_jobs.pipeline")
+
+
+@dataclass
+class Step:
+    """One run of the step: its settings, the feature repo, the decision log, the figures."""
+
+    config: PipelineConfig
+    repo: EmbeddingsRepo
+    decisions: DecisionLog
+    batch: str
+    metrics: figures.JobMetrics
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def entity(self) -> str:
+        return self.config.entity
+
+    def decide(self, kind: str, version: str | None, reason: str = "", **detail) -> None:
+        self.decisions.append([Decision(self.batch, kind, version, reason, detail)], self.run)
+
+    def recorded(self, kind: str, version: str | None = None) -> Decision | None:
+        """This batch's decision of a kind (for a version), recorded by this run or an earlier one."""
+        found = [d for d in of_batch(self.decisions.read(), self.batch) if d.kind == kind]
+        return next((d for d in found if version is None or d.model_version == version), None)
+
+
+@dataclass
+class StepResult:
+    entity: str
+    batch_id: str
+    current: str
+    decisions: list[Decision]  # the batch's, in the order decided
+    exit_code: int
+    timings: dict[str, float]
+
+
+def run(config: PipelineConfig) -> StepResult:
+    """The CLI's entry: exits with the batch's decision code (see exit_codes)."""
+    result = step(config)
+    if config.exit_codes and result.exit_code:
+        sys.exit(result.exit_code)
+    return result
+
+
+def step(config: PipelineConfig) -> StepResult:
+    """Run the step under the entity set's lock; push its figures, also when it fails."""
+    started = time.perf_counter()
+    metrics = figures.JobMetrics("pipeline", config.entity)
+    labels = {"batch": config.batch or batch_name(config.data)}
+    try:
+        result = _locked_step(config, metrics)
+    except BaseException:
+        metrics.set("step_success", 0, "1 when the last step completed, 0 when it failed", **labels)
+        metrics.set("step_last_failure_timestamp_seconds", time.time(), "when a step last failed")
+        metrics.push(config.pushgateway)
+        raise
+    metrics.set("step_success", 1, "1 when the last step completed, 0 when it failed", **labels)
+    metrics.set("step_last_success_timestamp_seconds", time.time(), "when a step last completed")
+    metrics.set("step_duration_seconds", time.perf_counter() - started, "wall time of the step", **labels)
+    metrics.set("step_exit_code", result.exit_code, "the step's decision code", **labels)
+    for kind in {d.kind for d in result.decisions}:
+        count = sum(d.kind == kind for d in result.decisions)
+        metrics.set("step_decisions", count, "decisions of the batch, per kind", kind=kind, **labels)
+    metrics.push(config.pushgateway)
+    return result
+
+
+def _locked_step(config: PipelineConfig, metrics: figures.JobMetrics) -> StepResult:
+    repo = EmbeddingsRepo(config.feature_repo, config.feature_store_yaml)
+    batch = check_batch_id(config.batch or batch_name(config.data))
+    try:
+        with repo.catalog.lock(
+            f"pipeline-{config.entity}", config.lock_seconds, config.lock_wait_seconds, renew=True
+        ):
+            return daily_step(Step(config, repo, DecisionLog(repo.catalog, config.entity), batch, metrics))
+    except LockHeld as error:
+        raise InputError(f"another pipeline step of '{config.entity}' is running: {error}") from None
+
+
+def daily_step(step: Step) -> StepResult:
+    """embed -> monitor -> publish -> watch or retrain, for one batch."""
+    serving = step.repo.catalog.publication(step.entity).current
+    champion = serving or first_version(step)
+    embed_batch(step, champion, step.config.data, step.batch)
+    watched = watched_over(step, champion)
+    if watched:  # the version a rollback would return to gets the batch too
+        embed_batch(step, watched, step.config.data, step.batch)
+    health, report = monitor_batch(step, champion)
+    publish_version(step, champion, switch=serving is None)
+    if serving is None:
+        step.decide("switched", champion, "the entity set's first version", **{"from": None})
+    if watched:
+        publish_version(step, watched)
+    multiple = step.config.anomaly_rate_multiple
+    if watched and (breach := watch_breach(health, multiple)):
+        roll_back(step, champion, watched, breach)
+    elif not watched and (reason := pending_retrain(step, champion)):
+        retrain(step, champion, reason)
+    current = step.repo.catalog.publication(step.entity).current
+    push_current(step, current)
+    decisions = of_batch(step.decisions.read(), step.batch)
+    code = exit_code(decisions)
+    log.info(
+        "%s batch %s done: current %s, %s (exit code %d)",
+        step.entity,
+        step.batch,
+        current,
+        ", ".join(d.kind for d in decisions),
+        code,
+    )
+    return StepResult(step.entity, step.batch, current, decisions, code, step.timings)
+
+
+# -- the first version ---------------------------------------------------------------------------------
+
+
+def first_version(step: Step) -> str:
+    """Nothing is current: the configured initial version, or one trained on this batch."""
+    config = step.config
+    if trained := step.recorded("challenger_trained"):
+        return trained.model_version
+    if config.initial_version:
+        try:
+            return read_model_version_info(config.model_root, config.initial_version).version
+        except InputError:
+            if config.initial_version != "latest":
+                raise
+    step.decide("retrain_started", None, f"no model version of '{step.entity}' yet", window=[step.batch])
+    version = train_challenger(step, None, [config.data])
+    step.decide("challenger_trained", version, "first version", data=[config.data])
+    return version
+
+
+# -- embed, monitor, publish ---------------------------------------------------------------------------
+
+
+def embed_batch(step: Step, version: str, data: str, batch: str, event_time: datetime | None = None):
+    """One batch with one version (a re-run commits nothing); records 'embedded' for today's batch."""
+    config = step.config
+    options = {**config.embed, "in_process_rows": config.in_process_rows}
+    embedding = EmbedConfig(
+        **options,
+        data=data,
+        entity=config.entity,
+        feature_store_yaml=str(step.repo.yaml),
+        model_root=config.model_root,
+        model_version=version,
+        batch=batch,
+        event_time=event_time or (config.event_time if batch == step.batch else None),
+        timestamp_column=config.timestamp_column,
+    )
+    result = embed(embedding)
+    figures.embed_figures(step.metrics, result)
+    step.timings[f"embed {version} {batch}"] = result.seconds
+    if batch == step.batch:
+        step.decide(
+            "embedded",
+            version,
+            f"{result.embedded_rows:,} rows ({result.quarantined_rows:,} quarantined)",
+            data=data,
+            rows=result.embedded_rows,
+            quarantined=result.quarantined_rows,
+            snapshot_id=result.snapshot_id,
+        )
+    return result
+
+
+def monitor_batch(step: Step, version: str) -> tuple[BatchHealth, dict]:
+    """The batch's drift, anomaly rate and collapse against the version's own validation reference."""
+    started = time.perf_counter()
+    catalog, config = step.repo.catalog, step.config
+    table = catalog.table(step.entity, version)
+    join_key = catalog.entity_set(step.entity).join_key
+    rows = catalog.read(table, [join_key, *SAMPLED_COLUMNS], batches=[step.batch])
+    new = LatentSample.of_table(rows, f"{'.'.join(table.name())} batch {step.batch}", config.sample_rows)
+    report, arrays = evaluate(
+        new,
+        model_version_info(table, config.model_root),
+        config.thresholds(),
+        permutations=config.permutations,
+        seed=0,
+    )
+    _, html = write_report(monitoring_root(step), report, arrays)
+    health = BatchHealth.of_report(step.batch, report)
+    figures.monitoring_figures(step.metrics, report, step.batch)
+    step.timings["monitor"] = time.perf_counter() - started
+    figures.stage(step.metrics, "monitor", step.timings["monitor"], rows.num_rows, model_version=version)
+    problems = health.problems(config.anomaly_rate_multiple)
+    summary = "healthy" if not problems else "; ".join(problems)
+    step.decide("monitored", version, summary, health=health.__dict__, report=html)
+    if problems:
+        step.decide("drift_seen", version, summary, report=html)
+    return health, report
+
+
+def publish_version(step: Step, version: str, switch: bool = False) -> dict:
+    """Write what of the version is not online yet; switch 'current' to it only when asked."""
+    config = step.config
+    started = time.perf_counter()
+    options = {"show": 0, **config.publish}
+    summary = publish(
+        PublishConfig(
+            **options,
+            **config.thresholds().__dict__,
+            entity=step.entity,
+            model_version=version,
+            feature_repo=config.feature_repo,
+            feature_store_yaml=config.feature_store_yaml,
+            switch_current=switch,
+            model_root=config.model_root,
+            monitoring=str(monitoring_root(step)),
+        )
+    )
+    seconds = time.perf_counter() - started
+    step.timings[f"publish {version}"] = seconds
+    figures.publish_figures(step.metrics, summary, seconds)
+    if version == step.repo.catalog.publication(step.entity).current:
+        step.decide("published", version, f"{summary['rows']:,} rows written online", rows=summary["rows"])
+    return summary
+
+
+# -- watch and rollback --------------------------------------------------------------------------------
+
+
+def watched_over(step: Step, champion: str) -> str | None:
+    """The version the champion replaced, while the champion is within its first watch_batches batches
+    after a switch by the pipeline (this batch included); else None."""
+    log_ = step.decisions.read()
+    switches = [
+        i
+        for i, d in enumerate(log_)
+        if d.kind == "switched" and d.model_version == champion and d.detail.get("from")
+    ]
+    if not switches or step.config.watch_batches == 0:
+        return None
+    switch = log_[switches[-1]]
+    if switch.batch_id == step.batch:
+        return None  # switched at the end of this very batch: the watch starts with the next one
+    if any(d.kind == "rolled_back" and d.model_version == champion for d in log_[switches[-1] :]):
+        return None
+    watched = {
+        d.batch_id for d in log_[switches[-1] + 1 :] if d.kind == "monitored" and d.model_version == champion
+    }
+    watched.discard(step.batch)
+    return switch.detail["from"] if len(watched) < step.config.watch_batches else None
+
+
+def roll_back(step: Step, champion: str, previous: str, reason: str) -> None:
+    """Point 'current' back at the version the champion replaced: it holds every batch already."""
+    switch_current(step.repo, step.entity, previous)
+    step.decide("rolled_back", champion, reason, to=previous)
+
+
+# -- retraining ----------------------------------------------------------------------------------------
+
+
+def pending_retrain(step: Step, champion: str) -> str | None:
+    """Why to retrain after this batch: a retrain of this batch that did not finish, or the trigger."""
+    started = step.recorded("retrain_started", champion)
+    if started is not None:
+        done = step.recorded("switched") or step.recorded("challenger_refused")
+        return None if done else started.reason
+    config, decisions = step.config, step.decisions.read()
+    history = champion_history(decisions, champion)
+    refused = [d for d in decisions if d.kind == "challenger_refused"]
+    started = [d for d in decisions if d.kind == "retrain_started"]
+    if refused and started and refused[-1].batch_id == started[-1].batch_id:
+        if len(history) < config.retry_batches:  # the last challenger was refused: not every day
+            return None
+    trigger = Trigger(config.drift_batches, config.drift_window, config.anomaly_rate_multiple)
+    return retrain_reason(history, trigger)
+
+
+def champion_history(decisions: list[Decision], champion: str) -> list[BatchHealth]:
+    """The champion's monitored batches since it last became current or was last retrained."""
+    start = 0
+    for i, d in enumerate(decisions):
+        made_current = (d.kind == "switched" and d.model_version == champion) or (
+            d.kind == "rolled_back" and d.detail.get("to") == champion
+        )
+        if made_current or d.kind == "retrain_started":
+            start = i + 1
+    return [
+        BatchHealth.of_decision(d)
+        for d in decisions[start:]
+        if d.kind == "monitored" and d.model_version == champion
+    ]
+
+
+def retrain(step: Step, champion: str, reason: str) -> None:
+    """Train a challenger on the recent batches, backfill it, gate it, switch or refuse."""
+    window = training_window(step)
+    step.decide("retrain_started", champion, reason, window=[batch for batch, _ in window])
+    trained = step.recorded("challenger_trained")
+    challenger = trained.model_version if trained else None
+    if challenger is None:
+        challenger = train_challenger(step, champion, [data for _, data in window])
+        step.decide("challenger_trained", challenger, f"on {len(window)} batches", champion=champion)
+    backfill(step, champion, challenger)
+    passed, failures, report = gate_challenger(step, champion, challenger, [batch for batch, _ in window])
+    if not passed:
+        step.decide("challenger_refused", challenger, "; ".join(failures), champion=champion, report=report)
+        return
+    publish_version(step, challenger)
+    switch_current(step.repo, step.entity, challenger)
+    step.decide("switched", challenger, f"retrained: {reason}", **{"from": champion, "report": report})
+    step.decide("published", challenger, "every batch of the champion, backfilled")
+
+
+def training_window(step: Step) -> list[tuple[str, str]]:
+    """(batch, data) of the last train_window batches embedded, less a batch that rolled a version back
+    (its data broke the watch) and less the window's leading batches that the version serving them
+    found healthy: those are the distribution the champion already models, and a challenger whose
+    reference mixed them in would see drift on every batch after the change."""
+    decisions = step.decisions.read()
+    breached = {d.batch_id for d in decisions if d.kind == "rolled_back"}
+    data: dict[str, str] = {}
+    for d in decisions:
+        if d.kind == "embedded" and d.batch_id not in breached:
+            data.pop(d.batch_id, None)
+            data[d.batch_id] = d.detail["data"]
+    window = list(data.items())[-step.config.train_window :]
+    healthy = {d.batch_id for d in decisions if d.kind == "monitored"} - {
+        d.batch_id for d in decisions if d.kind == "drift_seen"
+    }
+    while len(window) > 1 and window[0][0] in healthy:
+        window.pop(0)
+    return window
+
+
+def train_challenger(step: Step, champion: str | None, data: list[str]) -> str:
+    """A new version on the window's data: the champion's own training options (the config's train
+    block on top), warm-started from its weights."""
+    from ray_jobs.train import train
+
+    config = step.config
+    options: dict = {}
+    if champion is not None:
+        recipe = read_model_version_info(config.model_root, champion).metadata["training"]
+        options = {k: v for k, v in recipe.items() if k in TrainConfig.model_fields}
+        for decided in ("data", "run_name", "init_from", "storage_path", "model_root"):
+            options.pop(decided, None)
+    options.update(config.train)
+    if champion is not None and config.warm_start:
+        options["init_from"] = champion
+    started = time.perf_counter()
+    version = train(
+        TrainConfig(**options, data=data if len(data) > 1 else data[0], model_root=config.model_root)
+    )
+    step.timings["train"] = time.perf_counter() - started
+    figures.stage(step.metrics, "train", step.timings["train"], 0, model_version=version)
+    figures.version_figures(
+        step.metrics, version, read_model_version_info(config.model_root, version).metadata
+    )
+    return version
+
+
+def backfill(step: Step, champion: str, challenger: str) -> None:
+    """Every batch the champion's table holds, embedded with the challenger as the same batch."""
+    catalog = step.repo.catalog
+    started, rows = time.perf_counter(), 0
+    batches = catalog.batches(catalog.table(step.entity, champion))
+    for batch in batches:
+        source = batch.properties.get("vae.data")
+        if not source:
+            raise InputError(f"batch {batch.batch_id} of {champion} does not record its input data")
+        when = datetime.fromisoformat(batch.event_time) if batch.event_time else None
+        rows += embed_batch(step, challenger, source, batch.batch_id, when).input_rows
+    seconds = time.perf_counter() - started
+    step.timings["backfill"] = seconds
+    figures.stage(step.metrics, "backfill", seconds, rows, model_version=challenger)
+    step.decide("backfilled", challenger, f"{len(batches)} batches, {rows:,} rows", champion=champion)
+
+
+def gate_challenger(
+    step: Step, champion: str, challenger: str, window: list[str]
+) -> tuple[bool, list[str], str]:
+    """Collapse and drift of the challenger's window batches, movement against the champion on the same
+    entities, held-out -ELBO against the champion's on the same rows: (passed, failures, report)."""
+    catalog, config = step.repo.catalog, step.config
+    join_key = catalog.entity_set(step.entity).join_key
+    tables = {v: catalog.table(step.entity, v) for v in (challenger, champion)}
+    have = {b.batch_id for b in catalog.batches(tables[champion])}
+    shared = [batch for batch in window if batch in have]
+    rows = {v: catalog.read(t, [join_key, *SAMPLED_COLUMNS], batches=shared) for v, t in tables.items()}
+    samples = {
+        v: LatentSample.of_table(rows[v], ".".join(tables[v].name()), config.sample_rows) for v in rows
+    }
+    info = model_version_info(tables[challenger], config.model_root)
+    report, arrays = evaluate(
+        samples[challenger],
+        info,
+        config.thresholds(),
+        baseline=samples[champion],
+        permutations=config.permutations,
+    )
+    champion_info = model_version_info(tables[champion], config.model_root)
+    check = heldout_check(rows, join_key, info, champion_info, config.elbo_margin)
+    report["checks"].append(check.__dict__)
+    if not check.passed:
+        report["failures"].append(f"{check.name}: {check.detail}")
+        report["passed"] = False
+    _, html = write_report(monitoring_root(step), report, arrays)
+    figures.version_figures(step.metrics, challenger, info.metadata, report.get("movement"))
+    log.info("challenger %s gate %s: %s", challenger, "passed" if report["passed"] else "FAILED", html)
+    return report["passed"], report["failures"], str(html)
+
+
+def heldout_check(rows: dict, join_key: str, challenger, champion, margin: float) -> Check:
+    """Both versions' -ELBO on the challenger's validation keys (never trained on by it)."""
+    fraction = challenger.metadata["training"]["validation_fraction"]
+    scores = {}
+    for version, table in rows.items():
+        keep = is_validation(key_hash(table.column(join_key)), fraction)
+        held = table.filter(keep).sort_by(join_key)
+        scores[version] = held.column("anomaly_score").to_numpy().astype(np.float64)
+    ours = heldout_negative_elbo(scores[challenger.version], challenger.metadata)
+    theirs = heldout_negative_elbo(scores[champion.version], champion.metadata)
+    passed, detail = elbo_gate(ours, theirs, margin)
+    return Check("heldout_elbo", passed, detail, ours - theirs)
+
+
+# -- figures -------------------------------------------------------------------------------------------
+
+
+def push_current(step: Step, current: str) -> None:
+    info = read_model_version_info(step.config.model_root, current).metadata
+    created = datetime.fromisoformat(info["created_at"]).timestamp()
+    step.metrics.set(
+        "current_version_created_timestamp_seconds",
+        created,
+        "when the version 'current' points at was saved",
+        model_version=current,
+    )
+    figures.version_figures(step.metrics, current, info)
+
+
+def monitoring_root(step: Step) -> Path | str:
+    return step.config.monitoring or Path(step.config.feature_repo) / "data" / "monitoring"
+
+
+def batch_name(data: str) -> str:
+    """A batch's default name from its path: .../date=2026-11-23/ -> 2026-11-23; day-3.parquet -> day-3."""
+    last = data.rstrip("/").rsplit("/", 1)[-1]
+    last = re.sub(r"\.parquet$", "", last)
+    return last.split("=", 1)[-1]
+
+
+def main(argv: list[str] | None = None) -> StepResult:
+    return run(parse_config(PipelineConfig, argv, prog="vaectl pipeline"))
+
+
+if __name__ == "__main__":
+    run_cli(main)

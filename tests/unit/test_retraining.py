@@ -1,0 +1,174 @@
+"""The daily pipeline's policy (vae.retraining) and its decision log (vae.decisions) on a real SQLite
+Iceberg catalog: when to retrain, when to roll back, the held-out ELBO in raw units, a log that a
+re-run appends nothing to."""
+
+import math
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from vae.catalog import EmbeddingsCatalog
+from vae.decisions import Decision, DecisionLog, exit_code, of_batch
+from vae.retraining import (
+    BatchHealth,
+    Trigger,
+    elbo_gate,
+    heldout_negative_elbo,
+    retrain_reason,
+    watch_breach,
+)
+
+
+def health(batch: str, drift: bool = False, rate: float = 0.01, collapsed: bool = False) -> BatchHealth:
+    return BatchHealth(
+        batch, "v1", 1000, drift, 1e-6 if drift else 0.5, rate, 0.01, 0.0 if collapsed else 1.0, collapsed
+    )
+
+
+TRIGGER = Trigger(drift_batches=2, window_batches=3, anomaly_rate_multiple=3.0)
+
+
+def test_drift_in_k_of_the_last_n_batches_triggers_a_retrain():
+    assert retrain_reason([], TRIGGER) is None
+    assert retrain_reason([health("d1", drift=True)], TRIGGER) is None, "one batch is not K=2"
+    # two of the last three, with a healthy one between
+    history = [health("d1"), health("d2", drift=True), health("d3"), health("d4", drift=True)]
+    reason = retrain_reason(history, TRIGGER)
+    assert reason.startswith("drift in 2 of the last 3 batches (d2, d4)")
+    # the older drifted batch falls out of the window of 3
+    history = [health("d1", drift=True), health("d2"), health("d3"), health("d4", drift=True)]
+    assert retrain_reason(history, TRIGGER) is None
+
+
+def test_an_anomaly_rate_above_the_multiple_triggers_at_once():
+    assert retrain_reason([health("d1", rate=0.029)], TRIGGER) is None
+    reason = retrain_reason([health("d1", rate=0.031)], TRIGGER)
+    assert reason == "batch d1: anomaly rate 3.1%, above 3x the calibrated 1.0%"
+
+
+def test_a_watched_version_is_rolled_back_on_any_problem_and_says_why():
+    assert watch_breach(health("d5"), 3.0) is None
+    breach = watch_breach(health("d5", drift=True, collapsed=True), 3.0)
+    assert breach.startswith("batch d5 against v1's own reference: drift (combined p = 1e-06)")
+    assert "collapse (0% of latent units active)" in breach
+
+
+def test_heldout_elbo_is_in_the_raw_datas_units():
+    scores = np.array([10.0, 12.0])
+    bernoulli = {"architecture": {"likelihood": "bernoulli"}, "normalizer": {"scale": [255.0]}}
+    assert heldout_negative_elbo(scores, bernoulli) == 11.0
+    # x = 2 * normalized x in each of 3 dims: the density of x is 2^-3 times that of the normalized x
+    gaussian = {"architecture": {"likelihood": "gaussian"}, "normalizer": {"scale": [2.0, 2.0, 2.0]}}
+    assert heldout_negative_elbo(scores, gaussian) == pytest.approx(11.0 + 3 * math.log(2.0))
+    assert elbo_gate(11.5, 11.0, 1.0)[0] and not elbo_gate(12.5, 11.0, 1.0)[0]
+    assert not elbo_gate(float("nan"), 11.0, 1.0)[0]
+    assert (
+        elbo_gate(12.5, 11.0, 1.0)[1]
+        == "held-out -ELBO 12.50 vs champion 11.00 nats/example (+1.50; allowed +1)"
+    )
+
+
+@pytest.fixture
+def catalog(tmp_path) -> EmbeddingsCatalog:
+    return EmbeddingsCatalog(f"sqlite:///{tmp_path / 'catalog.db'}", str(tmp_path / "warehouse"))
+
+
+def test_the_log_appends_once_keeps_order_and_survives_a_reopen(catalog):
+    log = DecisionLog(catalog, "item")
+    assert log.read() == []
+    first = [
+        Decision("d1", "embedded", "v1", "1,000 rows", {"rows": 1000, "share": np.float32(0.5)}),
+        Decision("d1", "monitored", "v1", "healthy"),
+        Decision("d1", "published", "v1"),
+    ]
+    assert len(log.append(first, "run-a")) == 3
+    # a re-run of the step decides the same again, and one new thing: only that is appended
+    again = [*first, Decision("d1", "drift_seen", "v1", "drift (combined p = 1e-06)")]
+    appended = log.append(again, "run-b")
+    assert [d.kind for d in appended] == ["drift_seen"] and appended[0].step == "run-b"
+    reopened = DecisionLog(catalog, "item").read()
+    assert [d.kind for d in reopened] == ["embedded", "monitored", "published", "drift_seen"]
+    assert reopened[0].detail == {"rows": 1000, "share": 0.5} and reopened[0].step == "run-a"
+    assert all(d.decided_at.tzinfo is not None for d in reopened)
+    assert reopened[0].line().endswith("d1 embedded v1: 1,000 rows")
+    assert DecisionLog(catalog, "user").read() == [], "each entity set has its own log"
+
+
+def test_exit_code_is_the_most_notable_decision():
+    kinds = lambda *names: [Decision("d", name, "v") for name in names]  # noqa: E731
+    assert exit_code(kinds("embedded", "monitored", "published")) == 0
+    assert exit_code(kinds("embedded", "drift_seen")) == 3
+    assert exit_code(kinds("drift_seen", "retrain_started", "switched")) == 4
+    assert exit_code(kinds("drift_seen", "challenger_refused")) == 5
+    assert exit_code(kinds("drift_seen", "rolled_back")) == 6
+    assert of_batch([Decision("a", "embedded", "v"), Decision("b", "embedded", "v")], "b")[0].batch_id == "b"
+
+
+def test_the_log_before_the_first_embed_leaves_the_entity_registrable(catalog):
+    DecisionLog(catalog, "item").append([Decision("d1", "retrain_started", None, "no model yet")], "run")
+    entity = catalog.register("item", "item_id", "int64")
+    assert (entity.join_key, entity.key_type) == ("item_id", "int64")
+    when = DecisionLog(catalog, "item").read()[0].decided_at
+    assert when <= datetime.now(UTC)
+
+
+HOLD_AND_DIE = """
+import os, sys, time
+from vae.catalog import EmbeddingsCatalog
+catalog = EmbeddingsCatalog(sys.argv[1], sys.argv[2])
+renew = sys.argv[4] == "renew"
+with catalog.lock("pipeline-item", ttl_seconds=float(sys.argv[3]), wait_seconds=0, renew=renew):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[5]))
+    os._exit(9)  # killed while holding the lock: no release
+"""
+
+
+def test_the_step_lock_refuses_a_second_holder_and_a_crashed_one_loses_it(catalog, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from vae.catalog import LockHeld
+
+    def holder(ttl: float, renew: bool, hold: float) -> subprocess.Popen:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                HOLD_AND_DIE,
+                catalog.uri,
+                catalog.warehouse,
+                str(ttl),
+                "renew" if renew else "-",
+                str(hold),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout.readline().strip() == "held"
+        return process
+
+    # A live holder that renews its 1 s lease keeps the lock past the lease.
+    process = holder(ttl=1.0, renew=True, hold=3.0)
+    try:
+        time.sleep(1.5)
+        with pytest.raises(LockHeld) as refused, catalog.lock("pipeline-item", wait_seconds=0):
+            pass
+        assert "pipeline-item" in str(refused.value) and f":{process.pid}:" in str(refused.value)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == 9
+    # It died holding the lock: the lease runs out (1 s) and the next step gets it.
+    started = time.monotonic()
+    with catalog.lock("pipeline-item", wait_seconds=10):
+        waited = time.monotonic() - started
+    assert waited < 2.5
+    # A crashed holder that did not renew loses it after its lease, not before.
+    process = holder(ttl=2.0, renew=False, hold=0.0)
+    process.wait(timeout=30)
+    with pytest.raises(LockHeld), catalog.lock("pipeline-item", wait_seconds=0.2):
+        pass
+    with catalog.lock("pipeline-item", wait_seconds=10):
+        pass

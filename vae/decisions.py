@@ -1,0 +1,168 @@
+"""The daily pipeline's decision log: one append-only Iceberg table per entity set, next to the
+version tables (vae.<entity>.decisions), one row per decision.
+
+A step appends its decisions in one Iceberg commit at a time, and never appends a decision it
+already recorded (same batch, kind and version): a re-run of a step adds nothing. The log is also
+the pipeline's state: which batches were monitored and what they showed, when "current" switched,
+which challengers were refused or rolled back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+
+from vae.catalog import NAMESPACE, EmbeddingsCatalog
+
+log = logging.getLogger("vae.decisions")
+
+TABLE = "decisions"
+# What a step can decide, most notable last: the step's exit code is that of its most notable one.
+KINDS = (
+    "embedded",
+    "monitored",
+    "published",
+    "drift_seen",
+    "retrain_started",
+    "challenger_trained",
+    "backfilled",
+    "switched",
+    "challenger_refused",
+    "rolled_back",
+)
+EXIT_CODES = {"drift_seen": 3, "switched": 4, "challenger_refused": 5, "rolled_back": 6}
+
+SCHEMA = pa.schema(
+    [
+        pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("batch_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("model_version", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),  # JSON: the figures behind the decision
+        pa.field("step", pa.string()),  # the step run that decided it
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Decision:
+    batch_id: str
+    kind: str
+    model_version: str | None
+    reason: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+    decided_at: datetime | None = None
+    step: str = ""
+
+    @property
+    def identity(self) -> tuple[str, str, str | None]:
+        return self.batch_id, self.kind, self.model_version
+
+    def line(self) -> str:
+        """The decision as one log line."""
+        when = self.decided_at.isoformat(timespec="seconds") if self.decided_at else "-"
+        version = self.model_version or "-"
+        return f"{when} {self.batch_id} {self.kind} {version}" + (f": {self.reason}" if self.reason else "")
+
+
+class DecisionLog:
+    """An entity set's decisions, oldest first."""
+
+    def __init__(self, catalog: EmbeddingsCatalog, entity: str):
+        self.catalog = catalog.catalog
+        self.identifier = (NAMESPACE, entity, TABLE)
+        self._table = None
+        self._read: tuple[int, list[Decision]] | None = None  # (snapshot id, its decisions)
+
+    def table(self, create: bool = False):
+        """The log's table (None before the first decision); created, in the entity set's namespace
+        (made by the first embed), on the first append."""
+        from pyiceberg.exceptions import TableAlreadyExistsError
+
+        if self._table is None and self.catalog.table_exists(self.identifier):
+            self._table = self.catalog.load_table(self.identifier)
+        if self._table is None and create:
+            for namespace in (self.identifier[:1], self.identifier[:2]):
+                self.catalog.create_namespace_if_not_exists(namespace)
+            with contextlib.suppress(TableAlreadyExistsError):
+                self.catalog.create_table(self.identifier, schema=SCHEMA)
+            self._table = self.catalog.load_table(self.identifier)
+        return self._table
+
+    def read(self) -> list[Decision]:
+        table = self.table()
+        if table is None:
+            return []
+        table.refresh()
+        snapshot = table.current_snapshot()
+        if snapshot is None:
+            return []
+        if self._read is not None and self._read[0] == snapshot.snapshot_id:
+            return list(self._read[1])
+        rows = table.scan().to_arrow().sort_by("decided_at").to_pylist()
+        decisions = [
+            Decision(
+                row["batch_id"],
+                row["kind"],
+                row["model_version"],
+                row["reason"] or "",
+                json.loads(row["detail"] or "{}"),
+                row["decided_at"],
+                row["step"] or "",
+            )
+            for row in rows
+        ]
+        self._read = (snapshot.snapshot_id, decisions)
+        return list(decisions)
+
+    def append(self, decisions: list[Decision], step: str) -> list[Decision]:
+        """Append the decisions not recorded yet, in one commit; returns those appended."""
+        from pyiceberg.exceptions import CommitFailedException
+
+        for _attempt in range(10):
+            seen = {d.identity for d in self.read()}
+            new, now = [], datetime.now(UTC)
+            for decision in decisions:
+                if decision.identity not in seen:
+                    seen.add(decision.identity)
+                    # a microsecond apart, so that the log reads back in the order decided
+                    moment = now + timedelta(microseconds=len(new))
+                    new.append(Decision(**{**decision.__dict__, "decided_at": moment, "step": step}))
+            if not new:
+                return []
+            rows = pa.Table.from_pylist(
+                [{**d.__dict__, "detail": json.dumps(d.detail, default=_plain)} for d in new], SCHEMA
+            )
+            try:
+                self.table(create=True).append(rows)
+            except CommitFailedException:
+                continue  # another writer committed first: read again and retry
+            for decision in new:
+                log.info("decision: %s", decision.line())
+            return new
+        raise RuntimeError(f"{'.'.join(self.identifier)}: the catalog refused 10 commits in a row")
+
+
+def of_batch(decisions: list[Decision], batch_id: str) -> list[Decision]:
+    return [d for d in decisions if d.batch_id == batch_id]
+
+
+def exit_code(decisions: list[Decision]) -> int:
+    """0, or the code of the most notable decision (3 drift seen, 4 switched, 5 challenger refused,
+    6 rolled back)."""
+    return max((EXIT_CODES.get(d.kind, 0) for d in decisions), default=0)
+
+
+def _plain(value):
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
