@@ -228,6 +228,64 @@ def summary(month: Month) -> dict:
     }
 
 
+def step_vs_plain_jobs(work: Path, feature_repo: Path, rows: int, repeats: int = 3) -> dict:
+    """A quiet day after the month: the pipeline step against the same work as the three plain jobs a
+    person would run (embed with the current version, monitor the batch, publish it), alternating,
+    each on a new batch of the same size."""
+    import ray_jobs.pipeline as pipeline
+    from ray_jobs.config import EmbedConfig, MonitorConfig, PipelineConfig, PublishConfig
+    from ray_jobs.embed import embed
+    from ray_jobs.monitor import monitor
+    from ray_jobs.publish import publish
+    from vae.catalog import EmbeddingsCatalog, settings_from_yaml
+
+    options = pipeline_options(work, feature_repo)
+    yaml_path = str(feature_repo / "feature_store.yaml")
+    current = EmbeddingsCatalog(*settings_from_yaml(yaml_path)).publication("item").current
+    timings: dict[str, list[float]] = {"step": [], "plain": []}
+    for repeat in range(repeats):
+        for kind, day in (("plain", 40 + 2 * repeat), ("step", 41 + 2 * repeat)):
+            path = work / "extra" / f"date=day-{day}" / "part-0.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(day_table(day, rows, shifted=True, regression=False), path)
+            when = START + timedelta(days=day)
+            started = time.perf_counter()
+            if kind == "step":
+                pipeline.step(PipelineConfig(**options, data=str(path.parent), event_time=when))
+            else:
+                common = {"model_root": options["model_root"], "model_version": current}
+                batch = f"day-{day}"
+                embed(
+                    EmbedConfig(
+                        **common,
+                        data=str(path.parent),
+                        batch=batch,
+                        event_time=when,
+                        feature_store_yaml=yaml_path,
+                        in_process_rows=10**6,
+                    )
+                )
+                monitor(
+                    MonitorConfig(
+                        **common,
+                        batch=batch,
+                        feature_store_yaml=yaml_path,
+                        output=options["monitoring"],
+                        permutations=options["permutations"],
+                    )
+                )
+                publish(PublishConfig(**common, feature_repo=str(feature_repo), switch_current=False, show=0))
+            timings[kind].append(time.perf_counter() - started)
+    step, plain = float(np.median(timings["step"])), float(np.median(timings["plain"]))
+    return {
+        "step_seconds": timings["step"],
+        "plain_seconds": timings["plain"],
+        "median_step": step,
+        "median_plain": plain,
+        "step_over_plain": step / plain,
+    }
+
+
 def main() -> None:
     import tempfile
 
@@ -249,6 +307,7 @@ def main() -> None:
             (feature_repo / name).write_text((repo_template / name).read_text())
         month = simulate(work, feature_repo, args.days, args.rows)
         figures = summary(month)
+        figures["quiet_day"] = step_vs_plain_jobs(work, feature_repo, args.rows)
     save("month", figures)
 
 

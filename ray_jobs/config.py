@@ -610,6 +610,9 @@ class PipelineConfig(GateOptions):
     )
     sample_rows: int = Field(5000, ge=100, description="rows per side the drift and movement checks use")
     permutations: int = Field(200, ge=19, description="permutations behind the drift p-values")
+    html_reports: bool = Field(
+        False, description="an HTML report for every batch (default: for a batch with a problem, and gates)"
+    )
     # operations
     pushgateway: str | None = Field(
         None, description="Prometheus Pushgateway URL for the step's metrics (default: $PUSHGATEWAY_URL)"

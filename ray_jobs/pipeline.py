@@ -43,7 +43,7 @@ from ray_jobs.cli import run_cli
 from ray_jobs.config import EmbedConfig, PipelineConfig, PublishConfig, TrainConfig, parse_config
 from ray_jobs.embed import embed
 from ray_jobs.publish import publish
-from vae.artifacts import read_model_version_info
+from vae.artifacts import list_model_versions, read_model_version_info
 from vae.catalog import LockHeld, model_version_info
 from vae.decisions import Decision, DecisionLog, exit_code, of_batch
 from vae.embedding_run import check_batch_id
@@ -183,12 +183,10 @@ def first_version(step: Step) -> str:
     config = step.config
     if trained := step.recorded("challenger_trained"):
         return trained.model_version
-    if config.initial_version:
-        try:
-            return read_model_version_info(config.model_root, config.initial_version).version
-        except InputError:
-            if config.initial_version != "latest":
-                raise
+    if config.initial_version and (
+        config.initial_version != "latest" or list_model_versions(config.model_root)
+    ):
+        return read_model_version_info(config.model_root, config.initial_version).version
     step.decide("retrain_started", None, f"no model version of '{step.entity}' yet", window=[step.batch])
     version = train_challenger(step, None, [config.data])
     step.decide("challenger_trained", version, "first version", data=[config.data])
@@ -244,14 +242,17 @@ def monitor_batch(step: Step, version: str) -> tuple[BatchHealth, dict]:
         permutations=config.permutations,
         seed=0,
     )
-    _, html = write_report(monitoring_root(step), report, arrays)
     health = BatchHealth.of_report(step.batch, report)
+    problems = health.problems(config.anomaly_rate_multiple)
+    # the plots (a second or more) where a person will look: a batch with a problem
+    json_path, html = write_report(
+        monitoring_root(step), report, arrays, html=bool(problems) or config.html_reports
+    )
     figures.monitoring_figures(step.metrics, report, step.batch)
     step.timings["monitor"] = time.perf_counter() - started
     figures.stage(step.metrics, "monitor", step.timings["monitor"], rows.num_rows, model_version=version)
-    problems = health.problems(config.anomaly_rate_multiple)
     summary = "healthy" if not problems else "; ".join(problems)
-    step.decide("monitored", version, summary, health=health.__dict__, report=html)
+    step.decide("monitored", version, summary, health=health.__dict__, report=html or json_path)
     if problems:
         step.decide("drift_seen", version, summary, report=html)
     return health, report
@@ -473,11 +474,16 @@ def gate_challenger(
 def heldout_check(rows: dict, join_key: str, challenger, champion, margin: float) -> Check:
     """Both versions' -ELBO on the challenger's validation keys (never trained on by it)."""
     fraction = challenger.metadata["training"]["validation_fraction"]
-    scores = {}
+    held = {}
     for version, table in rows.items():
-        keep = is_validation(key_hash(table.column(join_key)), fraction)
-        held = table.filter(keep).sort_by(join_key)
-        scores[version] = held.column("anomaly_score").to_numpy().astype(np.float64)
+        table = table.filter(is_validation(key_hash(table.column(join_key)), fraction))
+        held[version] = dict(
+            zip(table.column(join_key).to_pylist(), table.column("anomaly_score").to_pylist(), strict=True)
+        )
+    keys = sorted(held[challenger.version].keys() & held[champion.version].keys())
+    if not keys:
+        return Check("heldout_elbo", False, "no held-out rows both versions embedded", None)
+    scores = {version: np.array([by_key[k] for k in keys], np.float64) for version, by_key in held.items()}
     ours = heldout_negative_elbo(scores[challenger.version], challenger.metadata)
     theirs = heldout_negative_elbo(scores[champion.version], champion.metadata)
     passed, detail = elbo_gate(ours, theirs, margin)
@@ -499,8 +505,10 @@ def push_current(step: Step, current: str) -> None:
     figures.version_figures(step.metrics, current, info)
 
 
-def monitoring_root(step: Step) -> Path | str:
-    return step.config.monitoring or Path(step.config.feature_repo) / "data" / "monitoring"
+def monitoring_root(step: Step) -> str:
+    """Where the step's reports go: <monitoring>/<batch>/<version>-<time>/ (the publish gate's too)."""
+    root = step.config.monitoring or str(Path(step.config.feature_repo) / "data" / "monitoring")
+    return f"{root.rstrip('/')}/{step.batch}"
 
 
 def batch_name(data: str) -> str:

@@ -21,18 +21,19 @@ from vae.storage import filesystem, is_local, storage_errors, url_of
 MAX_DIMENSION_PLOTS = 32
 
 
-def write_report(root: str | Path, report: dict, arrays: dict) -> tuple[str, str]:
+def write_report(root: str | Path, report: dict, arrays: dict, html: bool = True) -> tuple[str, str | None]:
     """report.json + report.html under <root>/<version>-<UTC time>/ (a local path or s3://); returns where
-    they are."""
+    they are. html=False: the JSON only (the plots take a second or more)."""
     name = f"{report['model_version']}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     fs, base = filesystem(root)
     if is_local(fs):
-        json_path, html_path = write_monitoring_report(Path(base) / name, report, **arrays)
-        return str(json_path), str(html_path)
+        json_path, html_path = write_monitoring_report(Path(base) / name, report, **arrays, html=html)
+        return str(json_path), str(html_path) if html_path else None
     with tempfile.TemporaryDirectory() as local, storage_errors(str(root)):
-        write_monitoring_report(Path(local) / name, report, **arrays)
+        write_monitoring_report(Path(local) / name, report, **arrays, html=html)
         fs.put(str(Path(local) / name), f"{base}/{name}", recursive=True)
-    return url_of(fs, f"{base}/{name}/report.json"), url_of(fs, f"{base}/{name}/report.html")
+    html_url = url_of(fs, f"{base}/{name}/report.html") if html else None
+    return url_of(fs, f"{base}/{name}/report.json"), html_url
 
 
 def write_monitoring_report(
@@ -43,12 +44,15 @@ def write_monitoring_report(
     reference_scores: np.ndarray | None,
     new_scores: np.ndarray,
     movement_distances: np.ndarray | None,
-) -> tuple[Path, Path]:
-    """Write report.json and report.html into directory; returns their paths."""
+    html: bool = True,
+) -> tuple[Path, Path | None]:
+    """Write report.json and (html) report.html into directory; returns their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / "report.json"
     json_path.write_text(json.dumps(report, indent=2, default=_plain))
+    if not html:
+        return json_path, None
     figures = []
     drift = report.get("drift")
     if drift is not None and reference is not None:

@@ -60,3 +60,28 @@ def test_the_global_batch_must_split_evenly_across_the_workers():
         parse_config(TrainConfig, ["--data", "x", "--num-workers", "3"], "vaectl train")
     config = parse_config(TrainConfig, ["--data", "x", "--num-workers", "4", "--batch-size", "256"], "t")
     assert config.worker_batch_size() == 64
+
+
+def test_pipeline_blocks_are_checked_by_the_jobs_own_configs(tmp_path):
+    from ray_jobs.config import PipelineConfig
+    from ray_jobs.pipeline import batch_name
+
+    def problem(*argv: str) -> str:
+        with pytest.raises(InputError) as error:
+            parse_config(PipelineConfig, ["--data", "d/", *argv], prog="vaectl pipeline")
+        return str(error.value)
+
+    assert "train: data, init_from are set by the step" in problem("--train", "{data: x, init_from: v1}")
+    assert "train: latent_dim: Input should be greater than 0" in problem("--train", "{latent_dim: 0}")
+    assert "embed: on_bad_rows: Input should be 'fail' or 'quarantine'" in problem(
+        "--embed", "{on_bad_rows: skip}"
+    )
+    assert "publish: writers: Input should be greater than 0" in problem("--publish", "{writers: 0}")
+    assert "publish: switch_current are set by the step" in problem("--publish", "{switch_current: false}")
+    assert "anomaly_rate_multiple: Input should be greater than 1" in problem("--anomaly-rate-multiple", "1")
+    config = parse_config(
+        PipelineConfig, ["--data", "s3://lake/items/date=2026-11-23/", "--batch", "2026-11-23"], prog="p"
+    )
+    assert config.batch == "2026-11-23", "a date-like batch name stays a string"
+    assert batch_name(config.data) == "2026-11-23"
+    assert batch_name("daily/day-3.parquet") == "day-3" and batch_name("/data/items/") == "items"
