@@ -1,5 +1,6 @@
-"""The daily pipeline on embedded defaults: digits -> two days of Parquet -> train on day 1 ->
-embed + publish day 1 -> embed + publish day 2 with the same model version.
+"""The daily pipeline on embedded defaults: digits -> two days of Parquet -> train on day 1 -> the
+daily step (`vaectl pipeline`: embed, monitor, publish) for day 1, which makes the version current,
+and for day 2 with the same version.
 
 Uses scikit-learn's bundled digits (1797 8x8 images), so it needs no download. Runs on a local
 Ray cluster that it starts and stops itself (or on the one RAY_ADDRESS points at). The embeddings go
@@ -17,11 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from feast_embeddings.repo import EmbeddingsRepo
+from feast_embeddings.verify import fetch_online
 from ray_jobs.cli import run_cli
 from ray_jobs.cluster import ray_session
-from ray_jobs.config import DemoConfig, EmbedConfig, PublishConfig, TrainConfig, parse_config
-from ray_jobs.embed import embed
-from ray_jobs.publish import publish
+from ray_jobs.config import DemoConfig, PipelineConfig, TrainConfig, parse_config
+from ray_jobs.pipeline import step
 from ray_jobs.train import train
 from vae.catalog import table_name
 
@@ -51,10 +53,10 @@ def write_digits_parquet(path: Path, rows: int | None = None, start: int = 0) ->
 
 
 def demo(config: DemoConfig) -> dict:
-    """Two days of digits: train on day 1, then embed and publish each day as a batch; each stage timed."""
+    """Two days of digits: train on day 1, then the daily pipeline step for each day (embed, monitor,
+    publish; day 1 makes the version current); each stage timed."""
     work_dir = Path(config.work_dir).absolute()
     model_root = work_dir / "models"
-    repo_yaml = str(Path(config.feature_repo) / "feature_store.yaml")
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     days = {"day-1": (today - timedelta(days=1), 0, DAY_1_ROWS), "day-2": (today, DAY_1_ROWS, None)}
     timings: dict[str, float] = {}
@@ -73,34 +75,34 @@ def demo(config: DemoConfig) -> dict:
             for day, (_, first, rows) in days.items()
         }
         version = timed(timings, "train", train, training_config(config, data["day-1"], model_root, work_dir))
-        published = {}
+        steps = {}
         for day, (event_time, _, _) in days.items():
-            embedding = EmbedConfig(
-                data=str(data[day]),
-                model_root=str(model_root),
-                model_version=version,
+            daily = PipelineConfig(
+                data=str(data[day].parent),
                 batch=day,
                 event_time=event_time,
-                feature_store_yaml=repo_yaml,
-            )
-            timed(timings, f"embed {day}", embed, embedding)
-            publishing = PublishConfig(
-                model_version=version,
                 feature_repo=config.feature_repo,
                 model_root=str(model_root),
+                initial_version=version,
                 monitoring=str(work_dir / "monitoring"),
+                exit_codes=False,
             )
-            published[day] = timed(timings, f"publish {day}", publish, publishing)
+            steps[day] = timed(timings, f"pipeline {day}", step, daily)
     timings["total"] = time.perf_counter() - started
-    last = published["day-2"]
+    repo = EmbeddingsRepo(config.feature_repo)
+    view = repo.version_view_name("item", version)
+    day_2 = pq.read_table(data["day-2"], columns=["item_id"]).column("item_id").to_pylist()
+    sample = fetch_online(repo.store, view, day_2[:3], "item_id")
+    table = repo.catalog.table("item", version)
     summary = {
         "model_version": version,
         "timings": timings,
-        "sample": last["sample"],
-        "rows": {day: p["rows"] for day, p in published.items()},
-        "version_keys": last["version_keys"],
+        "sample": sample,
+        "rows": {b.batch_id: b.rows for b in repo.catalog.batches(table)},
+        "decisions": {day: [d.line() for d in result.decisions] for day, result in steps.items()},
+        "current": steps["day-2"].current,
     }
-    print_summary(config, data, model_root, published, summary)
+    print_summary(config, data, model_root, view, summary)
     return summary
 
 
@@ -127,25 +129,24 @@ def timed(timings: dict[str, float], stage: str, step, *args):
     return result
 
 
-def print_summary(config: DemoConfig, data: dict, model_root: Path, published: dict, summary: dict) -> None:
-    gate = published["day-1"]["gate"]
+def print_summary(config: DemoConfig, data: dict, model_root: Path, view: str, summary: dict) -> None:
     print("\nDemo finished.")
     print(f"  datasets       {', '.join(str(path) for path in data.values())}")
     print(f"  model version  {model_root / summary['model_version']}")
     rows = ", ".join(f"{day} {count} rows" for day, count in summary["rows"].items())
-    print(
-        f"  embeddings     table vae.item.{table_name(summary['model_version'])}: {rows} written online, "
-        f"{summary['version_keys']} keys in all"
-    )
+    print(f"  embeddings     table vae.item.{table_name(summary['model_version'])}: {rows}")
     repo = Path(config.feature_repo).absolute()
-    view = published["day-2"]["view"]
-    print(f"  feature store  {repo}  (view {view}, service item_embeddings_current)")
-    print(f"  monitoring     {gate['report']}  (gate {'passed' if gate['passed'] else 'failed'})")
+    print(f"  feature store  {repo}  (view {view}, service item_embeddings_current -> {summary['current']})")
+    print(f"  monitoring     {Path(config.work_dir).absolute() / 'monitoring'}")
     timings = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in summary["timings"].items())
     print(f"  stage timings  {timings}")
     print(f"  history        vaectl embeddings history item {summary['model_version']}")
+    print("  decisions      (vaectl embeddings decisions item)")
+    for lines in summary["decisions"].values():
+        for line in lines:
+            print(f"    {line}")
     print("  online sample:")
-    for entity in published["day-2"]["sample"]:
+    for entity in summary["sample"]:
         latent = np.round(entity["latent"][:4], 3).tolist()
         print(
             f"    item_id={entity['item_id']} latent[:4]={latent} "

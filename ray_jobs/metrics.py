@@ -102,6 +102,12 @@ def monitoring_figures(metrics: JobMetrics, report: dict, batch: str) -> None:
     metrics.set(
         "anomaly_rate_expected", anomaly["expected_rate"], "the rate the calibration expects", **labels
     )
+    metrics.set(
+        "anomaly_rate_p_value",
+        anomaly.get("p_value"),
+        "the rate's excess over the calibration's rows",
+        **labels,
+    )
     collapse = next(c for c in report["checks"] if c["name"] == "collapse")
     metrics.set("active_units_share", collapse["value"], "share of latent units active", **labels)
     moved = report.get("movement")

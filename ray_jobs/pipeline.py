@@ -79,12 +79,27 @@ class Step:
     def entity(self) -> str:
         return self.config.entity
 
-    def decide(self, kind: str, version: str | None, reason: str = "", **detail) -> None:
-        self.decisions.append([Decision(self.batch, kind, version, reason, detail)], self.run)
+    pending: list[Decision] = field(default_factory=list)
+
+    def decide(self, kind: str, version: str | None, reason: str = "", later: bool = False, **detail) -> None:
+        """Log a decision; later: with the next one (the routine embed, monitor, publish of a batch go
+        in one commit: a re-run redoes them anyway)."""
+        self.pending.append(Decision(self.batch, kind, version, reason, detail))
+        if not later:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.decisions.append(self.pending, self.run)
+            self.pending = []
+
+    def log(self) -> list[Decision]:
+        """The whole log, this run's pending decisions included."""
+        return [*self.decisions.read(), *self.pending]
 
     def recorded(self, kind: str, version: str | None = None) -> Decision | None:
         """This batch's decision of a kind (for a version), recorded by this run or an earlier one."""
-        found = [d for d in of_batch(self.decisions.read(), self.batch) if d.kind == kind]
+        found = [d for d in of_batch(self.log(), self.batch) if d.kind == kind]
         return next((d for d in found if version is None or d.model_version == version), None)
 
 
@@ -155,11 +170,13 @@ def daily_step(step: Step) -> StepResult:
         step.decide("switched", champion, "the entity set's first version", **{"from": None})
     if watched:
         publish_version(step, watched)
+    step.flush()
     multiple = step.config.anomaly_rate_multiple
     if watched and (breach := watch_breach(health, multiple)):
         roll_back(step, champion, watched, breach)
     elif not watched and (reason := pending_retrain(step, champion)):
         retrain(step, champion, reason)
+    step.flush()
     current = step.repo.catalog.publication(step.entity).current
     push_current(step, current)
     decisions = of_batch(step.decisions.read(), step.batch)
@@ -219,6 +236,7 @@ def embed_batch(step: Step, version: str, data: str, batch: str, event_time: dat
             "embedded",
             version,
             f"{result.embedded_rows:,} rows ({result.quarantined_rows:,} quarantined)",
+            later=True,
             data=data,
             rows=result.embedded_rows,
             quarantined=result.quarantined_rows,
@@ -252,9 +270,9 @@ def monitor_batch(step: Step, version: str) -> tuple[BatchHealth, dict]:
     step.timings["monitor"] = time.perf_counter() - started
     figures.stage(step.metrics, "monitor", step.timings["monitor"], rows.num_rows, model_version=version)
     summary = "healthy" if not problems else "; ".join(problems)
-    step.decide("monitored", version, summary, health=health.__dict__, report=html or json_path)
+    step.decide("monitored", version, summary, later=True, health=health.__dict__, report=html or json_path)
     if problems:
-        step.decide("drift_seen", version, summary, report=html)
+        step.decide("drift_seen", version, summary, later=True, report=html)
     return health, report
 
 
@@ -280,7 +298,8 @@ def publish_version(step: Step, version: str, switch: bool = False) -> dict:
     step.timings[f"publish {version}"] = seconds
     figures.publish_figures(step.metrics, summary, seconds)
     if version == step.repo.catalog.publication(step.entity).current:
-        step.decide("published", version, f"{summary['rows']:,} rows written online", rows=summary["rows"])
+        rows = summary["rows"]
+        step.decide("published", version, f"{rows:,} rows written online", later=True, rows=rows)
     return summary
 
 
@@ -290,7 +309,7 @@ def publish_version(step: Step, version: str, switch: bool = False) -> dict:
 def watched_over(step: Step, champion: str) -> str | None:
     """The version the champion replaced, while the champion is within its first watch_batches batches
     after a switch by the pipeline (this batch included); else None."""
-    log_ = step.decisions.read()
+    log_ = step.log()
     switches = [
         i
         for i, d in enumerate(log_)
@@ -325,7 +344,7 @@ def pending_retrain(step: Step, champion: str) -> str | None:
     if started is not None:
         done = step.recorded("switched") or step.recorded("challenger_refused")
         return None if done else started.reason
-    config, decisions = step.config, step.decisions.read()
+    config, decisions = step.config, step.log()
     history = champion_history(decisions, champion)
     refused = [d for d in decisions if d.kind == "challenger_refused"]
     started = [d for d in decisions if d.kind == "retrain_started"]
@@ -377,7 +396,7 @@ def training_window(step: Step) -> list[tuple[str, str]]:
     (its data broke the watch) and less the window's leading batches that the version serving them
     found healthy: those are the distribution the champion already models, and a challenger whose
     reference mixed them in would see drift on every batch after the change."""
-    decisions = step.decisions.read()
+    decisions = step.log()
     breached = {d.batch_id for d in decisions if d.kind == "rolled_back"}
     data: dict[str, str] = {}
     for d in decisions:

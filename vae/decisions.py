@@ -127,7 +127,9 @@ class DecisionLog:
         from pyiceberg.exceptions import CommitFailedException
 
         for _attempt in range(10):
-            seen = {d.identity for d in self.read()}
+            known = self.read()
+            base = self._read[0] if self._read and known else None
+            seen = {d.identity for d in known}
             new, now = [], datetime.now(UTC)
             for decision in decisions:
                 if decision.identity not in seen:
@@ -140,10 +142,16 @@ class DecisionLog:
             rows = pa.Table.from_pylist(
                 [{**d.__dict__, "detail": json.dumps(d.detail, default=_plain)} for d in new], SCHEMA
             )
+            table = self.table(create=True)
             try:
-                self.table(create=True).append(rows)
+                table.append(rows)
             except CommitFailedException:
                 continue  # another writer committed first: read again and retry
+            # what this commit made the log, without scanning it again (when it was made on top of
+            # what this process read)
+            snapshot = table.current_snapshot()
+            on_top = snapshot.parent_snapshot_id == base
+            self._read = (snapshot.snapshot_id, [*known, *new]) if on_top else None
             for decision in new:
                 log.info("decision: %s", decision.line())
             return new

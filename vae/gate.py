@@ -122,7 +122,7 @@ def evaluate(
         "failures": failures,
         "drift": drift,
         "movement": moved,
-        "anomaly": anomaly_rate(new, version),
+        "anomaly": anomaly_rate(new, version, reference_scores if reference is None else None),
         "verdict": _verdict(checks, moved),
         "created_at": datetime.now(UTC).isoformat(),
     }
@@ -212,18 +212,36 @@ def movement_check(
     return moved, distances, checks
 
 
-def anomaly_rate(new: LatentSample, version: ModelVersionInfo) -> dict:
-    """The share of the sample above the version's threshold, and the share calibration expects."""
+def anomaly_rate(
+    new: LatentSample, version: ModelVersionInfo, reference_scores: np.ndarray | None = None
+) -> dict:
+    """The share of the sample above the version's threshold, and the share calibration expects. With
+    the version's validation scores (the calibration's own rows), also how many of those exceed the
+    threshold and a one-sided Fisher exact p-value of the batch's excess: the calibrated rate itself
+    comes from a few hundred rows and is noisy, so a rate above it is evidence only when this is small."""
     calibration = version.metadata.get("anomaly") or {}
     threshold = calibration.get("threshold")
-    return {
+    result = {
         "threshold": threshold,
         "quantile": calibration.get("quantile"),
         "rate": float((new.scores > threshold).mean()) if threshold is not None else None,
         "expected_rate": 1 - calibration["quantile"] if calibration else None,
         "score_p50": float(np.median(new.scores)),
         "score_p99": float(np.percentile(new.scores, 99)),
+        "p_value": None,
     }
+    if threshold is not None and reference_scores is not None and len(reference_scores):
+        from scipy.stats import fisher_exact
+
+        above, rows = int((new.scores > threshold).sum()), len(new.scores)
+        reference_above = int((reference_scores > threshold).sum())
+        table = [[above, rows - above], [reference_above, len(reference_scores) - reference_above]]
+        result |= {
+            "reference_rows": len(reference_scores),
+            "reference_above": reference_above,
+            "p_value": float(fisher_exact(table, alternative="greater")[1]),
+        }
+    return result
 
 
 def _reference(

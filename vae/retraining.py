@@ -41,6 +41,7 @@ class BatchHealth:
     expected_anomaly_rate: float | None
     active_share: float
     collapsed: bool
+    anomaly_p_value: float | None = None  # the excess over the calibration's own rows (Fisher exact)
 
     @classmethod
     def of_report(cls, batch_id: str, report: dict) -> BatchHealth:
@@ -56,16 +57,20 @@ class BatchHealth:
             report["anomaly"]["expected_rate"],
             float(checks["collapse"]["value"]),
             not checks["collapse"]["passed"],
+            report["anomaly"].get("p_value"),
         )
 
     @classmethod
     def of_decision(cls, decision: Decision) -> BatchHealth:
         return cls(**decision.detail["health"])
 
-    def anomaly_spike(self, multiple: float) -> bool:
+    def anomaly_spike(self, multiple: float, alpha: float = 0.01) -> bool:
+        """The rate above `multiple` x the calibrated one, and (where known) more than the calibration's
+        own rows would show by chance (p < alpha)."""
         if self.anomaly_rate is None or not self.expected_anomaly_rate:
             return False
-        return self.anomaly_rate > multiple * self.expected_anomaly_rate
+        significant = self.anomaly_p_value is None or self.anomaly_p_value < alpha
+        return self.anomaly_rate > multiple * self.expected_anomaly_rate and significant
 
     def problems(self, multiple: float) -> list[str]:
         """Everything wrong with the batch, one phrase each (empty: healthy)."""
@@ -73,9 +78,10 @@ class BatchHealth:
         if self.drift:
             found.append(f"drift (combined p = {self.drift_p_value:.3g})")
         if self.anomaly_spike(multiple):
+            evidence = f", p = {self.anomaly_p_value:.2g}" if self.anomaly_p_value is not None else ""
             found.append(
                 f"anomaly rate {self.anomaly_rate:.1%}, above {multiple:g}x the calibrated "
-                f"{self.expected_anomaly_rate:.1%}"
+                f"{self.expected_anomaly_rate:.1%}{evidence}"
             )
         if self.collapsed:
             found.append(f"collapse ({self.active_share:.0%} of latent units active)")

@@ -92,7 +92,8 @@ def test_bad_config_values_and_files(tmp_path, monkeypatch, capsys):
 def test_usage_and_help_list_jobs_and_options(capsys):
     code, _, stderr = vaectl(capsys)
     assert code == 2 and all(
-        job in stderr for job in ("train", "embed", "publish", "monitor", "embeddings", "demo", "submit")
+        job in stderr
+        for job in ("train", "embed", "publish", "monitor", "embeddings", "pipeline", "demo", "submit")
     )
     code, stdout, _ = vaectl(capsys, "embed", "--help")
     assert code == 0 and "--model-version" in stdout and "--num-encoders" in stdout
@@ -144,7 +145,10 @@ def test_demo_runs_end_to_end_and_the_readme_snippets_run_as_written(feature_rep
     assert [(b.batch_id, b.rows) for b in catalog.batches(table)] == [("day-1", 1200), ("day-2", 597)]
     assert catalog.read(table).num_rows == 1797 and "vaectl embeddings history item" in result.stdout
     assert (feature_repo / "data" / "online_store.db").is_file()
-    assert result.stdout.count(f"model_version={versions[0].name}") == 3 and "(gate passed)" in result.stdout
+    assert result.stdout.count(f"model_version={versions[0].name}") == 3
+    # the daily step ran each day: day 1 made the version current (through the publish gate)
+    assert f"day-1 switched {versions[0].name}: the entity set's first version" in result.stdout
+    assert f"day-2 published {versions[0].name}: 597 rows written online" in result.stdout
 
     # README's vector-search snippet needs the version indexed: `vaectl publish --model-version latest
     # --vector-search`

@@ -41,10 +41,15 @@ def test_drift_in_k_of_the_last_n_batches_triggers_a_retrain():
     assert retrain_reason(history, TRIGGER) is None
 
 
-def test_an_anomaly_rate_above_the_multiple_triggers_at_once():
+def test_an_anomaly_rate_above_the_multiple_triggers_at_once_when_it_is_no_chance():
     assert retrain_reason([health("d1", rate=0.029)], TRIGGER) is None
     reason = retrain_reason([health("d1", rate=0.031)], TRIGGER)
     assert reason == "batch d1: anomaly rate 3.1%, above 3x the calibrated 1.0%"
+    # the calibration's own rows make 4.5% likely by chance (a 99% threshold from 120 rows): no spike
+    chance = BatchHealth("d1", "v1", 597, False, 0.5, 0.045, 0.01, 1.0, False, anomaly_p_value=0.12)
+    assert not chance.anomaly_spike(3.0) and retrain_reason([chance], TRIGGER) is None
+    evidence = BatchHealth("d1", "v1", 1000, False, 0.5, 0.23, 0.01, 1.0, False, anomaly_p_value=1e-9)
+    assert retrain_reason([evidence], TRIGGER).endswith("above 3x the calibrated 1.0%, p = 1e-09")
 
 
 def test_a_watched_version_is_rolled_back_on_any_problem_and_says_why():
