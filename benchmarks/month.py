@@ -126,14 +126,17 @@ def broken_once(train_challenger, model_root: str, which: int = 2):
     return train
 
 
-def crash_once(function, day: int, crashes: dict):
-    """`function`, raising once on its first call of `day` (a step killed there), as a planted crash."""
+def crash_once(function, day: int, crashes: dict, after: bool = False):
+    """`function`, raising once on its first call of `day` (a step killed there, before the call, or
+    after it with after=True), as a planted crash."""
 
     def crashing(*args, **kwargs):
-        if crashes.get("day") == day and not crashes.get(function.__name__):
-            crashes[function.__name__] = True
-            raise RuntimeError(f"planted crash in {function.__name__} on day {day}")
-        return function(*args, **kwargs)
+        if crashes.get("day") != day or crashes.get(function.__name__):
+            return function(*args, **kwargs)
+        crashes[function.__name__] = True
+        result = function(*args, **kwargs) if after else None
+        where = "after" if after else "in"
+        raise RuntimeError(f"planted crash {where} {function.__name__} on day {day}: {result is not None}")
 
     return crashing
 
@@ -147,17 +150,19 @@ def simulate(
     crashes: dict[int, str] | None = None,
 ) -> Month:
     """Run the month's steps in this process; the regression is planted on the second day after the
-    first switch. crashes: day -> a function of ray_jobs.pipeline that raises once that day; the step
-    is then run again, as a scheduler's retry would."""
+    first switch. crashes: day -> a function of ray_jobs.pipeline that raises once that day (before it
+    runs; "name:after" once it has run); the step is then run again, as a scheduler's retry would."""
     import ray_jobs.pipeline as pipeline
     from ray_jobs.config import PipelineConfig
 
     options = pipeline_options(work, feature_repo)
-    originals = {name: getattr(pipeline, name) for name in {"train_challenger", *(crashes or {}).values()}}
+    names = {name.split(":")[0] for name in (crashes or {}).values()}
+    originals = {name: getattr(pipeline, name) for name in {"train_challenger", *names}}
     pipeline.train_challenger = broken_once(originals["train_challenger"], options["model_root"])
     planted: dict = {}
-    for day, name in (crashes or {}).items():
-        setattr(pipeline, name, crash_once(getattr(pipeline, name), day, planted))
+    for day, planned in (crashes or {}).items():
+        name, _, when = planned.partition(":")
+        setattr(pipeline, name, crash_once(getattr(pipeline, name), day, planted, after=when == "after"))
     month = Month()
     regression_day = None
     try:

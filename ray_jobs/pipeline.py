@@ -159,6 +159,7 @@ def _locked_step(config: PipelineConfig, metrics: figures.JobMetrics) -> StepRes
 def daily_step(step: Step) -> StepResult:
     """embed -> monitor -> publish -> watch or retrain, for one batch."""
     serving = step.repo.catalog.publication(step.entity).current
+    record_an_unlogged_switch(step, serving)
     champion = serving or first_version(step)
     embed_batch(step, champion, step.config.data, step.batch)
     watched = watched_over(step, champion)
@@ -190,6 +191,17 @@ def daily_step(step: Step) -> StepResult:
         code,
     )
     return StepResult(step.entity, step.batch, current, decisions, code, step.timings)
+
+
+def record_an_unlogged_switch(step: Step, serving: str | None) -> None:
+    """A step killed between switching "current" to the version it trained for this batch and logging
+    it: the re-run logs the switch (the switch itself is one registry write, done or not)."""
+    trained = step.recorded("challenger_trained")
+    if serving is None or trained is None or trained.model_version != serving or step.recorded("switched"):
+        return
+    started = step.recorded("retrain_started")
+    champion = started.model_version if started else None
+    step.decide("switched", serving, "logged by the re-run of the step that switched", **{"from": champion})
 
 
 # -- the first version ---------------------------------------------------------------------------------
