@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-import time
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Gauge
 
@@ -132,8 +132,6 @@ def version_figures(metrics: JobMetrics, version: str, info: dict | None, moved:
         )
         created = info.get("created_at")
         if created:
-            from datetime import datetime
-
             stamp = datetime.fromisoformat(created).timestamp()
             metrics.set("version_created_timestamp_seconds", stamp, "when the version was saved", **labels)
     if moved:
@@ -144,7 +142,3 @@ def version_figures(metrics: JobMetrics, version: str, info: dict | None, moved:
         metrics.set(
             "version_knn_overlap", moved["knn_overlap"]["mean"], "k-NN overlap@k", **labels, **baseline
         )
-
-
-def now() -> float:
-    return time.time()

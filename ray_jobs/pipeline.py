@@ -61,6 +61,7 @@ from vae.retraining import (
 )
 
 log = logging.getLogger("ray_jobs.pipeline")
+STEP_SUCCESS = "1 when the last step completed, 0 when it failed"
 
 
 @dataclass
@@ -125,15 +126,16 @@ def step(config: PipelineConfig) -> StepResult:
     """Run the step under the entity set's lock; push its figures, also when it fails."""
     started = time.perf_counter()
     metrics = figures.JobMetrics("pipeline", config.entity)
-    labels = {"batch": config.batch or batch_name(config.data)}
+    batch = config.batch or batch_name(config.data)
+    labels = {"batch": batch}
     try:
-        result = _locked_step(config, metrics)
+        result = _locked_step(config, batch, metrics)
     except BaseException:
-        metrics.set("step_success", 0, "1 when the last step completed, 0 when it failed", **labels)
+        metrics.set("step_success", 0, STEP_SUCCESS, **labels)
         metrics.set("step_last_failure_timestamp_seconds", time.time(), "when a step last failed")
         metrics.push(config.pushgateway)
         raise
-    metrics.set("step_success", 1, "1 when the last step completed, 0 when it failed", **labels)
+    metrics.set("step_success", 1, STEP_SUCCESS, **labels)
     metrics.set("step_last_success_timestamp_seconds", time.time(), "when a step last completed")
     metrics.set("step_duration_seconds", time.perf_counter() - started, "wall time of the step", **labels)
     metrics.set("step_exit_code", result.exit_code, "the step's decision code", **labels)
@@ -144,9 +146,9 @@ def step(config: PipelineConfig) -> StepResult:
     return result
 
 
-def _locked_step(config: PipelineConfig, metrics: figures.JobMetrics) -> StepResult:
+def _locked_step(config: PipelineConfig, batch: str, metrics: figures.JobMetrics) -> StepResult:
     repo = EmbeddingsRepo(config.feature_repo, config.feature_store_yaml)
-    batch = check_batch_id(config.batch or batch_name(config.data))
+    check_batch_id(batch)
     try:
         with repo.catalog.lock(
             f"pipeline-{config.entity}", config.lock_seconds, config.lock_wait_seconds, renew=True
