@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The local CPU wheel; on a GPU machine set TORCH_SPEC to the CUDA build you want.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-unit bench lint clean redis-server postgresql chromium prometheus cluster-pin
+.PHONY: setup demo test test-unit bench lint clean redis-server postgresql chromium prometheus mlflow-server cluster-pin
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/vaectl demo
 
-test: setup redis-server postgresql chromium prometheus
+test: setup redis-server postgresql chromium prometheus mlflow-server
 	$(BIN)/python -m pytest -q
 
 # The library, configs and deployment files without servers or Ray: seconds.
@@ -50,6 +50,17 @@ prometheus:
 		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 		prometheus prometheus-pushgateway >/dev/null; }
 
+# One test trains against a real MLflow tracking server over HTTP. The server is full `mlflow`, whose
+# pins (pyarrow<26) do not fit the project's environment: it gets a virtual environment of its own.
+# The project itself needs only mlflow-skinny (the client). Also what `mlflow ui` runs from.
+MLFLOW_VENV ?= .mlflow-venv
+mlflow-server: $(MLFLOW_VENV)/.installed
+
+$(MLFLOW_VENV)/.installed:
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install --quiet "mlflow==3.17.*"
+	touch $@
+
 bench: setup redis-server
 	$(BIN)/python -m benchmarks.embed
 	$(BIN)/python -m benchmarks.publish
@@ -73,4 +84,4 @@ lint: setup
 	$(BIN)/ruff format --check $(SOURCES)
 
 clean:
-	rm -rf demo_output ray_results feature_repo/data benchmarks/results
+	rm -rf $(MLFLOW_VENV) demo_output ray_results feature_repo/data benchmarks/results

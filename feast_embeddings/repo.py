@@ -16,8 +16,17 @@ from functools import cached_property
 from pathlib import Path
 from types import ModuleType
 
-from vae.catalog import NAMESPACE, EmbeddingsCatalog, EntitySet, redact, settings_from_yaml, table_name
+from vae.catalog import (
+    NAMESPACE,
+    EmbeddingsCatalog,
+    EntitySet,
+    absolute_uri,
+    redact,
+    settings_from_yaml,
+    table_name,
+)
 from vae.errors import InputError
+from vae.registry import Registry, resolve_tracking_uri
 
 YAML_KEY = "__vae_feature_store_yaml__"  # set on the definitions module by EmbeddingsRepo
 
@@ -35,7 +44,21 @@ class EmbeddingsRepo:
     def store(self):
         from feast import FeatureStore
 
-        return FeatureStore(repo_path=str(self.path), fs_yaml_file=self.yaml)
+        store = FeatureStore(repo_path=str(self.path), fs_yaml_file=self.yaml)
+        if store.config.mlflow is not None:
+            # Feast's MLflow integration logs reads to the same registry; with no URI it would fall
+            # back to MLflow's default (./mlflow.db wherever the job runs): off instead.
+            uri = self.registry.uri if self.registry else None
+            store.config.mlflow.enabled = uri is not None
+            store.config.mlflow.tracking_uri = uri
+        return store
+
+    @cached_property
+    def registry(self) -> Registry | None:
+        """The MLflow registry of the store's `mlflow:` block (its tracking_uri, else
+        MLFLOW_TRACKING_URI); None when the block is off or no URI is set."""
+        uri = tracking_uri_from_yaml(self.yaml)
+        return Registry(uri) if uri else None
 
     def entity(self, name: str):
         """An entity set's Feast entity, from the catalog (its join key and key type come from the data)."""
@@ -140,6 +163,22 @@ def open_catalog(yaml_path: Path) -> EmbeddingsCatalog:
             "PostgreSQL in PGPASSWORD instead"
         )
     return EmbeddingsCatalog(uri, warehouse)
+
+
+def tracking_uri_from_yaml(yaml_path: Path) -> str | None:
+    """The MLflow tracking URI of a feature_store.yaml's `mlflow:` block when it is enabled (${VARS}
+    expanded, a relative SQLite file taken relative to the yaml), else None."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(os.path.expandvars(Path(yaml_path).read_text())) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise InputError(f"{yaml_path}: {error}") from None
+    block = values.get("mlflow") if isinstance(values, dict) else None
+    if not isinstance(block, dict) or not block.get("enabled"):
+        return None
+    uri = resolve_tracking_uri(block.get("tracking_uri"))
+    return absolute_uri(uri, Path(yaml_path).parent) if uri else None
 
 
 def store_yaml(feature_repo: Path, feature_store_yaml: str | os.PathLike | None = None) -> Path:

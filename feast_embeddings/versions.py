@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from feast_embeddings.repo import EmbeddingsRepo
 from vae.errors import InputError
+from vae.registry import CHALLENGER, CHAMPION, registered_model_name
 
 log = logging.getLogger("feast_embeddings")
 
@@ -57,8 +58,10 @@ def record_written(repo: EmbeddingsRepo, entity: str, version: str, snapshot_id:
 
 
 def switch_current(repo: EmbeddingsRepo, entity: str, version: str) -> None:
-    """Point 'current' at an online version. One registry write: a reader resolves the service once
-    per request, so it gets all of its vectors from one version, before or after the switch."""
+    """Point 'current' at an online version, and MLflow's @champion with it (first: a switch cut
+    short is finished by its re-run, which finds the alias where it was going). One registry write:
+    a reader resolves the service once per request, so it gets all of its vectors from one version,
+    before or after the switch."""
     with repo.catalog.lock(REGISTRY_LOCK):
         state = repo.catalog.publication(entity)
         if not state.online.get(version):
@@ -66,11 +69,56 @@ def switch_current(repo: EmbeddingsRepo, entity: str, version: str) -> None:
                 f"model version {version} is not in the online store any more; publish it again "
                 f"(vaectl publish --entity {entity} --model-version {version})"
             )
+        move_champion(repo, entity, version)
         if state.current == version:
             return
-        repo.catalog.update_publication(entity, current=version, previous=state.current)
+        repo.catalog.update_publication(entity, current=version, previous=state.current, switching=None)
         repo.apply()
     log.info("%s current: %s -> %s", entity, state.current or "(none)", version)
+
+
+def check_champion(repo: EmbeddingsRepo, entity: str, going_to: str | None = None) -> None:
+    """Stop when MLflow's @champion is neither Feast's current nor the version a switch is going to
+    (someone moved it by hand): which one serves is for a person to say. No alias yet agrees."""
+    if repo.registry is None:
+        return
+    state = repo.catalog.publication(entity)
+    current, name = state.current, registered_model_name(entity)
+    champion = repo.registry.alias(name, CHAMPION)
+    if champion is None or champion in (current, going_to, state.switching):
+        return
+    raise InputError(
+        f"MLflow and Feast disagree on {entity}'s serving version: {name}@{CHAMPION} is {champion}, Feast's "
+        f"current is {current or '(none)'}; nothing was changed. To serve {champion}: vaectl publish "
+        f"--entity {entity} --model-version {champion}; to keep {current}: move @{CHAMPION} back to it "
+        f"in MLflow (MlflowClient().set_registered_model_alias('{name}', '{CHAMPION}', <its number>))"
+    )
+
+
+def move_champion(repo: EmbeddingsRepo, entity: str, version: str) -> None:
+    """@champion to `version` (registered first if it was trained untracked); @challenger off it. The
+    intent is recorded first: a re-run after a crash in between finds the two agreeing."""
+    if repo.registry is None:
+        return
+    check_champion(repo, entity, version)
+    name = registered_model_name(entity)
+    ensure_registered(repo, entity, version)
+    if repo.registry.alias(name, CHAMPION) != version:
+        if repo.catalog.publication(entity).current != version:
+            repo.catalog.update_publication(entity, switching=version)
+        repo.registry.set_alias(name, CHAMPION, version)
+    if repo.registry.alias(name, CHALLENGER) == version:
+        repo.registry.delete_alias(name, CHALLENGER)
+
+
+def ensure_registered(repo: EmbeddingsRepo, entity: str, version: str) -> None:
+    """A version in MLflow's registry: from its training run when it was tracked, else on its own
+    (the folder its embeddings table records)."""
+    table = repo.catalog.table(entity, version)
+    path = table.properties.get("vae.model-path")
+    if not path:
+        raise InputError(f"{entity} {version}: its table records no model folder to register in MLflow")
+    repo.registry.register(registered_model_name(entity), version, path)
 
 
 def rollback(repo: EmbeddingsRepo, entity: str) -> str:

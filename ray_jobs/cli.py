@@ -40,7 +40,7 @@ JOBS = {
     "embeddings": Job(
         "ray_jobs.embeddings",
         config.EmbeddingsCommand,
-        "an entity set's tables: history <entity> [<version>], export, decisions <entity>, migrate",
+        "an entity set's tables: history <entity> [<version>], export, decisions <entity>, lineage, migrate",
     ),
     "demo": Job(
         "ray_jobs.demo", config.DemoConfig, "run train, embed and publish end to end on scikit-learn's digits"

@@ -226,6 +226,19 @@ class TrainConfig(JobConfig):
     anomaly_quantile: float = Field(
         0.99, gt=0, lt=1, description="is_anomaly: score above this quantile of the validation scores"
     )
+    # the model registry (MLflow)
+    entity: str = Field(
+        "item", description="the entity set the model embeds: its MLflow registered model is vae-<entity>"
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (sqlite:///path/mlflow.db, http://host:5000); default "
+        "$MLFLOW_TRACKING_URI; neither: not tracked",
+    )
+    experiment: str | None = Field(None, description="MLflow experiment (default: vae-<entity>)")
+    tracking_required: bool = Field(
+        False, description="fail the run when MLflow cannot be reached (default: warn once, train on)"
+    )
 
     @model_validator(mode="after")
     def _global_batch_splits(self) -> TrainConfig:
@@ -267,6 +280,10 @@ TRAIN_OPERATIONAL = {
     "cpus_per_worker",
     "accelerator_type",
     "worker_resources",
+    "entity",
+    "tracking_uri",
+    "experiment",
+    "tracking_required",
 }
 
 
@@ -308,7 +325,11 @@ class EmbedConfig(EmbeddingsOptions):
 
     data: str = Field(description="Parquet file or directory (local or s3://), hive-style partitions allowed")
     model_root: str = Field("models", description="directory or s3:// prefix that holds model versions")
-    model_version: str = Field("latest", description="version name, or 'latest'")
+    model_version: str = Field(
+        "latest",
+        description="version name, 'latest', or an MLflow registry URI: models:/vae-item@champion, "
+        "models:/vae-item/3",
+    )
     batch: str | None = Field(
         None,
         description="the batch's name, e.g. 2026-11-23 (default: a hash of the input listing); re-running a "
@@ -438,10 +459,11 @@ class MonitorConfig(GateOptions, EmbeddingsOptions):
 
 
 class EmbeddingsCommand(EmbeddingsOptions):
-    """`vaectl embeddings history|export|decisions|migrate`: a version's batches and snapshots, a
-    time-travel export, the pipeline's decision log, the migration of Parquet-directory versions."""
+    """`vaectl embeddings history|export|decisions|lineage|migrate`: a version's batches and snapshots, a
+    time-travel export, the pipeline's decision log, a downstream MLflow run's VAE training runs, the
+    migration of Parquet-directory versions."""
 
-    command: Literal["history", "export", "decisions", "migrate"] = Field(description="what to do")
+    command: Literal["history", "export", "decisions", "lineage", "migrate"] = Field(description="what to do")
     model_version: str = Field(
         "latest", description="history/export: the version ('latest', 'current' or a name)"
     )
@@ -453,6 +475,7 @@ class EmbeddingsCommand(EmbeddingsOptions):
     source: str | None = Field(
         None, description="migrate: the old embeddings root (<root>/<version>/*.parquet)"
     )
+    run_id: str | None = Field(None, description="lineage: the downstream model's MLflow run id")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,7 +487,8 @@ class PublishConfig(GateOptions):
 
     entity: str = Field("item", description="the embedding set (entity) to publish, e.g. item or user")
     model_version: str = Field(
-        "latest", description="the version to publish: a name, or 'latest' (the newest embedded)"
+        "latest",
+        description="the version to publish: a name, 'latest' (the newest embedded), models:/vae-item@alias",
     )
     feature_repo: str = Field(
         "feature_repo", description="Feast repo directory (feature_store.yaml + definitions)"
@@ -534,7 +558,7 @@ class PublishConfig(GateOptions):
 
 # What the step decides for every embed, publish and training it runs: not options of their blocks.
 _PIPELINE_SETS = {
-    "train": {"data", "model_root", "init_from", "run_name"},
+    "train": {"data", "model_root", "init_from", "run_name", "entity", "tracking_uri"},
     "embed": {"data", "model_root", "model_version", "batch", "event_time", "entity", "feature_store_yaml"},
     "publish": {
         "entity",
@@ -666,3 +690,7 @@ class DemoConfig(JobConfig):
         5.0, ge=0, description="epochs over which the KL weight rises to 1 (few epochs: lower it)"
     )
     num_workers: int = Field(2, gt=0, description="data-parallel training workers")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow registry (default: $MLFLOW_TRACKING_URI, else sqlite:///<work_dir>/mlflow.db)",
+    )

@@ -1,6 +1,6 @@
-"""The daily pipeline on embedded defaults: digits -> two days of Parquet -> train on day 1 -> the
-daily step (`vaectl pipeline`: embed, monitor, publish) for day 1, which makes the version current,
-and for day 2 with the same version.
+"""The daily pipeline on embedded defaults: digits -> two days of Parquet -> train on day 1 (tracked
+in MLflow, registered as vae-item) -> the daily step (`vaectl pipeline`: embed, monitor, publish) for
+day 1, which makes the version current and vae-item@champion, and for day 2 with the same version.
 
 Uses scikit-learn's bundled digits (1797 8x8 images), so it needs no download. Runs on a local
 Ray cluster that it starts and stops itself (or on the one RAY_ADDRESS points at). The embeddings go
@@ -9,8 +9,11 @@ to the feature repo's Iceberg catalog (feature_store.yaml, vae_embeddings: SQLit
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from ray_jobs.config import DemoConfig, PipelineConfig, TrainConfig, parse_confi
 from ray_jobs.pipeline import step
 from ray_jobs.train import train
 from vae.catalog import table_name
+from vae.registry import CHAMPION, TRACKING_ENV, registered_model_name
 
 log = logging.getLogger("ray_jobs.demo")
 
@@ -56,6 +60,28 @@ def demo(config: DemoConfig) -> dict:
     """Two days of digits: train on day 1, then the daily pipeline step for each day (embed, monitor,
     publish; day 1 makes the version current); each stage timed."""
     work_dir = Path(config.work_dir).absolute()
+    with tracking_to(
+        config.tracking_uri or os.environ.get(TRACKING_ENV) or f"sqlite:///{work_dir}/mlflow.db"
+    ):
+        return _demo(config, work_dir)
+
+
+@contextlib.contextmanager
+def tracking_to(uri: str) -> Iterator[None]:
+    """MLFLOW_TRACKING_URI for the demo's jobs: training reads it, and so does the feature repo's mlflow
+    block (publish moves vae-item@champion)."""
+    saved = os.environ.get(TRACKING_ENV)
+    os.environ[TRACKING_ENV] = uri
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(TRACKING_ENV)
+        else:
+            os.environ[TRACKING_ENV] = saved
+
+
+def _demo(config: DemoConfig, work_dir: Path) -> dict:
     model_root = work_dir / "models"
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     days = {"day-1": (today - timedelta(days=1), 0, DAY_1_ROWS), "day-2": (today, DAY_1_ROWS, None)}
@@ -101,9 +127,22 @@ def demo(config: DemoConfig) -> dict:
         "rows": {b.batch_id: b.rows for b in repo.catalog.batches(table)},
         "decisions": {day: [d.line() for d in result.decisions] for day, result in steps.items()},
         "current": steps["day-2"].current,
+        "registry": registry_summary(repo, version),
     }
     print_summary(config, data, model_root, view, summary)
     return summary
+
+
+def registry_summary(repo: EmbeddingsRepo, version: str) -> dict:
+    """Where the version is in MLflow: its registered number, training run and the champion alias."""
+    registry = repo.registry
+    registered = registry.find(registered_model_name("item"), version)
+    return {
+        "uri": registry.uri,
+        "registered_version": registered.version if registered else None,
+        "run_id": registered.run_id if registered else None,
+        "champion": registry.alias(registered_model_name("item"), CHAMPION),
+    }
 
 
 def training_config(config: DemoConfig, data: Path, model_root: Path, work_dir: Path) -> TrainConfig:
@@ -138,6 +177,12 @@ def print_summary(config: DemoConfig, data: dict, model_root: Path, view: str, s
     repo = Path(config.feature_repo).absolute()
     print(f"  feature store  {repo}  (view {view}, service item_embeddings_current -> {summary['current']})")
     print(f"  monitoring     {Path(config.work_dir).absolute() / 'monitoring'}")
+    registry = summary["registry"]
+    print(
+        f"  MLflow         {registry['uri']}: vae-item version {registry['registered_version']} "
+        f"(run {registry['run_id']}), vae-item@champion -> {registry['champion']}"
+    )
+    print(f"                 UI: .mlflow-venv/bin/mlflow ui --backend-store-uri {registry['uri']}")
     timings = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in summary["timings"].items())
     print(f"  stage timings  {timings}")
     print(f"  history        vaectl embeddings history item {summary['model_version']}")

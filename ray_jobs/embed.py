@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
+from feast_embeddings.repo import tracking_uri_from_yaml
 from ray_jobs import metrics as figures
 from ray_jobs.cli import find_input_error, run_cli
 from ray_jobs.cluster import alive_node_resources, capacity_or_fail, ray_session
@@ -47,6 +49,7 @@ from vae.embedding_run import (
     run_id,
     start_run,
 )
+from vae.registry import Registry, resolve_tracking_uri
 
 log = logging.getLogger("ray_jobs.embed")
 
@@ -63,6 +66,7 @@ def run(config: EmbedConfig) -> EmbedResult:
 def embed(config: EmbedConfig) -> EmbedResult:
     """Run the whole embedding job; everything is checked before Ray starts."""
     started = time.time()
+    config = registered(config)
     model_version = load_model_version(config.model_root, config.model_version)  # 'latest' resolved, verified
     plan = plan_run(config.data, model_version.features, config.rows_per_file, config.timestamp_column)
     options = encode_options(config, model_version, plan)
@@ -124,6 +128,22 @@ def embed(config: EmbedConfig) -> EmbedResult:
         f"{result.rows_per_second:,.0f}",
     )
     return result
+
+
+def registered(config: EmbedConfig) -> EmbedConfig:
+    """models:/<name>@<alias> or models:/<name>/<number>: the version folder MLflow's version records,
+    in the registry of the feature store's mlflow block, else of MLFLOW_TRACKING_URI."""
+    if not config.model_version.startswith("models:/"):
+        return config
+    yaml_path = Path(config.feature_store_yaml)
+    uri = (tracking_uri_from_yaml(yaml_path) if yaml_path.is_file() else None) or resolve_tracking_uri()
+    if uri is None:
+        raise InputError(
+            f"model_version {config.model_version}: set MLFLOW_TRACKING_URI to the MLflow registry"
+        )
+    model_root, version = Registry(uri).resolve(config.model_version)
+    log.info("%s is model version %s (%s)", config.model_version, version, model_root)
+    return config.model_copy(update={"model_root": model_root, "model_version": version})
 
 
 def encode_options(config: EmbedConfig, model_version: ModelVersion, plan: Plan) -> EncodeOptions:

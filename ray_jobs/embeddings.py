@@ -5,6 +5,8 @@ history <entity> [<version>]   the version's batches (rows, snapshot, event time
 export <entity> [<version>]    rows as of a snapshot id or time (--as-of), of one batch or all,
                                to one Parquet file (local or s3://): an offline copy, time-travelled
 decisions <entity>             the daily pipeline's decision log, oldest first (--batch: one batch)
+lineage --run-id RUN           the embedding views a downstream MLflow run read through Feast, each
+                               with its model version, registered MLflow version and training run
 migrate --source ROOT          Parquet-directory versions (<root>/<version>/*.parquet, as written
                                before the tables) into tables, each as one batch named `migrated`;
                                a version already migrated is left as it is
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,6 +38,8 @@ def run(config: EmbeddingsCommand) -> dict:
         return migrate(catalog, config)
     if config.command == "decisions":
         return decisions(catalog, config)
+    if config.command == "lineage":
+        return lineage(config)
     version = catalog.resolve(config.entity, config.model_version)
     table = catalog.table(config.entity, version)
     return history(catalog, table) if config.command == "history" else export(catalog, table, config)
@@ -51,6 +56,24 @@ def decisions(catalog: EmbeddingsCatalog, config: EmbeddingsCommand) -> dict:
     for decision in found:
         print("  " + decision.line())
     return {"decisions": [decision.line() for decision in found]}
+
+
+def lineage(config: EmbeddingsCommand) -> dict:
+    """The VAE training runs behind what a downstream run read, printed and returned."""
+    from feast_embeddings.lineage import training_runs
+    from feast_embeddings.repo import EmbeddingsRepo
+
+    if not config.run_id:
+        raise InputError("lineage: give --run-id, the downstream model's MLflow run")
+    yaml_path = Path(config.feature_store_yaml)
+    found = training_runs(EmbeddingsRepo(yaml_path.parent, yaml_path), config.run_id)
+    print(f"MLflow run {config.run_id} read {len(found)} embedding view(s):")
+    for entry in found:
+        print(
+            f"  {entry['view']}: {entry['registered_model']} version {entry['registered_version']} "
+            f"({entry['model_version']}), trained by run {entry['training_run']}"
+        )
+    return {"lineage": found}
 
 
 def history(catalog: EmbeddingsCatalog, table) -> dict:

@@ -51,6 +51,7 @@ from vae.errors import InputError
 from vae.gate import SAMPLED_COLUMNS, Check, LatentSample, evaluate
 from vae.keys import is_validation, key_hash
 from vae.monitor_report import write_report
+from vae.registry import CHALLENGER, registered_model_name
 from vae.retraining import (
     BatchHealth,
     Trigger,
@@ -394,15 +395,27 @@ def retrain(step: Step, champion: str, reason: str) -> None:
     if challenger is None:
         challenger = train_challenger(step, champion, [data for _, data in window])
         step.decide("challenger_trained", challenger, f"on {len(window)} batches", champion=champion)
+    name_challenger(step, challenger)
     backfill(step, champion, challenger)
     passed, failures, report = gate_challenger(step, champion, challenger, [batch for batch, _ in window])
     if not passed:
         step.decide("challenger_refused", challenger, "; ".join(failures), champion=champion, report=report)
+        if registry := step.repo.registry:
+            registry.tag_version(registered_model_name(step.entity), challenger, {"vae.gate": "refused"})
         return
     publish_version(step, challenger)
     switch_current(step.repo, step.entity, challenger)
     step.decide("switched", challenger, f"retrained: {reason}", **{"from": champion, "report": report})
     step.decide("published", challenger, "every batch of the champion, backfilled")
+
+
+def name_challenger(step: Step, challenger: str) -> None:
+    """MLflow's @challenger on the version the gate is about to judge (registered if it is not)."""
+    if (registry := step.repo.registry) is None:
+        return
+    name = registered_model_name(step.entity)
+    registry.register(name, challenger, read_model_version_info(step.config.model_root, challenger).path)
+    registry.set_alias(name, CHALLENGER, challenger)
 
 
 def training_window(step: Step) -> list[tuple[str, str]]:
@@ -436,9 +449,12 @@ def train_challenger(step: Step, champion: str | None, data: list[str]) -> str:
     if champion is not None:
         recipe = read_model_version_info(config.model_root, champion).metadata["training"]
         options = {k: v for k, v in recipe.items() if k in TrainConfig.model_fields}
-        for decided in ("data", "run_name", "init_from", "storage_path", "model_root"):
+        for decided in ("data", "run_name", "init_from", "storage_path", "model_root", "tracking_uri"):
             options.pop(decided, None)
     options.update(config.train)
+    options["entity"] = step.entity
+    # the registry the feature store names: the challenger's run and version land where its alias will
+    options["tracking_uri"] = step.repo.registry.uri if step.repo.registry else None
     if champion is not None and config.warm_start:
         options["init_from"] = champion
     started = time.perf_counter()

@@ -34,6 +34,7 @@ from feast_embeddings.repo import EmbeddingsRepo
 from feast_embeddings.vectors import index_vectors
 from feast_embeddings.verify import check_complete, fetch_online, verify_online
 from feast_embeddings.versions import (
+    check_champion,
     record_written,
     register_version,
     retire_old_versions,
@@ -84,7 +85,7 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
     if config.rollback:
         version = rollback(repo, entity)
         return {"model_version": version, "rows": 0, "write_seconds": 0.0, "sample": []}
-    version = catalog.resolve(entity, config.model_version)
+    version = catalog.resolve(entity, registered_version(repo, config.model_version))
     table = catalog.table(entity, version)
     join_key = catalog.entity_set(entity).join_key
     state = catalog.publication(entity)
@@ -99,6 +100,7 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
         f"{delta.version_keys:,}",
     )
     switching = config.switch_current and state.current != version
+    check_champion(repo, entity, version if switching else None)  # before anything is written
     gate = check_gate(config, repo, version, table, join_key) if switching else None
 
     started = time.perf_counter()
@@ -137,6 +139,17 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
         "retired": retired,
         "gate": gate,
     }
+
+
+def registered_version(repo: EmbeddingsRepo, model_version: str) -> str:
+    """A version name; models:/<name>@<alias> and models:/<name>/<number> resolved in MLflow."""
+    if not model_version.startswith("models:/"):
+        return model_version
+    if repo.registry is None:
+        raise InputError(
+            f"{model_version}: no MLflow registry; set MLFLOW_TRACKING_URI or the mlflow block of {repo.yaml}"
+        )
+    return repo.registry.resolve(model_version)[1]
 
 
 def index_delta(config: PublishConfig, repo: EmbeddingsRepo, version: str, table, join_key: str) -> None:

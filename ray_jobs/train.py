@@ -9,6 +9,9 @@
               and the validation reference (posterior means, anomaly scores)
     finalize  the final checkpoint -> anomaly thresholds -> report PNGs -> model version
               (safetensors + JSON) under model_root
+    track     with a tracking URI (tracking_uri or MLFLOW_TRACKING_URI): one MLflow run per Ray Train
+              run (the config as parameters; rank 0 logs each epoch; final figures, tags, the report
+              and model.json at the end), the version registered as vae-<entity> (vae.registry)
 
 Fault tolerance: every checkpoint holds weights, optimizer moments and the run state, so a run that
 lost a worker or a node (FailureConfig) or its driver (re-run the same command: the run name is
@@ -24,6 +27,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,14 +43,22 @@ from ray_jobs.cli import run_cli
 from ray_jobs.cluster import alive_node_resources, describe, is_private_cluster, node_capacity, ray_session
 from ray_jobs.config import TRAIN_OPERATIONAL, TrainConfig, parse_config
 from ray_jobs.train_worker import WorkerSetup, train_loop_per_worker
-from vae.artifacts import load_model_version, read_model_version_info, save_model_version
+from vae.artifacts import code_version, load_model_version, read_model_version_info, save_model_version
 from vae.errors import InputError
 from vae.keys import is_validation, key_hash, worker_of
 from vae.model import VAE, ModelConfig
 from vae.monitoring import anomaly_calibration
 from vae.preprocessing import FeatureSchema, FeatureStats, Normalizer, features_to_numpy, infer_feature_schema
+from vae.registry import (
+    PATH_TAG,
+    VERSION_TAG,
+    Registry,
+    TrackingUnavailable,
+    registered_model_name,
+    resolve_tracking_uri,
+)
 from vae.report import write_training_report
-from vae.storage import parquet_schema
+from vae.storage import filesystem, is_local, parquet_schema, storage_errors
 from vae.training import (
     STATE_FILE,
     RunState,
@@ -77,12 +89,24 @@ def train(config: TrainConfig) -> str:
     """Run the whole training job; returns the new model version's name."""
     started = time.perf_counter()
     features, model_config = check(config)
+    # MLflow's import and store (seconds) in a thread, while Ray starts and the data is read
+    uri = resolve_tracking_uri(config.tracking_uri)
+    registry = _in_a_thread(Registry, uri) if uri else None
     with ray_session():
         prepared = prepare(config, features, model_config)
-        # The workers' datasets show no progress bars: the per-epoch line says what a person needs.
-        with data_context(enable_progress_bars=False):
-            result = fit(config, prepared)
-        return finalize(config, prepared, result, started)
+        tracking = start_tracking(config, prepared, registry)
+        try:
+            # The workers' datasets show no progress bars: the per-epoch line says what a person needs.
+            with data_context(enable_progress_bars=False):
+                result = fit(config, prepared, tracking)
+        except BaseException:
+            if tracking:
+                tracking.registry.fail_run(tracking.run_id)
+            raise
+        version = finalize(config, prepared, result, started)
+        if tracking:
+            track_version(config, tracking, version)
+        return version
 
 
 @dataclass
@@ -179,7 +203,90 @@ def prepare(config: TrainConfig, features: FeatureSchema, model: ModelConfig) ->
     return PreparedRun(features, model, normalizer, stats, validation_rows, run_name, storage, dataset)
 
 
-def fit(config: TrainConfig, prepared: PreparedRun) -> ray.train.Result:
+@dataclass
+class Tracking:
+    """The MLflow run of this training run."""
+
+    registry: Registry
+    run_id: str
+
+
+def start_tracking(config: TrainConfig, prepared: PreparedRun, connecting: Future | None) -> Tracking | None:
+    """The training run's MLflow run when a tracking URI is configured (a resumed run continues its
+    own); an unreachable server is one warning, and training goes on untracked unless
+    tracking_required."""
+    if connecting is None:
+        return None
+    identity = {
+        "vae.data_fingerprint": f"{prepared.stats.fingerprint:016x}",
+        "vae.code_version": code_version(),
+    }
+    params = {name: value for name, value in config.model_dump().items() if name != "tracking_uri"}
+    experiment = config.experiment or registered_model_name(config.entity)
+    try:
+        registry = connecting.result()
+        ray_run = f"{prepared.storage_path.rstrip('/')}/{prepared.run_name}"
+        return Tracking(registry, registry.training_run(experiment, ray_run, params, identity))
+    except TrackingUnavailable as error:
+        return _untracked(config, error)
+
+
+def _in_a_thread(function, *args) -> Future:
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(function, *args)
+    pool.shutdown(wait=False)  # the thread ends when the call does
+    return future
+
+
+def track_version(config: TrainConfig, tracking: Tracking, version: str) -> None:
+    """The final figures, tags and artifacts on the run, the run finished, the version registered."""
+    info = read_model_version_info(config.model_root, version)
+    metadata = info.metadata
+    metrics = metadata["metrics"]
+    final = {"best_epoch": metrics["best_epoch"], "best_val_negative_elbo": metrics["val_negative_elbo"]}
+    final |= {"train_seconds": metrics["train_seconds"], "best_active_units": metrics["active_units"]}
+    if metrics.get("iw_nll") is not None:
+        final["iw_nll"] = metrics["iw_nll"]
+    tags = {VERSION_TAG: version, PATH_TAG: info.path, "vae.code_version": metadata["code_version"]}
+    if metrics.get("collapse_warning"):
+        tags["vae.collapse_warning"] = metrics["collapse_warning"]
+    registry, run_id = tracking.registry, tracking.run_id
+    try:
+        registry.log_metrics(run_id, final, step=metrics["epochs_run"])
+        with version_files(info.path, ["model.json", "report"]) as files:
+            registry.finish_run(run_id, tags, [(files["model.json"], None), (files["report"], "report")])
+        number = registry.register(registered_model_name(config.entity), version, info.path, run_id)
+        log.info(
+            "MLflow: run %s, registered model %s version %s",
+            run_id,
+            registered_model_name(config.entity),
+            number,
+        )
+    except TrackingUnavailable as error:
+        _untracked(config, error, f"model version {version} is saved but not registered")
+
+
+def _untracked(config: TrainConfig, error: TrackingUnavailable, what: str = "training continues untracked"):
+    if config.tracking_required:
+        raise error
+    log.warning("%s; %s (tracking_required: true makes this an error)", error, what)
+    return None
+
+
+@contextlib.contextmanager
+def version_files(path: str, names: list[str]) -> Iterator[dict[str, str]]:
+    """Local paths of a version's files: the folder itself when local, else a downloaded copy."""
+    fs, root = filesystem(path)
+    if is_local(fs):
+        yield {name: f"{root}/{name}" for name in names}
+        return
+    with tempfile.TemporaryDirectory() as scratch, storage_errors(path):
+        for name in names:
+            fs.get(f"{root}/{name}", f"{scratch}/{name}", recursive=True)
+        yield {name: f"{scratch}/{name}" for name in names}
+
+
+def fit(config: TrainConfig, prepared: PreparedRun, tracking: Tracking | None = None) -> ray.train.Result:
     """Train on the cluster's workers; returns Ray Train's result (its checkpoint holds the best weights)."""
     features, fraction, world = prepared.features, config.validation_fraction, config.num_workers
     # Each worker gets only its own keys, split off here in one pass of Ray tasks while the CPUs are
@@ -205,8 +312,9 @@ def fit(config: TrainConfig, prepared: PreparedRun) -> ray.train.Result:
     initial = None
     if config.init_from:
         initial = load_model_version(config.model_root, config.init_from).model.state_dict()
+    target = (tracking.registry.uri, tracking.run_id) if tracking else None
     setup = WorkerSetup(
-        config, prepared.model, prepared.features, prepared.normalizer, train_rows, shards, initial
+        config, prepared.model, prepared.features, prepared.normalizer, train_rows, shards, initial, target
     )
     use_gpu = config.gpus_per_worker > 0
     scaling = ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker=resources)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from ray_jobs.config import TrainConfig
 from vae import VAE, FeatureSchema, ModelConfig, Normalizer
 from vae.diagnostics import collapse_warning
 from vae.encode import encode_normalized
+from vae.registry import Registry, TrackingUnavailable, epoch_metrics
 from vae.training import (
     Objective,
     RunState,
@@ -69,6 +72,7 @@ class WorkerSetup:
     # validation rows), split off by the driver; held in Ray's object store
     own_rows: list[list[ray.ObjectRef]]
     initial_weights: dict[str, torch.Tensor] | None = None  # init_from: a version's weights
+    tracking: tuple[str, str] | None = None  # (MLflow tracking URI, run id): rank 0 logs each epoch
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -96,6 +100,9 @@ class TrainingWorker:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.learning_rate)
         self.best_weights = _copy(self.model)
         self.state = RunState()
+        self.tracker = None
+        if setup.tracking and self.rank == 0:
+            self.tracker = EpochTracker(*setup.tracking, required=self.config.tracking_required)
         if checkpoint := ray.train.get_checkpoint():
             self._resume(checkpoint)
         # after restoring, so that every rank starts from the checkpoint
@@ -189,10 +196,14 @@ class TrainingWorker:
         state.epoch = metrics["epoch"]
         if self.rank == 0:
             log.info(epoch_line(metrics) + ("  early stop" if stop else ""))
+        if self.tracker:
+            self.tracker.log(metrics)
         return stop
 
     def finish(self) -> None:
         """On the best weights: the importance-weighted NLL and the collapse check, then the final report."""
+        if self.tracker:
+            self.tracker.close()
         divergence = _max_param_divergence(self.model)
         self.model.load_state_dict(self.best_weights)
         state = self.state
@@ -261,6 +272,42 @@ class TrainingWorker:
             if reference is not None:
                 save_reference(checkpoint_dir, *reference)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir))
+
+
+class EpochTracker:
+    """Rank 0's per-epoch metrics into the training run's MLflow run (Ray Train V2 has no MLflow
+    callback), sent by a thread so that MLflow's import and calls overlap the epochs. An outage is one
+    warning and training goes on (the run state keeps every epoch), unless tracking_required."""
+
+    def __init__(self, uri: str, run_id: str, required: bool):
+        self.uri, self.run_id, self.required = uri, run_id, required
+        self.epochs: queue.Queue[dict | None] = queue.Queue()
+        self.error: TrackingUnavailable | None = None
+        self.thread = threading.Thread(target=self._send, name="mlflow-epochs", daemon=True)
+        self.thread.start()
+
+    def log(self, metrics: dict) -> None:
+        self._raise_if_required()
+        self.epochs.put(metrics)
+
+    def close(self) -> None:
+        """Every epoch sent (or the outage reported)."""
+        self.epochs.put(None)
+        self.thread.join()
+        self._raise_if_required()
+
+    def _send(self) -> None:
+        try:
+            registry = Registry(self.uri)
+            while (metrics := self.epochs.get()) is not None:
+                registry.log_metrics(self.run_id, epoch_metrics(metrics), step=metrics["epoch"])
+        except TrackingUnavailable as error:
+            self.error = error
+            log.warning("%s; epochs are no longer logged to MLflow (training continues)", error)
+
+    def _raise_if_required(self) -> None:
+        if self.error is not None and self.required:
+            raise self.error
 
 
 class WorkerData:

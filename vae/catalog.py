@@ -70,6 +70,8 @@ class Publication:
 
     current: str | None = None
     previous: str | None = None
+    # a switch of "current" begun (MLflow's @champion moved first) and not finished: its target
+    switching: str | None = None
     published: dict[str, str] = field(default_factory=dict)  # version -> first published at (ISO)
     online: dict[str, bool] = field(default_factory=dict)
     written: dict[str, int] = field(default_factory=dict)  # version -> snapshot id written online
@@ -339,7 +341,9 @@ class EmbeddingsCatalog:
         except NoSuchNamespaceError:
             return Publication()
         state = Publication(
-            current=properties.get("current") or None, previous=properties.get("previous") or None
+            current=properties.get("current") or None,
+            previous=properties.get("previous") or None,
+            switching=properties.get("switching") or None,
         )
         for key, value in properties.items():
             kind, _, version = key.partition(".")

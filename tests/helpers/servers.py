@@ -1,5 +1,5 @@
 """Servers the tests start on 127.0.0.1 and stop by the PID they started: moto's S3, redis-server,
-PostgreSQL, Prometheus and its Pushgateway."""
+PostgreSQL, Prometheus and its Pushgateway, an MLflow tracking server."""
 
 from __future__ import annotations
 
@@ -196,3 +196,48 @@ def prometheus_servers(rules: str) -> Iterator[tuple[str, str]]:
             process.terminate()
             process.wait(timeout=20)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mlflow_server(directory: str) -> Iterator[str]:
+    """Yield the URL of a real MLflow tracking server (full mlflow, from the virtual environment of its
+    own that `make mlflow-server` makes) on 127.0.0.1, its store and artifacts under `directory`."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    binary = os.environ.get("VAE_MLFLOW_SERVER", os.path.join(repo, ".mlflow-venv", "bin", "mlflow"))
+    if not os.path.exists(binary):
+        raise RuntimeError(f"{binary} is missing; `make mlflow-server` (run by `make test`) installs it")
+    port = free_port()
+    command = [
+        binary,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{directory}/server.db",
+        "--artifacts-destination",
+        f"{directory}/artifacts",
+    ]
+    log = open(os.path.join(directory, "server.log"), "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, process, "mlflow server", seconds=90)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the port opens before the app answers
+            with contextlib.suppress(OSError):
+                import urllib.request
+
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            time.sleep(0.2)
+        yield url
+    finally:
+        # the server runs uvicorn workers in its process group: end the group we started
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, 15)
+        process.wait(timeout=30)
+        log.close()

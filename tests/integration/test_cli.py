@@ -149,6 +149,12 @@ def test_demo_runs_end_to_end_and_the_readme_snippets_run_as_written(feature_rep
     # the daily step ran each day: day 1 made the version current (through the publish gate)
     assert f"day-1 switched {versions[0].name}: the entity set's first version" in result.stdout
     assert f"day-2 published {versions[0].name}: 597 rows written online" in result.stdout
+    # tracked in the embedded MLflow store under the work directory; the step made it vae-item@champion
+    assert (tmp_path / "demo_output" / "mlflow.db").is_file()
+    assert (
+        f"vae-item@champion -> {versions[0].name}" in result.stdout
+        and "vae-item version 1 (run " in result.stdout
+    )
 
     # README's vector-search snippet needs the version indexed: `vaectl publish --model-version latest
     # --vector-search`

@@ -106,6 +106,7 @@ def test_rerunning_after_the_driver_was_killed_resumes(vectors, tmp_path):
             model_root=str(tmp_path / "models"),
             storage_path=str(tmp_path / "ray_results"),
             run_name="killed",
+            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
         ),
     ]
     # its own session, so the driver and the local Ray cluster it started are one process group to kill
@@ -128,3 +129,18 @@ def test_rerunning_after_the_driver_was_killed_resumes(vectors, tmp_path):
     assert "resuming from its latest checkpoint" in again.stderr
     metrics = _check_version(tmp_path / "models", vectors, epochs=6)
     assert len(metrics["resumed_from"]) == 1 and 2 <= metrics["resumed_from"][0] < 6, metrics["resumed_from"]
+    _check_one_mlflow_run(f"sqlite:///{tmp_path}/mlflow.db", load_model_version(tmp_path / "models").version)
+
+
+def _check_one_mlflow_run(uri: str, version: str) -> None:
+    """The resumed run continued its MLflow run: one run, finished, every epoch logged, the version
+    registered from it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("vae-item").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [r.info for r in runs]
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "val_negative_elbo")}
+    assert steps == set(range(1, 7)) and runs[0].data.tags["vae.model_version"] == version
+    (registered,) = client.search_model_versions("name = 'vae-item'")
+    assert registered.run_id == runs[0].info.run_id and registered.tags["vae.model_version"] == version

@@ -4,6 +4,7 @@ planted shift from day 12, a broken challenger on the first retrain, a planted r
 first switch, and three planted crashes that a re-run must finish (benchmarks/month.py)."""
 
 import logging
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +33,16 @@ def month(ray_cluster, tmp_path_factory):
     # after training and backfilling, before the gate and the switch; day 17 (the retrain after the
     # rollback) just after "current" switched, before the switch is logged
     crashes = {3: "publish_version", 14: "gate_challenger", 17: "switch_current:after"}
-    result = simulate(work, feature_repo, crashes=crashes)
+    # the registry of record on the month's own SQLite store, through the repo's mlflow block
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
+    try:
+        result = simulate(work, feature_repo, crashes=crashes)
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
     figures = summary(result)
     log.warning("simulated month: %s", figures)
     return {"month": result, "figures": figures, "work": work, "repo": feature_repo}
@@ -129,3 +139,30 @@ def test_a_rerun_of_a_finished_day_changes_nothing(month):
     assert len(DecisionLog(catalog, "item").read()) == before, "a re-run appends no decision"
     after = {v: catalog.table("item", v).current_snapshot().snapshot_id for v in catalog.versions("item")}
     assert after == snapshots, "a re-run commits nothing"
+
+
+def test_mlflow_aliases_follow_the_month(month):
+    """@champion ends where "current" does; every challenger is registered (a trained one with its
+    run: one run per training, none duplicated by the crashes' re-runs); the refused one is tagged."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = f"sqlite:///{month['work']}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    result = month["month"]
+    champion = client.get_model_version_by_alias("vae-item", "champion")
+    assert champion.tags["vae.model_version"] == result.current[30]
+    decisions = DecisionLog(EmbeddingsRepo(month["repo"]).catalog, "item").read()
+    trained = [d.model_version for d in decisions if d.kind == "challenger_trained"]
+    runs = client.search_runs([client.get_experiment_by_name("vae-item").experiment_id])
+    assert len(runs) == len(trained) and all(r.info.status == "FINISHED" for r in runs)
+    registered = {v.tags["vae.model_version"]: v for v in client.search_model_versions("name = 'vae-item'")}
+    assert set(trained) <= set(registered)
+    refused = next(d.model_version for d in decisions if d.kind == "challenger_refused")
+    assert registered[refused].tags["vae.gate"] == "refused"
+    run_ids = {r.info.run_id for r in runs}
+    assert all(registered[v].run_id in run_ids for v in trained if v != refused)  # the broken one: no run
+    if any(d.kind == "switched" and d.model_version == trained[-1] for d in decisions):
+        # the last challenger became champion: no @challenger left
+        with pytest.raises(MlflowException):
+            client.get_model_version_by_alias("vae-item", "challenger")

@@ -1,0 +1,317 @@
+"""MLflow, the registry of record: a training run is an MLflow run; a model version is a registered
+MLflow version whose source is the version folder; `@champion` is the version Feast serves as
+"current", `@challenger` the one the pipeline's gate judges.
+
+    tracking   one MLflow run per training run (found again by the Ray run's name, so a resumed run
+               continues it): the config as parameters, per-epoch metrics from rank 0, the final
+               figures, the report and model.json as artifacts
+    registry   one registered model per entity set (vae-<entity>); each version tagged with its name
+               and folder. Registering adds two files to the folder (MLmodel and the pyfunc code,
+               vae/mlflow_pyfunc.py): `mlflow.pyfunc.load_model("models:/vae-item@champion")` loads
+               it through the project's loader; safetensors stays the only weight format
+    aliases    moved by publish, rollback and the pipeline, before Feast's "current" (so a re-run of
+               an interrupted switch finds them agreeing with where it was going)
+
+The tracking URI: the job's option, else MLFLOW_TRACKING_URI; neither: nothing is tracked. No Ray and
+no Feast here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vae.errors import InputError, first_line
+from vae.storage import filesystem, is_local, storage_errors
+
+log = logging.getLogger("vae.registry")
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+CHAMPION, CHALLENGER = "champion", "challenger"
+VERSION_TAG = "vae.model_version"  # on registered versions and on the training run
+PATH_TAG = "vae.model_path"  # the version folder (local path or s3:// URL)
+RUN_TAG = "vae.ray_run"  # <storage_path>/<run name>: a resumed Ray Train run finds its MLflow run by it
+PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
+MLMODEL_FILES = ("MLmodel", PYFUNC_CODE.name, "python_env.yaml", "requirements.txt", "conda.yaml")
+PARAM_LIMIT = 6000  # MLflow's longest parameter value
+
+
+class TrackingUnavailable(InputError):
+    """The tracking server or store cannot be reached or refused a call: one line naming it."""
+
+
+def registered_model_name(entity: str) -> str:
+    return f"vae-{entity}"
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str | None:
+    """The configured URI, else MLFLOW_TRACKING_URI; None when neither is set (or the value is an
+    unexpanded ${MLFLOW_TRACKING_URI} from a feature_store.yaml)."""
+    uri = configured or os.environ.get(TRACKING_ENV)
+    if not uri or uri.startswith("${"):
+        return None
+    return uri
+
+
+def _fail_fast() -> None:
+    # MLflow retries an unreachable server 7 times with backoff (minutes) and waits 120 s per
+    # request; a job should say in seconds that its tracking server is down. Explicit settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    # Alembic logs every migration of a new SQLite store at INFO.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class Registry:
+    """An MLflow tracking store and model registry at one URI."""
+
+    def __init__(self, uri: str):
+        _fail_fast()
+        import mlflow
+
+        self.uri = uri
+        with self.calls("connect"):
+            self.client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    @contextlib.contextmanager
+    def calls(self, what: str) -> Iterator[None]:
+        """Any failure of MLflow or of the store under it becomes one line naming the URI."""
+        try:
+            yield
+        except InputError:
+            raise
+        except Exception as error:
+            raise TrackingUnavailable(
+                f"MLflow tracking at {self.uri}: {what} failed: {type(error).__name__}: {first_line(error)}"
+            ) from None
+
+    # -- tracking ---------------------------------------------------------------------------------
+
+    def experiment_id(self, name: str) -> str:
+        with self.calls(f"experiment {name}"):
+            found = self.client.get_experiment_by_name(name)
+            if found is not None:
+                return found.experiment_id
+            return self.client.create_experiment(name, artifact_location=_artifact_location(self.uri, name))
+
+    def training_run(
+        self, experiment: str, ray_run: str, params: dict[str, Any], tags: dict[str, str]
+    ) -> str:
+        """The MLflow run of a Ray Train run (its storage path and name): the one tagged with it
+        (continued), else a new one with the config as parameters."""
+        experiment_id = self.experiment_id(experiment)
+        run_name = ray_run.rstrip("/").rsplit("/", 1)[-1]
+        with self.calls("find the training run"):
+            found = self.client.search_runs(
+                [experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{ray_run}'", max_results=1
+            )
+            if found:
+                run_id = found[0].info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+                log.info("MLflow: continuing run %s (%s) in %s", run_id, run_name, self.uri)
+                return run_id
+            run = self.client.create_run(experiment_id, run_name=run_name, tags={RUN_TAG: ray_run, **tags})
+            self.log_params(run.info.run_id, params)
+        log.info(
+            "MLflow: run %s (%s) in experiment %s at %s", run.info.run_id, run_name, experiment, self.uri
+        )
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        values = [Param(name, str(value)[:PARAM_LIMIT]) for name, value in sorted(params.items())]
+        with self.calls("log parameters"):
+            for start in range(0, len(values), 100):  # MLflow takes 100 parameters per call
+                self.client.log_batch(run_id, params=values[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = [Metric(name, float(value), now, step) for name, value in metrics.items()]
+        with self.calls("log metrics"):
+            for start in range(0, len(values), 1000):
+                self.client.log_batch(run_id, metrics=values[start : start + 1000])
+
+    def finish_run(self, run_id: str, tags: dict[str, str], artifacts: list[tuple[str, str | None]]) -> None:
+        """Tags, artifacts ((local path, artifact directory)) and the run marked finished."""
+        with self.calls("finish the training run"):
+            for name, value in tags.items():
+                self.client.set_tag(run_id, name, value)
+            for path, directory in artifacts:
+                if Path(path).is_dir():
+                    self.client.log_artifacts(run_id, path, directory)
+                else:
+                    self.client.log_artifact(run_id, path, directory)
+            self.client.set_terminated(run_id, "FINISHED")
+
+    def fail_run(self, run_id: str) -> None:
+        with contextlib.suppress(Exception):
+            self.client.set_terminated(run_id, "FAILED")
+
+    # -- registry ---------------------------------------------------------------------------------
+
+    def find(self, name: str, version: str):
+        """The MLflow version of `name` registered for a model version, or None."""
+        with self.calls(f"search versions of {name}"):
+            found = self.client.search_model_versions(
+                f"name = '{name}' and tags.`{VERSION_TAG}` = '{version}'", max_results=1
+            )
+        return found[0] if found else None
+
+    def register(self, name: str, version: str, path: str, run_id: str | None = None) -> str:
+        """Register a model version (once; a second call returns the first registration's number).
+        Its source is the version folder; a remote server takes no local paths, so then the folder is
+        uploaded as the run's artifact `model` and registered from there."""
+        if existing := self.find(name, version):
+            return existing.version
+        add_pyfunc_files(path)
+        with self.calls(f"register {version} as {name}"):
+            with contextlib.suppress(Exception):  # it exists: fine
+                self.client.create_registered_model(name, description="VAE model versions of one entity set")
+            source = path
+            if is_local(filesystem(path)[0]) and not _local_store(self.uri):
+                run_id = run_id or self._registration_run(name, version)
+                self.client.log_artifacts(run_id, path, "model")
+                source = f"runs:/{run_id}/model"
+            elif is_local(filesystem(path)[0]):
+                source = Path(path).absolute().as_uri()
+            registered = self.client.create_model_version(
+                name, source, run_id=run_id, tags={VERSION_TAG: version, PATH_TAG: str(path)}
+            )
+        log.info("MLflow: %s registered as %s version %s", version, name, registered.version)
+        return registered.version
+
+    def _registration_run(self, name: str, version: str) -> str:
+        """A run to upload a version that was trained untracked."""
+        run = self.client.create_run(self.experiment_id(name), run_name=f"register {version}")
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    def alias(self, name: str, alias: str) -> str | None:
+        """The model version (our name) an alias points at; None when it is not set."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(error).lower():
+                return None
+            raise TrackingUnavailable(f"MLflow tracking at {self.uri}: {first_line(error)}") from None
+        except Exception as error:
+            raise TrackingUnavailable(
+                f"MLflow tracking at {self.uri}: alias {alias} failed: {type(error).__name__}: "
+                f"{first_line(error)}"
+            ) from None
+        return found.tags.get(VERSION_TAG, f"{name}/{found.version}")
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        registered = self.find(name, version)
+        if registered is None:
+            raise InputError(f"model version {version} is not registered as {name} in MLflow at {self.uri}")
+        with self.calls(f"set @{alias}"):
+            self.client.set_registered_model_alias(name, alias, registered.version)
+        log.info("MLflow: %s@%s -> version %s (%s)", name, alias, registered.version, version)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        with self.calls(f"delete @{alias}"), contextlib.suppress(Exception):
+            self.client.delete_registered_model_alias(name, alias)
+
+    def tag_version(self, name: str, version: str, tags: dict[str, str]) -> None:
+        if registered := self.find(name, version):
+            with self.calls("tag a version"):
+                for key, value in tags.items():
+                    self.client.set_model_version_tag(name, registered.version, key, value)
+
+    def resolve(self, uri: str) -> tuple[str, str]:
+        """models:/<name>@<alias> or models:/<name>/<number> -> (model_root, version name)."""
+        body = uri.removeprefix("models:/")
+        name, at, alias = body.partition("@")
+        with self.calls(f"resolve {uri}"):
+            try:
+                if at:
+                    found = self.client.get_model_version_by_alias(name, alias)
+                else:
+                    name, _, number = body.partition("/")
+                    found = self.client.get_model_version(name, number)
+            except Exception as error:
+                raise InputError(f"{uri}: not found in MLflow at {self.uri} ({first_line(error)})") from None
+        path = found.tags.get(PATH_TAG)
+        if not path:
+            raise InputError(
+                f"{uri} (version {found.version}) was not registered by vaectl: no {PATH_TAG} tag"
+            )
+        root, _, version = path.rstrip("/").rpartition("/")
+        return root, version
+
+    def training_run_of(self, name: str, version: str) -> str | None:
+        registered = self.find(name, version)
+        return registered.run_id if registered else None
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        with self.calls(f"read run {run_id}"):
+            return dict(self.client.get_run(run_id).data.tags)
+
+
+def add_pyfunc_files(path: str) -> None:
+    """Make a version folder an MLflow pyfunc model (models from code): MLmodel, the code file and its
+    environment, written next to model.json (which, and the weights, stay as they are)."""
+    import mlflow.pyfunc
+
+    fs, root = filesystem(path)
+    with storage_errors(path):
+        if fs.exists(f"{root}/MLmodel"):
+            return
+    from vae import __version__
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = Path(scratch) / "model"
+        requirements = [f"vae-feast=={__version__}"]
+        pyfunc_log = logging.getLogger("mlflow.pyfunc")
+        level = pyfunc_log.level
+        pyfunc_log.setLevel(logging.ERROR)  # "cannot infer a signature": the columns depend on the version
+        try:
+            mlflow.pyfunc.save_model(
+                str(model_dir), python_model=str(PYFUNC_CODE), pip_requirements=requirements
+            )
+        finally:
+            pyfunc_log.setLevel(level)
+        with storage_errors(path):
+            if is_local(fs):
+                for name in MLMODEL_FILES:
+                    if (model_dir / name).exists():
+                        shutil.copy(model_dir / name, Path(root) / name)
+                return
+            for name in reversed(MLMODEL_FILES):  # MLmodel last: a folder with it is complete
+                if (model_dir / name).exists():
+                    fs.put_file(str(model_dir / name), f"{root}/{name}")
+
+
+def epoch_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """An epoch's scalars, and the validation KL per latent dimension as kl_per_dim/<i>."""
+    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and k != "epoch"}
+    for i, value in enumerate(metrics.get("val_kl_per_dim") or []):
+        scalars[f"kl_per_dim/{i}"] = float(value)
+    return scalars
+
+
+def _local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/", ".")) or "://" not in uri
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Next to a SQLite store (MLflow's default is ./mlruns in whatever directory the job runs in);
+    a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        return (database.absolute().parent / "mlartifacts" / experiment).as_uri()
+    return None
