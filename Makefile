@@ -70,6 +70,7 @@ bench: setup redis-server
 	$(BIN)/python -m benchmarks.drift
 	$(BIN)/python -m benchmarks.cluster
 	$(BIN)/python -m benchmarks.month
+	$(BIN)/python -m benchmarks.registry
 
 # Point cluster.yaml and the KubeRay RayJob at this checkout's commit (push it before `ray up`).
 cluster-pin:

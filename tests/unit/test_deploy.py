@@ -199,6 +199,7 @@ def test_kuberay_rayjob_structure():
     # runtimeEnvYAML: the code and its dependencies at the commit cluster.yaml pins.
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert set(runtime_env) >= {"working_dir", "pip"}
+    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")  # the registry of record
     commits = pinned_commits(spec["runtimeEnvYAML"])
     assert commits == pinned_commits(CLUSTER_YAML.read_text()) and len(commits) == 1
 
@@ -245,6 +246,7 @@ def test_pipeline_cronjob_creates_the_days_rayjob_on_the_reviewed_cluster():
     runtime_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
     assert runtime_env["pip"] == yaml.safe_load(reviewed["runtimeEnvYAML"])["pip"]
     assert runtime_env["env_vars"]["PUSHGATEWAY_URL"].startswith("http")
+    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")  # the registry of record
     command = shlex.split(rayjob["spec"]["entrypoint"])
     assert command[:4] == ["python", "-m", "ray_jobs.cli", "pipeline"]
     arguments = [a.replace("deploy/", f"{REPO}/deploy/") for a in command[4:]]
