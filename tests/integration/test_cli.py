@@ -169,6 +169,10 @@ def test_demo_runs_end_to_end_and_the_readme_snippets_run_as_written(feature_rep
     assert indexed["model_version"] == versions[0].name
     blocks = readme_python_blocks()
     assert len(blocks) >= 3
+    # the registry block sets MLFLOW_TRACKING_URI, as a user would: undone after the test (monkeypatch
+    # records the variable's state on its first change), or every later job would use the demo's store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     for block in blocks:
         # noqa: S102 (the README's own code)
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
