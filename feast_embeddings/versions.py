@@ -77,16 +77,17 @@ def switch_current(repo: EmbeddingsRepo, entity: str, version: str) -> None:
     log.info("%s current: %s -> %s", entity, state.current or "(none)", version)
 
 
-def check_champion(repo: EmbeddingsRepo, entity: str, going_to: str | None = None) -> None:
+def check_champion(repo: EmbeddingsRepo, entity: str, going_to: str | None = None) -> str | None:
     """Stop when MLflow's @champion is neither Feast's current nor the version a switch is going to
-    (someone moved it by hand): which one serves is for a person to say. No alias yet agrees."""
+    (someone moved it by hand): which one serves is for a person to say. No alias yet agrees.
+    Returns the alias's version."""
     if repo.registry is None:
-        return
+        return None
     state = repo.catalog.publication(entity)
     current, name = state.current, registered_model_name(entity)
     champion = repo.registry.alias(name, CHAMPION)
     if champion is None or champion in (current, going_to, state.switching):
-        return
+        return champion
     raise InputError(
         f"MLflow and Feast disagree on {entity}'s serving version: {name}@{CHAMPION} is {champion}, Feast's "
         f"current is {current or '(none)'}; nothing was changed. To serve {champion}: vaectl publish "
@@ -100,10 +101,10 @@ def move_champion(repo: EmbeddingsRepo, entity: str, version: str) -> None:
     intent is recorded first: a re-run after a crash in between finds the two agreeing."""
     if repo.registry is None:
         return
-    check_champion(repo, entity, version)
+    champion = check_champion(repo, entity, version)
     name = registered_model_name(entity)
-    ensure_registered(repo, entity, version)
-    if repo.registry.alias(name, CHAMPION) != version:
+    if champion != version:  # (an alias already on it: registered, nothing to move)
+        ensure_registered(repo, entity, version)
         if repo.catalog.publication(entity).current != version:
             repo.catalog.update_publication(entity, switching=version)
         repo.registry.set_alias(name, CHAMPION, version)

@@ -253,10 +253,6 @@ class Registry:
         root, _, version = path.rstrip("/").rpartition("/")
         return root, version
 
-    def training_run_of(self, name: str, version: str) -> str | None:
-        registered = self.find(name, version)
-        return registered.run_id if registered else None
-
     def run_tags(self, run_id: str) -> dict[str, str]:
         with self.calls(f"read run {run_id}"):
             return dict(self.client.get_run(run_id).data.tags)
@@ -265,12 +261,12 @@ class Registry:
 def add_pyfunc_files(path: str) -> None:
     """Make a version folder an MLflow pyfunc model (models from code): MLmodel, the code file and its
     environment, written next to model.json (which, and the weights, stay as they are)."""
-    import mlflow.pyfunc
-
     fs, root = filesystem(path)
     with storage_errors(path):
         if fs.exists(f"{root}/MLmodel"):
             return
+    import mlflow.pyfunc  # seconds: only when the files are missing
+
     from vae import __version__
 
     with tempfile.TemporaryDirectory() as scratch:
