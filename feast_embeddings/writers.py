@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 # vae.embeddings.SERVED in the order the Redis writer lays out each hash's fields
-FEATURES = ("latent", "anomaly_score", "model_version", "is_anomaly")
+FEATURES = ("latent", "anomaly_score", "model_version", "is_anomaly", "top_columns", "top_shares")
 
 
 def write_table(store, view, table: pa.Table, join_key: str, batch_rows: int) -> int:
@@ -75,7 +75,7 @@ def feast_rows(
     event time, created time), the protos built column-wise; only the view's `features` when given
     (the vector-search view serves fewer). The path for stores not covered here."""
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import FloatList, Value
+    from feast.protos.feast.types.Value_pb2 import FloatList, StringList, Value
 
     keys = batch.column(join_key).to_pylist()
     key_field = "int64_val" if pa.types.is_integer(batch.column(join_key).type) else "string_val"
@@ -90,6 +90,7 @@ def feast_rows(
     flags = {True: Value(bool_val=True), False: Value(bool_val=False), None: Value()}
     flag_of = batch.column("is_anomaly").to_pylist()
     times = batch.column("event_timestamp").to_pylist()
+    top_columns, top_shares = batch.column("top_columns").to_pylist(), batch.column("top_shares").to_pylist()
     rows = []
     for i, key in enumerate(keys):
         entity = EntityKey(join_keys=[join_key], entity_values=[Value(**{key_field: key})])
@@ -98,6 +99,8 @@ def feast_rows(
             "anomaly_score": Value(float_val=scores[i]),
             "model_version": versions[version_of[i]],
             "is_anomaly": flags[flag_of[i]],
+            "top_columns": Value(string_list_val=StringList(val=top_columns[i] or [])),
+            "top_shares": Value(float_list_val=FloatList(val=top_shares[i] or [])),
         }
         rows.append(
             (
@@ -194,6 +197,32 @@ def float_values(column: pa.Array) -> list[bytes]:
     return serialized
 
 
+def string_list_values(column: pa.Array | pa.ChunkedArray) -> list[bytes]:
+    """Serialized `Value(string_list_val=...)` per row, each distinct list built once (attributions
+    repeat: a few columns explain most rows)."""
+    from feast.protos.feast.types.Value_pb2 import StringList, Value
+
+    made: dict[tuple, bytes] = {}
+    rows = []
+    for names in column.to_pylist():
+        names = tuple(names or ())
+        if names not in made:
+            made[names] = Value(string_list_val=StringList(val=names)).SerializeToString()
+        rows.append(made[names])
+    return rows
+
+
+def share_values(column: pa.Array | pa.ChunkedArray) -> list[bytes]:
+    """Serialized `Value(float_list_val=...)` per row of the attribution shares (empty lists for models
+    without columns to attribute to)."""
+    from feast.protos.feast.types.Value_pb2 import FloatList, Value
+
+    fixed = float_list_values(column)
+    if fixed is not None:
+        return fixed
+    return [Value(float_list_val=FloatList(val=v or [])).SerializeToString() for v in column.to_pylist()]
+
+
 def _per_row(column: pa.Array, make) -> list:
     """`make(value)` for each row, computed once per distinct value (model_version, event times)."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -205,7 +234,8 @@ def _per_row(column: pa.Array, make) -> list:
 def _encode(
     batch: pa.RecordBatch | pa.Table, join_key: str, serialization_version: int
 ) -> tuple[list, ...] | None:
-    """(entity keys, latent, anomaly_score, model_version, is_anomaly) as Feast's bytes per row; None
+    """(entity keys, latent, anomaly_score, model_version, is_anomaly, top_columns, top_shares) as Feast's
+    bytes per row; None
     when the batch is not one fixed layout (ragged or null vectors, any null value)."""
     from feast.protos.feast.types.Value_pb2 import Value
 
@@ -217,7 +247,9 @@ def _encode(
     keys = entity_keys(batch.column(join_key), join_key, serialization_version)
     versions = _per_row(batch.column("model_version"), lambda v: Value(string_val=v).SerializeToString())
     flags = _per_row(batch.column("is_anomaly"), lambda v: Value(bool_val=v).SerializeToString())
-    return keys, latent, float_values(batch.column("anomaly_score")), versions, flags
+    scores = float_values(batch.column("anomaly_score"))
+    attribution = string_list_values(batch.column("top_columns")), share_values(batch.column("top_shares"))
+    return keys, latent, scores, versions, flags, *attribution
 
 
 def sqlite_key_order(keys: pa.Array) -> np.ndarray | None:
@@ -246,7 +278,7 @@ def write_sqlite(
     encoded = _encode(batch, join_key, serialization_version)
     if encoded is None:
         return None
-    keys, latent, score_bytes, version_bytes, flag_bytes = encoded
+    keys, latent, score_bytes, version_bytes, flag_bytes, column_bytes, share_bytes = encoded
     # value_text is str() of the float32 read back as a Python float, as Feast's extract_text_and_num.
     scores = (
         batch.column("anomaly_score").to_numpy(zero_copy_only=False).astype(np.float32).astype(np.float64)
@@ -263,6 +295,8 @@ def write_sqlite(
             (keys[i], "is_anomaly", flag_bytes[i], flag_text[i], event_ts[i], None),
             (keys[i], "latent", latent[i], None, event_ts[i], None),
             (keys[i], "model_version", version_bytes[i], version_text[i], event_ts[i], None),
+            (keys[i], "top_columns", column_bytes[i], None, event_ts[i], None),
+            (keys[i], "top_shares", share_bytes[i], None, event_ts[i], None),
         )
     )
     quoted = '"' + table_name.replace('"', '""') + '"'
@@ -312,7 +346,7 @@ def write_redis(
     encoded = _encode(batch, join_key, serialization_version)
     if encoded is None:
         return None
-    entity_key_bytes, latent, scores, versions, flags = encoded
+    entity_key_bytes, latent, scores, versions, flags, top_columns, top_shares = encoded
     suffix = project.encode()
     keys = [key + suffix for key in entity_key_bytes]
     stamps = _per_row(batch.column("event_timestamp"), _timestamp_bytes)
@@ -343,6 +377,10 @@ def write_redis(
                 versions[i],
                 fields[3],
                 flags[i],
+                fields[4],
+                top_columns[i],
+                fields[5],
+                top_shares[i],
             )
         )
         if key_ttl_seconds:

@@ -34,6 +34,12 @@ def embedding_fields(join_key: str, key_type: str) -> list[Field]:
             dtype=Bool,
             description="anomaly_score above the version's calibrated threshold",
         ),
+        Field(
+            name="top_columns",
+            dtype=Array(String),
+            description="the input columns that make the row unusual, most first (tables)",
+        ),
+        Field(name="top_shares", dtype=Array(Float32), description="each top column's share of the surprise"),
     ]
 
 

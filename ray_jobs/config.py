@@ -118,8 +118,32 @@ class TrainConfig(JobConfig):
     conv_channels: list[int] = Field(
         [32, 64], description="channels of the stride-2 convolutions (conv only)"
     )
-    likelihood: Literal["bernoulli", "gaussian"] = Field(
-        "bernoulli", description="bernoulli for [0,1] data, gaussian for tabular"
+    likelihood: Literal["bernoulli", "gaussian", "mixed"] = Field(
+        "bernoulli",
+        description="bernoulli for [0,1] data, gaussian for numeric tables, mixed for tables with "
+        "categorical, binary and missing values (one likelihood per column)",
+    )
+    # mixed tables (likelihood: mixed)
+    column_types: dict[str, Literal["numeric", "binary", "categorical"]] = Field(
+        {},
+        description="mixed: a column's kind where the Parquet type does not say it (inferred: bool -> "
+        "binary, string/dictionary -> categorical, numbers -> numeric), e.g. {merchant_id: categorical}",
+    )
+    numeric_transform: Literal["auto", "robust", "standard", "log", "quantile"] = Field(
+        "auto",
+        description="mixed: numeric columns' transform before their Gaussian (auto: robust median/IQR "
+        "scaling, log1p first for skewed non-negative columns)",
+    )
+    column_transforms: dict[str, Literal["auto", "robust", "standard", "log", "quantile"]] = Field(
+        {}, description="mixed: per-column numeric transforms, e.g. {amount: log}"
+    )
+    missing: Literal["model", "refuse"] = Field(
+        "model",
+        description="mixed: missing values (null, NaN) are part of the model (skipped by the likelihood, "
+        "seen by the encoder as a mask) or bad rows (refuse)",
+    )
+    max_categories: int = Field(
+        64, gt=0, description="mixed: categories kept per column (most frequent); the rest share 'other'"
     )
     binarize: bool = Field(
         False, description="dynamic binarization: sample binary targets from [0,1] data each step"
@@ -266,6 +290,8 @@ class TrainConfig(JobConfig):
 
 # Settings that do not change what a run computes (placement included): left out of the derived
 # run name, so that a re-run with them changed still resumes.
+# Options of mixed tables only: left out of other runs' identity, so their derived run names stay as they were
+MIXED_OPTIONS = {"column_types", "numeric_transform", "column_transforms", "missing", "max_categories"}
 TRAIN_OPERATIONAL = {
     "run_name",
     "storage_path",
@@ -350,6 +376,11 @@ class EmbedConfig(EmbeddingsOptions):
         "fail",
         description="a key twice in the batch stops the job (fail), or only its latest row by "
         "event_timestamp is kept (keep-latest)",
+    )
+    unseen_categories: Literal["refuse", "other"] = Field(
+        "refuse",
+        description="mixed tables: a category the model version never saw is a bad row naming the column "
+        "(refuse), or goes to the column's other bucket (other)",
     )
     anomaly_quantile: float | None = Field(
         None,

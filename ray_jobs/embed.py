@@ -171,6 +171,7 @@ def encode_options(config: EmbedConfig, model_version: ModelVersion, plan: Plan)
         event_time,
         threshold,
         plan.key_type,
+        config.unseen_categories,
     )
 
 

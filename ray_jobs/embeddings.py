@@ -158,9 +158,10 @@ def migrate(catalog: EmbeddingsCatalog, config: EmbeddingsCommand) -> dict:
 
 def _migrate_version(catalog: EmbeddingsCatalog, entity: str, url: str, version: str) -> bool:
     dataset = open_parquet_dataset(url, "point --source at the old embeddings root")
-    key = embeddings.key_column(dataset.schema, url, tuple(c for c in embeddings.COLUMNS if c != "batch_id"))
+    required = tuple(c for c in embeddings.COLUMNS[:6] if c != "batch_id")
+    key = embeddings.key_column(dataset.schema, url, required)
     with storage_errors(url):
-        rows = dataset.to_table()
+        rows = embeddings.with_attribution(dataset.to_table())
     versions = set(rows.column("model_version").cast(pa.string()).unique().to_pylist())
     if versions != {version}:
         raise InputError(f"{url}: holds vectors of model versions {sorted(versions)}, not only {version}")

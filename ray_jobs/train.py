@@ -41,14 +41,21 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray_jobs import metrics as figures
 from ray_jobs.cli import run_cli
 from ray_jobs.cluster import alive_node_resources, describe, is_private_cluster, node_capacity, ray_session
-from ray_jobs.config import TRAIN_OPERATIONAL, TrainConfig, parse_config
+from ray_jobs.config import MIXED_OPTIONS, TRAIN_OPERATIONAL, TrainConfig, parse_config
 from ray_jobs.train_worker import WorkerSetup, train_loop_per_worker
 from vae.artifacts import code_version, load_model_version, read_model_version_info, save_model_version
 from vae.errors import InputError
 from vae.keys import is_validation, key_hash, worker_of
 from vae.model import VAE, ModelConfig
 from vae.monitoring import anomaly_calibration
-from vae.preprocessing import FeatureSchema, FeatureStats, Normalizer, features_to_numpy, infer_feature_schema
+from vae.preprocessing import (
+    FeatureSchema,
+    FeatureStats,
+    Normalizer,
+    check_arrow_schema,
+    features_to_numpy,
+    infer_feature_schema,
+)
 from vae.registry import (
     PATH_TAG,
     VERSION_TAG,
@@ -59,6 +66,7 @@ from vae.registry import (
 )
 from vae.report import write_training_report
 from vae.storage import filesystem, is_local, parquet_schema, storage_errors
+from vae.tabular import ColumnSpec, TableSchema, TableStats, fit_table, infer_kinds
 from vae.training import (
     STATE_FILE,
     RunState,
@@ -132,7 +140,10 @@ def check(config: TrainConfig) -> tuple[FeatureSchema, ModelConfig]:
     columns = (config.key_column, config.vector_column, tuple(config.feature_columns), image_shape)
     for path in paths:  # every part must give the same features
         schema = parquet_schema(path)
-        features = infer_feature_schema(schema, path, *columns)
+        if config.likelihood == "mixed":
+            features = mixed_features(config, schema, path)
+        else:
+            features = infer_feature_schema(schema, path, *columns)
     if config.label_column and config.label_column not in schema.names:
         have = ", ".join(schema.names)
         raise InputError(
@@ -150,18 +161,53 @@ def check(config: TrainConfig) -> tuple[FeatureSchema, ModelConfig]:
         config.likelihood,
         config.architecture,
     )
+    layout = features.table.layout if features.table else ()  # mixed: category counts come with the fit
     try:
-        model = ModelConfig(*shape, conv_shape, tuple(config.conv_channels))
+        model = ModelConfig(*shape, conv_shape, tuple(config.conv_channels), layout)
     except ValueError as error:
         raise InputError(f"invalid architecture: {error}") from None
-    if config.init_from:
-        initial = read_model_version_info(config.model_root, config.init_from)
-        if ModelConfig.from_dict(initial.metadata["architecture"]) != model:
-            raise InputError(
-                f"init_from {config.init_from}: its architecture {initial.metadata['architecture']} is not "
-                f"this run's {model.to_dict()}; train from scratch or match latent_dim, hidden_dims, ..."
-            )
+    if config.init_from and features.table is None:  # a mixed table's is known once fitted (prepare)
+        check_init_from(config, model)
     return features, model
+
+
+def mixed_features(config: TrainConfig, schema: pa.Schema, source: str) -> FeatureSchema:
+    """A mixed table's columns (all but the key and label when none are named) and their kinds."""
+    if config.vector_column:
+        raise InputError(
+            "likelihood: mixed models a table's columns; name feature_columns, not vector_column"
+        )
+    if config.architecture != "mlp":
+        raise InputError("likelihood: mixed needs architecture: mlp")
+    skip = {config.key_column, config.label_column}
+    columns = tuple(config.feature_columns) or tuple(n for n in schema.names if n not in skip)
+    if not columns:
+        raise InputError(f"{source}: no feature columns besides the key '{config.key_column}'")
+    missing = [c for c in (config.key_column, *columns) if c not in schema.names]
+    if missing:
+        raise InputError(
+            f"{source}: missing column(s) {', '.join(map(repr, missing))}; "
+            f"the dataset has {', '.join(schema.names)}"
+        )
+    kinds = infer_kinds(schema, source, columns, dict(config.column_types))
+    unknown = sorted(set(config.column_transforms) - {n for n, k in kinds if k == "numeric"})
+    if unknown:
+        raise InputError(
+            f"column_transforms names {', '.join(map(repr, unknown))}, not numeric feature columns"
+        )
+    table = TableSchema(tuple(ColumnSpec(name, kind) for name, kind in kinds), missing=config.missing)
+    features = FeatureSchema(config.key_column, len(columns), feature_columns=columns, table=table)
+    check_arrow_schema(schema, features, source)
+    return features
+
+
+def check_init_from(config: TrainConfig, model: ModelConfig) -> None:
+    initial = read_model_version_info(config.model_root, config.init_from)
+    if ModelConfig.from_dict(initial.metadata["architecture"]) != model:
+        raise InputError(
+            f"init_from {config.init_from}: its architecture {initial.metadata['architecture']} is not "
+            f"this run's {model.to_dict()}; train from scratch or match latent_dim, hidden_dims, ..."
+        )
 
 
 def prepare(config: TrainConfig, features: FeatureSchema, model: ModelConfig) -> PreparedRun:
@@ -181,6 +227,8 @@ def prepare(config: TrainConfig, features: FeatureSchema, model: ModelConfig) ->
         dataset = ray.data.read_parquet(config.data).select_columns(features.columns + labels)
     if config.materialize:
         dataset = dataset.materialize()  # read once; every worker then loads its shard from the object store
+    if features.table is not None:
+        features, model = fit_mixed(config, dataset, features, model)
     stats, validation_rows = dataset_stats(dataset, features, config.validation_fraction)
     if stats.count == 0:
         raise InputError(f"{config.data}: the dataset has no rows")
@@ -190,7 +238,8 @@ def prepare(config: TrainConfig, features: FeatureSchema, model: ModelConfig) ->
             f"{stats.count} rows in the validation split; both splits need rows"
         )
     normalizer = Normalizer.fit(stats, config.likelihood)
-    identity = {**config.model_dump(exclude=TRAIN_OPERATIONAL), "data": f"{stats.fingerprint:016x}"}
+    excluded = TRAIN_OPERATIONAL | (MIXED_OPTIONS if config.likelihood != "mixed" else set())
+    identity = {**config.model_dump(exclude=excluded), "data": f"{stats.fingerprint:016x}"}
     run_name = config.run_name or derived_run_name(identity)
     storage = (
         config.storage_path if "://" in config.storage_path else str(Path(config.storage_path).absolute())
@@ -415,6 +464,53 @@ def save_version(
             reference=reference,
             anomaly=anomaly,
         )
+
+
+def fit_mixed(
+    config: TrainConfig, dataset: ray.data.Dataset, features: FeatureSchema, model: ModelConfig
+) -> tuple[FeatureSchema, ModelConfig]:
+    """A pass gathering each column's categories, missing counts and a key-hash sample of the numeric
+    values; the fitted schema sets the model's category outputs."""
+    assert features.table is not None
+    kinds = tuple((c.name, c.kind) for c in features.table.columns)
+
+    def batch_stats(batch: pa.Table) -> dict[str, np.ndarray]:
+        hashes = key_hash(batch.column(features.key_column))
+        return {"stats": np.array([TableStats.of(batch, kinds, hashes).to_json()])}
+
+    merged = TableStats()
+    for part in dataset.map_batches(batch_stats, batch_format="pyarrow", batch_size=None).iter_batches(
+        batch_format="numpy"
+    ):
+        for text in part["stats"]:
+            merged = merged.merge(TableStats.from_json(str(text)))
+    integers = frozenset(c.name for c in features.table.columns if c.kind == "categorical")
+    table = fit_table(
+        merged,
+        kinds,
+        dict(config.column_transforms),
+        config.numeric_transform,
+        config.max_categories,
+        missing=config.missing,
+        integer_columns=integers & {n for n, k in config.column_types.items() if k == "categorical"},
+    )
+    table = TableSchema(table.columns, table.missing, unseen="other")  # rare categories train as other
+    features = FeatureSchema(
+        features.key_column, features.dim, feature_columns=features.feature_columns, table=table
+    )
+    model = ModelConfig.from_dict({**model.to_dict(), "column_layout": table.layout})
+    missing = {name: count for name, count in merged.missing.items() if count}
+    log.info("mixed table: %s; missing values %s", _describe_table(table), missing or "none")
+    if config.init_from:
+        check_init_from(config, model)
+    return features, model
+
+
+def _describe_table(table: TableSchema) -> str:
+    def one(c: ColumnSpec) -> str:
+        return f"{c.name} {c.transform}" if c.kind == "numeric" else f"{c.name} {c.kind}[{c.width}]"
+
+    return ", ".join(one(c) for c in table.columns)
 
 
 def dataset_stats(

@@ -203,7 +203,13 @@ class EmbeddingsCatalog:
 
         identifier = (NAMESPACE, entity.name, table_name(version))
         if self.catalog.table_exists(identifier):  # create_table writes a metadata file before it checks
-            return self.catalog.load_table(identifier)
+            table = self.catalog.load_table(identifier)
+            missing = [name for name in schema.names if name not in table.schema().column_names]
+            if missing:  # a table from before a column joined the contract (attribution): add it
+                with storage_errors(self.warehouse), table.update_schema() as update:
+                    update.union_by_name(schema)
+                table = self.catalog.load_table(identifier)
+            return table
         with storage_errors(self.warehouse), contextlib.suppress(TableAlreadyExistsError):
             table = self.catalog.create_table(
                 identifier, schema=schema, properties={"vae.model-version": version, **properties}

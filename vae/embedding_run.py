@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -39,7 +39,7 @@ import torch
 from vae import embeddings
 from vae.artifacts import ModelVersion, code_version
 from vae.catalog import EVENT_TIME
-from vae.encode import encode_matrix
+from vae.encode import attributes, encode_matrix, encode_with_attribution
 from vae.errors import InputError, first_line
 from vae.preprocessing import FeatureSchema, check_arrow_schema, features_to_numpy, split_bad_rows
 from vae.storage import (
@@ -96,6 +96,8 @@ class EncodeOptions:
     event_time: datetime
     threshold: float | None
     key_type: Literal["int64", "string"]
+    # a category the model version never saw: a bad row (refuse) or the "other" bucket (other)
+    unseen_categories: Literal["refuse", "other"] = "refuse"
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -357,7 +359,12 @@ class UnitEncoder:
         paths: RunPaths,
         device: torch.device,
     ):
+        table = model_version.features.table
+        if table is not None:
+            features = replace(model_version.features, table=replace(table, unseen=options.unseen_categories))
+            model_version = replace(model_version, features=features)
         self.model_version, self.options, self.paths, self.device = model_version, options, paths, device
+        self.attributes = attributes(model_version.model) and bool(model_version.features.feature_columns)
         self.input_fs, _ = filesystem(data)
         self.output_fs, _ = filesystem(paths.data)
         self.key_type = pa.int64() if options.key_type == "int64" else pa.string()
@@ -371,14 +378,17 @@ class UnitEncoder:
         with storage_errors(url), _naming_the_file(url):
             for batch in self._read(unit, url):
                 good, matrix, bad = self._split(batch, url)
-                posterior_mean, anomaly_score = encode_matrix(
-                    self.model_version.model, self.model_version.normalizer, matrix, self.device
-                )
+                posterior_mean, anomaly_score, surprise = self._encode(matrix)
+                finite = np.isfinite(posterior_mean).all(axis=1) & np.isfinite(anomaly_score)
                 good, posterior_mean, anomaly_score, not_finite = self._finite(
                     good, posterior_mean, anomaly_score, url
                 )
                 quarantined += [t for t in (bad, not_finite) if t is not None]
-                embedded.append(self._rows(good, posterior_mean, anomaly_score))
+                attribution = None
+                if surprise is not None:
+                    names = self.model_version.features.feature_columns
+                    attribution = embeddings.attribution_columns(surprise[finite], names)
+                embedded.append(self._rows(good, posterior_mean, anomaly_score, attribution))
             # The quarantine file first: the embeddings file is the unit's "done" marker.
             if quarantined:
                 self._write(f"{self.paths.quarantine}/{unit.output_name}", pa.concat_tables(quarantined))
@@ -395,6 +405,13 @@ class UnitEncoder:
             "started": started,
             "finished": time.time(),
         }
+
+    def _encode(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(posterior means, scores, per-column surprise or None when the model has no columns)."""
+        model, normalizer = self.model_version.model, self.model_version.normalizer
+        if self.attributes:
+            return encode_with_attribution(model, normalizer, matrix, self.device)
+        return (*encode_matrix(model, normalizer, matrix, self.device), None)
 
     def _split(self, batch: pa.RecordBatch, url: str) -> tuple[pa.RecordBatch, np.ndarray, pa.Table | None]:
         """(rows to encode, their feature matrix, quarantined rows or None); on_bad_rows=fail raises
@@ -445,7 +462,9 @@ class UnitEncoder:
             except (pa.ArrowInvalid, OSError) as error:
                 raise _read_error(url, error) from None
 
-    def _rows(self, batch, posterior_mean: np.ndarray, anomaly_score: np.ndarray) -> pa.Table:
+    def _rows(
+        self, batch, posterior_mean: np.ndarray, anomaly_score: np.ndarray, attribution=None
+    ) -> pa.Table:
         column = self.options.timestamp_column
         if column:
             event_timestamp = embeddings.to_utc_timestamps(batch.column(column), column)
@@ -462,6 +481,7 @@ class UnitEncoder:
             self.model_version.version,
             self.options.batch_id,
             event_timestamp,
+            attribution,
         )
 
     def _empty(self) -> pa.Table:

@@ -10,6 +10,9 @@ relies on. Where they live (an Iceberg table per entity set and model version) i
     model_version    string: the version that made the vector
     batch_id         string: the embed run (batch) that wrote the row
     event_timestamp  timestamp[us, UTC]: when the vector became true (the batch's time by default)
+    top_columns      list<string>: the columns that make the row's score, most first (tables; empty
+                     for vectors and images)
+    top_shares       list<float32>: each top column's share of the row's reconstruction surprise
 """
 
 from __future__ import annotations
@@ -22,8 +25,18 @@ import pyarrow.compute as pc
 
 from vae.errors import InputError, first_line
 
-COLUMNS = ("latent", "anomaly_score", "is_anomaly", "model_version", "batch_id", "event_timestamp")
-SERVED = COLUMNS[:4]  # what a feature view serves for each key
+COLUMNS = (
+    "latent",
+    "anomaly_score",
+    "is_anomaly",
+    "model_version",
+    "batch_id",
+    "event_timestamp",
+    "top_columns",
+    "top_shares",
+)
+SERVED = (*COLUMNS[:4], "top_columns", "top_shares")  # what a feature view serves for each key
+ATTRIBUTION = COLUMNS[6:]  # not in embeddings written before attribution (issue 20)
 
 
 def schema(key_column: str, key_type: pa.DataType) -> pa.Schema:
@@ -36,6 +49,8 @@ def schema(key_column: str, key_type: pa.DataType) -> pa.Schema:
             ("model_version", pa.string()),
             ("batch_id", pa.string()),
             ("event_timestamp", pa.timestamp("us", tz="UTC")),
+            ("top_columns", pa.list_(pa.string())),
+            ("top_shares", pa.list_(pa.float32())),
         ]
     )
 
@@ -57,8 +72,9 @@ def embedding_table(
     model_version: str,
     batch_id: str,
     event_timestamp: pa.Array | pa.ChunkedArray,
+    attribution: tuple[pa.Array, pa.Array] | None = None,
 ) -> pa.Table:
-    """Embedding rows in the contract's schema."""
+    """Embedding rows in the contract's schema; attribution: (top_columns, top_shares), else empty lists."""
     rows = len(keys)
     if threshold is None:
         is_anomaly = pa.nulls(rows, pa.bool_())
@@ -76,8 +92,44 @@ def embedding_table(
         "model_version": constant(model_version),
         "batch_id": constant(batch_id),
         "event_timestamp": event_timestamp,
+        **dict(zip(("top_columns", "top_shares"), attribution or _no_attribution(rows), strict=True)),
     }
     return pa.table(columns, schema=schema(key_column, key_type))
+
+
+def with_attribution(rows: pa.Table) -> pa.Table:
+    """Embedding rows from before attribution, with its columns empty."""
+    for name, column in zip(ATTRIBUTION, _no_attribution(rows.num_rows), strict=True):
+        if name not in rows.column_names:
+            rows = rows.append_column(name, column)
+    return rows
+
+
+def _no_attribution(rows: int) -> tuple[pa.Array, pa.Array]:
+    offsets = pa.array(np.zeros(rows + 1, np.int32))
+    return (
+        pa.ListArray.from_arrays(offsets, pa.array([], pa.string())),
+        pa.ListArray.from_arrays(offsets, pa.array([], pa.float32())),
+    )
+
+
+def attribution_columns(
+    surprise: np.ndarray, names: tuple[str, ...], top: int = 3
+) -> tuple[pa.Array, pa.Array]:
+    """(top_columns, top_shares) from per-column surprise (rows, columns, nats >= 0): the `top`
+    columns with the most, and each one's share of the row's total (shares of a row sum to <= 1)."""
+    surprise = np.maximum(surprise, 0.0)  # >= 0 up to float rounding
+    rows, width = surprise.shape
+    top = min(top, width)
+    order = np.argsort(-surprise, axis=1, kind="stable")[:, :top]
+    total = surprise.sum(axis=1, keepdims=True)
+    shares = np.take_along_axis(surprise, order, axis=1) / np.where(total > 0, total, 1.0)
+    offsets = pa.array(np.arange(0, (rows + 1) * top, top, dtype=np.int32))
+    labels = pa.DictionaryArray.from_arrays(pa.array(order.ravel().astype(np.int32)), list(names))
+    return (
+        pa.ListArray.from_arrays(offsets, labels.cast(pa.string())),
+        pa.ListArray.from_arrays(offsets, pa.array(shares.astype(np.float32).ravel())),
+    )
 
 
 def constant_timestamps(moment: datetime, rows: int) -> pa.Array:
@@ -103,7 +155,7 @@ def to_utc_timestamps(column: pa.Array | pa.ChunkedArray, name: str) -> pa.Array
         ) from None
 
 
-def key_column(table_schema: pa.Schema, source: str, required: tuple[str, ...] = COLUMNS) -> str:
+def key_column(table_schema: pa.Schema, source: str, required: tuple[str, ...] = COLUMNS[:6]) -> str:
     """The entity key of an embeddings dataset: its one column outside the contract's. The `required`
     contract columns must be there too."""
     missing = [name for name in required if name not in table_schema.names]

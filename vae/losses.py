@@ -31,9 +31,44 @@ def reconstruction_nll(model: VAE, decoded: torch.Tensor, x: torch.Tensor) -> to
     """-log p(x|z) per example under the model's likelihood, given the decoder's output for z."""
     if model.config.likelihood == "bernoulli":
         return -bernoulli_log_likelihood(decoded, x)
+    return column_nll(model, decoded, x).sum(dim=-1)
+
+
+def _decoder_logvar(model: VAE) -> torch.Tensor:
     # Bounded so a constant feature cannot drive its variance (and the loss) to minus infinity.
-    logvar = model.decoder_logvar.clamp(-7.0, 7.0).expand_as(decoded)
-    return -gaussian_log_likelihood(decoded, logvar, x)
+    return model.decoder_logvar.clamp(-7.0, 7.0)
+
+
+def column_nll(model: VAE, decoded: torch.Tensor, x: torch.Tensor, surprise: bool = False) -> torch.Tensor:
+    """-log p(x_j|z) per example and column (rows, columns), 0 where x_j is missing (NaN): the
+    likelihood skips missing entries (as HI-VAE does), so the ELBO is of the observed values.
+
+    surprise=True: each term minus its value at the decoder's most likely x_j, so >= 0 and 0 when
+    the row's value is the decoder's best guess: how much each column makes the row unusual.
+    """
+    logvar = _decoder_logvar(model)
+    if model.layout is None:  # gaussian: one column per feature
+        squared = (x - decoded).pow(2) / logvar.exp()
+        return 0.5 * squared if surprise else 0.5 * (LOG_2PI + logvar + squared)
+    layout = model.layout
+    observed = ~torch.isnan(x)
+    values = torch.nan_to_num(x, nan=0.0)
+    nll = torch.zeros_like(values)
+    if layout.numeric:
+        mean, column_logvar = decoded[:, layout.numeric_outputs], logvar[layout.numeric_outputs]
+        squared = (values[:, layout.numeric] - mean).pow(2) / column_logvar.exp()
+        nll[:, layout.numeric] = 0.5 * squared if surprise else 0.5 * (LOG_2PI + column_logvar + squared)
+    if layout.binary:
+        logits = decoded[:, layout.binary_outputs]
+        binary = F.binary_cross_entropy_with_logits(logits, values[:, layout.binary], reduction="none")
+        nll[:, layout.binary] = binary - F.softplus(-logits.abs()) if surprise else binary
+    for j, start, width in layout.categorical:
+        logits = decoded[:, start : start + width]
+        categorical = F.cross_entropy(logits, values[:, j].long().clamp(0, width - 1), reduction="none")
+        if surprise:
+            categorical = categorical - (torch.logsumexp(logits, dim=-1) - logits.max(dim=-1).values)
+        nll[:, j] = categorical
+    return nll * observed
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-Likelihood = Literal["bernoulli", "gaussian"]
+Likelihood = Literal["bernoulli", "gaussian", "mixed"]
 Architecture = Literal["mlp", "conv"]
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -29,8 +29,12 @@ class ModelConfig:
     architecture: Architecture = "mlp"
     image_shape: tuple[int, ...] | None = None
     conv_channels: tuple[int, ...] = (32, 64)
+    # mixed: (kind, width) per input column (vae.tabular.TableSchema.layout); input_dim = columns
+    column_layout: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.likelihood == "mixed" and len(self.column_layout) != self.input_dim:
+            raise ValueError(f"a mixed model needs a (kind, width) per each of its {self.input_dim} columns")
         if self.architecture == "conv":
             if self.image_shape is None or len(self.image_shape) != 3:
                 raise ValueError(
@@ -56,6 +60,7 @@ class ModelConfig:
                 "hidden_dims": tuple(values["hidden_dims"]),
                 "image_shape": tuple(shape) if shape else None,
                 "conv_channels": tuple(values.get("conv_channels", (32, 64))),
+                "column_layout": tuple((kind, int(width)) for kind, width in values.get("column_layout", ())),
             }
         )
 
@@ -156,10 +161,47 @@ def _conv_sizes(image_shape: tuple[int, ...], stages: int) -> list[tuple[int, in
     return sizes
 
 
+class ColumnLayout:
+    """Where each column of a mixed table sits in the decoder's output, grouped by kind."""
+
+    def __init__(self, layout: tuple[tuple[str, int], ...]):
+        starts = [0]
+        for _, width in layout:
+            starts.append(starts[-1] + width)
+        self.outputs = starts[-1]
+        self.columns = len(layout)
+
+        def of(kind: str) -> tuple[list[int], list[int]]:
+            picked = [j for j, (k, _) in enumerate(layout) if k == kind]
+            return picked, [starts[j] for j in picked]
+
+        self.numeric, self.numeric_outputs = of("numeric")
+        self.binary, self.binary_outputs = of("binary")
+        self.categorical = [
+            (j, starts[j], width) for j, (k, width) in enumerate(layout) if k == "categorical"
+        ]
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes (NaN = missing) -> encoder inputs: numeric and binary values, one-hot categories (all
+        zeros when missing), then the observed mask, so the encoder tells a missing entry from a 0."""
+        observed = ~torch.isnan(x)
+        values = torch.nan_to_num(x, nan=0.0)
+        parts = torch.zeros(len(x), self.outputs, device=x.device, dtype=x.dtype)
+        plain = self.numeric + self.binary
+        parts[:, self.numeric_outputs + self.binary_outputs] = values[:, plain]
+        for j, start, width in self.categorical:
+            code = values[:, j].long().clamp(0, width - 1)
+            parts[:, start : start + width] = (
+                nn.functional.one_hot(code, width).to(x.dtype) * observed[:, j : j + 1]
+            )
+        return torch.cat([parts, observed.to(x.dtype)], dim=1)
+
+
 class VAE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.layout = ColumnLayout(config.column_layout) if config.likelihood == "mixed" else None
         hidden = list(config.hidden_dims)
         # The encoder emits mean and logvar side by side.
         if config.architecture == "conv":
@@ -170,21 +212,30 @@ class VAE(nn.Module):
             self.decoder: nn.Module = ConvDecoder(
                 config.image_shape, config.conv_channels, hidden, config.latent_dim
             )
+        elif self.layout is not None:
+            inputs = self.layout.outputs + self.layout.columns  # expanded columns + the observed mask
+            self.encoder = _mlp([inputs, *hidden, 2 * config.latent_dim])
+            self.decoder = _mlp([config.latent_dim, *reversed(hidden), self.layout.outputs])
         else:
             self.encoder = _mlp([config.input_dim, *hidden, 2 * config.latent_dim])
             self.decoder = _mlp([config.latent_dim, *reversed(hidden), config.input_dim])
-        # Gaussian likelihood: one learned log-variance per feature, so the likelihood is a real
-        # normalized density rather than a squared error with an arbitrary scale.
+        # Gaussian likelihood: one learned log-variance per feature (per decoder output for mixed
+        # tables; only numeric columns use theirs), so the likelihood is a real normalized density
+        # rather than a squared error with an arbitrary scale.
+        outputs = self.layout.outputs if self.layout is not None else config.input_dim
         self.decoder_logvar = nn.Parameter(
-            torch.zeros(config.input_dim), requires_grad=config.likelihood == "gaussian"
+            torch.zeros(outputs), requires_grad=config.likelihood in ("gaussian", "mixed")
         )
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        if self.layout is not None:
+            x = self.layout.expand(x)
         mean, logvar = self.encoder(x).chunk(2, dim=-1)
         return DiagonalGaussian(mean, logvar)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Bernoulli logits or Gaussian means, one per input feature."""
+        """Bernoulli logits or Gaussian means, one per input feature; for mixed tables each column's
+        mean, logit or category logits (vae.model.ColumnLayout)."""
         return self.decoder(z)
 
     def forward(

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vae.errors import InputError
+from vae.tabular import TableSchema, check_types
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class FeatureSchema:
     vector_column: str | None = None  # one list column of length dim ...
     feature_columns: tuple[str, ...] = ()  # ... or dim numeric scalar columns
     image_shape: tuple[int, ...] | None = None  # declared shape of the vector, e.g. (1, 8, 8)
+    # a mixed table (likelihood mixed): each feature column's kind and fitted transform
+    table: TableSchema | None = None
 
     def __post_init__(self) -> None:
         if (self.vector_column is None) == (not self.feature_columns):
@@ -41,16 +44,20 @@ class FeatureSchema:
         return [self.key_column, *([self.vector_column] if self.vector_column else self.feature_columns)]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if self.table is None:
+            del values["table"]  # versions without a mixed table read as before
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> FeatureSchema:
-        shape = values.get("image_shape")
+        shape, table = values.get("image_shape"), values.get("table")
         return cls(
             **{
                 **values,
                 "feature_columns": tuple(values.get("feature_columns", ())),
                 "image_shape": tuple(shape) if shape else None,
+                "table": TableSchema.from_dict(table) if table else None,
             }
         )
 
@@ -132,10 +139,14 @@ def check_arrow_schema(schema: pa.Schema, features: FeatureSchema, source: str) 
                 f"{source}: column '{features.vector_column}' has vectors of length {column_type.list_size}; "
                 f"the model expects length {features.dim}"
             )
+    if features.table is not None:
+        check_types(schema, features.table, source)
+        return
     for name in features.feature_columns:
         if not _is_numeric(schema.field(name).type):
             raise InputError(
-                f"{source}: feature column '{name}' is {schema.field(name).type}; it must be numeric"
+                f"{source}: feature column '{name}' is {schema.field(name).type}; it must be numeric "
+                "(likelihood: mixed models string, boolean and missing values)"
             )
 
 
@@ -208,6 +219,10 @@ def row_problems(
         problems.nulls(batch.column(name), name)
     if features.vector_column:
         _vector_problems(problems, _single_chunk(batch.column(features.vector_column)), features)
+    if features.table is not None:
+        for mask, reason in features.table.problems(batch):
+            problems.mark(mask, reason)
+        return problems.reasons
     for name in features.feature_columns:
         column = batch.column(name)
         problems.nulls(column, name)
@@ -285,6 +300,8 @@ def _to_matrix(batch: pa.Table | pa.RecordBatch, features: FeatureSchema) -> np.
         else:
             flat = values.to_numpy(zero_copy_only=False).astype(np.float32)
         return flat.reshape(-1, features.dim)
+    if features.table is not None:
+        return features.table.codes(batch)[0]
     matrix = np.empty((batch.num_rows, features.dim), dtype=np.float32)
     for j, name in enumerate(features.feature_columns):
         matrix[:, j] = batch.column(name).to_numpy()
@@ -371,7 +388,8 @@ class Normalizer:
     """x -> (x - offset) / scale, fitted on the training data and stored in the model version.
 
     Bernoulli models get one global range mapping the data to [0, 1] (pixels share a scale);
-    Gaussian models get per-feature standardization.
+    Gaussian models get per-feature standardization; mixed tables the identity (their per-column
+    transforms live in FeatureSchema.table).
     """
 
     offset: tuple[float, ...]
@@ -379,8 +397,10 @@ class Normalizer:
     clip_unit_interval: bool
 
     @classmethod
-    def fit(cls, stats: FeatureStats, likelihood: Literal["bernoulli", "gaussian"]) -> Normalizer:
+    def fit(cls, stats: FeatureStats, likelihood: Literal["bernoulli", "gaussian", "mixed"]) -> Normalizer:
         dim = len(stats.total)
+        if likelihood == "mixed":  # the table's own transforms (vae.tabular) already made the codes
+            return cls((0.0,) * dim, (1.0,) * dim, clip_unit_interval=False)
         if likelihood == "bernoulli":
             low, high = float(stats.minimum.min()), float(stats.maximum.max())
             return cls((low,) * dim, (max(high - low, 1e-12),) * dim, clip_unit_interval=True)

@@ -120,6 +120,15 @@ def heldout_negative_elbo(scores: np.ndarray, metadata: dict) -> float:
     mean = float(np.mean(scores))
     if metadata["architecture"]["likelihood"] == "gaussian":
         mean += float(np.sum(np.log(metadata["normalizer"]["scale"])))
+    elif metadata["architecture"]["likelihood"] == "mixed":
+        # affine numeric transforms only: log and quantile columns stay in their transformed units
+        # (two versions compare exactly when they fitted the same transforms)
+        columns = metadata["features"]["table"]["columns"]
+        mean += sum(
+            math.log(c["scale"])
+            for c in columns
+            if c["kind"] == "numeric" and c["transform"] in ("robust", "standard")
+        )
     return mean
 
 
