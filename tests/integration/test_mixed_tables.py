@@ -178,7 +178,8 @@ def test_training_refuses_what_it_cannot_model_naming_the_column(mixed, tmp_path
     table = mixed["table"].append_column("tags", pa.array([[1, 2]] * ROWS))
     pq.write_table(table, tmp_path / "lists.parquet")
     base = mixed["config"].model_dump(exclude={"data", "run_name"})
-    with pytest.raises(InputError, match=r"feature column 'tags' is list<element: int64>, which a mixed model cannot read"):
+    unreadable = r"feature column 'tags' is list<element: int64>, which a mixed model cannot read"
+    with pytest.raises(InputError, match=unreadable):
         train(TrainConfig(**base, data=str(tmp_path / "lists.parquet")))
     with pytest.raises(
         InputError, match=r"row item_id=\d+ has no value in column 'amount' \(missing: refuse\)"

@@ -28,6 +28,11 @@ def embeddings(rows: int, seed: int, event_time: datetime = T_NEW) -> pa.Table:
             "is_anomaly": pa.array(rng.random(rows) < 0.1),
             "model_version": pa.array(["v-a" if i % 3 else "v-b" for i in range(rows)]),
             "event_timestamp": pa.array([event_time] * rows, pa.timestamp("us", tz="UTC")),
+            # attribution: the top columns and their shares (a table model's rows)
+            "top_columns": pa.array(
+                [["amount", "city", "age"][i % 3 :] for i in range(rows)], pa.list_(pa.string())
+            ),
+            "top_shares": pa.array(rng.random((rows, 3), dtype=np.float32).tolist(), pa.list_(pa.float32())),
         }
     )
 
@@ -63,7 +68,7 @@ def test_sqlite_rows_are_byte_identical_to_feasts(feature_repo, tmp_path):
             ).fetchall()
 
         ours, feasts = rows(by_us), rows(by_feast)
-    assert len(ours) == 4 * 3_000
+    assert len(ours) == 6 * 3_000  # one row per served feature
     assert ours == feasts
     fetched = fetch_online(store, by_us.name, table.column("item_id").to_pylist()[:50], "item_id")
     for row, want in zip(fetched, table.slice(0, 50).to_pylist(), strict=True):

@@ -151,7 +151,7 @@ def test_keep_online_drops_old_versions_online_only(versions, feature_repo):
     assert store.get_feature_view(repo.version_view_name("item", v2)).online
     # v1's online rows are gone (its table dropped), while v2 and v3 still read back their own vectors
     tables = online_tables(feature_repo)
-    assert len(tables) == 2 and all(len(rows) == 4 * 1797 for rows in tables.values())
+    assert len(tables) == 2 and all(len(rows) == 6 * 1797 for rows in tables.values())
     assert not any(repo.version_view_name("item", v1) in name for name in tables)
     for name in (v2, v3):
         expected = version_rows(feature_repo, name)
