@@ -377,6 +377,12 @@ class EmbedConfig(EmbeddingsOptions):
         description="a key twice in the batch stops the job (fail), or only its latest row by "
         "event_timestamp is kept (keep-latest)",
     )
+    impute: bool = Field(
+        False,
+        description="mixed tables: also write every row with its missing values filled from the model "
+        "(posterior-mean reconstruction) to <table>/runs/<run id>/imputed/, and report imputation quality "
+        "on held-out entries against mean/mode imputation",
+    )
     unseen_categories: Literal["refuse", "other"] = Field(
         "refuse",
         description="mixed tables: a category the model version never saw is a bad row naming the column "

@@ -17,6 +17,7 @@ a batch whole or not at all.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -118,6 +119,7 @@ def embed(config: EmbedConfig) -> EmbedResult:
             result.snapshot_id,
         )
         return result
+    _log_imputation(summaries, paths)
     log.info(
         "embedded %s rows as batch %s of %s: %s quarantined, %s duplicate rows dropped, %s rows/s end to end",
         f"{result.embedded_rows:,}",
@@ -172,7 +174,24 @@ def encode_options(config: EmbedConfig, model_version: ModelVersion, plan: Plan)
         threshold,
         plan.key_type,
         config.unseen_categories,
+        config.impute,
     )
+
+
+def _log_imputation(summaries: list[dict], paths) -> None:
+    """The imputation quality of the largest unit (held-out entries, model against mean/mode)."""
+    from vae.impute import quality_line
+
+    reports = [(s["rows"], json.loads(s["imputation"])) for s in summaries if s.get("imputation")]
+    if reports:
+        rows, report = max(reports, key=lambda item: item[0])
+        where = paths.quarantine.rsplit("/", 1)[0] + "/imputed"
+        log.info(
+            "imputed rows in %s; quality on %d held-out entries: %s",
+            where,
+            report["hidden"],
+            quality_line(report),
+        )
 
 
 def _arrow_key(key_type: str):

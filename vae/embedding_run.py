@@ -98,6 +98,8 @@ class EncodeOptions:
     key_type: Literal["int64", "string"]
     # a category the model version never saw: a bad row (refuse) or the "other" bucket (other)
     unseen_categories: Literal["refuse", "other"] = "refuse"
+    # mixed tables: also write each row with its missing values filled (vae.impute) beside the table
+    impute: bool = False
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -365,6 +367,7 @@ class UnitEncoder:
             model_version = replace(model_version, features=features)
         self.model_version, self.options, self.paths, self.device = model_version, options, paths, device
         self.attributes = attributes(model_version.model) and bool(model_version.features.feature_columns)
+        self.imputes = options.impute and model_version.features.table is not None
         self.input_fs, _ = filesystem(data)
         self.output_fs, _ = filesystem(paths.data)
         self.key_type = pa.int64() if options.key_type == "int64" else pa.string()
@@ -375,6 +378,7 @@ class UnitEncoder:
         url = url_of(self.input_fs, unit.path)
         embedded: list[pa.Table] = []
         quarantined: list[pa.Table] = []
+        imputed: list[tuple[pa.Array, np.ndarray]] = []  # (keys, codes) of the encoded rows
         with storage_errors(url), _naming_the_file(url):
             for batch in self._read(unit, url):
                 good, matrix, bad = self._split(batch, url)
@@ -384,6 +388,8 @@ class UnitEncoder:
                     good, posterior_mean, anomaly_score, url
                 )
                 quarantined += [t for t in (bad, not_finite) if t is not None]
+                if self.imputes:
+                    imputed.append((good.column(self.model_version.features.key_column), matrix[finite]))
                 attribution = None
                 if surprise is not None:
                     names = self.model_version.features.feature_columns
@@ -392,6 +398,7 @@ class UnitEncoder:
             # The quarantine file first: the embeddings file is the unit's "done" marker.
             if quarantined:
                 self._write(f"{self.paths.quarantine}/{unit.output_name}", pa.concat_tables(quarantined))
+            quality = self._write_imputed(unit, imputed) if self.imputes else None
             self._write(
                 f"{self.paths.data}/{unit.output_name}",
                 pa.concat_tables(embedded) if embedded else self._empty(),
@@ -404,7 +411,24 @@ class UnitEncoder:
             "quarantined": quarantined_rows,
             "started": started,
             "finished": time.time(),
+            "imputation": json.dumps(quality) if quality else "",
         }
+
+    def _write_imputed(self, unit: WorkUnit, parts: list[tuple[pa.Array, np.ndarray]]) -> dict | None:
+        """The unit's rows with missing values filled, under <table>/runs/<run id>/imputed/, and the
+        imputation quality on held-out entries (against mean/mode) for the run's summary."""
+        from vae.impute import imputation_quality, imputed_table
+
+        if not parts:
+            return None
+        features, model = self.model_version.features, self.model_version.model
+        keys = pa.concat_arrays(
+            [k.combine_chunks() if isinstance(k, pa.ChunkedArray) else k for k, _ in parts]
+        )
+        codes = np.concatenate([c for _, c in parts])
+        rows = imputed_table(features.table, keys, codes, model, features.key_column)
+        self._write(f"{self.paths.quarantine.rsplit('/', 1)[0]}/imputed/{unit.output_name}", rows)
+        return imputation_quality(model, features.table, codes)
 
     def _encode(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(posterior means, scores, per-column surprise or None when the model has no columns)."""
