@@ -175,6 +175,7 @@ def encode_options(config: EmbedConfig, model_version: ModelVersion, plan: Plan)
         plan.key_type,
         config.unseen_categories,
         config.impute,
+        config.attribution,
     )
 
 

@@ -100,6 +100,8 @@ class EncodeOptions:
     unseen_categories: Literal["refuse", "other"] = "refuse"
     # mixed tables: also write each row with its missing values filled (vae.impute) beside the table
     impute: bool = False
+    # table models: the top columns of each row's score (costs one encoder pass per column)
+    attribution: bool = True
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -366,7 +368,11 @@ class UnitEncoder:
             features = replace(model_version.features, table=replace(table, unseen=options.unseen_categories))
             model_version = replace(model_version, features=features)
         self.model_version, self.options, self.paths, self.device = model_version, options, paths, device
-        self.attributes = attributes(model_version.model) and bool(model_version.features.feature_columns)
+        self.attributes = (
+            options.attribution
+            and attributes(model_version.model)
+            and bool(model_version.features.feature_columns)
+        )
         self.imputes = options.impute and model_version.features.table is not None
         self.input_fs, _ = filesystem(data)
         self.output_fs, _ = filesystem(paths.data)

@@ -165,6 +165,13 @@ def test_unseen_categories_and_types_are_refused_naming_the_column(mixed, featur
     rows = catalog.read(catalog.table("item", mixed["version"])).sort_by("item_id")
     assert rows.num_rows == 200
     assert rows.column("top_columns")[17].as_py()[0] == "segment"
+    options = {"unseen_categories": "other", "attribution": False}
+    embed(embed_config(mixed, tmp_path / "unseen.parquet", feature_repo, batch="b3", **options))
+    plain = catalog.read(catalog.table("item", mixed["version"]), batches=["b3"]).sort_by("item_id")
+    assert plain.column("top_columns").to_pylist() == [[]] * 200  # off: empty lists, same scores
+    np.testing.assert_allclose(
+        plain.column("anomaly_score").to_numpy(), rows.column("anomaly_score").to_numpy(), rtol=1e-5
+    )
 
     wrong = table.set_column(2, "amount", pa.array([str(v) for v in table.column("amount").to_pylist()]))
     pq.write_table(wrong, tmp_path / "wrong.parquet")
