@@ -49,7 +49,11 @@ class ModelConfig:
                 )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if not self.column_layout:
+            # versions and run claims of other models keep their shape (a resumed run compares it)
+            del values["column_layout"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:

@@ -53,8 +53,8 @@ def test_publish_to_redis_with_password_ttl_and_retirement(versions, redis_repo)
     assert len(keys) == 1797  # one hash per entity, holding every online version's fields
     ttls = [client.ttl(key) for key in keys[:50]]
     assert all(0 < ttl <= 3600 for ttl in ttls)
-    # two versions online (v2, v3): per version 4 features + 1 timestamp field; v1's were deleted
-    assert {client.hlen(key) for key in keys[:50]} == {10}
+    # two versions online (v2, v3): per version 6 features + 1 timestamp field; v1's were deleted
+    assert {client.hlen(key) for key in keys[:50]} == {14}
 
 
 def test_wrong_redis_password_is_one_clear_error(versions, redis_repo, monkeypatch):
