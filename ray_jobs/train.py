@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,7 @@ from vae.registry import (
 )
 from vae.report import write_training_report
 from vae.storage import filesystem, is_local, parquet_schema, storage_errors
-from vae.tabular import ColumnSpec, TableSchema, TableStats, fit_table, infer_kinds
+from vae.tabular import ColumnSpec, TableSchema, TableStats, fit_table, infer_kinds, with_unseen
 from vae.training import (
     STATE_FILE,
     RunState,
@@ -484,7 +484,6 @@ def fit_mixed(
     ):
         for text in part["stats"]:
             merged = merged.merge(TableStats.from_json(str(text)))
-    integers = frozenset(c.name for c in features.table.columns if c.kind == "categorical")
     table = fit_table(
         merged,
         kinds,
@@ -492,12 +491,9 @@ def fit_mixed(
         config.numeric_transform,
         config.max_categories,
         missing=config.missing,
-        integer_columns=integers & {n for n, k in config.column_types.items() if k == "categorical"},
     )
-    table = TableSchema(table.columns, table.missing, unseen="other")  # rare categories train as other
-    features = FeatureSchema(
-        features.key_column, features.dim, feature_columns=features.feature_columns, table=table
-    )
+    table = with_unseen(table, "other")  # the categories beyond max_categories train as other
+    features = replace(features, table=table)
     model = ModelConfig.from_dict({**model.to_dict(), "column_layout": table.layout})
     missing = {name: count for name, count in merged.missing.items() if count}
     log.info("mixed table: %s; missing values %s", _describe_table(table), missing or "none")

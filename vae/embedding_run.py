@@ -50,6 +50,7 @@ from vae.storage import (
     url_of,
     write_bytes_atomically,
 )
+from vae.tabular import with_unseen
 
 RUN_MARKER = "_run.json"
 
@@ -365,7 +366,7 @@ class UnitEncoder:
     ):
         table = model_version.features.table
         if table is not None:
-            features = replace(model_version.features, table=replace(table, unseen=options.unseen_categories))
+            features = replace(model_version.features, table=with_unseen(table, options.unseen_categories))
             model_version = replace(model_version, features=features)
         self.model_version, self.options, self.paths, self.device = model_version, options, paths, device
         self.attributes = (

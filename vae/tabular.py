@@ -48,7 +48,6 @@ class ColumnSpec:
     scale: float = 1.0  # ... then divided by
     knots: tuple[float, ...] = ()  # quantile: the training sample's quantiles, mapped to normal scores
     categories: tuple[str, ...] = ()  # categorical: the vocabulary; index len(categories) = other
-    integer_codes: bool = False  # categorical: the input column holds integers (declared codes)
 
     @property
     def width(self) -> int:
@@ -293,11 +292,8 @@ class TableStats:
                         counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True
                     )
                 }
-            values = _floats(column) if kind != "categorical" else None
-            missing = column.null_count + (
-                int(np.isnan(values).sum()) - column.null_count if values is not None else 0
-            )
-            stats.missing[name] = int(missing)
+            values = _floats(column) if kind != "categorical" else None  # nulls become NaN
+            stats.missing[name] = column.null_count if values is None else int(np.isnan(values).sum())
             if name in numeric:
                 stats.sample[name] = [float(v) for v in values[keep]]
         return stats
@@ -337,7 +333,6 @@ def fit_table(
     max_categories: int = 64,
     min_category_count: int = 1,
     missing: Literal["model", "refuse"] = "model",
-    integer_columns: frozenset[str] = frozenset(),
 ) -> TableSchema:
     """The table's schema with transforms fitted on the training statistics."""
     columns = []
@@ -353,9 +348,7 @@ def fit_table(
             counts = stats.category_counts.get(name, {})
             ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
             kept = tuple(value for value, count in ranked if count >= min_category_count)[:max_categories]
-            columns.append(
-                ColumnSpec(name, "categorical", categories=kept, integer_codes=name in integer_columns)
-            )
+            columns.append(ColumnSpec(name, "categorical", categories=kept))
         else:
             columns.append(ColumnSpec(name, "binary"))
     return TableSchema(tuple(columns), missing=missing)
