@@ -29,8 +29,8 @@ from ray_jobs.config import TrainConfig
 from ray_jobs.monitor import read_embeddings
 from ray_jobs.train import train
 from vae import encode_matrix, features_to_numpy, load_model_version
-from vae.embeddings import latent_column
-from vae.monitoring import DRIFT_TESTS, drift_test
+from vae.embeddings.contract import latent_column
+from vae.monitoring.statistics import DRIFT_TESTS, drift_test
 
 
 def rates(results: list[dict]) -> dict:

@@ -44,7 +44,7 @@ from vae import (
     load_model_version,
     save_model_version,
 )
-from vae.embeddings import latent_column
+from vae.embeddings.contract import latent_column
 
 
 def plain_loop(

@@ -30,8 +30,8 @@ from benchmarks.common import save, timed
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import commit_rows  # noqa: E402  the tests' way of landing a batch without Ray
 
-from vae import embeddings  # noqa: E402
-from vae.embeddings import latent_column  # noqa: E402
+from vae.embeddings import contract  # noqa: E402
+from vae.embeddings.contract import latent_column  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = "20260101T000000Z-history0"
@@ -60,7 +60,7 @@ def build(work: Path, rows: int, batches: int, dim: int):
     shutil.copytree(REPO / "feature_repo", repo_dir, ignore=shutil.ignore_patterns("data", "__pycache__"))
     repo = EmbeddingsRepo(repo_dir)
     owner = repo.catalog.register("item", "item_id", "int64")
-    table = repo.catalog.create_table(owner, VERSION, embeddings.schema("item_id", pa.int64()), {})
+    table = repo.catalog.create_table(owner, VERSION, contract.schema("item_id", pa.int64()), {})
     rng, per_batch = np.random.default_rng(0), rows // batches
     for day in range(batches):
         commit_rows(repo.catalog, table, batch_rows(day * per_batch, per_batch, dim, day, rng), f"day-{day}")

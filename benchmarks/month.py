@@ -242,7 +242,7 @@ def step_vs_plain_jobs(work: Path, feature_repo: Path, rows: int, repeats: int =
     from ray_jobs.embed import embed
     from ray_jobs.monitor import monitor
     from ray_jobs.publish import publish
-    from vae.catalog import EmbeddingsCatalog, settings_from_yaml
+    from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
 
     options = pipeline_options(work, feature_repo)
     yaml_path = str(feature_repo / "feature_store.yaml")

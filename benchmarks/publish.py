@@ -37,7 +37,7 @@ from benchmarks.common import http_load, save, timed
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the servers the tests start
 from helpers.servers import free_port, redis_server, wait_for_port  # noqa: E402
 
-from vae.embeddings import latent_column
+from vae.embeddings.contract import latent_column
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION, SMALL_VERSION, VECTOR_VERSION = (
@@ -75,10 +75,10 @@ def add_version(repo, name: str, table: pa.Table) -> None:
     """The rows as one batch of a version's table in the repo's catalog (as the embed job lands them)."""
     from conftest import commit_rows
 
-    from vae import embeddings
+    from vae.embeddings import contract
 
     owner = repo.catalog.register("item", "item_id", "int64")
-    version_table = repo.catalog.create_table(owner, name, embeddings.schema("item_id", pa.int64()), {})
+    version_table = repo.catalog.create_table(owner, name, contract.schema("item_id", pa.int64()), {})
     rows = table.append_column("batch_id", pa.array(["bench"] * table.num_rows, pa.string()))
     commit_rows(
         repo.catalog,

@@ -42,8 +42,8 @@ from vae import (
     features_to_numpy,
     load_model_version,
 )
+from vae.data.keys import is_validation, key_hash
 from vae.diagnostics import active_units, importance_weighted_nll, posterior_mean_variance
-from vae.keys import is_validation, key_hash
 from vae.training import Schedule
 
 LATENT_DIM, HIDDEN, LEARNING_RATE, GLOBAL_BATCH, VALIDATION_FRACTION = 32, (512, 256), 1e-3, 128, 0.2

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vae.catalog import EmbeddingsCatalog
-from vae.embeddings import COLUMNS
+from vae.embeddings.catalog import EmbeddingsCatalog
+from vae.embeddings.contract import COLUMNS
 from vae.errors import InputError
 
 

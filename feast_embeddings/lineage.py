@@ -11,7 +11,7 @@ from __future__ import annotations
 from feast_embeddings.repo import EmbeddingsRepo
 from feast_embeddings.versions import VERSION_TAG
 from vae.errors import InputError
-from vae.registry import registered_model_name
+from vae.versions.mlflow_registry import registered_model_name
 
 VIEWS_TAG = "feast.feature_views"
 

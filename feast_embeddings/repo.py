@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from types import ModuleType
 
-from vae.catalog import (
+from vae.embeddings.catalog import (
     NAMESPACE,
     EmbeddingsCatalog,
     EntitySet,
@@ -26,7 +26,7 @@ from vae.catalog import (
     table_name,
 )
 from vae.errors import InputError
-from vae.registry import Registry, resolve_tracking_uri
+from vae.versions.mlflow_registry import Registry, resolve_tracking_uri
 
 YAML_KEY = "__vae_feature_store_yaml__"  # set on the definitions module by EmbeddingsRepo
 

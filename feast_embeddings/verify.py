@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from feast_embeddings.writers import redis_command, send_commands
-from vae.embeddings import SERVED
+from vae.embeddings.contract import SERVED
 
 log = logging.getLogger("feast_embeddings")
 

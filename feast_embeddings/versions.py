@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from feast_embeddings.repo import EmbeddingsRepo
 from vae.errors import InputError
-from vae.registry import CHALLENGER, CHAMPION, registered_model_name
+from vae.versions.mlflow_registry import CHALLENGER, CHAMPION, registered_model_name
 
 log = logging.getLogger("feast_embeddings")
 

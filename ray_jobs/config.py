@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ray_jobs.cluster import resource_request
 from vae.errors import InputError
-from vae.thresholds import Thresholds
+from vae.monitoring.thresholds import Thresholds
 
 
 class JobConfig(BaseModel):
@@ -338,7 +338,7 @@ class EmbeddingsOptions(JobConfig):
 
     def catalog_settings(self) -> tuple[str, str]:
         """(catalog URI, warehouse): the options', else the feature store's vae_embeddings block."""
-        from vae.catalog import settings_from_yaml
+        from vae.embeddings.catalog import settings_from_yaml
 
         if self.catalog and self.warehouse:
             return self.catalog, self.warehouse
@@ -439,7 +439,7 @@ _DEFAULT = Thresholds()
 
 
 class GateOptions(JobConfig):
-    """The thresholds of vae.gate, as options of the jobs that check batches (monitor, publish)."""
+    """The thresholds of vae.monitoring.gate, as options of the jobs that check batches (monitor, publish)."""
 
     min_active_share: float = Field(
         _DEFAULT.min_active_share,

@@ -28,8 +28,8 @@ from ray_jobs.cluster import ray_session
 from ray_jobs.config import DemoConfig, PipelineConfig, TrainConfig, parse_config
 from ray_jobs.pipeline import step
 from ray_jobs.train import train
-from vae.catalog import table_name
-from vae.registry import CHAMPION, TRACKING_ENV, registered_model_name
+from vae.embeddings.catalog import table_name
+from vae.versions.mlflow_registry import CHAMPION, TRACKING_ENV, registered_model_name
 
 log = logging.getLogger("ray_jobs.demo")
 

@@ -3,7 +3,7 @@ batch of the version's Apache Iceberg table.
 
     plan (driver)    load and verify the model version; list the input, check every file's schema
                      against it, cut the row groups into work units (vae.embedding_run.plan_run);
-                     the entity set and the version's table in the catalog (vae.catalog)
+                     the entity set and the version's table in the catalog (vae.embeddings.catalog)
     start (driver)   the run's staging directory in the table's location, named by a hash of the
                      batch, the plan and the settings; finished units of an earlier attempt are kept
     encode (Ray)     a pool of encoder actors, each running vae.embedding_run.UnitEncoder on one
@@ -27,14 +27,14 @@ import ray
 import torch
 
 from feast_embeddings.repo import tracking_uri_from_yaml
-from ray_jobs import metrics as figures
+from ray_jobs import pushgateway
 from ray_jobs.cli import find_input_error, run_cli
 from ray_jobs.cluster import alive_node_resources, capacity_or_fail, ray_session
 from ray_jobs.config import EmbedConfig, parse_config
-from vae import InputError, embeddings, load_model_version
-from vae.artifacts import ModelVersion, anomaly_threshold
-from vae.catalog import EmbeddingsCatalog
-from vae.embedding_run import (
+from vae import InputError, load_model_version
+from vae.embeddings import contract
+from vae.embeddings.catalog import EmbeddingsCatalog
+from vae.embeddings.runs import (
     EmbedResult,
     EncodeOptions,
     Plan,
@@ -50,7 +50,8 @@ from vae.embedding_run import (
     run_id,
     start_run,
 )
-from vae.registry import Registry, resolve_tracking_uri
+from vae.versions.artifacts import ModelVersion, anomaly_threshold
+from vae.versions.mlflow_registry import Registry, resolve_tracking_uri
 
 log = logging.getLogger("ray_jobs.embed")
 
@@ -58,8 +59,8 @@ log = logging.getLogger("ray_jobs.embed")
 def run(config: EmbedConfig) -> EmbedResult:
     """The CLI's entry: embeds, then pushes the run's figures when a Pushgateway is configured."""
     result = embed(config)
-    metrics = figures.JobMetrics("embed", config.entity)
-    figures.embed_figures(metrics, result)
+    metrics = pushgateway.JobMetrics("embed", config.entity)
+    pushgateway.embed_figures(metrics, result)
     metrics.push()
     return result
 
@@ -73,7 +74,7 @@ def embed(config: EmbedConfig) -> EmbedResult:
     options = encode_options(config, model_version, plan)
     catalog = EmbeddingsCatalog(*config.catalog_settings())
     entity = catalog.register(config.entity, model_version.features.key_column, plan.key_type)
-    schema = embeddings.schema(entity.join_key, _arrow_key(plan.key_type))
+    schema = contract.schema(entity.join_key, _arrow_key(plan.key_type))
     table = catalog.create_table(
         entity, model_version.version, schema, {"vae.model-path": model_version.path}
     )

@@ -23,9 +23,10 @@ import pyarrow.parquet as pq
 
 from ray_jobs.cli import run_cli
 from ray_jobs.config import EmbeddingsCommand, parse_config
-from vae import InputError, embeddings
-from vae.catalog import EmbeddingsCatalog, snapshot_of
-from vae.embedding_run import RunPaths, file_url
+from vae import InputError
+from vae.embeddings import contract
+from vae.embeddings.catalog import EmbeddingsCatalog, snapshot_of
+from vae.embeddings.runs import RunPaths, file_url
 from vae.storage import filesystem, open_parquet_dataset, storage_errors, url_of
 
 log = logging.getLogger("ray_jobs.embeddings")
@@ -46,8 +47,8 @@ def run(config: EmbeddingsCommand) -> dict:
 
 
 def decisions(catalog: EmbeddingsCatalog, config: EmbeddingsCommand) -> dict:
-    """The entity set's decision log (vae.decisions), one line per decision, printed and returned."""
-    from vae.decisions import DecisionLog
+    """The entity set's decision log (vae.pipeline.decisions), one line per decision, printed and returned."""
+    from vae.pipeline.decisions import DecisionLog
 
     found = DecisionLog(catalog, config.entity).read()
     if config.batch:
@@ -158,16 +159,16 @@ def migrate(catalog: EmbeddingsCatalog, config: EmbeddingsCommand) -> dict:
 
 def _migrate_version(catalog: EmbeddingsCatalog, entity: str, url: str, version: str) -> bool:
     dataset = open_parquet_dataset(url, "point --source at the old embeddings root")
-    required = tuple(c for c in embeddings.COLUMNS[:6] if c != "batch_id")
-    key = embeddings.key_column(dataset.schema, url, required)
+    required = tuple(c for c in contract.COLUMNS[:6] if c != "batch_id")
+    key = contract.key_column(dataset.schema, url, required)
     with storage_errors(url):
-        rows = embeddings.with_attribution(dataset.to_table())
+        rows = contract.with_attribution(dataset.to_table())
     versions = set(rows.column("model_version").cast(pa.string()).unique().to_pylist())
     if versions != {version}:
         raise InputError(f"{url}: holds vectors of model versions {sorted(versions)}, not only {version}")
     key_type = "int64" if pa.types.is_integer(rows.schema.field(key).type) else "string"
     owner = catalog.register(entity, key, key_type)
-    schema = embeddings.schema(key, pa.int64() if key_type == "int64" else pa.string())
+    schema = contract.schema(key, pa.int64() if key_type == "int64" else pa.string())
     table = catalog.create_table(owner, version, schema, {"vae.migrated-from": url})
     if any(b.batch_id == MIGRATED_BATCH for b in catalog.batches(table)):
         return False

@@ -1,7 +1,7 @@
 """Monitor a latent space: drift of a new batch, movement from another model version, anomaly rate,
-collapse (the checks of vae.gate); a JSON + HTML report.
+collapse (the checks of vae.monitoring.gate); a JSON + HTML report.
 
-    the version's Iceberg table (vae.catalog), as of now or a snapshot / time (--as-of)
+    the version's Iceberg table (vae.embeddings.catalog), as of now or a snapshot / time (--as-of)
     -> the new rows: one batch (default: the newest), or every batch (--batch all); a sample by key
        hash, mean and spread over every row
     -> reference: another batch of the same version (--reference-batch), or the version's own
@@ -22,15 +22,15 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from ray_jobs import metrics as figures
+from ray_jobs import pushgateway
 from ray_jobs.cli import run_cli
 from ray_jobs.cluster import ray_session
 from ray_jobs.config import MonitorConfig, parse_config
 from vae import InputError
-from vae.catalog import EmbeddingsCatalog, model_version_info
-from vae.embeddings import latent_matrix
-from vae.gate import SAMPLED_COLUMNS, LatentSample, evaluate, sample_mask
-from vae.monitor_report import write_report
+from vae.embeddings.catalog import EmbeddingsCatalog, model_version_info
+from vae.embeddings.contract import latent_matrix
+from vae.monitoring.gate import SAMPLED_COLUMNS, LatentSample, evaluate, sample_mask
+from vae.monitoring.report import write_report
 
 log = logging.getLogger("ray_jobs.monitor")
 
@@ -38,8 +38,8 @@ log = logging.getLogger("ray_jobs.monitor")
 def run(config: MonitorConfig) -> dict:
     """The CLI's entry: the report, or an error (exit code 2) when a check failed."""
     report = monitor(config)
-    metrics = figures.JobMetrics("monitor", config.entity)
-    figures.monitoring_figures(metrics, report, ",".join(report["batches"] or ["all"]))
+    metrics = pushgateway.JobMetrics("monitor", config.entity)
+    pushgateway.monitoring_figures(metrics, report, ",".join(report["batches"] or ["all"]))
     metrics.push()
     if not report["passed"]:
         failures = "; ".join(report["failures"])

@@ -6,15 +6,15 @@
     embed     the batch with the champion (and, while a new version is watched, with the version it
               replaced, so that a rollback needs no re-encoding)
     monitor   drift against the champion's validation reference, anomaly rate against the calibrated
-              one, collapse (vae.gate)
+              one, collapse (vae.monitoring.gate)
     publish   the batch online under the champion (and the watched-over version)
     watch     a version switched to within the last watch_batches batches that breaches on this batch
               is rolled back: "current" points at the version it replaced
-    retrain   when the trigger fires (vae.retraining): a challenger trained on the recent batches,
+    retrain   when the trigger fires (vae.pipeline.policy): a challenger trained on the recent batches,
               backfilled (every batch the champion serves, embedded with the challenger), gated
               (collapse, movement against the champion on shared entities, held-out ELBO) and either
               switched to or refused and left pinned with its report
-    record    each decision one row of the entity set's decision log (vae.decisions), the figures
+    record    each decision one row of the entity set's decision log (vae.pipeline.decisions), the figures
               pushed to a Prometheus Pushgateway, the exit code that of the most notable decision
 
 Every part is idempotent: embed commits a batch once per run id, publish writes what is not online
@@ -38,21 +38,19 @@ import numpy as np
 
 from feast_embeddings.repo import EmbeddingsRepo
 from feast_embeddings.versions import switch_current
-from ray_jobs import metrics as figures
+from ray_jobs import pushgateway
 from ray_jobs.cli import run_cli
 from ray_jobs.config import EmbedConfig, PipelineConfig, PublishConfig, TrainConfig, parse_config
 from ray_jobs.embed import embed
 from ray_jobs.publish import publish
-from vae.artifacts import list_model_versions, read_model_version_info
-from vae.catalog import LockHeld, model_version_info
-from vae.decisions import Decision, DecisionLog, exit_code, of_batch
-from vae.embedding_run import check_batch_id
+from vae.data.keys import is_validation, key_hash
+from vae.embeddings.catalog import LockHeld, model_version_info
+from vae.embeddings.runs import check_batch_id
 from vae.errors import InputError
-from vae.gate import SAMPLED_COLUMNS, Check, LatentSample, evaluate
-from vae.keys import is_validation, key_hash
-from vae.monitor_report import write_report
-from vae.registry import CHALLENGER, registered_model_name
-from vae.retraining import (
+from vae.monitoring.gate import SAMPLED_COLUMNS, Check, LatentSample, evaluate
+from vae.monitoring.report import write_report
+from vae.pipeline.decisions import Decision, DecisionLog, exit_code, of_batch
+from vae.pipeline.policy import (
     BatchHealth,
     Trigger,
     elbo_gate,
@@ -60,6 +58,8 @@ from vae.retraining import (
     retrain_reason,
     watch_breach,
 )
+from vae.versions.artifacts import list_model_versions, read_model_version_info
+from vae.versions.mlflow_registry import CHALLENGER, GATE_TAG, registered_model_name
 
 log = logging.getLogger("ray_jobs.pipeline")
 STEP_SUCCESS = "1 when the last step completed, 0 when it failed"
@@ -73,7 +73,7 @@ class Step:
     repo: EmbeddingsRepo
     decisions: DecisionLog
     batch: str
-    metrics: figures.JobMetrics
+    metrics: pushgateway.JobMetrics
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -126,7 +126,7 @@ def run(config: PipelineConfig) -> StepResult:
 def step(config: PipelineConfig) -> StepResult:
     """Run the step under the entity set's lock; push its figures, also when it fails."""
     started = time.perf_counter()
-    metrics = figures.JobMetrics("pipeline", config.entity)
+    metrics = pushgateway.JobMetrics("pipeline", config.entity)
     batch = config.batch or batch_name(config.data)
     labels = {"batch": batch}
     try:
@@ -147,7 +147,7 @@ def step(config: PipelineConfig) -> StepResult:
     return result
 
 
-def _locked_step(config: PipelineConfig, batch: str, metrics: figures.JobMetrics) -> StepResult:
+def _locked_step(config: PipelineConfig, batch: str, metrics: pushgateway.JobMetrics) -> StepResult:
     repo = EmbeddingsRepo(config.feature_repo, config.feature_store_yaml)
     check_batch_id(batch)
     try:
@@ -244,7 +244,7 @@ def embed_batch(step: Step, version: str, data: str, batch: str, event_time: dat
         timestamp_column=config.timestamp_column,
     )
     result = embed(embedding)
-    figures.embed_figures(step.metrics, result)
+    pushgateway.embed_figures(step.metrics, result)
     step.timings[f"embed {version} {batch}"] = result.seconds
     if batch == step.batch:
         step.decide(
@@ -281,9 +281,9 @@ def monitor_batch(step: Step, version: str) -> tuple[BatchHealth, dict]:
     json_path, html = write_report(
         monitoring_root(step), report, arrays, html=bool(problems) or config.html_reports
     )
-    figures.monitoring_figures(step.metrics, report, step.batch)
+    pushgateway.monitoring_figures(step.metrics, report, step.batch)
     step.timings["monitor"] = time.perf_counter() - started
-    figures.stage(step.metrics, "monitor", step.timings["monitor"], rows.num_rows, model_version=version)
+    pushgateway.stage(step.metrics, "monitor", step.timings["monitor"], rows.num_rows, model_version=version)
     summary = "healthy" if not problems else "; ".join(problems)
     step.decide("monitored", version, summary, later=True, health=health.__dict__, report=html or json_path)
     if problems:
@@ -311,7 +311,7 @@ def publish_version(step: Step, version: str, switch: bool = False) -> dict:
     )
     seconds = time.perf_counter() - started
     step.timings[f"publish {version}"] = seconds
-    figures.publish_figures(step.metrics, summary, seconds)
+    pushgateway.publish_figures(step.metrics, summary, seconds)
     if version == step.repo.catalog.publication(step.entity).current:
         rows = summary["rows"]
         step.decide("published", version, f"{rows:,} rows written online", later=True, rows=rows)
@@ -401,7 +401,7 @@ def retrain(step: Step, champion: str, reason: str) -> None:
     if not passed:
         step.decide("challenger_refused", challenger, "; ".join(failures), champion=champion, report=report)
         if registry := step.repo.registry:
-            registry.tag_version(registered_model_name(step.entity), challenger, {"vae.gate": "refused"})
+            registry.tag_version(registered_model_name(step.entity), challenger, {GATE_TAG: "refused"})
         return
     publish_version(step, challenger)
     switch_current(step.repo, step.entity, challenger)
@@ -462,8 +462,8 @@ def train_challenger(step: Step, champion: str | None, data: list[str]) -> str:
         TrainConfig(**options, data=data if len(data) > 1 else data[0], model_root=config.model_root)
     )
     step.timings["train"] = time.perf_counter() - started
-    figures.stage(step.metrics, "train", step.timings["train"], 0, model_version=version)
-    figures.version_figures(
+    pushgateway.stage(step.metrics, "train", step.timings["train"], 0, model_version=version)
+    pushgateway.version_figures(
         step.metrics, version, read_model_version_info(config.model_root, version).metadata
     )
     return version
@@ -482,7 +482,7 @@ def backfill(step: Step, champion: str, challenger: str) -> None:
         rows += embed_batch(step, challenger, source, batch.batch_id, when).input_rows
     seconds = time.perf_counter() - started
     step.timings["backfill"] = seconds
-    figures.stage(step.metrics, "backfill", seconds, rows, model_version=challenger)
+    pushgateway.stage(step.metrics, "backfill", seconds, rows, model_version=challenger)
     step.decide("backfilled", challenger, f"{len(batches)} batches, {rows:,} rows", champion=champion)
 
 
@@ -515,7 +515,7 @@ def gate_challenger(
         report["failures"].append(f"{check.name}: {check.detail}")
         report["passed"] = False
     _, html = write_report(monitoring_root(step), report, arrays)
-    figures.version_figures(step.metrics, challenger, info.metadata, report.get("movement"))
+    pushgateway.version_figures(step.metrics, challenger, info.metadata, report.get("movement"))
     log.info("challenger %s gate %s: %s", challenger, "passed" if report["passed"] else "FAILED", html)
     return report["passed"], report["failures"], str(html)
 
@@ -551,7 +551,7 @@ def push_current(step: Step, current: str) -> None:
         "when the version 'current' points at was saved",
         model_version=current,
     )
-    figures.version_figures(step.metrics, current, info)
+    pushgateway.version_figures(step.metrics, current, info)
 
 
 def monitoring_root(step: Step) -> str:

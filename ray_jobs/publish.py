@@ -3,7 +3,7 @@ switch "current".
 
     the version's Iceberg table in the repo's embeddings catalog; the batches committed since the
     version was last written online (all of them on its first publish): the delta
-    -> the gate, when this publish switches "current" to the version (vae.gate: collapse, drift
+    -> the gate, when this publish switches "current" to the version (vae.monitoring.gate: collapse, drift
        against the version's validation reference, movement against the current version): a
        refusal leaves everything as it was
     -> register the version (catalog record + feast apply of what it records, under one lock)
@@ -42,14 +42,14 @@ from feast_embeddings.versions import (
     switch_current,
 )
 from feast_embeddings.writers import write_batch, write_table
-from ray_jobs import metrics as figures
+from ray_jobs import pushgateway
 from ray_jobs.cli import run_cli
 from ray_jobs.config import PublishConfig, parse_config
 from vae import InputError
-from vae.catalog import model_version_info
+from vae.embeddings.catalog import model_version_info
 from vae.errors import first_line
-from vae.gate import SAMPLED_COLUMNS, LatentSample, comparable, evaluate
-from vae.monitor_report import write_report
+from vae.monitoring.gate import SAMPLED_COLUMNS, LatentSample, comparable, evaluate
+from vae.monitoring.report import write_report
 
 log = logging.getLogger("ray_jobs.publish")
 
@@ -58,8 +58,8 @@ def run(config: PublishConfig) -> dict:
     """The CLI's entry: publishes, then pushes its figures when a Pushgateway is configured."""
     started = time.perf_counter()
     summary = publish(config)
-    metrics = figures.JobMetrics("publish", config.entity)
-    figures.publish_figures(metrics, summary, time.perf_counter() - started)
+    metrics = pushgateway.JobMetrics("publish", config.entity)
+    pushgateway.publish_figures(metrics, summary, time.perf_counter() - started)
     metrics.push()
     return summary
 

@@ -11,7 +11,7 @@
               (safetensors + JSON) under model_root
     track     with a tracking URI (tracking_uri or MLFLOW_TRACKING_URI): one MLflow run per Ray Train
               run (the config as parameters; rank 0 logs each epoch; final figures, tags, the report
-              and model.json at the end), the version registered as vae-<entity> (vae.registry)
+              and model.json at the end), the version registered as vae-<entity>
 
 Fault tolerance: every checkpoint holds weights, optimizer moments and the run state, so a run that
 lost a worker or a node (FailureConfig) or its driver (re-run the same command: the run name is
@@ -38,35 +38,19 @@ import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
-from ray_jobs import metrics as figures
+from ray_jobs import pushgateway
 from ray_jobs.cli import run_cli
 from ray_jobs.cluster import alive_node_resources, describe, is_private_cluster, node_capacity, ray_session
 from ray_jobs.config import MIXED_OPTIONS, TRAIN_OPERATIONAL, TrainConfig, parse_config
 from ray_jobs.train_worker import WorkerSetup, train_loop_per_worker
-from vae.artifacts import code_version, load_model_version, read_model_version_info, save_model_version
+from vae.data.features import FeatureSchema, check_arrow_schema, features_to_numpy, infer_feature_schema
+from vae.data.keys import is_validation, key_hash, worker_of
+from vae.data.normalizer import FeatureStats, Normalizer
+from vae.data.tabular import ColumnSpec, TableSchema, TableStats, fit_table, infer_kinds, with_unseen
 from vae.errors import InputError
-from vae.keys import is_validation, key_hash, worker_of
 from vae.model import VAE, ModelConfig
-from vae.monitoring import anomaly_calibration
-from vae.preprocessing import (
-    FeatureSchema,
-    FeatureStats,
-    Normalizer,
-    check_arrow_schema,
-    features_to_numpy,
-    infer_feature_schema,
-)
-from vae.registry import (
-    PATH_TAG,
-    VERSION_TAG,
-    Registry,
-    TrackingUnavailable,
-    registered_model_name,
-    resolve_tracking_uri,
-)
-from vae.report import write_training_report
+from vae.monitoring.statistics import anomaly_calibration
 from vae.storage import filesystem, is_local, parquet_schema, storage_errors
-from vae.tabular import ColumnSpec, TableSchema, TableStats, fit_table, infer_kinds, with_unseen
 from vae.training import (
     STATE_FILE,
     RunState,
@@ -74,6 +58,24 @@ from vae.training import (
     derived_run_name,
     load_best_weights,
     load_reference,
+)
+from vae.training_report import write_training_report
+from vae.versions.artifacts import (
+    code_version,
+    load_model_version,
+    read_model_version_info,
+    save_model_version,
+)
+from vae.versions.mlflow_registry import (
+    CODE_TAG,
+    COLLAPSE_TAG,
+    FINGERPRINT_TAG,
+    PATH_TAG,
+    VERSION_TAG,
+    Registry,
+    TrackingUnavailable,
+    registered_model_name,
+    resolve_tracking_uri,
 )
 
 log = logging.getLogger("ray_jobs.train")
@@ -83,10 +85,10 @@ def run(config: TrainConfig) -> str:
     """The CLI's entry: trains, then pushes the version's figures when a Pushgateway is configured."""
     started = time.perf_counter()
     version = train(config)
-    metrics = figures.JobMetrics("train", "-")  # a version is trained before it serves an entity set
+    metrics = pushgateway.JobMetrics("train", "-")  # a version is trained before it serves an entity set
     info = read_model_version_info(config.model_root, version).metadata
-    figures.version_figures(metrics, version, info)
-    figures.stage(
+    pushgateway.version_figures(metrics, version, info)
+    pushgateway.stage(
         metrics, "train", time.perf_counter() - started, info["data"]["rows"], model_version=version
     )
     metrics.push()
@@ -267,8 +269,8 @@ def start_tracking(config: TrainConfig, prepared: PreparedRun, connecting: Futur
     if connecting is None:
         return None
     identity = {
-        "vae.data_fingerprint": f"{prepared.stats.fingerprint:016x}",
-        "vae.code_version": code_version(),
+        FINGERPRINT_TAG: f"{prepared.stats.fingerprint:016x}",
+        CODE_TAG: code_version(),
     }
     params = {name: value for name, value in config.model_dump().items() if name != "tracking_uri"}
     experiment = config.experiment or registered_model_name(config.entity)
@@ -296,9 +298,9 @@ def track_version(config: TrainConfig, tracking: Tracking, version: str) -> None
     final |= {"train_seconds": metrics["train_seconds"], "best_active_units": metrics["active_units"]}
     if metrics.get("iw_nll") is not None:
         final["iw_nll"] = metrics["iw_nll"]
-    tags = {VERSION_TAG: version, PATH_TAG: info.path, "vae.code_version": metadata["code_version"]}
+    tags = {VERSION_TAG: version, PATH_TAG: info.path, CODE_TAG: metadata["code_version"]}
     if metrics.get("collapse_warning"):
-        tags["vae.collapse_warning"] = metrics["collapse_warning"]
+        tags[COLLAPSE_TAG] = metrics["collapse_warning"]
     registry, run_id = tracking.registry, tracking.run_id
     try:
         registry.log_metrics(run_id, final, step=metrics["epochs_run"])

@@ -39,7 +39,6 @@ from ray_jobs.config import TrainConfig
 from vae import VAE, FeatureSchema, ModelConfig, Normalizer
 from vae.diagnostics import collapse_warning
 from vae.encode import encode_normalized
-from vae.registry import Registry, TrackingUnavailable, epoch_metrics
 from vae.training import (
     Objective,
     RunState,
@@ -55,6 +54,7 @@ from vae.training import (
     validation_metrics,
     validation_sums,
 )
+from vae.versions.mlflow_registry import Registry, TrackingUnavailable, epoch_metrics
 
 log = logging.getLogger("ray_jobs.train")
 

@@ -107,8 +107,8 @@ def validation_reference(model, loaded, trained) -> tuple[dict, dict]:
     import pyarrow.parquet as pq
 
     from vae import encode_matrix, features_to_numpy
-    from vae.keys import is_validation, key_hash
-    from vae.monitoring import anomaly_thresholds
+    from vae.data.keys import is_validation, key_hash
+    from vae.monitoring.statistics import anomaly_thresholds
 
     table = pq.read_table(trained["data"])
     table = table.filter(
@@ -213,7 +213,7 @@ def commit_rows(catalog, table, rows, batch_id: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vae.embedding_run import RunPaths
+    from vae.embeddings.runs import RunPaths
 
     run = f"test-{uuid.uuid4().hex[:8]}"
     paths = RunPaths.of(table.location(), batch_id, run)
@@ -228,7 +228,7 @@ def commit_rows(catalog, table, rows, batch_id: str) -> None:
 
 def version_rows(feature_repo: Path, version: str, entity: str = "item"):
     """A version's rows as pandas, by key, read from the repo's catalog."""
-    from vae.catalog import EmbeddingsCatalog, settings_from_yaml
+    from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
 
     catalog = EmbeddingsCatalog(*settings_from_yaml(feature_repo / "feature_store.yaml"))
     key = catalog.entity_set(entity).join_key

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import torch
 
+from vae.data.normalizer import Normalizer
 from vae.losses import column_nll, elbo_terms
 from vae.model import VAE
-from vae.preprocessing import Normalizer
 
 
 @torch.inference_mode()

@@ -1,5 +1,5 @@
 """Missing values filled from the model (posterior-mean reconstruction), and how good that is on
-entries hidden on purpose, against mean/mode imputation. Mixed tables only (vae.tabular)."""
+entries hidden on purpose, against mean/mode imputation. Mixed tables only (vae.data.tabular)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from vae.data.tabular import ColumnSpec, TableSchema, _extrapolated_interp, _normal_scores
 from vae.model import VAE
-from vae.tabular import ColumnSpec, TableSchema, _extrapolated_interp, _normal_scores
 
 
 @torch.inference_mode()

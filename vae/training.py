@@ -19,12 +19,13 @@ import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
 
+from vae.data.features import FeatureSchema, features_to_numpy
+from vae.data.keys import is_validation, key_hash
+from vae.data.normalizer import Normalizer
 from vae.diagnostics import active_units, importance_weighted_nll, posterior_mean_variance
 from vae.errors import InputError
-from vae.keys import is_validation, key_hash
 from vae.losses import elbo_terms
 from vae.model import VAE
-from vae.preprocessing import FeatureSchema, Normalizer, features_to_numpy
 
 
 @dataclass(frozen=True)

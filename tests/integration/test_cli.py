@@ -15,7 +15,7 @@ from helpers.cli import flags
 from ray_jobs import cli
 from ray_jobs.config import PublishConfig
 from ray_jobs.publish import publish
-from vae.catalog import EmbeddingsCatalog, settings_from_yaml
+from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 

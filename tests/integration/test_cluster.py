@@ -14,7 +14,7 @@ import pytest
 from helpers.cli import flags
 from helpers.local_cluster import local_cluster
 
-from vae.catalog import EmbeddingsCatalog, settings_from_yaml
+from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_NODE = {"num_cpus": 2, "num_gpus": 1, "resources": {"accelerator_type:A10G": 1}}

@@ -33,7 +33,7 @@ from ray_jobs.config import EmbedConfig, PublishConfig
 from ray_jobs.embed import embed
 from ray_jobs.publish import publish
 from vae import load_model_version, save_model_version
-from vae.catalog import EmbeddingsCatalog, settings_from_yaml
+from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DAY_1, DAY_2 = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 2, tzinfo=UTC)
@@ -290,9 +290,9 @@ def test_four_concurrent_publishers_and_a_reader(versions, feature_repo):
     users = repo.catalog.register("user", "user_id", "string")
     from conftest import commit_rows
 
-    from vae import embeddings
+    from vae.embeddings import contract
 
-    user_table = repo.catalog.create_table(users, "user-v1", embeddings.schema("user_id", pa.string()), {})
+    user_table = repo.catalog.create_table(users, "user-v1", contract.schema("user_id", pa.string()), {})
     keys = pa.array([f"u-{k}" for k in rows.column("item_id").to_pylist()], pa.string())
     commit_rows(
         repo.catalog, user_table, rows.drop_columns(["item_id"]).add_column(0, "user_id", keys), "day-1"

@@ -17,7 +17,7 @@ from ray_jobs.cli import find_input_error, run_cli
 from ray_jobs.config import EmbedConfig
 from ray_jobs.embed import embed, main
 from vae import encode_matrix, features_to_numpy, load_model_version
-from vae.catalog import EmbeddingsCatalog
+from vae.embeddings.catalog import EmbeddingsCatalog
 
 
 def pixels_table(trained) -> pa.Table:
@@ -118,8 +118,8 @@ def test_output_follows_the_embeddings_contract(embedded):
 
 
 def test_is_anomaly_uses_the_threshold_calibrated_on_the_validation_split(embedded, trained):
-    from vae.artifacts import load_reference
-    from vae.keys import is_validation, key_hash
+    from vae.data.keys import is_validation, key_hash
+    from vae.versions.artifacts import load_reference
 
     result, _, catalog, _ = embedded
     loaded = load_model_version(trained["model_root"], trained["version"])

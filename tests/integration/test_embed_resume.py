@@ -27,7 +27,7 @@ from vae import (
     load_model_version,
     save_model_version,
 )
-from vae.catalog import EmbeddingsCatalog
+from vae.embeddings.catalog import EmbeddingsCatalog
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS, UNIT_ROWS = 60_000, 1_000

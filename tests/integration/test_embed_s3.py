@@ -15,7 +15,7 @@ from test_embed import run_embed, run_embed_output
 from ray_jobs.config import EmbedConfig
 from ray_jobs.embed import embed
 from vae import list_model_versions, load_model_version, save_model_version
-from vae.catalog import EmbeddingsCatalog, table_name
+from vae.embeddings.catalog import EmbeddingsCatalog, table_name
 
 
 @pytest.fixture

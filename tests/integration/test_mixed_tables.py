@@ -16,7 +16,7 @@ from ray_jobs.embed import embed
 from ray_jobs.publish import publish
 from ray_jobs.train import train
 from vae import InputError, features_to_numpy, load_model_version
-from vae.catalog import EmbeddingsCatalog, settings_from_yaml
+from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
 
 ROWS = 4000
 SEGMENTS = ("grocery", "travel", "online", "fuel")

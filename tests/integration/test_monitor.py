@@ -18,10 +18,11 @@ from feast_embeddings import EmbeddingsRepo, current_version
 from ray_jobs.config import MonitorConfig, PublishConfig
 from ray_jobs.monitor import monitor
 from ray_jobs.publish import publish
-from vae import InputError, embeddings, encode_matrix, features_to_numpy, load_model_version
-from vae.catalog import EmbeddingsCatalog
-from vae.gate import LatentSample, Thresholds, evaluate
-from vae.monitoring import DRIFT_TESTS, drift_test
+from vae import InputError, encode_matrix, features_to_numpy, load_model_version
+from vae.embeddings import contract
+from vae.embeddings.catalog import EmbeddingsCatalog
+from vae.monitoring.gate import LatentSample, Thresholds, evaluate
+from vae.monitoring.statistics import DRIFT_TESTS, drift_test
 
 # Detections out of 10 of a 1 sd shift on 10% of the inputs that each test must reach. Measured (seeded,
 # so repeatable): 10 each, covariance 9; at 0.25 sd 6 / 6 / 7 / 2 / 4 (per_dimension, mmd, mean_shift,
@@ -230,7 +231,7 @@ def test_monitor_bad_inputs_are_clear_errors(versions, tmp_path):
     catalog = EmbeddingsCatalog(copy["catalog"], copy["warehouse"])
     rows = catalog.read(catalog.table("item", v1))
     other = catalog.create_table(
-        catalog.entity_set("item"), "other-entities", embeddings.schema("item_id", pa.int64()), {}
+        catalog.entity_set("item"), "other-entities", contract.schema("item_id", pa.int64()), {}
     )
     commit_rows(
         catalog, other, rows.set_column(0, "item_id", pa.compute.add(rows.column("item_id"), 100_000)), "b"

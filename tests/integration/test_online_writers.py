@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from feast_embeddings import EmbeddingsRepo, fetch_online
 from feast_embeddings import writers as feast_online
-from vae.embeddings import latent_column
+from vae.embeddings.contract import latent_column
 
 T_OLD, T_NEW = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, 12, 30, 15, 123456, tzinfo=UTC)
 

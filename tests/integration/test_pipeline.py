@@ -14,7 +14,7 @@ from benchmarks.month import SHIFT_DAY, simulate, summary
 from feast_embeddings.repo import EmbeddingsRepo
 from feast_embeddings.versions import current_features
 from ray_jobs.config import PipelineConfig
-from vae.decisions import DecisionLog
+from vae.pipeline.decisions import DecisionLog
 
 log = logging.getLogger("tests.pipeline")
 K = 2  # drift_batches of the month's settings

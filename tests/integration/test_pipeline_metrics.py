@@ -17,7 +17,7 @@ from helpers.servers import prometheus_servers
 from ray_jobs.config import PipelineConfig
 from ray_jobs.pipeline import step
 from vae import InputError
-from vae.artifacts import read_model_version_info
+from vae.versions.artifacts import read_model_version_info
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,7 +124,7 @@ def test_a_step_pushes_its_figures_and_prometheus_reads_them_back(
 
     # The CLI: the same day again exits with its decision's code (4: switched to the first version)
     # and changes nothing; a step while another holds the lock exits 2 and says who holds it.
-    from vae.catalog import EmbeddingsCatalog, settings_from_yaml
+    from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
 
     catalog = EmbeddingsCatalog(*settings_from_yaml(feature_repo / "feature_store.yaml"))
     snapshot = catalog.table("item", version).current_snapshot().snapshot_id

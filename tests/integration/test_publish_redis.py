@@ -77,7 +77,7 @@ def test_the_production_layout_postgres_catalog_s3_tables_s3_registry_redis_and_
 
     from ray_jobs.config import EmbedConfig
     from ray_jobs.embed import embed
-    from vae.catalog import EmbeddingsCatalog, settings_from_yaml
+    from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
 
     feature_repo, _, _ = redis_repo
     v1 = versions["names"][0]

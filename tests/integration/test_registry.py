@@ -24,7 +24,7 @@ from ray_jobs.embed import embed
 from ray_jobs.publish import publish
 from ray_jobs.train import train
 from vae import InputError, encode_matrix, features_to_numpy, load_model_version, read_model_version_info
-from vae.registry import PATH_TAG, VERSION_TAG
+from vae.versions.mlflow_registry import PATH_TAG, VERSION_TAG
 
 MODEL = "vae-item"
 DAY1 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -300,7 +300,7 @@ def test_a_version_on_s3_is_registered_where_it_is(world, s3_endpoint, monkeypat
     import s3fs
 
     from vae import save_model_version
-    from vae.registry import Registry
+    from vae.versions.mlflow_registry import Registry
 
     bucket = f"vae-registry-{int(time.time() * 1000)}"
     fs = s3fs.S3FileSystem()

@@ -17,8 +17,8 @@ from ray_jobs.cli import find_input_error
 from ray_jobs.config import TrainConfig
 from ray_jobs.train import _rank_shards, train
 from vae import VAE, FeatureSchema, InputError, encode_matrix, features_to_numpy, load_model_version
-from vae.artifacts import load_reference
-from vae.keys import is_validation, key_hash, worker_of
+from vae.data.keys import is_validation, key_hash, worker_of
+from vae.versions.artifacts import load_reference
 
 
 def test_training_lowers_the_loss_and_writes_a_loadable_version(trained):

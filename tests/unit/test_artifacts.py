@@ -16,7 +16,7 @@ from vae import (
     load_model_version,
     save_model_version,
 )
-from vae.artifacts import list_model_versions
+from vae.versions.artifacts import list_model_versions
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_incomplete_and_missing_versions_are_refused(saved):
 
 
 def test_version_info_reads_the_metadata_without_the_weights(saved):
-    from vae.artifacts import read_model_version_info
+    from vae.versions.artifacts import read_model_version_info
 
     root, version, *_ = saved
     (root / version / "model.safetensors").write_bytes(b"not read")  # loading would refuse this version

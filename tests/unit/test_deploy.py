@@ -135,7 +135,7 @@ def test_the_fit_check_catches_a_job_no_node_type_can_run():
 def test_the_production_feature_store_yaml_is_a_valid_feast_config(monkeypatch):
     from feast.repo_config import load_repo_config
 
-    from vae.catalog import settings_from_yaml
+    from vae.embeddings.catalog import settings_from_yaml
 
     monkeypatch.setenv("REDIS_CONNECTION_STRING", "redis.example:6379,password=x")
     monkeypatch.setenv("PGUSER", "vae")

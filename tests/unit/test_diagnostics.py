@@ -16,8 +16,8 @@ from vae.diagnostics import (
     posterior_mean_variance,
 )
 from vae.losses import ElboTerms
-from vae.report import write_training_report
 from vae.training import Schedule, load_training_state, save_training_state
+from vae.training_report import write_training_report
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (1, 8, 8), (3, 7, 9)])

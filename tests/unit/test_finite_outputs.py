@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vae.embedding_run import UnitEncoder
+from vae.embeddings.runs import UnitEncoder
 from vae.errors import InputError
 
 

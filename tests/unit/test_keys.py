@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vae.keys import in_sample, is_validation, key_hash, worker_of
+from vae.data.keys import in_sample, is_validation, key_hash, worker_of
 
 INT_KEYS = [0, 1, -5, 7919, 2**40, -(2**63)]
 # splitmix64 of the int64 bits (of 0: the generator's well-known first output, 0xE220A8397B1DCDAF)

@@ -35,7 +35,7 @@ def test_the_feast_package_and_the_feature_repo_import_no_ray_and_no_job_code():
 
 def test_configs_and_the_cli_table_import_no_torch_ray_or_feast():
     loaded = imported_after(
-        "import ray_jobs.config, ray_jobs.cli, ray_jobs.cluster, vae.errors, vae.thresholds"
+        "import ray_jobs.config, ray_jobs.cli, ray_jobs.cluster, vae.errors, vae.monitoring.thresholds"
     )
     assert not loaded & {"torch", "ray", "feast", "pyarrow"}
 

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_jobs import cli
-from vae.catalog import EmbeddingsCatalog
-from vae.embeddings import latent_column
+from vae.embeddings.catalog import EmbeddingsCatalog
+from vae.embeddings.contract import latent_column
 from vae.errors import InputError
 
 VERSIONS = ("20260101T000000Z-aaaaaaaa", "20260201T000000Z-bbbbbbbb")

@@ -5,9 +5,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vae.embeddings import latent_column
-from vae.gate import LatentSample, sample_mask
-from vae.monitoring import holm, linear_cka, movement
+from vae.embeddings.contract import latent_column
+from vae.monitoring.gate import LatentSample, sample_mask
+from vae.monitoring.statistics import holm, linear_cka, movement
 
 
 def test_holm_adjustment():

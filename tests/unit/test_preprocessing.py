@@ -99,7 +99,7 @@ def test_normalizers():
 
 
 def test_split_bad_rows_keeps_good_rows_and_names_each_problem():
-    from vae.preprocessing import split_bad_rows
+    from vae.data.features import split_bad_rows
 
     vectors = [[1.0, 2.0], [np.nan, 1.0], None, [1.0], [1.0, None], [3.0, 4.0], [np.inf, 0.0]]
     table = pa.table(
@@ -124,7 +124,7 @@ def test_split_bad_rows_keeps_good_rows_and_names_each_problem():
 
 
 def test_split_bad_rows_on_clean_batch_is_the_zero_copy_path():
-    from vae.preprocessing import split_bad_rows
+    from vae.data.features import split_bad_rows
 
     values = np.random.default_rng(0).random((20, 4), dtype=np.float32)
     table = vector_table(values)
@@ -134,7 +134,7 @@ def test_split_bad_rows_on_clean_batch_is_the_zero_copy_path():
 
 
 def test_scalar_feature_columns_with_nan_and_null():
-    from vae.preprocessing import split_bad_rows
+    from vae.data.features import split_bad_rows
 
     table = pa.table({"id": ["a", "b", "c"], "x": [1.0, None, 3.0], "y": [0.5, 1.5, float("nan")]})
     good, matrix, _, reasons = split_bad_rows(table, FeatureSchema("id", 2, feature_columns=("x", "y")))

@@ -9,7 +9,7 @@ import pytest
 from feast_embeddings.repo import tracking_uri_from_yaml
 from ray_jobs.config import TRAIN_OPERATIONAL, PipelineConfig, TrainConfig
 from vae import InputError
-from vae.registry import epoch_metrics, registered_model_name, resolve_tracking_uri
+from vae.versions.mlflow_registry import epoch_metrics, registered_model_name, resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,6 @@
-"""The daily pipeline's policy (vae.retraining) and its decision log (vae.decisions) on a real SQLite
-Iceberg catalog: when to retrain, when to roll back, the held-out ELBO in raw units, a log that a
-re-run appends nothing to."""
+"""The daily pipeline's policy (vae.pipeline.policy) and its decision log (vae.pipeline.decisions)
+on a real SQLite Iceberg catalog: when to retrain, when to roll back, the held-out ELBO in raw units,
+a log that a re-run appends nothing to."""
 
 import math
 from datetime import UTC, datetime
@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from vae.catalog import EmbeddingsCatalog
-from vae.decisions import Decision, DecisionLog, exit_code, of_batch
-from vae.retraining import (
+from vae.embeddings.catalog import EmbeddingsCatalog
+from vae.pipeline.decisions import Decision, DecisionLog, exit_code, of_batch
+from vae.pipeline.policy import (
     BatchHealth,
     Trigger,
     elbo_gate,
@@ -120,7 +120,7 @@ def test_the_log_before_the_first_embed_leaves_the_entity_registrable(catalog):
 
 HOLD_AND_DIE = """
 import os, sys, time
-from vae.catalog import EmbeddingsCatalog
+from vae.embeddings.catalog import EmbeddingsCatalog
 catalog = EmbeddingsCatalog(sys.argv[1], sys.argv[2])
 renew = sys.argv[4] == "renew"
 with catalog.lock("pipeline-item", ttl_seconds=float(sys.argv[3]), wait_seconds=0, renew=renew):
@@ -135,7 +135,7 @@ def test_the_step_lock_refuses_a_second_holder_and_a_crashed_one_loses_it(catalo
     import sys
     import time
 
-    from vae.catalog import LockHeld
+    from vae.embeddings.catalog import LockHeld
 
     def holder(ttl: float, renew: bool, hold: float) -> subprocess.Popen:
         process = subprocess.Popen(

@@ -10,12 +10,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from vae.embeddings import attribution_columns
-from vae.keys import key_hash
+from vae.data.features import FeatureSchema, features_to_numpy, row_problems
+from vae.data.keys import key_hash
+from vae.data.tabular import TableStats, fit_table, infer_kinds, with_unseen
+from vae.embeddings.contract import attribution_columns
 from vae.losses import column_nll, reconstruction_nll
 from vae.model import VAE, ModelConfig
-from vae.preprocessing import FeatureSchema, features_to_numpy, row_problems
-from vae.tabular import TableStats, fit_table, infer_kinds, with_unseen
 
 KINDS = (("city", "categorical"), ("amount", "numeric"), ("member", "binary"))
 

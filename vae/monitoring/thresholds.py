@@ -1,4 +1,4 @@
-"""The publish gate's and `vaectl monitor`'s thresholds (vae.gate): when a batch fails a check."""
+"""The publish gate's and `vaectl monitor`'s thresholds (vae.monitoring.gate): when a batch fails a check."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """When the daily pipeline retrains, what a challenger must show before it serves, and when a new
-version is rolled back: pure functions of monitoring reports and the decision log (vae.decisions).
+version is rolled back: pure functions of monitoring reports and the decision log (vae.pipeline.decisions).
 
     health     one batch's monitoring outcome against the version that embedded it: drift, the
                anomaly rate against the calibrated one, collapse
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vae.decisions import Decision
+from vae.pipeline.decisions import Decision
 
 
 @dataclass(frozen=True)

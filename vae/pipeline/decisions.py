@@ -18,9 +18,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from vae.catalog import NAMESPACE, EmbeddingsCatalog
+from vae.embeddings.catalog import NAMESPACE, EmbeddingsCatalog
 
-log = logging.getLogger("vae.decisions")
+log = logging.getLogger("vae.pipeline.decisions")
 
 TABLE = "decisions"
 # What a step can decide, most notable last: the step's exit code is that of its most notable one.

@@ -23,14 +23,14 @@ class VaeModelVersion(PythonModel):
         self.folder = folder
 
     def load_context(self, context) -> None:
-        from vae.artifacts import anomaly_threshold, load_model_version
+        from vae.versions.artifacts import anomaly_threshold, load_model_version
 
         self.version = load_model_version(self.folder.parent, self.folder.name)
         self.threshold = anomaly_threshold(self.version)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from vae.data.features import features_to_numpy
         from vae.encode import encode_matrix
-        from vae.preprocessing import features_to_numpy
 
         table = pa.Table.from_pandas(model_input, preserve_index=False)
         features = self.version.features

@@ -475,7 +475,7 @@ def _ensure_working_directory() -> None:
 def model_version_info(table, model_root: str):
     """The model version that made a table's embeddings (metadata only, no weights): at the path the
     table records, else under model_root."""
-    from vae.artifacts import read_model_version_info
+    from vae.versions.artifacts import read_model_version_info
 
     version = table.properties["vae.model-version"]
     parent, _, name = table.properties.get("vae.model-path", "").rstrip("/").rpartition("/")

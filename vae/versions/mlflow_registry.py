@@ -31,13 +31,17 @@ from typing import Any
 from vae.errors import InputError, first_line
 from vae.storage import filesystem, is_local, storage_errors
 
-log = logging.getLogger("vae.registry")
+log = logging.getLogger("vae.versions.mlflow_registry")
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 CHAMPION, CHALLENGER = "champion", "challenger"
 VERSION_TAG = "vae.model_version"  # on registered versions and on the training run
 PATH_TAG = "vae.model_path"  # the version folder (local path or s3:// URL)
 RUN_TAG = "vae.ray_run"  # <storage_path>/<run name>: a resumed Ray Train run finds its MLflow run by it
+FINGERPRINT_TAG = "vae.data_fingerprint"  # on the training run: the training data's fingerprint
+CODE_TAG = "vae.code_version"  # on the training run: the code that trained it
+COLLAPSE_TAG = "vae.collapse_warning"  # on the training run, when its latent space collapsed
+GATE_TAG = "vae.gate"  # on a registered version the pipeline's gate refused: "refused"
 PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
 MLMODEL_FILES = ("MLmodel", PYFUNC_CODE.name, "python_env.yaml", "requirements.txt", "conda.yaml")
 PARAM_LIMIT = 6000  # MLflow's longest parameter value

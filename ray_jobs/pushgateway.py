@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from vae.errors import first_line
 
-log = logging.getLogger("ray_jobs.metrics")
+log = logging.getLogger("ray_jobs.pushgateway")
 
 PUSHGATEWAY_ENV = "PUSHGATEWAY_URL"
 

@@ -1,6 +1,6 @@
 """An embedding run that lands exactly once as one batch of a version's Iceberg table: planned work
 units, each encoded into one file staged whole, and a commit that reconciles the counts and replaces
-the batch in one transaction (vae.catalog).
+the batch in one transaction (vae.embeddings.catalog).
 
     plan     list the input files, read every footer, check each schema against the model, cut the
              row groups into work units of about `rows_per_file` rows; the batch id is a hash of the
@@ -36,12 +36,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from vae import embeddings
-from vae.artifacts import ModelVersion, code_version
-from vae.catalog import EVENT_TIME
+from vae.data.features import FeatureSchema, check_arrow_schema, features_to_numpy, split_bad_rows
+from vae.data.tabular import with_unseen
+from vae.embeddings import contract
+from vae.embeddings.catalog import EVENT_TIME
 from vae.encode import attributes, encode_matrix, encode_with_attribution
 from vae.errors import InputError, first_line
-from vae.preprocessing import FeatureSchema, check_arrow_schema, features_to_numpy, split_bad_rows
 from vae.storage import (
     describe_storage_error,
     filesystem,
@@ -50,7 +50,7 @@ from vae.storage import (
     url_of,
     write_bytes_atomically,
 )
-from vae.tabular import with_unseen
+from vae.versions.artifacts import ModelVersion, code_version
 
 RUN_MARKER = "_run.json"
 
@@ -400,7 +400,7 @@ class UnitEncoder:
                 attribution = None
                 if surprise is not None:
                     names = self.model_version.features.feature_columns
-                    attribution = embeddings.attribution_columns(surprise[finite], names)
+                    attribution = contract.attribution_columns(surprise[finite], names)
                 embedded.append(self._rows(good, posterior_mean, anomaly_score, attribution))
             # The quarantine file first: the embeddings file is the unit's "done" marker.
             if quarantined:
@@ -498,11 +498,11 @@ class UnitEncoder:
     ) -> pa.Table:
         column = self.options.timestamp_column
         if column:
-            event_timestamp = embeddings.to_utc_timestamps(batch.column(column), column)
+            event_timestamp = contract.to_utc_timestamps(batch.column(column), column)
         else:
-            event_timestamp = embeddings.constant_timestamps(self.options.event_time, batch.num_rows)
+            event_timestamp = contract.constant_timestamps(self.options.event_time, batch.num_rows)
         key_column = self.model_version.features.key_column
-        return embeddings.embedding_table(
+        return contract.embedding_table(
             batch.column(key_column),
             key_column,
             self.key_type,
@@ -516,7 +516,7 @@ class UnitEncoder:
         )
 
     def _empty(self) -> pa.Table:
-        return embeddings.schema(self.model_version.features.key_column, self.key_type).empty_table()
+        return contract.schema(self.model_version.features.key_column, self.key_type).empty_table()
 
     def _write(self, url: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
