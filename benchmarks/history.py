@@ -64,7 +64,7 @@ def build(work: Path, rows: int, batches: int, dim: int):
     rng, per_batch = np.random.default_rng(0), rows // batches
     for day in range(batches):
         commit_rows(repo.catalog, table, batch_rows(day * per_batch, per_batch, dim, day, rng), f"day-{day}")
-    repo.catalog.update_publication("item", **{f"published.{VERSION}": DAY.isoformat()})
+    repo.update_publication("item", **{f"published.{VERSION}": DAY.isoformat()})
     repo.apply()
     return repo, repo.catalog.table("item", VERSION)
 

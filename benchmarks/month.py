@@ -238,15 +238,16 @@ def step_vs_plain_jobs(work: Path, feature_repo: Path, rows: int, repeats: int =
     person would run (embed with the current version, monitor the batch, publish it), alternating,
     each on a new batch of the same size."""
     import ray_jobs.pipeline as pipeline
+    from feast_embeddings.publication import Publication
+    from feast_embeddings.settings import StoreSettings
     from ray_jobs.config import EmbedConfig, MonitorConfig, PipelineConfig, PublishConfig
     from ray_jobs.embed import embed
     from ray_jobs.monitor import monitor
     from ray_jobs.publish import publish
-    from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
 
     options = pipeline_options(work, feature_repo)
     yaml_path = str(feature_repo / "feature_store.yaml")
-    current = EmbeddingsCatalog(*settings_from_yaml(yaml_path)).publication("item").current
+    current = Publication.read(StoreSettings.read(yaml_path).open_catalog(), "item").current
     timings: dict[str, list[float]] = {"step": [], "plain": []}
     for repeat in range(repeats):
         for kind, day in (("plain", 40 + 2 * repeat), ("step", 41 + 2 * repeat)):

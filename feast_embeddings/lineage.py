@@ -8,8 +8,7 @@ registered MLflow version links to the run that trained it.
 
 from __future__ import annotations
 
-from feast_embeddings.repo import EmbeddingsRepo
-from feast_embeddings.versions import VERSION_TAG
+from feast_embeddings.repo import VERSION_TAG, EmbeddingsRepo
 from vae.errors import InputError
 from vae.versions.mlflow_registry import registered_model_name
 
@@ -19,9 +18,9 @@ VIEWS_TAG = "feast.feature_views"
 def training_runs(repo: EmbeddingsRepo, run_id: str) -> list[dict]:
     """One entry per embedding view the run read: view, entity, model version, registered model and
     version, and the VAE's training run (None for a version trained untracked)."""
-    if repo.registry is None:
+    if repo.model_registry is None:
         raise InputError(f"lineage needs MLflow: set MLFLOW_TRACKING_URI or the mlflow block of {repo.yaml}")
-    tags = repo.registry.run_tags(run_id)
+    tags = repo.model_registry.run_tags(run_id)
     views = [name for name in tags.get(VIEWS_TAG, "").split(",") if name]
     if not views:
         raise InputError(
@@ -36,7 +35,7 @@ def training_runs(repo: EmbeddingsRepo, run_id: str) -> list[dict]:
             continue
         entity = view.entities[0]
         name = registered_model_name(entity)
-        registered = repo.registry.find(name, version)
+        registered = repo.model_registry.find(name, version)
         found.append(
             {
                 "view": view_name,

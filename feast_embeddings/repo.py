@@ -1,8 +1,8 @@
 """A Feast repo of VAE embeddings: the FeatureStore, the repo's declarations (its features.py) and the
 embeddings catalog its feature_store.yaml names (the `vae_embeddings` block).
 
-The catalog is the record of what is published (vae.catalog.Publication: versions, online flags,
-current, previous); the Feast objects are derived from it by the factories in features.py. Publish
+The catalog holds the record of what is published (feast_embeddings.publication: versions, online
+flags, current, previous); the Feast objects are derived from it by the factories in features.py. Publish
 changes the record and applies the derived objects; `feast apply` in the repo derives the same
 objects (features.py calls `declare_published`), so it never deletes a published view or service.
 """
@@ -11,24 +11,22 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 from functools import cached_property
 from pathlib import Path
 from types import ModuleType
 
-from vae.embeddings.catalog import (
-    NAMESPACE,
-    EmbeddingsCatalog,
-    EntitySet,
-    absolute_uri,
-    redact,
-    settings_from_yaml,
-    table_name,
-)
+from feast_embeddings.publication import Publication, update_publication
+from feast_embeddings.settings import StoreSettings
+from vae.embeddings.catalog import NAMESPACE, EmbeddingsCatalog, EntitySet, table_name
+from vae.embeddings.contract import identifier
 from vae.errors import InputError
-from vae.versions.mlflow_registry import Registry, resolve_tracking_uri
+from vae.versions.mlflow_registry import Registry
 
 YAML_KEY = "__vae_feature_store_yaml__"  # set on the definitions module by EmbeddingsRepo
+# Tags on the Feast objects features.py declares, read back by publish, lineage and vector search
+VERSION_TAG = "vae_model_version"  # on every version's view and on "current": the model version
+PUBLISHED_TAG = "vae_published_at"  # on a version's view: when it was first published
+PREVIOUS_TAG = "vae_previous_version"  # on "current": the version a rollback returns to
 
 
 class EmbeddingsRepo:
@@ -37,7 +35,8 @@ class EmbeddingsRepo:
     def __init__(self, feature_repo: str | os.PathLike, feature_store_yaml: str | os.PathLike | None = None):
         self.path = Path(feature_repo).absolute()
         self.yaml = store_yaml(self.path, feature_store_yaml)
-        self.catalog = open_catalog(self.yaml)
+        self.settings = StoreSettings.read(self.yaml)
+        self.catalog = self.settings.open_catalog()
         self.definitions = load_definitions(self.path, self.yaml)
 
     @cached_property
@@ -48,17 +47,24 @@ class EmbeddingsRepo:
         if store.config.mlflow is not None:
             # Feast's MLflow integration logs reads to the same registry; with no URI it would fall
             # back to MLflow's default (./mlflow.db wherever the job runs): off instead.
-            uri = self.registry.uri if self.registry else None
+            uri = self.settings.tracking_uri
             store.config.mlflow.enabled = uri is not None
             store.config.mlflow.tracking_uri = uri
         return store
 
     @cached_property
-    def registry(self) -> Registry | None:
+    def model_registry(self) -> Registry | None:
         """The MLflow registry of the store's `mlflow:` block (its tracking_uri, else
         MLFLOW_TRACKING_URI); None when the block is off or no URI is set."""
-        uri = tracking_uri_from_yaml(self.yaml)
+        uri = self.settings.tracking_uri
         return Registry(uri) if uri else None
+
+    def publication(self, entity: str) -> Publication:
+        """What of an entity set is published (feast_embeddings.publication)."""
+        return Publication.read(self.catalog, entity)
+
+    def update_publication(self, entity: str, **updates: str | None) -> None:
+        update_publication(self.catalog, entity, **updates)
 
     def entity(self, name: str):
         """An entity set's Feast entity, from the catalog (its join key and key type come from the data)."""
@@ -109,7 +115,7 @@ def published_objects(catalog: EmbeddingsCatalog, definitions) -> list:
 
 def _entity_objects(catalog: EmbeddingsCatalog, definitions, found: EntitySet) -> list:
     owner = definitions.entity(found.name, found.join_key, found.key_type)
-    state = catalog.publication(found.name)
+    state = Publication.read(catalog, found.name)
     views = {}
     for version, published_at in sorted(state.published.items()):
         source = _source(catalog, definitions, found.name, version)
@@ -131,7 +137,7 @@ def _source(catalog: EmbeddingsCatalog, definitions, entity: str, version: str):
         table=table_name(version),
         catalog_type="sql",
         catalog_name=NAMESPACE,
-        catalog_properties=catalog.properties,
+        catalog_properties=catalog.connection_properties,
         timestamp_field="event_timestamp",
     )
 
@@ -146,39 +152,13 @@ def declare_published(namespace: dict) -> dict:
     yaml_path = (
         namespace.get(YAML_KEY) or os.environ.get("FEAST_FS_YAML_FILE_PATH") or here / "feature_store.yaml"
     )
-    catalog = open_catalog(Path(yaml_path))
+    catalog = StoreSettings.read(yaml_path).open_catalog()
     definitions = ModuleType("declarations")
     definitions.__dict__.update(namespace)
     declared = {}
     for obj in published_objects(catalog, definitions):
-        declared[f"{type(obj).__name__.lower()}_{re.sub(r'[^0-9A-Za-z_]', '_', obj.name)}"] = obj
+        declared[f"{type(obj).__name__.lower()}_{identifier(obj.name)}"] = obj
     return declared
-
-
-def open_catalog(yaml_path: Path) -> EmbeddingsCatalog:
-    uri, warehouse = settings_from_yaml(yaml_path)
-    if redact(uri) != uri:
-        raise InputError(
-            f"{yaml_path}: the catalog URI holds a password, which Feast's registry would store; give it to "
-            "PostgreSQL in PGPASSWORD instead"
-        )
-    return EmbeddingsCatalog(uri, warehouse)
-
-
-def tracking_uri_from_yaml(yaml_path: Path) -> str | None:
-    """The MLflow tracking URI of a feature_store.yaml's `mlflow:` block when it is enabled (${VARS}
-    expanded, a relative SQLite file taken relative to the yaml), else None."""
-    import yaml
-
-    try:
-        values = yaml.safe_load(os.path.expandvars(Path(yaml_path).read_text())) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise InputError(f"{yaml_path}: {error}") from None
-    block = values.get("mlflow") if isinstance(values, dict) else None
-    if not isinstance(block, dict) or not block.get("enabled"):
-        return None
-    uri = resolve_tracking_uri(block.get("tracking_uri"))
-    return absolute_uri(uri, Path(yaml_path).parent) if uri else None
 
 
 def store_yaml(feature_repo: Path, feature_store_yaml: str | os.PathLike | None = None) -> Path:

@@ -10,8 +10,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from feast_embeddings.repo import EmbeddingsRepo
-from feast_embeddings.versions import VERSION_TAG
+from feast_embeddings.repo import VERSION_TAG, EmbeddingsRepo
 from feast_embeddings.writers import write_batch
 from vae.errors import InputError
 
@@ -46,7 +45,7 @@ def index_vectors(
         verify_self_search(store, view.name, table, join_key)
     retired = _retire(store, keep_online, lambda v, online: repo.vector_view(entity, v, online))
     if retired:  # a version indexed again later is indexed whole
-        repo.catalog.update_publication(entity, **{f"indexed.{v}": None for v in retired})
+        repo.update_publication(entity, **{f"indexed.{v}": None for v in retired})
 
 
 def _apply(store, objects: list, attempts: int = 3) -> None:

@@ -1,7 +1,7 @@
 """Which model versions a feature store serves, per entity set: publishing a version, switching
 "current", rolling back, and taking old versions out of the online store.
 
-Each operation changes the catalog's record of what is published (vae.catalog.Publication) and
+Each operation changes the record of what is published (feast_embeddings.publication) and
 applies the Feast objects derived from it, under one lock in the catalog's database: publishers of
 several entity sets or versions at once each land whole, and the registry always equals the record.
 """
@@ -12,18 +12,18 @@ import logging
 from datetime import UTC, datetime
 
 from feast_embeddings.repo import EmbeddingsRepo
+from vae.embeddings.catalog import Properties
 from vae.errors import InputError
 from vae.versions.mlflow_registry import CHALLENGER, CHAMPION, registered_model_name
 
 log = logging.getLogger("feast_embeddings")
 
 REGISTRY_LOCK = "feast-registry"
-VERSION_TAG = "vae_model_version"  # on every version's view and on "current"
 
 
 def current_version(repo: EmbeddingsRepo, entity: str = "item") -> str | None:
     """The model version an entity set's "current" service points at, or None before the first publish."""
-    return repo.catalog.publication(entity).current
+    return repo.publication(entity).current
 
 
 def current_features(store, service_name: str = "item_embeddings_current") -> list[str]:
@@ -43,18 +43,18 @@ def current_features(store, service_name: str = "item_embeddings_current") -> li
 def register_version(repo: EmbeddingsRepo, entity: str, version: str) -> None:
     """Make a version's view exist and be online (its online table created) before rows are written."""
     with repo.catalog.lock(REGISTRY_LOCK):
-        state = repo.catalog.publication(entity)
+        state = repo.publication(entity)
         updates = {f"online.{version}": "true"}
         if version not in state.published:
             updates[f"published.{version}"] = datetime.now(UTC).isoformat()
-        repo.catalog.update_publication(entity, **updates)
+        repo.update_publication(entity, **updates)
         repo.apply()
 
 
 def record_written(repo: EmbeddingsRepo, entity: str, version: str, snapshot_id: int) -> None:
     """The table snapshot whose rows are now online: the next publish of the version writes only
     newer batches."""
-    repo.catalog.update_publication(entity, **{f"written.{version}": str(snapshot_id)})
+    repo.update_publication(entity, **{f"written.{version}": str(snapshot_id)})
 
 
 def switch_current(repo: EmbeddingsRepo, entity: str, version: str) -> None:
@@ -63,7 +63,7 @@ def switch_current(repo: EmbeddingsRepo, entity: str, version: str) -> None:
     a reader resolves the service once per request, so it gets all of its vectors from one version,
     before or after the switch."""
     with repo.catalog.lock(REGISTRY_LOCK):
-        state = repo.catalog.publication(entity)
+        state = repo.publication(entity)
         if not state.online.get(version):
             raise InputError(
                 f"model version {version} is not in the online store any more; publish it again "
@@ -72,7 +72,7 @@ def switch_current(repo: EmbeddingsRepo, entity: str, version: str) -> None:
         move_champion(repo, entity, version)
         if state.current == version:
             return
-        repo.catalog.update_publication(entity, current=version, previous=state.current, switching=None)
+        repo.update_publication(entity, current=version, previous=state.current, switching=None)
         repo.apply()
     log.info("%s current: %s -> %s", entity, state.current or "(none)", version)
 
@@ -81,11 +81,11 @@ def check_champion(repo: EmbeddingsRepo, entity: str, going_to: str | None = Non
     """Stop when MLflow's @champion is neither Feast's current nor the version a switch is going to
     (someone moved it by hand): which one serves is for a person to say. No alias yet agrees.
     Returns the alias's version."""
-    if repo.registry is None:
+    if repo.model_registry is None:
         return None
-    state = repo.catalog.publication(entity)
+    state = repo.publication(entity)
     current, name = state.current, registered_model_name(entity)
-    champion = repo.registry.alias(name, CHAMPION)
+    champion = repo.model_registry.alias(name, CHAMPION)
     if champion is None or champion in (current, going_to, state.switching):
         return champion
     raise InputError(
@@ -99,32 +99,32 @@ def check_champion(repo: EmbeddingsRepo, entity: str, going_to: str | None = Non
 def move_champion(repo: EmbeddingsRepo, entity: str, version: str) -> None:
     """@champion to `version` (registered first if it was trained untracked); @challenger off it. The
     intent is recorded first: a re-run after a crash in between finds the two agreeing."""
-    if repo.registry is None:
+    if repo.model_registry is None:
         return
     champion = check_champion(repo, entity, version)
     name = registered_model_name(entity)
     if champion != version:  # (an alias already on it: registered, nothing to move)
         ensure_registered(repo, entity, version)
-        if repo.catalog.publication(entity).current != version:
-            repo.catalog.update_publication(entity, switching=version)
-        repo.registry.set_alias(name, CHAMPION, version)
-    if repo.registry.alias(name, CHALLENGER) == version:
-        repo.registry.delete_alias(name, CHALLENGER)
+        if repo.publication(entity).current != version:
+            repo.update_publication(entity, switching=version)
+        repo.model_registry.set_alias(name, CHAMPION, version)
+    if repo.model_registry.alias(name, CHALLENGER) == version:
+        repo.model_registry.delete_alias(name, CHALLENGER)
 
 
 def ensure_registered(repo: EmbeddingsRepo, entity: str, version: str) -> None:
     """A version in MLflow's registry: from its training run when it was tracked, else on its own
     (the folder its embeddings table records)."""
     table = repo.catalog.table(entity, version)
-    path = table.properties.get("vae.model-path")
+    path = table.properties.get(Properties.MODEL_PATH)
     if not path:
         raise InputError(f"{entity} {version}: its table records no model folder to register in MLflow")
-    repo.registry.register(registered_model_name(entity), version, path)
+    repo.model_registry.register(registered_model_name(entity), version, path)
 
 
 def rollback(repo: EmbeddingsRepo, entity: str) -> str:
     """Point 'current' back at the version it pointed at before the last switch; returns that version."""
-    state = repo.catalog.publication(entity)
+    state = repo.publication(entity)
     if state.current is None:
         raise InputError(f"nothing to roll back: no version of '{entity}' has been published as current")
     if not state.previous:
@@ -138,7 +138,7 @@ def retire_old_versions(repo: EmbeddingsRepo, entity: str, keep_online: int) -> 
     still being written never) out of the online store; returns them. Their views stay registered
     with online=False: offline retrieval by version works as before; only the online rows go."""
     with repo.catalog.lock(REGISTRY_LOCK):
-        state = repo.catalog.publication(entity)
+        state = repo.publication(entity)
         online = [v for v, is_online in state.online.items() if is_online and v in state.written]
         online.sort(key=lambda v: (state.published.get(v, ""), v), reverse=True)
         others = [v for v in online if v != state.current]
@@ -149,7 +149,7 @@ def retire_old_versions(repo: EmbeddingsRepo, entity: str, keep_online: int) -> 
         if not retired:
             return []
         updates = {f"online.{v}": "false" for v in retired} | {f"written.{v}": None for v in retired}
-        repo.catalog.update_publication(entity, **updates)
+        repo.update_publication(entity, **updates)
         repo.apply()
         # apply() keeps the online tables of views it updates; dropping them is the provider's infra update.
         views = [repo.store.get_feature_view(repo.version_view_name(entity, v)) for v in retired]

@@ -2,13 +2,13 @@
 # Which entity sets, published model versions and "current" versions exist is read from the
 # embeddings catalog named in feature_store.yaml (vae_embeddings), so `feast apply` here declares
 # exactly what `vaectl publish` registered, and deletes nothing.
-import re
 from datetime import timedelta
 
 from feast import Entity, FeatureService, FeatureView, Field, ValueType
 from feast.types import Array, Bool, Float32, Int64, String
 
-from feast_embeddings.repo import declare_published
+from feast_embeddings.repo import PREVIOUS_TAG, PUBLISHED_TAG, VERSION_TAG, declare_published
+from vae.embeddings.contract import identifier
 
 KEY_TYPES = {"int64": (ValueType.INT64, Int64), "string": (ValueType.STRING, String)}
 
@@ -45,7 +45,7 @@ def embedding_fields(join_key: str, key_type: str) -> list[Field]:
 
 def version_view_name(entity_name: str, model_version: str) -> str:
     """The view that pins one model version, e.g. item_embeddings_20261123T203831Z_450da0be."""
-    return f"{entity_name}_embeddings_" + re.sub(r"[^0-9A-Za-z_]", "_", model_version)
+    return f"{entity_name}_embeddings_" + identifier(model_version)
 
 
 def version_view(owner: Entity, model_version: str, source, online: bool, published_at: str) -> FeatureView:
@@ -57,7 +57,7 @@ def version_view(owner: Entity, model_version: str, source, online: bool, publis
         schema=embedding_fields(owner.join_key, _key_type(owner)),
         source=source,
         online=online,
-        tags={"vae_model_version": model_version, "vae_published_at": published_at},
+        tags={VERSION_TAG: model_version, PUBLISHED_TAG: published_at},
     )
 
 
@@ -68,7 +68,7 @@ def current_service_name(entity_name: str) -> str:
 
 def current_service(view: FeatureView, entity_name: str, previous_version: str) -> FeatureService:
     """'current' -> one version's view. Re-declaring it is the atomic switch: one registry write."""
-    tags = {"vae_model_version": view.tags["vae_model_version"], "vae_previous_version": previous_version}
+    tags = {VERSION_TAG: view.tags[VERSION_TAG], PREVIOUS_TAG: previous_version}
     return FeatureService(name=current_service_name(entity_name), features=[view], tags=tags)
 
 
@@ -76,7 +76,7 @@ def current_service(view: FeatureView, entity_name: str, previous_version: str) 
 # store of the repo in vector_search/, indexed for `retrieve_online_documents_v2`.
 def vector_view_name(entity_name: str, model_version: str) -> str:
     """The searchable view of one model version, e.g. item_latents_20261123T203831Z_450da0be."""
-    return f"{entity_name}_latents_" + re.sub(r"[^0-9A-Za-z_]", "_", model_version)
+    return f"{entity_name}_latents_" + identifier(model_version)
 
 
 def vector_view(owner: Entity, model_version: str, source, online: bool = True) -> FeatureView:
@@ -101,7 +101,7 @@ def vector_view(owner: Entity, model_version: str, source, online: bool = True) 
         ],
         source=source,
         online=online,
-        tags={"vae_model_version": model_version},
+        tags={VERSION_TAG: model_version},
     )
 
 

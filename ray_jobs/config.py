@@ -338,11 +338,11 @@ class EmbeddingsOptions(JobConfig):
 
     def catalog_settings(self) -> tuple[str, str]:
         """(catalog URI, warehouse): the options', else the feature store's vae_embeddings block."""
-        from vae.embeddings.catalog import settings_from_yaml
+        from feast_embeddings.settings import StoreSettings
 
         if self.catalog and self.warehouse:
             return self.catalog, self.warehouse
-        uri, warehouse = settings_from_yaml(self.feature_store_yaml)
+        uri, warehouse = StoreSettings.read(self.feature_store_yaml).embeddings_catalog()
         return self.catalog or uri, self.warehouse or warehouse
 
 

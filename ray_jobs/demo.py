@@ -135,7 +135,7 @@ def _demo(config: DemoConfig, work_dir: Path) -> dict:
 
 def registry_summary(repo: EmbeddingsRepo, version: str) -> dict:
     """Where the version is in MLflow: its registered number, training run and the champion alias."""
-    registry = repo.registry
+    registry = repo.model_registry
     registered = registry.find(registered_model_name("item"), version)
     return {
         "uri": registry.uri,

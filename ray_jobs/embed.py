@@ -26,14 +26,14 @@ import numpy as np
 import ray
 import torch
 
-from feast_embeddings.repo import tracking_uri_from_yaml
+from feast_embeddings.settings import StoreSettings
 from ray_jobs import pushgateway
 from ray_jobs.cli import find_input_error, run_cli
 from ray_jobs.cluster import alive_node_resources, capacity_or_fail, ray_session
 from ray_jobs.config import EmbedConfig, parse_config
 from vae import InputError, load_model_version
 from vae.embeddings import contract
-from vae.embeddings.catalog import EmbeddingsCatalog
+from vae.embeddings.catalog import EmbeddingsCatalog, Properties
 from vae.embeddings.runs import (
     EmbedResult,
     EncodeOptions,
@@ -51,7 +51,7 @@ from vae.embeddings.runs import (
     start_run,
 )
 from vae.versions.artifacts import ModelVersion, anomaly_threshold
-from vae.versions.mlflow_registry import Registry, resolve_tracking_uri
+from vae.versions.mlflow_registry import MODELS_URI, resolve_model_version, resolve_tracking_uri
 
 log = logging.getLogger("ray_jobs.embed")
 
@@ -76,7 +76,7 @@ def embed(config: EmbedConfig) -> EmbedResult:
     entity = catalog.register(config.entity, model_version.features.key_column, plan.key_type)
     schema = contract.schema(entity.join_key, _arrow_key(plan.key_type))
     table = catalog.create_table(
-        entity, model_version.version, schema, {"vae.model-path": model_version.path}
+        entity, model_version.version, schema, {Properties.MODEL_PATH: model_version.path}
     )
     run = run_id(config.data, model_version.version, plan.listing, options, config.rows_per_file)
     paths = RunPaths.of(table.location(), options.batch_id, run)
@@ -100,10 +100,10 @@ def embed(config: EmbedConfig) -> EmbedResult:
             with ray_session():
                 summaries = encode_units(config, model_version.version, options, pending, paths)
         settings = {
-            "vae.data": config.data,
-            "vae.model-path": model_version.path,
-            "vae.anomaly-threshold": str(options.threshold),
-            "vae.on-bad-rows": config.on_bad_rows,
+            Properties.DATA: config.data,
+            Properties.MODEL_PATH: model_version.path,
+            Properties.ANOMALY_THRESHOLD: str(options.threshold),
+            Properties.ON_BAD_ROWS: config.on_bad_rows,
         }
         result = commit_run(catalog, table, paths, model_version, plan, options, summaries, settings, started)
     except Exception as error:
@@ -136,15 +136,13 @@ def embed(config: EmbedConfig) -> EmbedResult:
 def registered(config: EmbedConfig) -> EmbedConfig:
     """models:/<name>@<alias> or models:/<name>/<number>: the version folder MLflow's version records,
     in the registry of the feature store's mlflow block, else of MLFLOW_TRACKING_URI."""
-    if not config.model_version.startswith("models:/"):
+    if not config.model_version.startswith(MODELS_URI):
         return config
     yaml_path = Path(config.feature_store_yaml)
-    uri = (tracking_uri_from_yaml(yaml_path) if yaml_path.is_file() else None) or resolve_tracking_uri()
-    if uri is None:
-        raise InputError(
-            f"model_version {config.model_version}: set MLFLOW_TRACKING_URI to the MLflow registry"
-        )
-    model_root, version = Registry(uri).resolve(config.model_version)
+    in_yaml = StoreSettings.read(yaml_path).tracking_uri if yaml_path.is_file() else None
+    uri = in_yaml or resolve_tracking_uri()
+    fix = f"set MLFLOW_TRACKING_URI, or tracking_uri in the mlflow block of {yaml_path}"
+    model_root, version = resolve_model_version(config.model_version, uri, fix)
     log.info("%s is model version %s (%s)", config.model_version, version, model_root)
     return config.model_copy(update={"model_root": model_root, "model_version": version})
 

@@ -21,11 +21,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from feast_embeddings.publication import resolve_version
 from ray_jobs.cli import run_cli
 from ray_jobs.config import EmbeddingsCommand, parse_config
 from vae import InputError
 from vae.embeddings import contract
-from vae.embeddings.catalog import EmbeddingsCatalog, snapshot_of
+from vae.embeddings.catalog import EmbeddingsCatalog, Properties, snapshot_of
 from vae.embeddings.runs import RunPaths, file_url
 from vae.storage import filesystem, open_parquet_dataset, storage_errors, url_of
 
@@ -41,7 +42,7 @@ def run(config: EmbeddingsCommand) -> dict:
         return decisions(catalog, config)
     if config.command == "lineage":
         return lineage(config)
-    version = catalog.resolve(config.entity, config.model_version)
+    version = resolve_version(catalog, config.entity, config.model_version)
     table = catalog.table(config.entity, version)
     return history(catalog, table) if config.command == "history" else export(catalog, table, config)
 
@@ -95,7 +96,7 @@ def history(catalog: EmbeddingsCatalog, table) -> dict:
             "snapshot_id": snapshot.snapshot_id,
             "committed_at": _iso(snapshot.timestamp_ms),
             "operation": snapshot.summary.operation.value,
-            "batch_id": properties.get("vae.batch-id", ""),
+            "batch_id": properties.get(Properties.BATCH, ""),
             "total_rows": int(properties.get("total-records", 0)),
         }
         snapshots.append(row)
@@ -169,7 +170,7 @@ def _migrate_version(catalog: EmbeddingsCatalog, entity: str, url: str, version:
     key_type = "int64" if pa.types.is_integer(rows.schema.field(key).type) else "string"
     owner = catalog.register(entity, key, key_type)
     schema = contract.schema(key, pa.int64() if key_type == "int64" else pa.string())
-    table = catalog.create_table(owner, version, schema, {"vae.migrated-from": url})
+    table = catalog.create_table(owner, version, schema, {Properties.MIGRATED_FROM: url})
     if any(b.batch_id == MIGRATED_BATCH for b in catalog.batches(table)):
         return False
     rows = rows.append_column("batch_id", pa.array([MIGRATED_BATCH] * rows.num_rows, pa.string()))
@@ -184,7 +185,7 @@ def _migrate_version(catalog: EmbeddingsCatalog, entity: str, url: str, version:
         table,
         MIGRATED_BATCH,
         [file_url(target_fs, f"{target}/part-00000.parquet")],
-        {"vae.migrated-from": url, "vae.embedded-rows": str(rows.num_rows)},
+        {Properties.MIGRATED_FROM: url, Properties.EMBEDDED_ROWS: str(rows.num_rows)},
         run,
         0,
     )

@@ -44,7 +44,8 @@ from ray_jobs.config import EmbedConfig, PipelineConfig, PublishConfig, TrainCon
 from ray_jobs.embed import embed
 from ray_jobs.publish import publish
 from vae.data.keys import is_validation, key_hash
-from vae.embeddings.catalog import LockHeld, model_version_info
+from vae.embeddings.catalog import Properties, model_version_info
+from vae.embeddings.lock import LockHeld
 from vae.embeddings.runs import check_batch_id
 from vae.errors import InputError
 from vae.monitoring.gate import SAMPLED_COLUMNS, Check, LatentSample, evaluate
@@ -55,8 +56,12 @@ from vae.pipeline.policy import (
     Trigger,
     elbo_gate,
     heldout_negative_elbo,
-    retrain_reason,
+    pending_retrain,
+    recorded,
+    training_window,
+    unlogged_switch,
     watch_breach,
+    watched_over,
 )
 from vae.versions.artifacts import list_model_versions, read_model_version_info
 from vae.versions.mlflow_registry import CHALLENGER, GATE_TAG, registered_model_name
@@ -101,8 +106,7 @@ class Step:
 
     def recorded(self, kind: str, version: str | None = None) -> Decision | None:
         """This batch's decision of a kind (for a version), recorded by this run or an earlier one."""
-        found = [d for d in of_batch(self.log(), self.batch) if d.kind == kind]
-        return next((d for d in found if version is None or d.model_version == version), None)
+        return recorded(self.log(), self.batch, kind, version)
 
 
 @dataclass
@@ -161,11 +165,11 @@ def _locked_step(config: PipelineConfig, batch: str, metrics: pushgateway.JobMet
 
 def daily_step(step: Step) -> StepResult:
     """embed -> monitor -> publish -> watch or retrain, for one batch."""
-    serving = step.repo.catalog.publication(step.entity).current
+    serving = step.repo.publication(step.entity).current
     record_an_unlogged_switch(step, serving)
     champion = serving or first_version(step)
     embed_batch(step, champion, step.config.data, step.batch)
-    watched = watched_over(step, champion)
+    watched = watched_over(step.log(), champion, step.batch, step.config.watch_batches)
     if watched:  # the version a rollback would return to gets the batch too
         embed_batch(step, watched, step.config.data, step.batch)
     health, report = monitor_batch(step, champion)
@@ -178,10 +182,10 @@ def daily_step(step: Step) -> StepResult:
     multiple = step.config.anomaly_rate_multiple
     if watched and (breach := watch_breach(health, multiple)):
         roll_back(step, champion, watched, breach)
-    elif not watched and (reason := pending_retrain(step, champion)):
+    elif not watched and (reason := retrain_due(step, champion)):
         retrain(step, champion, reason)
     step.flush()
-    current = step.repo.catalog.publication(step.entity).current
+    current = step.repo.publication(step.entity).current
     push_current(step, current)
     decisions = of_batch(step.decisions.read(), step.batch)
     code = exit_code(decisions)
@@ -199,12 +203,8 @@ def daily_step(step: Step) -> StepResult:
 def record_an_unlogged_switch(step: Step, serving: str | None) -> None:
     """A step killed between switching "current" to the version it trained for this batch and logging
     it: the re-run logs the switch (the switch itself is one registry write, done or not)."""
-    trained = step.recorded("challenger_trained")
-    if serving is None or trained is None or trained.model_version != serving or step.recorded("switched"):
-        return
-    started = step.recorded("retrain_started")
-    champion = started.model_version if started else None
-    step.decide("switched", serving, "logged by the re-run of the step that switched", **{"from": champion})
+    if switch := unlogged_switch(step.log(), step.batch, serving):
+        step.decide(switch.kind, switch.model_version, switch.reason, **switch.detail)
 
 
 # -- the first version ---------------------------------------------------------------------------------
@@ -312,36 +312,13 @@ def publish_version(step: Step, version: str, switch: bool = False) -> dict:
     seconds = time.perf_counter() - started
     step.timings[f"publish {version}"] = seconds
     pushgateway.publish_figures(step.metrics, summary, seconds)
-    if version == step.repo.catalog.publication(step.entity).current:
+    if version == step.repo.publication(step.entity).current:
         rows = summary["rows"]
         step.decide("published", version, f"{rows:,} rows written online", later=True, rows=rows)
     return summary
 
 
 # -- watch and rollback --------------------------------------------------------------------------------
-
-
-def watched_over(step: Step, champion: str) -> str | None:
-    """The version the champion replaced, while the champion is within its first watch_batches batches
-    after a switch by the pipeline (this batch included); else None."""
-    log_ = step.log()
-    switches = [
-        i
-        for i, d in enumerate(log_)
-        if d.kind == "switched" and d.model_version == champion and d.detail.get("from")
-    ]
-    if not switches or step.config.watch_batches == 0:
-        return None
-    switch = log_[switches[-1]]
-    if switch.batch_id == step.batch:
-        return None  # switched at the end of this very batch: the watch starts with the next one
-    if any(d.kind == "rolled_back" and d.model_version == champion for d in log_[switches[-1] :]):
-        return None
-    watched = {
-        d.batch_id for d in log_[switches[-1] + 1 :] if d.kind == "monitored" and d.model_version == champion
-    }
-    watched.discard(step.batch)
-    return switch.detail["from"] if len(watched) < step.config.watch_batches else None
 
 
 def roll_back(step: Step, champion: str, previous: str, reason: str) -> None:
@@ -353,42 +330,16 @@ def roll_back(step: Step, champion: str, previous: str, reason: str) -> None:
 # -- retraining ----------------------------------------------------------------------------------------
 
 
-def pending_retrain(step: Step, champion: str) -> str | None:
-    """Why to retrain after this batch: a retrain of this batch that did not finish, or the trigger."""
-    started = step.recorded("retrain_started", champion)
-    if started is not None:
-        done = step.recorded("switched") or step.recorded("challenger_refused")
-        return None if done else started.reason
-    config, decisions = step.config, step.log()
-    history = champion_history(decisions, champion)
-    refused = [d for d in decisions if d.kind == "challenger_refused"]
-    started = [d for d in decisions if d.kind == "retrain_started"]
-    if refused and started and refused[-1].batch_id == started[-1].batch_id:
-        if len(history) < config.retry_batches:  # the last challenger was refused: not every day
-            return None
+def retrain_due(step: Step, champion: str) -> str | None:
+    """Why to retrain after this batch (vae.pipeline.policy.pending_retrain), or None."""
+    config = step.config
     trigger = Trigger(config.drift_batches, config.drift_window, config.anomaly_rate_multiple)
-    return retrain_reason(history, trigger)
-
-
-def champion_history(decisions: list[Decision], champion: str) -> list[BatchHealth]:
-    """The champion's monitored batches since it last became current or was last retrained."""
-    start = 0
-    for i, d in enumerate(decisions):
-        made_current = (d.kind == "switched" and d.model_version == champion) or (
-            d.kind == "rolled_back" and d.detail.get("to") == champion
-        )
-        if made_current or d.kind == "retrain_started":
-            start = i + 1
-    return [
-        BatchHealth.of_decision(d)
-        for d in decisions[start:]
-        if d.kind == "monitored" and d.model_version == champion
-    ]
+    return pending_retrain(step.log(), step.batch, champion, trigger, config.retry_batches)
 
 
 def retrain(step: Step, champion: str, reason: str) -> None:
     """Train a challenger on the recent batches, backfill it, gate it, switch or refuse."""
-    window = training_window(step)
+    window = training_window(step.log(), step.config.train_window)
     step.decide("retrain_started", champion, reason, window=[batch for batch, _ in window])
     trained = step.recorded("challenger_trained")
     challenger = trained.model_version if trained else None
@@ -400,7 +351,7 @@ def retrain(step: Step, champion: str, reason: str) -> None:
     passed, failures, report = gate_challenger(step, champion, challenger, [batch for batch, _ in window])
     if not passed:
         step.decide("challenger_refused", challenger, "; ".join(failures), champion=champion, report=report)
-        if registry := step.repo.registry:
+        if registry := step.repo.model_registry:
             registry.tag_version(registered_model_name(step.entity), challenger, {GATE_TAG: "refused"})
         return
     publish_version(step, challenger)
@@ -411,32 +362,11 @@ def retrain(step: Step, champion: str, reason: str) -> None:
 
 def name_challenger(step: Step, challenger: str) -> None:
     """MLflow's @challenger on the version the gate is about to judge (registered if it is not)."""
-    if (registry := step.repo.registry) is None:
+    if (registry := step.repo.model_registry) is None:
         return
     name = registered_model_name(step.entity)
     registry.register(name, challenger, read_model_version_info(step.config.model_root, challenger).path)
     registry.set_alias(name, CHALLENGER, challenger)
-
-
-def training_window(step: Step) -> list[tuple[str, str]]:
-    """(batch, data) of the last train_window batches embedded, less a batch that rolled a version back
-    (its data broke the watch) and less the window's leading batches that the version serving them
-    found healthy: those are the distribution the champion already models, and a challenger whose
-    reference mixed them in would see drift on every batch after the change."""
-    decisions = step.log()
-    breached = {d.batch_id for d in decisions if d.kind == "rolled_back"}
-    data: dict[str, str] = {}
-    for d in decisions:
-        if d.kind == "embedded" and d.batch_id not in breached:
-            data.pop(d.batch_id, None)
-            data[d.batch_id] = d.detail["data"]
-    window = list(data.items())[-step.config.train_window :]
-    healthy = {d.batch_id for d in decisions if d.kind == "monitored"} - {
-        d.batch_id for d in decisions if d.kind == "drift_seen"
-    }
-    while len(window) > 1 and window[0][0] in healthy:
-        window.pop(0)
-    return window
 
 
 def train_challenger(step: Step, champion: str | None, data: list[str]) -> str:
@@ -454,7 +384,7 @@ def train_challenger(step: Step, champion: str | None, data: list[str]) -> str:
     options.update(config.train)
     options["entity"] = step.entity
     # the registry the feature store names: the challenger's run and version land where its alias will
-    options["tracking_uri"] = step.repo.registry.uri if step.repo.registry else None
+    options["tracking_uri"] = step.repo.model_registry.uri if step.repo.model_registry else None
     if champion is not None and config.warm_start:
         options["init_from"] = champion
     started = time.perf_counter()
@@ -475,7 +405,7 @@ def backfill(step: Step, champion: str, challenger: str) -> None:
     started, rows = time.perf_counter(), 0
     batches = catalog.batches(catalog.table(step.entity, champion))
     for batch in batches:
-        source = batch.properties.get("vae.data")
+        source = batch.properties.get(Properties.DATA)
         if not source:
             raise InputError(f"batch {batch.batch_id} of {champion} does not record its input data")
         when = datetime.fromisoformat(batch.event_time) if batch.event_time else None

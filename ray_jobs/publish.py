@@ -30,6 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from feast_embeddings.delta import Delta, online_delta
+from feast_embeddings.publication import resolve_version
 from feast_embeddings.repo import EmbeddingsRepo
 from feast_embeddings.vectors import index_vectors
 from feast_embeddings.verify import check_complete, fetch_online, verify_online
@@ -50,6 +51,7 @@ from vae.embeddings.catalog import model_version_info
 from vae.errors import first_line
 from vae.monitoring.gate import SAMPLED_COLUMNS, LatentSample, comparable, evaluate
 from vae.monitoring.report import write_report
+from vae.versions.mlflow_registry import resolve_model_version
 
 log = logging.getLogger("ray_jobs.publish")
 
@@ -85,10 +87,12 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
     if config.rollback:
         version = rollback(repo, entity)
         return {"model_version": version, "rows": 0, "write_seconds": 0.0, "sample": []}
-    version = catalog.resolve(entity, registered_version(repo, config.model_version))
+    fix = f"set MLFLOW_TRACKING_URI, or tracking_uri in the mlflow block of {repo.yaml}"
+    _, named = resolve_model_version(config.model_version, repo.settings.tracking_uri, fix)
+    version = resolve_version(catalog, entity, named)
     table = catalog.table(entity, version)
     join_key = catalog.entity_set(entity).join_key
-    state = catalog.publication(entity)
+    state = repo.publication(entity)
     written = state.written.get(version) if state.online.get(version) else None
     delta = online_delta(catalog, table, join_key, written)
     log.info(
@@ -141,23 +145,12 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
     }
 
 
-def registered_version(repo: EmbeddingsRepo, model_version: str) -> str:
-    """A version name; models:/<name>@<alias> and models:/<name>/<number> resolved in MLflow."""
-    if not model_version.startswith("models:/"):
-        return model_version
-    if repo.registry is None:
-        raise InputError(
-            f"{model_version}: no MLflow registry; set MLFLOW_TRACKING_URI or the mlflow block of {repo.yaml}"
-        )
-    return repo.registry.resolve(model_version)[1]
-
-
 def index_delta(config: PublishConfig, repo: EmbeddingsRepo, version: str, table, join_key: str) -> None:
     """The batches not yet in the vector index (all of them the first time), each key's latest row."""
-    indexed = repo.catalog.publication(config.entity).indexed.get(version)
+    indexed = repo.publication(config.entity).indexed.get(version)
     delta = online_delta(repo.catalog, table, join_key, indexed)
     index_vectors(repo, config.entity, version, delta.rows, config.write_batch_rows, config.keep_online)
-    repo.catalog.update_publication(config.entity, **{f"indexed.{version}": str(delta.snapshot_id)})
+    repo.update_publication(config.entity, **{f"indexed.{version}": str(delta.snapshot_id)})
 
 
 def check_gate(config: PublishConfig, repo: EmbeddingsRepo, version: str, table, join_key: str) -> dict:
@@ -196,7 +189,7 @@ def _baseline(
     config: PublishConfig, repo: EmbeddingsRepo, version: str, new: LatentSample, join_key: str
 ) -> LatentSample | None:
     """A sample of the current version's embeddings, when it shares enough entities with the new one."""
-    current = repo.catalog.publication(config.entity).current
+    current = repo.publication(config.entity).current
     if not current or current == version:
         return None
     table = repo.catalog.table(config.entity, current)

@@ -228,9 +228,9 @@ def commit_rows(catalog, table, rows, batch_id: str) -> None:
 
 def version_rows(feature_repo: Path, version: str, entity: str = "item"):
     """A version's rows as pandas, by key, read from the repo's catalog."""
-    from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
+    from feast_embeddings.settings import StoreSettings
 
-    catalog = EmbeddingsCatalog(*settings_from_yaml(feature_repo / "feature_store.yaml"))
+    catalog = StoreSettings.read(feature_repo / "feature_store.yaml").open_catalog()
     key = catalog.entity_set(entity).join_key
     return catalog.read(catalog.table(entity, version)).to_pandas().set_index(key)
 

@@ -12,8 +12,8 @@ import math
 import numpy as np
 import torch
 
-from vae.losses import LOG_2PI, reconstruction_nll
-from vae.model import VAE
+from vae.losses import reconstruction_nll
+from vae.model import LOG_2PI, VAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 

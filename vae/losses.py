@@ -8,9 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vae.model import VAE, DiagonalGaussian
-
-LOG_2PI = math.log(2.0 * math.pi)
+from vae.model import LOG_2PI, VAE, DiagonalGaussian
 
 
 def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

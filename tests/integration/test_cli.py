@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.cli import flags
 
+from feast_embeddings.settings import StoreSettings
 from ray_jobs import cli
 from ray_jobs.config import PublishConfig
 from ray_jobs.publish import publish
-from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -140,7 +140,7 @@ def test_demo_runs_end_to_end_and_the_readme_snippets_run_as_written(feature_rep
     assert "Demo finished." in result.stdout and "stage timings" in result.stdout
     versions = list((tmp_path / "demo_output" / "models").iterdir())
     assert len(versions) == 1
-    catalog = EmbeddingsCatalog(*settings_from_yaml(feature_repo / "feature_store.yaml"))
+    catalog = StoreSettings.read(feature_repo / "feature_store.yaml").open_catalog()
     table = catalog.table("item", versions[0].name)
     assert [(b.batch_id, b.rows) for b in catalog.batches(table)] == [("day-1", 1200), ("day-2", 597)]
     assert catalog.read(table).num_rows == 1797 and "vaectl embeddings history item" in result.stdout

@@ -14,7 +14,7 @@ import pytest
 from helpers.cli import flags
 from helpers.local_cluster import local_cluster
 
-from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
+from feast_embeddings.settings import StoreSettings
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_NODE = {"num_cpus": 2, "num_gpus": 1, "resources": {"accelerator_type:A10G": 1}}
@@ -152,7 +152,7 @@ def test_train_embed_publish_as_ray_jobs_on_a_two_node_cluster(digits_parquet, f
         ]
 
     # The vectors, read back through Feast's online API, are the embed job's.
-    catalog = EmbeddingsCatalog(*settings_from_yaml(feature_repo / "feature_store.yaml"))
+    catalog = StoreSettings.read(feature_repo / "feature_store.yaml").open_catalog()
     (version,) = catalog.versions("item")
     table = catalog.read(catalog.table("item", version), ["item_id", "latent", "model_version"])
     store = FeatureStore(repo_path=str(feature_repo))

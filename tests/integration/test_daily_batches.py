@@ -28,12 +28,13 @@ from conftest import validation_reference
 from helpers.cli import flags
 
 from feast_embeddings import EmbeddingsRepo, current_features, fetch_online
+from feast_embeddings.settings import StoreSettings
 from ray_jobs import cli
 from ray_jobs.config import EmbedConfig, PublishConfig
 from ray_jobs.embed import embed
 from ray_jobs.publish import publish
 from vae import load_model_version, save_model_version
-from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
+from vae.embeddings.catalog import EmbeddingsCatalog
 
 REPO = Path(__file__).resolve().parents[2]
 DAY_1, DAY_2 = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 2, tzinfo=UTC)
@@ -53,7 +54,7 @@ def day_files(trained, directory: Path) -> dict[str, Path]:
 
 
 def catalog_of(feature_repo: Path) -> EmbeddingsCatalog:
-    return EmbeddingsCatalog(*settings_from_yaml(feature_repo / "feature_store.yaml"))
+    return StoreSettings.read(feature_repo / "feature_store.yaml").open_catalog()
 
 
 def latents_at(store, features: list[str], keys: list, times: list[datetime], join_key="item_id") -> list:
@@ -355,9 +356,9 @@ def test_four_concurrent_publishers_and_a_reader(versions, feature_repo):
     for entity, version in (("item", v1), ("item", v2), ("item", v3), ("user", "user-v1")):
         view = store.get_feature_view(repo.version_view_name(entity, version))
         assert view.online and online_row_count(store, view) == 1797, (entity, version)
-    state = repo.catalog.publication("item")
+    state = repo.publication("item")
     assert state.current in {v1, v3} and set(state.written) == {v1, v2, v3}
-    assert repo.catalog.publication("user").online == {"user-v1": True}
+    assert repo.publication("user").online == {"user-v1": True}
     # the registry is what the catalog records: current services point where the catalog says
     service = store.get_feature_service("item_embeddings_current")
     assert service.tags["vae_model_version"] == state.current

@@ -17,7 +17,7 @@ from ray_jobs.cli import find_input_error, run_cli
 from ray_jobs.config import EmbedConfig
 from ray_jobs.embed import embed, main
 from vae import encode_matrix, features_to_numpy, load_model_version
-from vae.embeddings.catalog import EmbeddingsCatalog
+from vae.embeddings.catalog import EmbeddingsCatalog, Properties
 
 
 def pixels_table(trained) -> pa.Table:
@@ -143,7 +143,7 @@ def test_is_anomaly_uses_the_threshold_calibrated_on_the_validation_split(embedd
     validation = is_validation(key_hash(table.column("item_id")), trained["config"].validation_fraction)
     assert reference["anomaly_score"].shape == (validation.sum(),) and flags_[validation].mean() <= 0.02
     batch = open_catalog(catalog).batches(open_catalog(catalog).table("item", trained["version"]))[0]
-    assert float(batch.properties["vae.anomaly-threshold"]) == calibration["threshold"]
+    assert float(batch.properties[Properties.ANOMALY_THRESHOLD]) == calibration["threshold"]
 
 
 def test_the_batch_commit_reconciles(embedded):

@@ -11,12 +11,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from feast_embeddings import fetch_online
+from feast_embeddings.settings import StoreSettings
 from ray_jobs.config import EmbedConfig, PublishConfig, TrainConfig
 from ray_jobs.embed import embed
 from ray_jobs.publish import publish
 from ray_jobs.train import train
 from vae import InputError, features_to_numpy, load_model_version
-from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
 
 ROWS = 4000
 SEGMENTS = ("grocery", "travel", "online", "fuel")
@@ -121,7 +121,7 @@ def embed_config(mixed, data, repo, **options) -> EmbedConfig:
 
 def test_scores_find_the_planted_rows_and_name_their_column_in_iceberg_and_feast(mixed, feature_repo):
     embed(embed_config(mixed, mixed["work"] / "data.parquet", feature_repo, batch="2026-12-01"))
-    catalog = EmbeddingsCatalog(*settings_from_yaml(feature_repo / "feature_store.yaml"))
+    catalog = StoreSettings.read(feature_repo / "feature_store.yaml").open_catalog()
     rows = catalog.read(catalog.table("item", mixed["version"])).sort_by("item_id")
     assert rows.num_rows == ROWS  # missing values are modelled, not bad rows
     scores = rows.column("anomaly_score").to_numpy()
@@ -156,7 +156,7 @@ def test_unseen_categories_and_types_are_refused_naming_the_column(mixed, featur
     pq.write_table(unseen, tmp_path / "unseen.parquet")
     with pytest.raises(InputError, match=r"row item_id=17 has category 'casino' in column 'segment'.*other"):
         embed(embed_config(mixed, tmp_path / "unseen.parquet", feature_repo, batch="b1"))
-    catalog = EmbeddingsCatalog(*settings_from_yaml(feature_repo / "feature_store.yaml"))
+    catalog = StoreSettings.read(feature_repo / "feature_store.yaml").open_catalog()
     assert catalog.batches(catalog.table("item", mixed["version"])) == []  # nothing committed
     # mapped to the other bucket on request: every row embedded, the unseen one scored as unusual
     embed(
@@ -206,7 +206,7 @@ def test_embed_imputes_missing_values_on_request_better_than_mean_and_mode(mixed
     result = embed(
         embed_config(mixed, mixed["work"] / "data.parquet", feature_repo, batch="imputed", impute=True)
     )
-    catalog = EmbeddingsCatalog(*settings_from_yaml(feature_repo / "feature_store.yaml"))
+    catalog = StoreSettings.read(feature_repo / "feature_store.yaml").open_catalog()
     location = catalog.table("item", mixed["version"]).location().removeprefix("file://")
     files = list(__import__("pathlib").Path(location).glob("runs/*/imputed/*.parquet"))
     assert files and result.embedded_rows == ROWS

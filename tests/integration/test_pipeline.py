@@ -102,7 +102,7 @@ def test_nothing_is_lost_offline_or_online(month):
                 assert batches.get(batch) == 1000, (version, batch)
     # online: every item of the month, under the version "current" points at
     final = result.current[30]
-    assert catalog.publication("item").current == final
+    assert repo.publication("item").current == final
     features = current_features(repo.store, "item_embeddings_current")
     keys = [day * 100_000 + i for day in range(1, 31) for i in range(1000)]
     for start in range(0, len(keys), 5000):

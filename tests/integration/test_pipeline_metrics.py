@@ -124,9 +124,9 @@ def test_a_step_pushes_its_figures_and_prometheus_reads_them_back(
 
     # The CLI: the same day again exits with its decision's code (4: switched to the first version)
     # and changes nothing; a step while another holds the lock exits 2 and says who holds it.
-    from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
+    from feast_embeddings.settings import StoreSettings
 
-    catalog = EmbeddingsCatalog(*settings_from_yaml(feature_repo / "feature_store.yaml"))
+    catalog = StoreSettings.read(feature_repo / "feature_store.yaml").open_catalog()
     snapshot = catalog.table("item", version).current_snapshot().snapshot_id
     vaectl = str(Path(sys.executable).parent / "vaectl")
     arguments = [

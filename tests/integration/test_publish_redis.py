@@ -75,9 +75,9 @@ def test_the_production_layout_postgres_catalog_s3_tables_s3_registry_redis_and_
     import s3fs
     from feast import FeatureStore
 
+    from feast_embeddings.settings import StoreSettings
     from ray_jobs.config import EmbedConfig
     from ray_jobs.embed import embed
-    from vae.embeddings.catalog import EmbeddingsCatalog, settings_from_yaml
 
     feature_repo, _, _ = redis_repo
     v1 = versions["names"][0]
@@ -116,7 +116,7 @@ def test_the_production_layout_postgres_catalog_s3_tables_s3_registry_redis_and_
                 verify_rows=200,
             )
         )
-        catalog = EmbeddingsCatalog(*settings_from_yaml(production))
+        catalog = StoreSettings.read(production).open_catalog()
         table = catalog.table("item", v1)
         assert table.location().startswith(f"s3://{bucket}/vae/warehouse/") and embedded.embedded_rows == 1797
         assert (

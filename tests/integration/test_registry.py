@@ -99,7 +99,7 @@ def _champion(world) -> str:
 
 
 def _current(world) -> str:
-    return EmbeddingsRepo(world["repo"]).catalog.publication("item").current
+    return EmbeddingsRepo(world["repo"]).publication("item").current
 
 
 def test_a_training_run_is_tracked_and_its_version_registered(world, tmp_path):
@@ -155,10 +155,10 @@ def test_an_alias_moved_by_hand_stops_publish_until_a_person_decides(world):
     untracked = world["untracked"]
     number = client.search_model_versions(f"name = '{MODEL}' and tags.`{VERSION_TAG}` = '{untracked}'")[0]
     client.set_registered_model_alias(MODEL, "champion", number.version)
-    before = EmbeddingsRepo(repo).catalog.publication("item")
+    before = EmbeddingsRepo(repo).publication("item")
     with pytest.raises(InputError, match=f"disagree.*{MODEL}@champion is {untracked}.*current is"):
         publish(PublishConfig(feature_repo=str(repo), model_version=world["tracked"], show=0))
-    assert EmbeddingsRepo(repo).catalog.publication("item") == before  # nothing changed
+    assert EmbeddingsRepo(repo).publication("item") == before  # nothing changed
     # serving what the alias names is what the message says to do: it proceeds
     publish(PublishConfig(feature_repo=str(repo), model_version=untracked, force=True, show=0))
     assert _current(world) == _champion(world) == untracked

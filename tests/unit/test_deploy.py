@@ -135,7 +135,7 @@ def test_the_fit_check_catches_a_job_no_node_type_can_run():
 def test_the_production_feature_store_yaml_is_a_valid_feast_config(monkeypatch):
     from feast.repo_config import load_repo_config
 
-    from vae.embeddings.catalog import settings_from_yaml
+    from feast_embeddings.settings import StoreSettings
 
     monkeypatch.setenv("REDIS_CONNECTION_STRING", "redis.example:6379,password=x")
     monkeypatch.setenv("PGUSER", "vae")
@@ -150,7 +150,7 @@ def test_the_production_feature_store_yaml_is_a_valid_feast_config(monkeypatch):
     assert (REPO / publish.feature_store_yaml).resolve() == REPO / "deploy" / "feature_store.yaml"
     assert (publish.monitoring or "").startswith("s3://")
     # the embeddings catalog every job and reader shares: PostgreSQL (no password in it), tables on S3
-    catalog, warehouse = settings_from_yaml(REPO / "deploy" / "feature_store.yaml")
+    catalog, warehouse = StoreSettings.read(REPO / "deploy" / "feature_store.yaml").embeddings_catalog()
     assert catalog == "postgresql+psycopg2://vae@catalog.internal:5432/vae_catalog"
     assert warehouse.startswith("s3://")
     embed = deploy_config(EmbedConfig, "embed")

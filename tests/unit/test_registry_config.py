@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from feast_embeddings.repo import tracking_uri_from_yaml
+from feast_embeddings.settings import StoreSettings
 from ray_jobs.config import TRAIN_OPERATIONAL, PipelineConfig, TrainConfig
 from vae import InputError
 from vae.versions.mlflow_registry import epoch_metrics, registered_model_name, resolve_tracking_uri
@@ -28,16 +28,17 @@ def test_the_option_wins_then_the_variable_then_nothing(monkeypatch):
 def test_the_feature_stores_mlflow_block(monkeypatch, tmp_path):
     project_yaml = REPO / "feature_repo" / "feature_store.yaml"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri_from_yaml(project_yaml) is None  # enabled, but no URI: off
+    assert StoreSettings.read(project_yaml).tracking_uri is None  # enabled, but no URI: off
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    assert tracking_uri_from_yaml(project_yaml) == "http://mlflow:5000"
+    assert StoreSettings.read(project_yaml).tracking_uri == "http://mlflow:5000"
     own = tmp_path / "feature_store.yaml"
     own.write_text("project: p\nmlflow:\n    enabled: true\n    tracking_uri: sqlite:///data/mlflow.db\n")
-    assert tracking_uri_from_yaml(own) == f"sqlite:///{tmp_path}/data/mlflow.db"  # relative to the yaml
+    # relative to the yaml
+    assert StoreSettings.read(own).tracking_uri == f"sqlite:///{tmp_path}/data/mlflow.db"
     own.write_text("project: p\nmlflow:\n    enabled: false\n    tracking_uri: http://mlflow:5000\n")
-    assert tracking_uri_from_yaml(own) is None
+    assert StoreSettings.read(own).tracking_uri is None
     own.write_text("project: p\n")
-    assert tracking_uri_from_yaml(own) is None
+    assert StoreSettings.read(own).tracking_uri is None
 
 
 def test_an_epochs_metrics_with_kl_per_dimension():

@@ -13,10 +13,15 @@ from vae.pipeline.decisions import Decision, DecisionLog, exit_code, of_batch
 from vae.pipeline.policy import (
     BatchHealth,
     Trigger,
+    champion_history,
     elbo_gate,
     heldout_negative_elbo,
+    pending_retrain,
     retrain_reason,
+    training_window,
+    unlogged_switch,
     watch_breach,
+    watched_over,
 )
 
 
@@ -72,6 +77,86 @@ def test_heldout_elbo_is_in_the_raw_datas_units():
         elbo_gate(12.5, 11.0, 1.0)[1]
         == "held-out -ELBO 12.50 vs champion 11.00 nats/example (+1.50; allowed +1)"
     )
+
+
+def day(batch: str, version: str, drift: bool = False) -> list[Decision]:
+    """What a quiet step logs for a batch: embedded, monitored (drift_seen too when it drifted)."""
+    found = [
+        Decision(batch, "embedded", version, detail={"data": f"/lake/{batch}"}),
+        Decision(
+            batch,
+            "monitored",
+            version,
+            detail={"health": health(batch, drift).__dict__ | {"model_version": version}},
+        ),
+    ]
+    return found + ([Decision(batch, "drift_seen", version)] if drift else [])
+
+
+def test_a_new_version_is_watched_over_for_its_first_batches_then_no_longer():
+    log = [*day("d1", "v1"), *day("d2", "v1"), Decision("d2", "switched", "v2", detail={"from": "v1"})]
+    # the switch's own batch starts nothing; the next three batches are watched, this one included
+    assert watched_over(log, "v2", "d2", watch_batches=3) is None
+    for batch in ("d3", "d4", "d5"):
+        assert watched_over(log, "v2", batch, watch_batches=3) == "v1", batch
+        log += day(batch, "v2")
+    assert watched_over(log, "v2", "d6", watch_batches=3) is None, "three batches held: the watch is over"
+    assert watched_over(log, "v2", "d3", watch_batches=0) is None
+    # a first version (switched from nothing) and a rolled back one are not watched
+    first = [Decision("d1", "switched", "v1", detail={"from": None})]
+    assert watched_over(first, "v1", "d2", watch_batches=3) is None
+    rolled = [*log[:7], Decision("d3", "rolled_back", "v2", detail={"to": "v1"})]
+    assert watched_over(rolled, "v2", "d4", watch_batches=3) is None
+
+
+def test_the_champions_history_starts_when_it_became_current_or_was_last_retrained():
+    log = [*day("d1", "v1", drift=True), Decision("d1", "switched", "v1", detail={"from": "v0"})]
+    log += [*day("d2", "v1"), *day("d3", "v1", drift=True)]
+    assert [h.batch_id for h in champion_history(log, "v1")] == ["d2", "d3"]
+    log += [Decision("d3", "retrain_started", "v1"), *day("d4", "v1")]
+    assert [h.batch_id for h in champion_history(log, "v1")] == ["d4"]
+    log += [Decision("d4", "rolled_back", "v2", detail={"to": "v1"}), *day("d5", "v1", drift=True)]
+    assert [h.batch_id for h in champion_history(log, "v1")] == ["d5"]
+
+
+def test_a_retrain_is_due_on_the_trigger_resumed_when_unfinished_and_spaced_after_a_refusal():
+    log = [*day("d1", "v1", drift=True), *day("d2", "v1", drift=True)]
+    assert pending_retrain(log, "d2", "v1", TRIGGER, retry_batches=2).startswith("drift in 2 of the last 2")
+    # a retrain of this batch that a crash cut short is finished by the re-run, whatever the trigger says
+    started = [*day("d1", "v1"), Decision("d1", "retrain_started", "v1", "the reason")]
+    assert pending_retrain(started, "d1", "v1", TRIGGER, retry_batches=2) == "the reason"
+    done = [*started, Decision("d1", "challenger_refused", "v2")]
+    assert pending_retrain(done, "d1", "v1", TRIGGER, retry_batches=2) is None
+    # after the refusal, a batch that alone fires the trigger (its anomaly rate) waits for retry_batches
+    spike = Decision("d2", "monitored", "v1", detail={"health": health("d2", rate=0.2).__dict__})
+    later = [*done, spike]
+    assert retrain_reason([health("d2", rate=0.2)], TRIGGER) is not None
+    assert pending_retrain(later, "d2", "v1", TRIGGER, retry_batches=2) is None
+    later.append(Decision("d3", "monitored", "v1", detail={"health": health("d3", rate=0.2).__dict__}))
+    assert pending_retrain(later, "d3", "v1", TRIGGER, retry_batches=2).startswith("batch d3: anomaly rate")
+
+
+def test_the_training_window_leaves_out_a_breaching_batch_and_the_old_healthy_lead():
+    log = [*day("d1", "v1"), *day("d2", "v1"), *day("d3", "v1", drift=True), *day("d4", "v1", drift=True)]
+    assert training_window(log, train_window=7) == [("d3", "/lake/d3"), ("d4", "/lake/d4")]
+    assert training_window(log, train_window=1) == [("d4", "/lake/d4")]
+    log += [*day("d5", "v2"), Decision("d5", "rolled_back", "v2", detail={"to": "v1"}), *day("d6", "v1")]
+    assert [batch for batch, _ in training_window(log, train_window=7)] == ["d3", "d4", "d6"]
+    # all healthy: the newest batch alone is left
+    assert training_window(day("d1", "v1") + day("d2", "v1"), train_window=7) == [("d2", "/lake/d2")]
+
+
+def test_a_switch_done_but_not_logged_is_logged_by_the_re_run():
+    log = [
+        *day("d9", "v1"),
+        Decision("d9", "retrain_started", "v1"),
+        Decision("d9", "challenger_trained", "v2"),
+    ]
+    switch = unlogged_switch(log, "d9", serving="v2")
+    assert (switch.kind, switch.model_version, switch.detail) == ("switched", "v2", {"from": "v1"})
+    assert unlogged_switch(log, "d9", serving="v1") is None, "still serving the champion: not switched"
+    assert unlogged_switch([*log, switch], "d9", serving="v2") is None, "logged already"
+    assert unlogged_switch(day("d9", "v1"), "d9", serving="v1") is None
 
 
 @pytest.fixture
@@ -135,7 +220,7 @@ def test_the_step_lock_refuses_a_second_holder_and_a_crashed_one_loses_it(catalo
     import sys
     import time
 
-    from vae.embeddings.catalog import LockHeld
+    from vae.embeddings.lock import LockHeld
 
     def holder(ttl: float, renew: bool, hold: float) -> subprocess.Popen:
         process = subprocess.Popen(

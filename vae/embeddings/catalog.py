@@ -1,14 +1,13 @@
 """Embeddings as Apache Iceberg tables in a SQL catalog (pyiceberg): one table per (entity set, model
-version), one batch per embed run, and the catalog of published versions.
+version), one batch per embed run.
 
-    catalog     a SQLite file (the embedded default) or PostgreSQL: `catalog` in the settings
+    catalog     a SQLite file (the embedded default) or PostgreSQL
     warehouse   where tables keep their files: a local directory or s3://
-    namespace   vae.<entity>: properties join_key, key_type, and the publication state (current,
-                previous, published.<version>, online.<version>, written.<version>,
-                indexed.<version>)
+    namespace   vae.<entity>: properties join_key and key_type (the entity set), plus whatever other
+                packages record there (feast_embeddings keeps its publication record in them)
     table       vae.<entity>.v_<version>, partitioned by batch_id: a batch is whole files
     a batch     one Iceberg commit: rows of batch_id = B deleted and the run's files added, in one
-                transaction; its snapshots carry vae.batch-id, vae.run-id, vae.event-time and counts
+                transaction; its snapshot carries the Properties below (batch, run, event time, counts)
 
 Readers see a batch whole or not at all; earlier snapshots stay readable (time travel). A commit that
 loses the optimistic-concurrency race (another batch landed first) is retried on the new metadata.
@@ -20,24 +19,47 @@ import contextlib
 import logging
 import os
 import re
-import socket
-import threading
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
 import pyarrow as pa
 
+from vae.embeddings.contract import identifier
+from vae.embeddings.lock import lease_lock
 from vae.errors import InputError, first_line
 from vae.storage import filesystem, is_local, storage_errors, url_of
 
 NAMESPACE = "vae"
 FILE_IO = "pyiceberg.io.fsspec.FsspecFileIO"  # s3fs: the AWS environment, AWS_ENDPOINT_URL included
-BATCH, RUN, EVENT_TIME = "vae.batch-id", "vae.run-id", "vae.event-time"
 KeyType = Literal["int64", "string"]
+
+
+class Properties:
+    """Every key the tables and their snapshots carry: a contract with every reader (history, publish,
+    the pipeline's backfill, Feast's lineage) and with the tables written before, so spelled only here."""
+
+    # on a version's table
+    MODEL_VERSION = "vae.model-version"  # the model version whose embeddings the table holds
+    MODEL_PATH = "vae.model-path"  # its folder (local or s3://): where readers find its model.json
+    MIGRATED_FROM = "vae.migrated-from"  # a table made from a Parquet directory (vaectl embeddings migrate)
+    # on the snapshot that committed a batch
+    BATCH = "vae.batch-id"
+    RUN = "vae.run-id"  # the embed run that landed it (a hash of batch, input, version and settings)
+    EVENT_TIME = "vae.event-time"  # the batch's event_timestamp (ISO), unless a timestamp column gave them
+    DATA = "vae.data"  # the input it was embedded from: what a backfill embeds again
+    ANOMALY_THRESHOLD = "vae.anomaly-threshold"
+    ON_BAD_ROWS = "vae.on-bad-rows"
+    INPUT_ROWS = "vae.input-rows"
+    EMBEDDED_ROWS = "vae.embedded-rows"
+    QUARANTINED_ROWS = "vae.quarantined-rows"
+    DUPLICATE_ROWS = "vae.duplicate-rows-dropped"
+    QUARANTINE = "vae.quarantine"  # where the quarantined rows are
+    INPUT_LISTING = "vae.input-listing-sha256"
+    INPUT_FILES = "vae.input-files"
+    CODE_VERSION = "vae.code-version"
+
 
 logging.getLogger("pyiceberg").setLevel(logging.WARNING)
 
@@ -64,23 +86,9 @@ class Batch:
     properties: dict[str, str]
 
 
-@dataclass
-class Publication:
-    """Which versions of an entity set the feature store serves: the catalog of published versions."""
-
-    current: str | None = None
-    previous: str | None = None
-    # a switch of "current" begun (MLflow's @champion moved first) and not finished: its target
-    switching: str | None = None
-    published: dict[str, str] = field(default_factory=dict)  # version -> first published at (ISO)
-    online: dict[str, bool] = field(default_factory=dict)
-    written: dict[str, int] = field(default_factory=dict)  # version -> snapshot id written online
-    indexed: dict[str, int] = field(default_factory=dict)  # version -> snapshot id in the vector index
-
-
 def table_name(version: str) -> str:
-    """A model version as an Iceberg (and SQL) identifier: v_20261123T203831Z_450da0be."""
-    return "v_" + re.sub(r"[^0-9A-Za-z_]", "_", version)
+    """A model version's table: v_20261123T203831Z_450da0be."""
+    return "v_" + identifier(version)
 
 
 def check_entity_name(name: str) -> str:
@@ -111,8 +119,8 @@ class EmbeddingsCatalog:
             ) from None
 
     @property
-    def properties(self) -> dict[str, str]:
-        """What a reader needs to open this catalog (Feast's IcebergSource): no credentials in it."""
+    def connection_properties(self) -> dict[str, str]:
+        """What another reader needs to open this catalog (an Iceberg source): no credentials in it."""
         return {"uri": self.uri, "warehouse": self.warehouse, "py-io-impl": FILE_IO}
 
     # -- entity sets -------------------------------------------------------------------------------
@@ -163,9 +171,9 @@ class EmbeddingsCatalog:
     def versions(self, entity: str) -> list[str]:
         self.entity_set(entity)
         tables = self.catalog.list_tables((NAMESPACE, entity))
-        loaded = [self.catalog.load_table(identifier) for identifier in tables]
+        loaded = [self.catalog.load_table(table_id) for table_id in tables]
         return sorted(
-            t.properties["vae.model-version"] for t in loaded if "vae.model-version" in t.properties
+            t.properties[Properties.MODEL_VERSION] for t in loaded if Properties.MODEL_VERSION in t.properties
         )
 
     def table(self, entity: str, version: str):
@@ -180,14 +188,8 @@ class EmbeddingsCatalog:
             ) from None
 
     def resolve(self, entity: str, version: str) -> str:
-        """A version name, with 'latest' (the newest embedded) and 'current' (the published one) resolved."""
-        if version == "current":
-            current = self.publication(entity).current
-            if current is None:
-                raise InputError(
-                    f"entity '{entity}' has no current version yet; publish one (vaectl publish)"
-                )
-            return current
+        """A version name, with 'latest' (the newest embedded) resolved. ('current', the published one,
+        is the feature store's: feast_embeddings.publication.resolve_version.)"""
         if version == "latest":
             versions = self.versions(entity)
             if not versions:
@@ -201,22 +203,22 @@ class EmbeddingsCatalog:
         """The version's table, created (partitioned by batch_id) if it does not exist yet."""
         from pyiceberg.exceptions import TableAlreadyExistsError
 
-        identifier = (NAMESPACE, entity.name, table_name(version))
-        if self.catalog.table_exists(identifier):  # create_table writes a metadata file before it checks
-            table = self.catalog.load_table(identifier)
+        table_id = (NAMESPACE, entity.name, table_name(version))
+        if self.catalog.table_exists(table_id):  # create_table writes a metadata file before it checks
+            table = self.catalog.load_table(table_id)
             missing = [name for name in schema.names if name not in table.schema().column_names]
             if missing:  # a table from before a column joined the contract (attribution): add it
                 with storage_errors(self.warehouse), table.update_schema() as update:
                     update.union_by_name(schema)
-                table = self.catalog.load_table(identifier)
+                table = self.catalog.load_table(table_id)
             return table
         with storage_errors(self.warehouse), contextlib.suppress(TableAlreadyExistsError):
             table = self.catalog.create_table(
-                identifier, schema=schema, properties={"vae.model-version": version, **properties}
+                table_id, schema=schema, properties={Properties.MODEL_VERSION: version, **properties}
             )
             with table.update_spec() as spec:
                 spec.add_identity("batch_id")
-        return self.catalog.load_table(identifier)
+        return self.catalog.load_table(table_id)
 
     # -- batches ---------------------------------------------------------------------------------------
 
@@ -234,7 +236,7 @@ class EmbeddingsCatalog:
         live: dict[str, Batch] = {}
         for snap in reversed(chain):  # oldest first: a later commit of a batch replaces the earlier one
             properties = snap.summary.additional_properties
-            batch = properties.get(BATCH)
+            batch = properties.get(Properties.BATCH)
             if batch is None or snap.summary.operation.value != "append":
                 continue
             committed = datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat()
@@ -244,8 +246,8 @@ class EmbeddingsCatalog:
                 rows.get(batch, 0),
                 snap.snapshot_id,
                 committed,
-                properties.get(RUN, ""),
-                properties.get(EVENT_TIME),
+                properties.get(Properties.RUN, ""),
+                properties.get(Properties.EVENT_TIME),
                 dict(properties),
             )
         return [b for b in live.values() if b.batch_id in rows]
@@ -300,7 +302,7 @@ class EmbeddingsCatalog:
         from pyiceberg.exceptions import CommitFailedException
         from pyiceberg.expressions import EqualTo
 
-        snapshot_properties = {BATCH: batch_id, RUN: run_id, **properties}
+        snapshot_properties = {Properties.BATCH: batch_id, Properties.RUN: run_id, **properties}
         _ensure_working_directory()
         for attempt in range(attempts):
             table.refresh()
@@ -336,131 +338,27 @@ class EmbeddingsCatalog:
         pairs = zip(files.column("file_path").to_pylist(), files.column("partition").to_pylist(), strict=True)
         return {path for path, partition in pairs if partition["batch_id"] == batch_id}
 
-    # -- publication ------------------------------------------------------------------------------------
+    # -- what other packages record about an entity set ------------------------------------------------
 
-    def publication(self, entity: str) -> Publication:
-        """What is published of an entity set (nothing, for one not embedded yet)."""
+    def entity_properties(self, entity: str) -> dict[str, str]:
+        """The entity set namespace's properties (empty for an entity set not embedded yet)."""
         from pyiceberg.exceptions import NoSuchNamespaceError
 
         try:
-            properties = self.catalog.load_namespace_properties((NAMESPACE, entity))
+            return dict(self.catalog.load_namespace_properties((NAMESPACE, entity)))
         except NoSuchNamespaceError:
-            return Publication()
-        state = Publication(
-            current=properties.get("current") or None,
-            previous=properties.get("previous") or None,
-            switching=properties.get("switching") or None,
-        )
-        for key, value in properties.items():
-            kind, _, version = key.partition(".")
-            if kind == "published" and version:
-                state.published[version] = value
-            elif kind == "online" and version:
-                state.online[version] = value == "true"
-            elif kind in ("written", "indexed") and version:
-                getattr(state, kind)[version] = int(value)
-        return state
+            return {}
 
-    def update_publication(self, entity: str, **updates: str | None) -> None:
-        """Set publication properties, e.g. current=v, **{"online.v": "true"}; None removes one."""
+    def update_entity_properties(self, entity: str, updates: dict[str, str | None]) -> None:
+        """Set namespace properties; None removes one. One catalog transaction."""
         removals = {key for key, value in updates.items() if value is None}
         values = {key: value for key, value in updates.items() if value is not None}
         self.catalog.update_namespace_properties((NAMESPACE, entity), removals=removals, updates=values)
 
-    # -- a lease lock in the catalog's database -----------------------------------------------------------
-
-    @contextlib.contextmanager
-    def lock(
-        self, name: str, ttl_seconds: float = 300, wait_seconds: float = 600, renew: bool = False
-    ) -> Iterator[None]:
-        """Held by one process at a time across machines (the catalog's database); a holder that crashed
-        loses it when its lease runs out. renew: a thread extends the lease every ttl/3 while held, for
-        work longer than one lease (a pipeline step that trains)."""
-        from sqlalchemy import text
-
-        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        engine = self.catalog.engine
-        with engine.begin() as connection:
-            connection.execute(
-                text(
-                    "CREATE TABLE IF NOT EXISTS vae_locks "
-                    "(name VARCHAR(255) PRIMARY KEY, holder VARCHAR(255), expires DOUBLE PRECISION)"
-                )
-            )
-        deadline = time.monotonic() + wait_seconds
-        while not self._try_lock(name, holder, ttl_seconds):
-            if time.monotonic() > deadline:
-                raise LockHeld(name, wait_seconds, *self._lock_holder(name))
-            time.sleep(0.1)
-        stop = threading.Event()
-        renewer = threading.Thread(target=self._renew, args=(name, holder, ttl_seconds, stop), daemon=True)
-        if renew:
-            renewer.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            if renew:
-                renewer.join()
-            with engine.begin() as connection:
-                connection.execute(
-                    text("DELETE FROM vae_locks WHERE name = :name AND holder = :holder"),
-                    {"name": name, "holder": holder},
-                )
-
-    def _renew(self, name: str, holder: str, ttl_seconds: float, stop: threading.Event) -> None:
-        from sqlalchemy import text
-
-        while not stop.wait(ttl_seconds / 3):
-            with contextlib.suppress(Exception), self.catalog.engine.begin() as connection:
-                connection.execute(
-                    text("UPDATE vae_locks SET expires = :expires WHERE name = :name AND holder = :holder"),
-                    {"expires": time.time() + ttl_seconds, "name": name, "holder": holder},
-                )
-
-    def _lock_holder(self, name: str) -> tuple[str, float]:
-        from sqlalchemy import text
-
-        with self.catalog.engine.begin() as connection:
-            row = connection.execute(
-                text("SELECT holder, expires FROM vae_locks WHERE name = :name"), {"name": name}
-            ).first()
-        return (row[0], row[1] - time.time()) if row else ("nobody", 0.0)
-
-    def _try_lock(self, name: str, holder: str, ttl_seconds: float) -> bool:
-        from sqlalchemy import text
-        from sqlalchemy.exc import IntegrityError, OperationalError
-
-        now = time.time()
-        try:
-            with self.catalog.engine.begin() as connection:
-                taken = connection.execute(
-                    text(
-                        "UPDATE vae_locks SET holder = :holder, expires = :expires "
-                        "WHERE name = :name AND expires < :now"
-                    ),
-                    {"holder": holder, "expires": now + ttl_seconds, "name": name, "now": now},
-                ).rowcount
-                if taken:
-                    return True
-                connection.execute(
-                    text("INSERT INTO vae_locks (name, holder, expires) VALUES (:name, :holder, :expires)"),
-                    {"name": name, "holder": holder, "expires": now + ttl_seconds},
-                )
-                return True
-        except (IntegrityError, OperationalError):  # held by another process; SQLite: busy
-            return False
-
-
-class LockHeld(RuntimeError):
-    """Another process holds a lock past the wait."""
-
-    def __init__(self, name: str, waited: float, holder: str, expires_in: float):
-        super().__init__(
-            f"lock '{name}' is held by {holder} (lease ends in {expires_in:.0f} s unless renewed); waited "
-            f"{waited:.0f} s (table vae_locks)"
-        )
-        self.holder = holder
+    def lock(self, name: str, ttl_seconds: float = 300, wait_seconds: float = 600, renew: bool = False):
+        """A lease lock in the catalog's database (vae.embeddings.lock): one holder at a time across
+        machines; renew: extended while held, for work longer than one lease."""
+        return lease_lock(self.catalog.engine, name, ttl_seconds, wait_seconds, renew)
 
 
 def _ensure_working_directory() -> None:
@@ -477,8 +375,8 @@ def model_version_info(table, model_root: str):
     table records, else under model_root."""
     from vae.versions.artifacts import read_model_version_info
 
-    version = table.properties["vae.model-version"]
-    parent, _, name = table.properties.get("vae.model-path", "").rstrip("/").rpartition("/")
+    version = table.properties[Properties.MODEL_VERSION]
+    parent, _, name = table.properties.get(Properties.MODEL_PATH, "").rstrip("/").rpartition("/")
     if parent and name == version:
         with contextlib.suppress(InputError):  # moved since: look under model_root
             return read_model_version_info(parent, name)
@@ -526,37 +424,3 @@ def _committed_ms(batch: Batch) -> int:
 def redact(text: str) -> str:
     """A database URI or message with any password replaced by ***."""
     return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
-
-
-def settings_from_yaml(path: str | os.PathLike) -> tuple[str, str]:
-    """(catalog URI, warehouse) from a feature_store.yaml's `vae_embeddings` block, ${VARS} expanded
-    and relative paths taken relative to the file (where Feast takes the repo's paths)."""
-    from pathlib import Path
-
-    import yaml
-
-    path = Path(path)
-    try:
-        values = yaml.safe_load(os.path.expandvars(path.read_text())) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise InputError(f"{path}: {first_line(error)}") from None
-    block = values.get("vae_embeddings") if isinstance(values, dict) else None
-    if not isinstance(block, dict) or not block.get("catalog") or not block.get("warehouse"):
-        raise InputError(
-            f"{path}: no vae_embeddings block with catalog and warehouse (the project's has one)"
-        )
-    return absolute_uri(str(block["catalog"]), path.parent), absolute_path(
-        str(block["warehouse"]), path.parent
-    )
-
-
-def absolute_uri(uri: str, base) -> str:
-    """A SQLite URI with a relative file made absolute against `base`; other URIs as they are."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        return prefix + str((base / uri[len(prefix) :]).absolute())
-    return uri
-
-
-def absolute_path(location: str, base) -> str:
-    return location if "://" in location else str((base / location).absolute())

@@ -39,7 +39,7 @@ import torch
 from vae.data.features import FeatureSchema, check_arrow_schema, features_to_numpy, split_bad_rows
 from vae.data.tabular import with_unseen
 from vae.embeddings import contract
-from vae.embeddings.catalog import EVENT_TIME
+from vae.embeddings.catalog import Properties
 from vae.encode import attributes, encode_matrix, encode_with_attribution
 from vae.errors import InputError, first_line
 from vae.storage import (
@@ -586,17 +586,17 @@ def commit_run(
     urls = [file_url(fs, f"{data}/{name}") for name in files]
     properties = {
         **settings,
-        EVENT_TIME: options.event_time.isoformat(),
-        "vae.input-rows": str(input_rows),
-        "vae.embedded-rows": str(embedded - duplicates),
-        "vae.quarantined-rows": str(quarantined),
-        "vae.duplicate-rows-dropped": str(duplicates),
-        "vae.quarantine": paths.quarantine if quarantined else "",
-        "vae.input-listing-sha256": hashlib.sha256(
+        Properties.EVENT_TIME: options.event_time.isoformat(),
+        Properties.INPUT_ROWS: str(input_rows),
+        Properties.EMBEDDED_ROWS: str(embedded - duplicates),
+        Properties.QUARANTINED_ROWS: str(quarantined),
+        Properties.DUPLICATE_ROWS: str(duplicates),
+        Properties.QUARANTINE: paths.quarantine if quarantined else "",
+        Properties.INPUT_LISTING: hashlib.sha256(
             json.dumps(plan.listing, sort_keys=True).encode()
         ).hexdigest(),
-        "vae.input-files": str(len(plan.listing)),
-        "vae.code-version": code_version(),
+        Properties.INPUT_FILES: str(len(plan.listing)),
+        Properties.CODE_VERSION: code_version(),
     }
     run = paths.data.rsplit("/", 1)[-1]
     batch, committed = catalog.commit_batch(

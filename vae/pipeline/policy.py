@@ -1,12 +1,16 @@
 """When the daily pipeline retrains, what a challenger must show before it serves, and when a new
-version is rolled back: pure functions of monitoring reports and the decision log (vae.pipeline.decisions).
+version is rolled back: pure functions of monitoring reports and of the decision log
+(vae.pipeline.decisions), which is the pipeline's state. No I/O here.
 
     health     one batch's monitoring outcome against the version that embedded it: drift, the
                anomaly rate against the calibrated one, collapse
     trigger    drift in K of the last N batches the champion embedded since it became current (or
-               since the last retrain), or the anomaly rate above a multiple of the calibrated one
+               since the last retrain), or the anomaly rate above a multiple of the calibrated one;
+               after a refused challenger, not before `retry_batches` more batches
     watch      after a switch, each of the next M batches against the new version's own reference:
-               any problem rolls it back
+               any problem rolls it back (the version watched over is the one a rollback returns to)
+    window     the batches a challenger trains on: the recent ones, less a batch that broke a watch
+               and less the leading ones the champion found healthy
     held-out   the challenger's and the champion's negative ELBO on the same held-out rows, in nats
                per example of the raw data (the normalizer's Jacobian added for Gaussian models)
 """
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vae.pipeline.decisions import Decision
+from vae.pipeline.decisions import Decision, of_batch
 
 
 @dataclass(frozen=True)
@@ -141,3 +145,106 @@ def elbo_gate(challenger: float, champion: float, margin: float) -> tuple[bool, 
         f"({worse:+.2f}; allowed +{margin:g})"
     )
     return passed, detail
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries on the decision log (oldest first)
+
+
+def recorded(decisions: list[Decision], batch: str, kind: str, version: str | None = None) -> Decision | None:
+    """The batch's decision of a kind (for a version, when given), if one was recorded."""
+    found = [d for d in of_batch(decisions, batch) if d.kind == kind]
+    return next((d for d in found if version is None or d.model_version == version), None)
+
+
+def unlogged_switch(decisions: list[Decision], batch: str, serving: str | None) -> Decision | None:
+    """The "switched" decision a step killed between switching to the version it trained for this batch
+    and logging it did not record (the switch itself is one registry write: done or not); None when
+    there is nothing to log."""
+    trained = recorded(decisions, batch, "challenger_trained")
+    if serving is None or trained is None or trained.model_version != serving:
+        return None
+    if recorded(decisions, batch, "switched"):
+        return None
+    started = recorded(decisions, batch, "retrain_started")
+    champion = started.model_version if started else None
+    reason = "logged by the re-run of the step that switched"
+    return Decision(batch, "switched", serving, reason, {"from": champion})
+
+
+def watched_over(decisions: list[Decision], champion: str, batch: str, watch_batches: int) -> str | None:
+    """The version the champion replaced, while the champion is within its first watch_batches batches
+    after a switch by the pipeline (this batch included); else None."""
+    switches = [
+        i
+        for i, d in enumerate(decisions)
+        if d.kind == "switched" and d.model_version == champion and d.detail.get("from")
+    ]
+    if not switches or watch_batches == 0:
+        return None
+    switch = decisions[switches[-1]]
+    if switch.batch_id == batch:
+        return None  # switched at the end of this very batch: the watch starts with the next one
+    if any(d.kind == "rolled_back" and d.model_version == champion for d in decisions[switches[-1] :]):
+        return None
+    watched = {
+        d.batch_id
+        for d in decisions[switches[-1] + 1 :]
+        if d.kind == "monitored" and d.model_version == champion
+    }
+    watched.discard(batch)
+    return switch.detail["from"] if len(watched) < watch_batches else None
+
+
+def champion_history(decisions: list[Decision], champion: str) -> list[BatchHealth]:
+    """The champion's monitored batches since it last became current or was last retrained."""
+    start = 0
+    for i, d in enumerate(decisions):
+        made_current = (d.kind == "switched" and d.model_version == champion) or (
+            d.kind == "rolled_back" and d.detail.get("to") == champion
+        )
+        if made_current or d.kind == "retrain_started":
+            start = i + 1
+    return [
+        BatchHealth.of_decision(d)
+        for d in decisions[start:]
+        if d.kind == "monitored" and d.model_version == champion
+    ]
+
+
+def pending_retrain(
+    decisions: list[Decision], batch: str, champion: str, trigger: Trigger, retry_batches: int
+) -> str | None:
+    """Why to retrain after this batch: a retrain of this batch that did not finish, or the trigger
+    (not within retry_batches batches of a refused challenger)."""
+    started = recorded(decisions, batch, "retrain_started", champion)
+    if started is not None:
+        done = recorded(decisions, batch, "switched") or recorded(decisions, batch, "challenger_refused")
+        return None if done else started.reason
+    history = champion_history(decisions, champion)
+    refused = [d for d in decisions if d.kind == "challenger_refused"]
+    retrains = [d for d in decisions if d.kind == "retrain_started"]
+    if refused and retrains and refused[-1].batch_id == retrains[-1].batch_id:
+        if len(history) < retry_batches:  # the last challenger was refused: not every day
+            return None
+    return retrain_reason(history, trigger)
+
+
+def training_window(decisions: list[Decision], train_window: int) -> list[tuple[str, str]]:
+    """(batch, data) of the last train_window batches embedded, less a batch that rolled a version back
+    (its data broke the watch) and less the window's leading batches that the version serving them
+    found healthy: those are the distribution the champion already models, and a challenger whose
+    reference mixed them in would see drift on every batch after the change."""
+    breached = {d.batch_id for d in decisions if d.kind == "rolled_back"}
+    data: dict[str, str] = {}
+    for d in decisions:
+        if d.kind == "embedded" and d.batch_id not in breached:
+            data.pop(d.batch_id, None)
+            data[d.batch_id] = d.detail["data"]
+    window = list(data.items())[-train_window:]
+    healthy = {d.batch_id for d in decisions if d.kind == "monitored"} - {
+        d.batch_id for d in decisions if d.kind == "drift_seen"
+    }
+    while len(window) > 1 and window[0][0] in healthy:
+        window.pop(0)
+    return window

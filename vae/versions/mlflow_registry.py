@@ -34,6 +34,7 @@ from vae.storage import filesystem, is_local, storage_errors
 log = logging.getLogger("vae.versions.mlflow_registry")
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+MODELS_URI = "models:/"  # models:/<name>@<alias>, models:/<name>/<number>
 CHAMPION, CHALLENGER = "champion", "challenger"
 VERSION_TAG = "vae.model_version"  # on registered versions and on the training run
 PATH_TAG = "vae.model_path"  # the version folder (local path or s3:// URL)
@@ -238,7 +239,7 @@ class Registry:
 
     def resolve(self, uri: str) -> tuple[str, str]:
         """models:/<name>@<alias> or models:/<name>/<number> -> (model_root, version name)."""
-        body = uri.removeprefix("models:/")
+        body = uri.removeprefix(MODELS_URI)
         name, at, alias = body.partition("@")
         with self.calls(f"resolve {uri}"):
             try:
@@ -260,6 +261,18 @@ class Registry:
     def run_tags(self, run_id: str) -> dict[str, str]:
         with self.calls(f"read run {run_id}"):
             return dict(self.client.get_run(run_id).data.tags)
+
+
+def resolve_model_version(model_version: str, tracking_uri: str | None, fix: str) -> tuple[str | None, str]:
+    """(model root or None, version name) of a job's model_version: models:/<name>@<alias> and
+    models:/<name>/<number> resolved in the registry at tracking_uri to the folder the registered version
+    records; any other value (a name, 'latest', 'current') as it is, without a root. `fix` says where
+    the registry is configured, for the error when there is none."""
+    if not model_version.startswith(MODELS_URI):
+        return None, model_version
+    if tracking_uri is None:
+        raise InputError(f"model_version {model_version}: no MLflow registry to resolve it in; {fix}")
+    return Registry(tracking_uri).resolve(model_version)
 
 
 def add_pyfunc_files(path: str) -> None:

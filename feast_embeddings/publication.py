@@ -1,0 +1,74 @@
+"""Which model versions of an entity set the feature store serves: the publication record, kept as
+properties of the entity set's namespace in the embeddings catalog (one place every publisher and
+reader shares, updated in the catalog's own transactions).
+
+    current             the version the <entity>_embeddings_current feature service points at
+    previous            the one it pointed at before the last switch (what a rollback returns to)
+    switching           a switch of current begun (MLflow's @champion moved first), not finished
+    published.<v>       when v was first published (ISO time); its view stays registered for ever
+    online.<v>          "true" while v's view is online (the keep_online newest), "false" after
+    written.<v>         the table snapshot whose rows are online: the next publish writes the rest
+    indexed.<v>         the table snapshot whose rows are in the vector-search index
+
+The Feast objects (views, the current service) are derived from this record (feast_embeddings.repo).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vae.embeddings.catalog import EmbeddingsCatalog
+from vae.errors import InputError
+
+CURRENT, PREVIOUS, SWITCHING = "current", "previous", "switching"
+PER_VERSION = ("published", "online", "written", "indexed")  # keys <kind>.<version>
+
+
+@dataclass
+class Publication:
+    """The record of one entity set (empty for one never published)."""
+
+    current: str | None = None
+    previous: str | None = None
+    switching: str | None = None
+    published: dict[str, str] = field(default_factory=dict)  # version -> first published at (ISO)
+    online: dict[str, bool] = field(default_factory=dict)
+    written: dict[str, int] = field(default_factory=dict)  # version -> snapshot id written online
+    indexed: dict[str, int] = field(default_factory=dict)  # version -> snapshot id in the vector index
+
+    @classmethod
+    def read(cls, catalog: EmbeddingsCatalog, entity: str) -> Publication:
+        properties = catalog.entity_properties(entity)
+        state = cls(
+            current=properties.get(CURRENT) or None,
+            previous=properties.get(PREVIOUS) or None,
+            switching=properties.get(SWITCHING) or None,
+        )
+        for key, value in properties.items():
+            kind, _, version = key.partition(".")
+            if kind == "published" and version:
+                state.published[version] = value
+            elif kind == "online" and version:
+                state.online[version] = value == "true"
+            elif kind in ("written", "indexed") and version:
+                getattr(state, kind)[version] = int(value)
+        return state
+
+
+def update_publication(catalog: EmbeddingsCatalog, entity: str, **updates: str | None) -> None:
+    """Set record entries, e.g. current=v, **{"online.v": "true"}; None removes one."""
+    known = (CURRENT, PREVIOUS, SWITCHING, *PER_VERSION)
+    unknown = [key for key in updates if key.partition(".")[0] not in known]
+    if unknown:
+        raise ValueError(f"not publication keys: {unknown}")
+    catalog.update_entity_properties(entity, updates)
+
+
+def resolve_version(catalog: EmbeddingsCatalog, entity: str, version: str) -> str:
+    """A version name, with 'current' (the published one) and 'latest' (the newest embedded) resolved."""
+    if version != "current":
+        return catalog.resolve(entity, version)
+    current = Publication.read(catalog, entity).current
+    if current is None:
+        raise InputError(f"entity '{entity}' has no current version yet; publish one (vaectl publish)")
+    return current
