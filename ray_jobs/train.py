@@ -57,7 +57,7 @@ from vae.training import (
     claim_run,
     derived_run_name,
     load_best_weights,
-    load_reference,
+    load_checkpoint_reference,
 )
 from vae.training_report import write_training_report
 from vae.versions.artifacts import (
@@ -410,7 +410,7 @@ def finalize(config: TrainConfig, prepared: PreparedRun, result: ray.train.Resul
         state = RunState.from_dict(json.loads((Path(checkpoint_dir) / STATE_FILE).read_text()))
         model = VAE(prepared.model)
         model.load_state_dict(load_best_weights(checkpoint_dir))
-        latents, scores, labels = load_reference(checkpoint_dir)
+        latents, scores, labels = load_checkpoint_reference(checkpoint_dir)
     model.eval()
     final, best = state.final, state.history[state.final["best_epoch"] - 1]
     if final["collapse_warning"]:

@@ -47,7 +47,7 @@ from vae.training import (
     iw_nll_sums,
     key_shard,
     load_training_state,
-    save_reference,
+    save_checkpoint_reference,
     save_training_state,
     take_rows,
     train_epoch,
@@ -270,7 +270,7 @@ class TrainingWorker:
                 checkpoint_dir, self.model, self.best_weights, self.optimizer, self.state.to_dict()
             )
             if reference is not None:
-                save_reference(checkpoint_dir, *reference)
+                save_checkpoint_reference(checkpoint_dir, *reference)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir))
 
 

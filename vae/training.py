@@ -65,7 +65,7 @@ MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
-REFERENCE_FILE = "reference.npz"
+CHECKPOINT_REFERENCE_FILE = "reference.npz"  # the validation reference, in the final checkpoint
 
 
 def save_training_state(
@@ -107,17 +107,17 @@ def load_training_state(
     return load_file(directory / BEST_FILE), state
 
 
-def save_reference(
+def save_checkpoint_reference(
     directory: str | Path, latents: np.ndarray, scores: np.ndarray, labels: np.ndarray | None
 ) -> None:
     """The best weights' posterior means and anomaly scores of validation rows (and their labels):
     the version's monitoring reference and the report's plot, computed where the rows already are."""
     arrays = {"latents": latents, "scores": scores} | ({} if labels is None else {"labels": labels})
-    np.savez(Path(directory) / REFERENCE_FILE, **arrays)
+    np.savez(Path(directory) / CHECKPOINT_REFERENCE_FILE, **arrays)
 
 
-def load_reference(directory: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    with np.load(Path(directory) / REFERENCE_FILE, allow_pickle=False) as arrays:
+def load_checkpoint_reference(directory: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    with np.load(Path(directory) / CHECKPOINT_REFERENCE_FILE, allow_pickle=False) as arrays:
         labels = arrays["labels"] if "labels" in arrays else None
         return arrays["latents"], arrays["scores"], labels
 

@@ -44,7 +44,7 @@ from vae.storage import filesystem, is_local, storage_errors, url_of
 
 FORMAT = "vae-model-version/1"
 WEIGHTS_FILE = "model.safetensors"
-REFERENCE_FILE = "reference.safetensors"
+REFERENCE_FILE = "reference.safetensors"  # the version's monitoring reference (cf. the checkpoint's .npz)
 METADATA_FILE = "model.json"
 STAGING_PREFIX = ".staging-"
 
