@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from vae.embeddings.catalog import EmbeddingsCatalog
 from vae.errors import InputError
+from vae.versions.mlflow_registry import resolve_model_version
 
 CURRENT, PREVIOUS, SWITCHING = "current", "previous", "switching"
 PER_VERSION = ("published", "online", "written", "indexed")  # keys <kind>.<version>
@@ -64,8 +65,12 @@ def update_publication(catalog: EmbeddingsCatalog, entity: str, **updates: str |
     catalog.update_entity_properties(entity, updates)
 
 
-def resolve_version(catalog: EmbeddingsCatalog, entity: str, version: str) -> str:
-    """A version name, with 'current' (the published one) and 'latest' (the newest embedded) resolved."""
+def resolve_version(
+    catalog: EmbeddingsCatalog, entity: str, version: str, tracking_uri: str | None = None, fix: str = ""
+) -> str:
+    """A version name, with 'current' (the published one), 'latest' (the newest embedded) and MLflow's
+    models:/ URIs (in the registry at tracking_uri; `fix` says where it is configured) resolved."""
+    _, version = resolve_model_version(version, tracking_uri, fix)
     if version != "current":
         return catalog.resolve(entity, version)
     current = Publication.read(catalog, entity).current

@@ -1,5 +1,11 @@
 """Every job's one typed config: defaults < YAML file (--config) < one flag per field.
 
+A config is made of sections, each a small model whose docstring's first line is its title: `--help`
+lists the options by section and docs/configuration.md is generated from the same classes. Where a
+pipeline step runs a job, the job's target sections (what it runs on and where it writes) are the
+step's to set; the rest is what the pipeline's train/embed/publish blocks may set. Files stay flat
+(one key per option), as flags are.
+
 This module imports no torch, Ray or Feast, so `vaectl <job> --help` and the option check of
 `vaectl submit` take a fraction of a second.
 """
@@ -10,10 +16,11 @@ import argparse
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from ray_jobs.cluster import resource_request
 from vae.errors import InputError
@@ -25,26 +32,50 @@ class JobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
+    @classmethod
+    def sections(cls) -> list[tuple[type[JobConfig], list[str]]]:
+        """(section class, its option names) in the order the config declares them."""
+        found = []
+        for klass in cls.__mro__:
+            own = [name for name in vars(klass).get("__annotations__", {}) if name in cls.model_fields]
+            if own and issubclass(klass, JobConfig):
+                found.append((klass, own))
+        return found
+
+
+class Section(JobConfig):
+    """A group of options documented together. `identity = False`: none of them changes what a training
+    run computes, so they stay out of the run's derived name (a re-run with them changed resumes)."""
+
+    identity: ClassVar[bool] = True
+
 
 ConfigT = TypeVar("ConfigT", bound=JobConfig)
 
 
 def parse_config(config_class: type[ConfigT], argv: list[str] | None, prog: str) -> ConfigT:
     """Defaults < YAML file (--config) < one flag per field (values parsed as YAML: 16, [256,128])."""
-    parser = argparse.ArgumentParser(prog=prog, description=(config_class.__doc__ or "").strip())
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage=f"{prog} [--config YAML] [--<option> VALUE ...]",
+        description=(config_class.__doc__ or "").strip(),
+    )
     parser.add_argument("--config", metavar="YAML", help="YAML file with any of the options below")
-    for name, field in config_class.model_fields.items():
-        default = "required" if field.is_required() else f"default: {field.default!r}"
-        switch = field.annotation is bool  # `--rollback` alone means true; `--rollback false` still works
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            default=argparse.SUPPRESS,
-            metavar="VALUE",
-            nargs="?" if switch else None,
-            const="true" if switch else None,
-            help=f"{field.description or ''} ({default})",
-        )
+    for section, names in config_class.sections():
+        group = parser.add_argument_group(title(section))
+        for name in names:
+            field = config_class.model_fields[name]
+            default = "required" if field.is_required() else f"default: {default_text(field)}"
+            switch = field.annotation is bool  # `--rollback` alone means true; `--rollback false` still works
+            group.add_argument(
+                "--" + name.replace("_", "-"),
+                dest=name,
+                default=argparse.SUPPRESS,
+                metavar="VALUE",
+                nargs="?" if switch else None,
+                const="true" if switch else None,
+                help=f"{field.description or ''} ({default})",
+            )
     args = vars(parser.parse_args(argv))
     values: dict = {}
     if config_path := args.pop("config", None):
@@ -58,6 +89,15 @@ def parse_config(config_class: type[ConfigT], argv: list[str] | None, prog: str)
     except ValidationError as error:
         problems = "; ".join(_problem(e) for e in error.errors())
         raise InputError(f"invalid {prog} config: {problems}") from None
+
+
+def title(section: type[JobConfig]) -> str:
+    return (section.__doc__ or section.__name__).strip().splitlines()[0].rstrip(".")
+
+
+def default_text(field: FieldInfo) -> str:
+    """An option's default as --help and the docs show it (a block's: {})."""
+    return "{}" if field.default_factory is not None else repr(field.default)
 
 
 def _problem(error: dict) -> str:
@@ -84,16 +124,146 @@ def _parse_flag(raw: str):
 
 
 # ---------------------------------------------------------------------------------------------
+# Options several jobs share: one definition each
+
+Entity = Annotated[
+    str,
+    Field(
+        description="the embedding set (entity), e.g. item or user: one VAE (MLflow: vae-<entity>), one key"
+    ),
+]
+ModelRoot = Annotated[str, Field(description="directory or s3:// prefix that holds model versions")]
+ModelVersion = Annotated[
+    str,
+    Field(
+        description="the model version: a name, 'latest' (the newest), 'current' (the one the feature store "
+        "serves), or an MLflow registry URI: models:/vae-item@champion, models:/vae-item/3"
+    ),
+]
+FeatureRepo = Annotated[str, Field(description="Feast repo directory (feature_store.yaml + definitions)")]
+
+
+def batch_option(default: str) -> Any:
+    """A batch of a version's table by name (letters, digits, '.', '_', '-'); `default`: what None means."""
+    return Field(None, description=f"the batch, by name, e.g. 2026-11-23 (default: {default})")
+
+
+class EmbeddingsLocation(Section):
+    """Where an entity set's embeddings live: the Iceberg catalog and warehouse of a feature store."""
+
+    identity: ClassVar[bool] = False
+    entity: Entity = "item"
+    feature_store_yaml: str = Field(
+        "feature_repo/feature_store.yaml",
+        description="the feature store whose embeddings catalog (its vae_embeddings block) and MLflow "
+        "registry (its mlflow block) are used",
+    )
+    catalog: str | None = Field(
+        None,
+        description="Iceberg SQL catalog URI instead of the feature store's: sqlite:///path.db or "
+        "postgresql+psycopg2://user@host/db (password from PGPASSWORD, never in config)",
+    )
+    warehouse: str | None = Field(
+        None,
+        description="where the catalog's tables keep their files (local or s3://) instead of the "
+        "feature store's",
+    )
+
+    def catalog_settings(self) -> tuple[str, str]:
+        """(catalog URI, warehouse): the options', else the feature store's vae_embeddings block."""
+        from feast_embeddings.settings import StoreSettings
+
+        if self.catalog and self.warehouse:
+            return self.catalog, self.warehouse
+        uri, warehouse = StoreSettings.read(self.feature_store_yaml).embeddings_catalog()
+        return self.catalog or uri, self.warehouse or warehouse
+
+    def tracking_uri(self) -> str | None:
+        """The MLflow registry of the feature store's mlflow block, else MLFLOW_TRACKING_URI."""
+        from feast_embeddings.settings import StoreSettings
+        from vae.versions.mlflow_registry import resolve_tracking_uri
+
+        yaml_path = Path(self.feature_store_yaml)
+        in_yaml = StoreSettings.read(yaml_path).tracking_uri if yaml_path.is_file() else None
+        return in_yaml or resolve_tracking_uri()
+
+    def version(self, catalog, name: str) -> str:
+        """A model version of the entity set: 'current', 'latest' and models:/ URIs resolved by name."""
+        from feast_embeddings.publication import resolve_version
+
+        fix = f"set MLFLOW_TRACKING_URI, or tracking_uri in the mlflow block of {self.feature_store_yaml}"
+        uri = self.tracking_uri() if name.startswith("models:/") else None
+        return resolve_version(catalog, self.entity, name, uri, fix)
+
+
+_DEFAULT = Thresholds()
+
+
+class GateOptions(Section):
+    """Thresholds: when a batch fails a check (vae.monitoring.gate)."""
+
+    min_active_share: float = Field(
+        _DEFAULT.min_active_share,
+        ge=0,
+        le=1,
+        description="collapse: least share of latent units with Var(mean) > 0.01",
+    )
+    drift_alpha: float = Field(
+        _DEFAULT.drift_alpha,
+        gt=0,
+        lt=1,
+        description="drift: the combined p-value below which drift is declared",
+    )
+    min_linear_cka: float = Field(
+        _DEFAULT.min_linear_cka, ge=0, le=1, description="movement: least linear CKA to the baseline version"
+    )
+    min_knn_overlap: float = Field(
+        _DEFAULT.min_knn_overlap,
+        ge=0,
+        le=1,
+        description="movement: least mean k-NN overlap@10 with the baseline version",
+    )
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(**{f.name: getattr(self, f.name) for f in fields(Thresholds)})
+
+
+# ---------------------------------------------------------------------------------------------
 # train
 
 
-class TrainConfig(JobConfig):
-    """Train a VAE with Ray Train on a Parquet dataset and save a model version."""
+class TrainSource(Section):
+    """What the run trains on (a pipeline step sets these)."""
 
-    # data
     data: str | list[str] = Field(
         description="Parquet file or directory to train on, or a list of them (e.g. recent daily batches)"
     )
+    init_from: str | None = Field(
+        None,
+        description="start from this model version's weights (a name under model_root; same architecture): "
+        "retraining a champion on new data keeps its latent space close",
+    )
+
+
+class TrainDestination(Section):
+    """Where the version and the run go (a pipeline step sets these)."""
+
+    identity: ClassVar[bool] = False
+    model_root: ModelRoot = "models"
+    run_name: str | None = Field(
+        None, description="Ray Train run name; the default derives from config + data, so a re-run resumes"
+    )
+    entity: Entity = "item"
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (sqlite:///path/mlflow.db, http://host:5000); default "
+        "$MLFLOW_TRACKING_URI; neither: not tracked",
+    )
+
+
+class TrainData(Section):
+    """Data: which columns, the validation split."""
+
     key_column: str = Field(
         "item_id", description="entity key column (string or integer); decides the validation split"
     )
@@ -106,8 +276,11 @@ class TrainConfig(JobConfig):
         None, description="optional column that colours the report's latent PCA plot"
     )
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of keys held out for validation")
-    model_root: str = Field("models", description="directory that holds model versions")
-    # model
+
+
+class ModelShape(Section):
+    """Model: architecture and likelihood."""
+
     architecture: Literal["mlp", "conv"] = Field(
         "mlp", description="mlp for vectors and tabular rows, conv for images"
     )
@@ -123,37 +296,40 @@ class TrainConfig(JobConfig):
         description="bernoulli for [0,1] data, gaussian for numeric tables, mixed for tables with "
         "categorical, binary and missing values (one likelihood per column)",
     )
-    # mixed tables (likelihood: mixed)
+    binarize: bool = Field(
+        False, description="dynamic binarization: sample binary targets from [0,1] data each step"
+    )
+
+
+class MixedTable(Section):
+    """Mixed tables (likelihood: mixed): column kinds, transforms, missing values."""
+
     column_types: dict[str, Literal["numeric", "binary", "categorical"]] = Field(
         {},
-        description="mixed: a column's kind where the Parquet type does not say it (inferred: bool -> "
+        description="a column's kind where the Parquet type does not say it (inferred: bool -> "
         "binary, string/dictionary -> categorical, numbers -> numeric), e.g. {merchant_id: categorical}",
     )
     numeric_transform: Literal["auto", "robust", "standard", "log", "quantile"] = Field(
         "auto",
-        description="mixed: numeric columns' transform before their Gaussian (auto: robust median/IQR "
+        description="numeric columns' transform before their Gaussian (auto: robust median/IQR "
         "scaling, log1p first for skewed non-negative columns)",
     )
     column_transforms: dict[str, Literal["auto", "robust", "standard", "log", "quantile"]] = Field(
-        {}, description="mixed: per-column numeric transforms, e.g. {amount: log}"
+        {}, description="per-column numeric transforms, e.g. {amount: log}"
     )
     missing: Literal["model", "refuse"] = Field(
         "model",
-        description="mixed: missing values (null, NaN) are part of the model (skipped by the likelihood, "
+        description="missing values (null, NaN) are part of the model (skipped by the likelihood, "
         "seen by the encoder as a mask) or bad rows (refuse)",
     )
     max_categories: int = Field(
-        64, gt=0, description="mixed: categories kept per column (most frequent); the rest share 'other'"
+        64, gt=0, description="categories kept per column (most frequent); the rest share 'other'"
     )
-    binarize: bool = Field(
-        False, description="dynamic binarization: sample binary targets from [0,1] data each step"
-    )
-    init_from: str | None = Field(
-        None,
-        description="start from this model version's weights (a name under model_root; same architecture): "
-        "retraining a champion on new data keeps its latent space close",
-    )
-    # objective
+
+
+class Objective(Section):
+    """Objective: the ELBO's weights."""
+
     beta: float = Field(1.0, ge=0, description="weight of the KL term after warm-up (1 = the true ELBO)")
     kl_warmup_epochs: float = Field(
         5.0, ge=0, description="epochs over which the KL weight rises linearly from 0 to beta"
@@ -168,7 +344,11 @@ class TrainConfig(JobConfig):
         description="leave this share of each batch's highest-loss rows out of the "
         "loss: robust to outliers in unlabeled data (anomaly detection)",
     )
-    # optimization
+
+
+class Optimization(Section):
+    """Optimization: epochs, batch, learning rate."""
+
     epochs: int = Field(20, gt=0, description="maximum passes over the training data")
     batch_size: int = Field(
         128, gt=0, description="examples per optimizer step across all workers (the global batch)"
@@ -188,19 +368,14 @@ class TrainConfig(JobConfig):
         10, ge=0, description="stop after this many epochs without a better validation ELBO (0 = off)"
     )
     seed: int = Field(0, description="seed for initialization, shuffling and sampling")
-    # scale
+
+
+class Scale(Section):
+    """Scale: data-parallel workers and how they hold the data."""
+
     num_workers: int = Field(2, gt=0, description="data-parallel training workers")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each training worker")
     gpus_per_worker: float = Field(
         0.0, ge=0, description="GPUs per worker; > 0 trains on GPU with NCCL, else CPU with gloo"
-    )
-    accelerator_type: str | None = Field(
-        None,
-        description="train only on nodes with this accelerator (Ray's accelerator_type:<name> resource, "
-        "e.g. A10G, H100)",
-    )
-    worker_resources: dict[str, float] = Field(
-        {}, description="extra Ray resources each worker needs (pins it to node types)"
     )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 runs the model under autocast (GPU)")
     materialize: bool = Field(
@@ -210,12 +385,29 @@ class TrainConfig(JobConfig):
     shuffle_buffer: int = Field(
         2048, ge=0, description="rows in the local shuffle buffer when streaming (0 = off)"
     )
-    # fault tolerance
+
+
+class Placement(Section):
+    """Placement: where the workers run on a cluster."""
+
+    identity: ClassVar[bool] = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each training worker")
+    accelerator_type: str | None = Field(
+        None,
+        description="train only on nodes with this accelerator (Ray's accelerator_type:<name> resource, "
+        "e.g. A10G, H100)",
+    )
+    worker_resources: dict[str, float] = Field(
+        {}, description="extra Ray resources each worker needs (pins it to node types)"
+    )
+
+
+class Checkpoints(Section):
+    """Fault tolerance: checkpoints and restarts."""
+
+    identity: ClassVar[bool] = False
     storage_path: str = Field(
         "ray_results", description="where Ray Train keeps checkpoints (local path or s3://)"
-    )
-    run_name: str | None = Field(
-        None, description="Ray Train run name; the default derives from config + data, so a re-run resumes"
     )
     checkpoint_every: int = Field(
         0, ge=0, description="checkpoint every N epochs (0 = by time only; always at the end)"
@@ -232,7 +424,11 @@ class TrainConfig(JobConfig):
     max_failures: int = Field(
         3, ge=0, description="restarts from the last checkpoint after a worker or node failure"
     )
-    # diagnostics
+
+
+class Diagnostics(Section):
+    """Diagnostics: the final likelihood and the collapse check."""
+
     iw_samples: int = Field(
         1000, ge=0, description="importance samples for the final validation NLL (0 = skip)"
     )
@@ -242,30 +438,48 @@ class TrainConfig(JobConfig):
     min_active_share: float = Field(
         0.1, ge=0, le=1, description="warn of posterior collapse below this share of active units"
     )
+
+
+class VersionContents(Section):
+    """What the version keeps for monitoring and the report."""
+
+    identity: ClassVar[bool] = False
     report_rows: int = Field(2000, ge=0, description="validation rows in the report's PCA plot")
-    # monitoring
     reference_rows: int = Field(
         10_000, ge=0, description="validation rows kept with the version: drift reference, anomaly thresholds"
     )
     anomaly_quantile: float = Field(
         0.99, gt=0, lt=1, description="is_anomaly: score above this quantile of the validation scores"
     )
-    # the model registry (MLflow)
-    entity: str = Field(
-        "item", description="the entity set the model embeds: its MLflow registered model is vae-<entity>"
-    )
-    tracking_uri: str | None = Field(
-        None,
-        description="MLflow tracking URI (sqlite:///path/mlflow.db, http://host:5000); default "
-        "$MLFLOW_TRACKING_URI; neither: not tracked",
-    )
+
+
+class Tracking(Section):
+    """The model registry (MLflow)."""
+
+    identity: ClassVar[bool] = False
     experiment: str | None = Field(None, description="MLflow experiment (default: vae-<entity>)")
     tracking_required: bool = Field(
         False, description="fail the run when MLflow cannot be reached (default: warn once, train on)"
     )
 
+
+class TrainOptions(
+    TrainData,
+    ModelShape,
+    MixedTable,
+    Objective,
+    Optimization,
+    Scale,
+    Placement,
+    Checkpoints,
+    Diagnostics,
+    VersionContents,
+    Tracking,
+):
+    """How a version is trained, besides what on and where to (the pipeline's train block)."""
+
     @model_validator(mode="after")
-    def _global_batch_splits(self) -> TrainConfig:
+    def _global_batch_splits(self) -> TrainOptions:
         if self.batch_size % self.num_workers:
             fits = ", ".join(
                 str(self.batch_size // self.num_workers * self.num_workers + i * self.num_workers)
@@ -288,85 +502,41 @@ class TrainConfig(JobConfig):
         )
 
 
-# Settings that do not change what a run computes (placement included): left out of the derived
-# run name, so that a re-run with them changed still resumes.
-# Options of mixed tables only: left out of other runs' identity, so their derived run names stay as they were
-MIXED_OPTIONS = {"column_types", "numeric_transform", "column_transforms", "missing", "max_categories"}
-TRAIN_OPERATIONAL = {
-    "run_name",
-    "storage_path",
-    "max_failures",
-    "keep_checkpoints",
-    "checkpoint_every",
-    "checkpoint_seconds",
-    "model_root",
-    "report_rows",
-    "reference_rows",
-    "anomaly_quantile",
-    "cpus_per_worker",
-    "accelerator_type",
-    "worker_resources",
-    "entity",
-    "tracking_uri",
-    "experiment",
-    "tracking_required",
-}
+class TrainConfig(TrainSource, TrainDestination, TrainOptions):
+    """Train a VAE with Ray Train on a Parquet dataset and save a model version."""
+
+    def run_identity(self, data_fingerprint: int) -> dict:
+        """What the run computes, the data by its fingerprint: the same config and data give the same
+        derived run name, so a re-run resumes. Options of sections marked identity = False are left
+        out, and mixed-table options for other models (their names stay as they were)."""
+        excluded = {name for section, names in self.sections() if not section.identity for name in names}
+        if self.likelihood != "mixed":
+            excluded |= set(MixedTable.model_fields)
+        return {**self.model_dump(exclude=excluded), "data": f"{data_fingerprint:016x}"}
 
 
 # ---------------------------------------------------------------------------------------------
 # embed
 
 
-class EmbeddingsOptions(JobConfig):
-    """Where an entity set's embeddings live: the Iceberg catalog and warehouse of a feature store."""
-
-    entity: str = Field("item", description="the embedding set (entity), e.g. item or user: one VAE, one key")
-    feature_store_yaml: str = Field(
-        "feature_repo/feature_store.yaml",
-        description="the feature store whose embeddings catalog is used (its vae_embeddings block)",
-    )
-    catalog: str | None = Field(
-        None,
-        description="Iceberg SQL catalog URI instead of the feature store's: sqlite:///path.db or "
-        "postgresql+psycopg2://user@host/db (password from PGPASSWORD, never in config)",
-    )
-    warehouse: str | None = Field(
-        None,
-        description="where the catalog's tables keep their files (local or s3://) instead of the "
-        "feature store's",
-    )
-
-    def catalog_settings(self) -> tuple[str, str]:
-        """(catalog URI, warehouse): the options', else the feature store's vae_embeddings block."""
-        from feast_embeddings.settings import StoreSettings
-
-        if self.catalog and self.warehouse:
-            return self.catalog, self.warehouse
-        uri, warehouse = StoreSettings.read(self.feature_store_yaml).embeddings_catalog()
-        return self.catalog or uri, self.warehouse or warehouse
-
-
-class EmbedConfig(EmbeddingsOptions):
-    """Encode a Parquet dataset with a model version: one batch of the version's Iceberg table."""
+class EmbedTarget(EmbeddingsLocation):
+    """What to embed, with which version, as which batch (a pipeline step sets these)."""
 
     data: str = Field(description="Parquet file or directory (local or s3://), hive-style partitions allowed")
-    model_root: str = Field("models", description="directory or s3:// prefix that holds model versions")
-    model_version: str = Field(
-        "latest",
-        description="version name, 'latest', or an MLflow registry URI: models:/vae-item@champion, "
-        "models:/vae-item/3",
-    )
-    batch: str | None = Field(
-        None,
-        description="the batch's name, e.g. 2026-11-23 (default: a hash of the input listing); re-running a "
-        "batch replaces exactly its rows",
-    )
+    model_root: ModelRoot = "models"
+    model_version: ModelVersion = "latest"
+    batch: str | None = batch_option("a hash of the input listing; re-running a batch replaces its rows")
     timestamp_column: str | None = Field(None, description="input column used as event_timestamp")
     event_time: datetime | None = Field(
         None,
         description="event_timestamp of every row when no timestamp_column (default: the batch's time, when "
         "its newest input file was written)",
     )
+
+
+class EmbedOutput(Section):
+    """Rows: bad rows, duplicates, what is written."""
+
     on_bad_rows: Literal["fail", "quarantine"] = Field(
         "fail",
         description="a row that cannot be encoded (or whose model output is not finite) stops the job (fail) "
@@ -400,6 +570,11 @@ class EmbedConfig(EmbeddingsOptions):
         description="is_anomaly = score above this quantile of the version's validation scores "
         "(default: the threshold chosen at training, anomaly_quantile there)",
     )
+
+
+class EmbedExecution(Section):
+    """Execution: batches, work units, encoder actors."""
+
     batch_size: int = Field(8192, gt=0, description="rows per encoder call")
     in_process_rows: int = Field(
         0,
@@ -432,48 +607,23 @@ class EmbedConfig(EmbeddingsOptions):
         return resource_request(self.cpus_per_encoder, gpus, self.encoder_resources)
 
 
+class EmbedOptions(EmbedOutput, EmbedExecution):
+    """How a batch is embedded, besides what and into which table (the pipeline's embed block)."""
+
+
+class EmbedConfig(EmbedTarget, EmbedOptions):
+    """Encode a Parquet dataset with a model version: one batch of the version's Iceberg table."""
+
+
 # ---------------------------------------------------------------------------------------------
-# monitor and the publish gate
-
-_DEFAULT = Thresholds()
+# monitor
 
 
-class GateOptions(JobConfig):
-    """The thresholds of vae.monitoring.gate, as options of the jobs that check batches (monitor, publish)."""
+class MonitorTarget(EmbeddingsLocation):
+    """What to check, against what."""
 
-    min_active_share: float = Field(
-        _DEFAULT.min_active_share,
-        ge=0,
-        le=1,
-        description="collapse: least share of latent units with Var(mean) > 0.01",
-    )
-    drift_alpha: float = Field(
-        _DEFAULT.drift_alpha,
-        gt=0,
-        lt=1,
-        description="drift: the combined p-value below which drift is declared",
-    )
-    min_linear_cka: float = Field(
-        _DEFAULT.min_linear_cka, ge=0, le=1, description="movement: least linear CKA to the baseline version"
-    )
-    min_knn_overlap: float = Field(
-        _DEFAULT.min_knn_overlap,
-        ge=0,
-        le=1,
-        description="movement: least mean k-NN overlap@10 with the baseline version",
-    )
-
-    def thresholds(self) -> Thresholds:
-        return Thresholds(**{f.name: getattr(self, f.name) for f in fields(Thresholds)})
-
-
-class MonitorConfig(GateOptions, EmbeddingsOptions):
-    """Drift, movement, anomaly rate and collapse of a batch's latent vectors, with a report."""
-
-    model_version: str = Field("latest", description="the version to check: a name, 'latest' or 'current'")
-    batch: str | None = Field(
-        None, description="the batch to check (default: the version's newest; all: every batch)"
-    )
+    model_version: ModelVersion = "latest"
+    batch: str | None = batch_option("the version's newest; all: every batch")
     as_of: str | int | None = Field(
         None, description="read the tables as of a snapshot id or an ISO time (time travel)"
     )
@@ -485,9 +635,12 @@ class MonitorConfig(GateOptions, EmbeddingsOptions):
     baseline_version: str | None = Field(
         None, description="another version of the entity set: movement, on the entities both embedded"
     )
-    model_root: str = Field(
-        "models", description="where the model version lives, if not at its recorded path"
-    )
+    model_root: ModelRoot = "models"
+
+
+class MonitorExecution(Section):
+    """The tests and the report."""
+
     output: str = Field("monitoring", description="reports go to <output>/<version>-<time>/ (local or s3://)")
     sample_rows: int = Field(5000, ge=100, description="rows per side the tests use, chosen by key hash")
     permutations: int = Field(
@@ -500,17 +653,21 @@ class MonitorConfig(GateOptions, EmbeddingsOptions):
     seed: int = Field(0, description="seed of the permutations and the classifier split")
 
 
-class EmbeddingsCommand(EmbeddingsOptions):
-    """`vaectl embeddings history|export|decisions|lineage|migrate`: a version's batches and snapshots, a
-    time-travel export, the pipeline's decision log, a downstream MLflow run's VAE training runs, the
-    migration of Parquet-directory versions."""
+class MonitorConfig(MonitorTarget, GateOptions, MonitorExecution):
+    """Drift, movement, anomaly rate and collapse of a batch's latent vectors, with a report."""
+
+
+# ---------------------------------------------------------------------------------------------
+# embeddings
+
+
+class EmbeddingsTask(Section):
+    """What to do, on what."""
 
     command: Literal["history", "export", "decisions", "lineage", "migrate"] = Field(description="what to do")
-    model_version: str = Field(
-        "latest", description="history/export: the version ('latest', 'current' or a name)"
-    )
+    model_version: ModelVersion = "latest"
     as_of: str | int | None = Field(None, description="export: as of a snapshot id or an ISO time")
-    batch: str | None = Field(None, description="export, decisions: one batch only")
+    batch: str | None = batch_option("every batch; export and decisions only")
     output: str | None = Field(
         None, description="export: the Parquet file or directory to write (local or s3://)"
     )
@@ -520,21 +677,22 @@ class EmbeddingsCommand(EmbeddingsOptions):
     run_id: str | None = Field(None, description="lineage: the downstream model's MLflow run id")
 
 
+class EmbeddingsCommand(EmbeddingsTask, EmbeddingsLocation):
+    """`vaectl embeddings history|export|decisions|lineage|migrate`: a version's batches and snapshots, a
+    time-travel export, the pipeline's decision log, a downstream MLflow run's VAE training runs, the
+    migration of Parquet-directory versions."""
+
+
 # ---------------------------------------------------------------------------------------------
 # publish
 
 
-class PublishConfig(GateOptions):
-    """Register the Feast definitions, write a model version's embeddings online, switch "current"."""
+class PublishTarget(Section):
+    """What to publish where, and whether it becomes current (a pipeline step sets these)."""
 
-    entity: str = Field("item", description="the embedding set (entity) to publish, e.g. item or user")
-    model_version: str = Field(
-        "latest",
-        description="the version to publish: a name, 'latest' (the newest embedded), models:/vae-item@alias",
-    )
-    feature_repo: str = Field(
-        "feature_repo", description="Feast repo directory (feature_store.yaml + definitions)"
-    )
+    entity: Entity = "item"
+    model_version: ModelVersion = "latest"
+    feature_repo: FeatureRepo = "feature_repo"
     feature_store_yaml: str | None = Field(
         None,
         description="another feature_store.yaml for the same definitions, e.g. deploy/feature_store.yaml: "
@@ -544,6 +702,11 @@ class PublishConfig(GateOptions):
         True, description="point the 'current' feature service at this version after verifying it"
     )
     rollback: bool = Field(False, description="only point 'current' back at the previous version (no writes)")
+
+
+class OnlineWrites(Section):
+    """Online writes, verification, vector search."""
+
     keep_online: int = Field(
         2, ge=1, description="model versions kept in the online store (current always kept)"
     )
@@ -573,14 +736,19 @@ class PublishConfig(GateOptions):
         "<feature_repo>/vector_search)",
     )
     show: int = Field(3, ge=0, description="entities to fetch and print at the end")
-    # the gate before switching "current" (thresholds: min_active_share, drift_alpha, min_linear_cka,
-    # min_knn_overlap)
+
+    def writer_request(self) -> dict[str, float]:
+        """One Ray online writer's resources (never a GPU)."""
+        return resource_request(self.cpus_per_writer, 0.0, self.writer_resources)
+
+
+class PublishGate(Section):
+    """The gate before switching current (with the thresholds below)."""
+
     force: bool = Field(
         False, description="switch 'current' even when a monitoring check fails (the report is still written)"
     )
-    model_root: str = Field(
-        "models", description="where the model version lives, if not at the path in the embeddings manifest"
-    )
+    model_root: ModelRoot = "models"
     monitoring: str | None = Field(
         None,
         description="the gate's reports go to <monitoring>/<version>-<time>/, local or s3:// "
@@ -590,55 +758,45 @@ class PublishConfig(GateOptions):
         5000, ge=100, description="rows per side the gate's drift and movement checks use"
     )
 
-    def writer_request(self) -> dict[str, float]:
-        """One Ray online writer's resources (never a GPU)."""
-        return resource_request(self.cpus_per_writer, 0.0, self.writer_resources)
+
+class PublishOptions(OnlineWrites, PublishGate, GateOptions):
+    """How a version is published, besides which and whether it becomes current (the pipeline's publish
+    block)."""
+
+
+class PublishConfig(PublishTarget, PublishOptions):
+    """Register the Feast definitions, write a model version's embeddings online, switch "current"."""
 
 
 # ---------------------------------------------------------------------------------------------
 # pipeline
 
-# What the step decides for every embed, publish and training it runs: not options of their blocks.
-_PIPELINE_SETS = {
-    "train": {"data", "model_root", "init_from", "run_name", "entity", "tracking_uri"},
-    "embed": {"data", "model_root", "model_version", "batch", "event_time", "entity", "feature_store_yaml"},
-    "publish": {
-        "entity",
-        "model_version",
-        "feature_repo",
-        "feature_store_yaml",
-        "switch_current",
-        "rollback",
-    },
-}
 
+class PipelineTarget(Section):
+    """The batch and the stores."""
 
-class PipelineConfig(GateOptions):
-    """One daily step for one entity set: embed a new batch with the current version, monitor it, publish
-    it; retrain, gate, backfill and switch when the trigger fires; roll a new version back when a batch
-    breaches its watch. Idempotent: run it again after a failure, or twice, and nothing is duplicated."""
-
-    entity: str = Field("item", description="the embedding set (entity): one VAE, one key")
+    entity: Entity = "item"
     data: str = Field(description="the new batch: a Parquet file or directory (local or s3://)")
-    batch: str | None = Field(
-        None,
-        description="the batch's name (default: the data path's last part, date=2026-11-23 -> 2026-11-23)",
-    )
+    batch: str | None = batch_option("the data path's last part, date=2026-11-23 -> 2026-11-23")
     event_time: datetime | None = Field(
         None, description="event_timestamp of the batch's rows (default: when its newest file was written)"
     )
     timestamp_column: str | None = Field(None, description="input column used as event_timestamp")
-    feature_repo: str = Field("feature_repo", description="Feast repo directory")
+    feature_repo: FeatureRepo = "feature_repo"
     feature_store_yaml: str | None = Field(
         None, description="another feature_store.yaml for the repo's definitions (default: the repo's)"
     )
-    model_root: str = Field("models", description="directory or s3:// prefix that holds model versions")
+    model_root: ModelRoot = "models"
     initial_version: str | None = Field(
         "latest",
         description="when nothing is current yet: this version from model_root; when model_root has none "
         "(or null), a first version is trained on this batch",
     )
-    # the retraining trigger
+
+
+class RetrainPolicy(Section):
+    """When to retrain, what a challenger must show, how long a new version is watched."""
+
     drift_batches: int = Field(2, gt=0, description="retrain on drift in this many (K) of the last N batches")
     drift_window: int = Field(3, gt=0, description="the N of the drift trigger: batches looked back on")
     anomaly_rate_multiple: float = Field(
@@ -650,27 +808,33 @@ class PipelineConfig(GateOptions):
     retry_batches: int = Field(
         2, ge=0, description="after a refused challenger, batches to wait before training another"
     )
-    # the challenger
     train_window: int = Field(7, gt=0, description="a challenger trains on this many recent batches")
     warm_start: bool = Field(True, description="a challenger starts from the champion's weights")
     elbo_margin: float = Field(
         1.0, ge=0, description="the challenger's held-out -ELBO may exceed the champion's by this many nats"
     )
-    train: dict[str, Any] = Field(
-        {},
-        description="training options of a challenger (default: the champion's own; a first version "
-        "needs its features, e.g. {feature_columns: [a, b]})",
-    )
-    # after a switch
     watch_batches: int = Field(
         3, ge=0, description="batches checked against a new version's own reference; a breach rolls back"
     )
-    # the jobs the step runs
-    embed: dict[str, Any] = Field({}, description="embed options, e.g. {on_bad_rows: quarantine}")
+
+
+class StepJobs(Section):
+    """The jobs the step runs (their blocks take the jobs' own options, less what the step sets)."""
+
+    train: TrainOptions = Field(
+        default_factory=TrainOptions,
+        description="training options of a challenger (default: the champion's own; a first version "
+        "needs its features, e.g. {feature_columns: [a, b]})",
+    )
+    embed: EmbedOptions = Field(
+        default_factory=EmbedOptions, description="embed options, e.g. {on_bad_rows: quarantine}"
+    )
+    publish: PublishOptions = Field(
+        default_factory=PublishOptions, description="publish options, e.g. {writers: 4}"
+    )
     in_process_rows: int = Field(
         200_000, ge=0, description="batches of at most this many rows are encoded in this process, not on Ray"
     )
-    publish: dict[str, Any] = Field({}, description="publish options, e.g. {writers: 4}")
     monitoring: str | None = Field(
         None, description="monitoring reports go here (default: <feature_repo>/data/monitoring)"
     )
@@ -679,7 +843,11 @@ class PipelineConfig(GateOptions):
     html_reports: bool = Field(
         False, description="an HTML report for every batch (default: for a batch with a problem, and gates)"
     )
-    # operations
+
+
+class StepOperations(Section):
+    """Operations: metrics, the lock, exit codes."""
+
     pushgateway: str | None = Field(
         None, description="Prometheus Pushgateway URL for the step's metrics (default: $PUSHGATEWAY_URL)"
     )
@@ -695,33 +863,44 @@ class PipelineConfig(GateOptions):
         "5 challenger refused, 6 rolled back); false: 0 for every step that completed",
     )
 
-    @model_validator(mode="after")
-    def _blocks(self) -> PipelineConfig:
-        # each block is checked by its job's own config (data is the step's: a placeholder here)
-        for block, config_class in (
-            ("train", TrainConfig),
-            ("embed", EmbedConfig),
-            ("publish", PublishConfig),
-        ):
-            options = getattr(self, block)
-            if taken := sorted(_PIPELINE_SETS[block] & set(options)):
+
+# Each job's config, and the options its pipeline block takes
+BLOCKS: dict[str, tuple[type[JobConfig], type[JobConfig]]] = {
+    "train": (TrainConfig, TrainOptions),
+    "embed": (EmbedConfig, EmbedOptions),
+    "publish": (PublishConfig, PublishOptions),
+}
+
+
+class PipelineConfig(PipelineTarget, RetrainPolicy, GateOptions, StepJobs, StepOperations):
+    """One daily step for one entity set: embed a new batch with the current version, monitor it, publish
+    it; retrain, gate, backfill and switch when the trigger fires; roll a new version back when a batch
+    breaches its watch. Idempotent: run it again after a failure, or twice, and nothing is duplicated."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blocks_leave_the_steps_options_alone(cls, values: Any) -> Any:
+        """A block may not set what the step sets for its job: the job's target sections, and the options
+        the step passes from its own config (entity, model_root, the thresholds, in_process_rows...)."""
+        for block, (job, options) in BLOCKS.items():
+            given = values.get(block) if isinstance(values, dict) else None
+            if not isinstance(given, dict):
+                continue
+            decided = (set(job.model_fields) - set(options.model_fields)) | set(cls.model_fields)
+            if taken := sorted(decided & set(given)):
                 raise ValueError(f"{block}: {', '.join(taken)} are set by the step, not in its {block} block")
-            try:
-                config_class(**({"data": "-"} if "data" in config_class.model_fields else {}), **options)
-            except ValidationError as error:
-                raise ValueError(f"{block}: {'; '.join(_problem(e) for e in error.errors())}") from None
-        return self
+        return values
 
 
 # ---------------------------------------------------------------------------------------------
 # demo
 
 
-class DemoConfig(JobConfig):
+class DemoConfig(Section):
     """Run train, embed and publish end to end on scikit-learn's digits."""
 
     work_dir: str = Field("demo_output", description="where the dataset, model versions and Ray results go")
-    feature_repo: str = Field("feature_repo", description="Feast repo to publish into")
+    feature_repo: FeatureRepo = "feature_repo"
     epochs: int = Field(30, gt=0, description="training epochs")
     batch_size: int = Field(
         32, gt=0, description="examples per step on each worker (1797 rows: keep it small)"

@@ -20,13 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
-from feast_embeddings.settings import StoreSettings
 from ray_jobs import pushgateway
 from ray_jobs.cli import find_input_error, run_cli
 from ray_jobs.cluster import alive_node_resources, capacity_or_fail, ray_session
@@ -51,7 +49,7 @@ from vae.embeddings.runs import (
     start_run,
 )
 from vae.versions.artifacts import ModelVersion, anomaly_threshold
-from vae.versions.mlflow_registry import MODELS_URI, resolve_model_version, resolve_tracking_uri
+from vae.versions.mlflow_registry import MODELS_URI, resolve_model_version
 
 log = logging.getLogger("ray_jobs.embed")
 
@@ -68,11 +66,11 @@ def run(config: EmbedConfig) -> EmbedResult:
 def embed(config: EmbedConfig) -> EmbedResult:
     """Run the whole embedding job; everything is checked before Ray starts."""
     started = time.time()
-    config = registered(config)
+    catalog = EmbeddingsCatalog(*config.catalog_settings())
+    config = with_version_folder(config, catalog)
     model_version = load_model_version(config.model_root, config.model_version)  # 'latest' resolved, verified
     plan = plan_run(config.data, model_version.features, config.rows_per_file, config.timestamp_column)
     options = encode_options(config, model_version, plan)
-    catalog = EmbeddingsCatalog(*config.catalog_settings())
     entity = catalog.register(config.entity, model_version.features.key_column, plan.key_type)
     schema = contract.schema(entity.join_key, _arrow_key(plan.key_type))
     table = catalog.create_table(
@@ -133,16 +131,16 @@ def embed(config: EmbedConfig) -> EmbedResult:
     return result
 
 
-def registered(config: EmbedConfig) -> EmbedConfig:
-    """models:/<name>@<alias> or models:/<name>/<number>: the version folder MLflow's version records,
-    in the registry of the feature store's mlflow block, else of MLFLOW_TRACKING_URI."""
+def with_version_folder(config: EmbedConfig, catalog: EmbeddingsCatalog) -> EmbedConfig:
+    """models:/<name>@<alias> or models:/<name>/<number>: the version folder MLflow's version records (in
+    the registry of the feature store's mlflow block, else of MLFLOW_TRACKING_URI); 'current': the
+    version the feature store serves, under model_root. A name or 'latest': as given."""
+    if config.model_version == "current":
+        return config.model_copy(update={"model_version": config.version(catalog, "current")})
     if not config.model_version.startswith(MODELS_URI):
         return config
-    yaml_path = Path(config.feature_store_yaml)
-    in_yaml = StoreSettings.read(yaml_path).tracking_uri if yaml_path.is_file() else None
-    uri = in_yaml or resolve_tracking_uri()
-    fix = f"set MLFLOW_TRACKING_URI, or tracking_uri in the mlflow block of {yaml_path}"
-    model_root, version = resolve_model_version(config.model_version, uri, fix)
+    fix = f"set MLFLOW_TRACKING_URI, or tracking_uri in the mlflow block of {config.feature_store_yaml}"
+    model_root, version = resolve_model_version(config.model_version, config.tracking_uri(), fix)
     log.info("%s is model version %s (%s)", config.model_version, version, model_root)
     return config.model_copy(update={"model_root": model_root, "model_version": version})
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from feast_embeddings.publication import resolve_version
 from ray_jobs.cli import run_cli
 from ray_jobs.config import EmbeddingsCommand, parse_config
 from vae import InputError
@@ -42,7 +41,7 @@ def run(config: EmbeddingsCommand) -> dict:
         return decisions(catalog, config)
     if config.command == "lineage":
         return lineage(config)
-    version = resolve_version(catalog, config.entity, config.model_version)
+    version = config.version(catalog, config.model_version)
     table = catalog.table(config.entity, version)
     return history(catalog, table) if config.command == "history" else export(catalog, table, config)
 

@@ -22,7 +22,6 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from feast_embeddings.publication import resolve_version
 from ray_jobs import pushgateway
 from ray_jobs.cli import run_cli
 from ray_jobs.cluster import ray_session
@@ -52,7 +51,7 @@ def monitor(config: MonitorConfig) -> dict:
     """Run the checks and write the report; returns the report (its "passed" says whether every check
     passed)."""
     catalog = EmbeddingsCatalog(*config.catalog_settings())
-    version = resolve_version(catalog, config.entity, config.model_version)
+    version = config.version(catalog, config.model_version)
     table = catalog.table(config.entity, version)
     batches = new_batches(catalog, table, config.batch, config.as_of)
     new = read_embeddings(catalog, table, batches, config)
@@ -63,7 +62,7 @@ def monitor(config: MonitorConfig) -> dict:
         )
     baseline = None
     if config.baseline_version:
-        other = catalog.table(config.entity, resolve_version(catalog, config.entity, config.baseline_version))
+        other = catalog.table(config.entity, config.version(catalog, config.baseline_version))
         baseline = read_embeddings(catalog, other, None, config)
     report, arrays = evaluate(
         new,

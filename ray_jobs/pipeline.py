@@ -40,7 +40,14 @@ from feast_embeddings.repo import EmbeddingsRepo
 from feast_embeddings.versions import switch_current
 from ray_jobs import pushgateway
 from ray_jobs.cli import run_cli
-from ray_jobs.config import EmbedConfig, PipelineConfig, PublishConfig, TrainConfig, parse_config
+from ray_jobs.config import (
+    EmbedConfig,
+    PipelineConfig,
+    PublishConfig,
+    TrainConfig,
+    TrainOptions,
+    parse_config,
+)
 from ray_jobs.embed import embed
 from ray_jobs.publish import publish
 from vae.data.keys import is_validation, key_hash
@@ -231,9 +238,9 @@ def first_version(step: Step) -> str:
 def embed_batch(step: Step, version: str, data: str, batch: str, event_time: datetime | None = None):
     """One batch with one version (a re-run commits nothing); records 'embedded' for today's batch."""
     config = step.config
-    options = {**config.embed, "in_process_rows": config.in_process_rows}
     embedding = EmbedConfig(
-        **options,
+        **config.embed.model_dump(exclude_unset=True),
+        in_process_rows=config.in_process_rows,
         data=data,
         entity=config.entity,
         feature_store_yaml=str(step.repo.yaml),
@@ -295,7 +302,7 @@ def publish_version(step: Step, version: str, switch: bool = False) -> dict:
     """Write what of the version is not online yet; switch 'current' to it only when asked."""
     config = step.config
     started = time.perf_counter()
-    options = {"show": 0, **config.publish}
+    options = {"show": 0, **config.publish.model_dump(exclude_unset=True)}
     summary = publish(
         PublishConfig(
             **options,
@@ -378,10 +385,10 @@ def train_challenger(step: Step, champion: str | None, data: list[str]) -> str:
     options: dict = {}
     if champion is not None:
         recipe = read_model_version_info(config.model_root, champion).metadata["training"]
-        options = {k: v for k, v in recipe.items() if k in TrainConfig.model_fields}
-        for decided in ("data", "run_name", "init_from", "storage_path", "model_root", "tracking_uri"):
-            options.pop(decided, None)
-    options.update(config.train)
+        # its options, not its targets; nor its storage_path, as its run resolved it (an absolute path on
+        # that run's machine): the block's, else the default, holds the challenger's checkpoints
+        options = {k: v for k, v in recipe.items() if k in TrainOptions.model_fields and k != "storage_path"}
+    options.update(config.train.model_dump(exclude_unset=True))
     options["entity"] = step.entity
     # the registry the feature store names: the challenger's run and version land where its alias will
     options["tracking_uri"] = step.repo.model_registry.uri if step.repo.model_registry else None

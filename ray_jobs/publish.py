@@ -51,7 +51,6 @@ from vae.embeddings.catalog import model_version_info
 from vae.errors import first_line
 from vae.monitoring.gate import SAMPLED_COLUMNS, LatentSample, comparable, evaluate
 from vae.monitoring.report import write_report
-from vae.versions.mlflow_registry import resolve_model_version
 
 log = logging.getLogger("ray_jobs.publish")
 
@@ -88,8 +87,7 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
         version = rollback(repo, entity)
         return {"model_version": version, "rows": 0, "write_seconds": 0.0, "sample": []}
     fix = f"set MLFLOW_TRACKING_URI, or tracking_uri in the mlflow block of {repo.yaml}"
-    _, named = resolve_model_version(config.model_version, repo.settings.tracking_uri, fix)
-    version = resolve_version(catalog, entity, named)
+    version = resolve_version(catalog, entity, config.model_version, repo.settings.tracking_uri, fix)
     table = catalog.table(entity, version)
     join_key = catalog.entity_set(entity).join_key
     state = repo.publication(entity)

@@ -41,7 +41,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray_jobs import pushgateway
 from ray_jobs.cli import run_cli
 from ray_jobs.cluster import alive_node_resources, describe, is_private_cluster, node_capacity, ray_session
-from ray_jobs.config import MIXED_OPTIONS, TRAIN_OPERATIONAL, TrainConfig, parse_config
+from ray_jobs.config import TrainConfig, parse_config
 from ray_jobs.train_worker import WorkerSetup, train_loop_per_worker
 from vae.data.features import FeatureSchema, check_arrow_schema, features_to_numpy, infer_feature_schema
 from vae.data.keys import is_validation, key_hash, worker_of
@@ -240,9 +240,7 @@ def prepare(config: TrainConfig, features: FeatureSchema, model: ModelConfig) ->
             f"{stats.count} rows in the validation split; both splits need rows"
         )
     normalizer = Normalizer.fit(stats, config.likelihood)
-    excluded = TRAIN_OPERATIONAL | (MIXED_OPTIONS if config.likelihood != "mixed" else set())
-    identity = {**config.model_dump(exclude=excluded), "data": f"{stats.fingerprint:016x}"}
-    run_name = config.run_name or derived_run_name(identity)
+    run_name = config.run_name or derived_run_name(config.run_identity(stats.fingerprint))
     storage = (
         config.storage_path if "://" in config.storage_path else str(Path(config.storage_path).absolute())
     )

@@ -253,5 +253,5 @@ def test_pipeline_cronjob_creates_the_days_rayjob_on_the_reviewed_cluster():
     config = parse_config(PipelineConfig, arguments, prog="pipeline")
     assert config.batch == day and config.data.endswith(f"date={day}/")
     assert config.exit_codes is False, "the RayJob fails only when the step fails; decisions go to Prometheus"
-    train = TrainConfig(**{**config.train, "data": "-"})
+    train = config.train
     assert train.gpus_per_worker >= 1 and train.storage_path.startswith("s3://")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from feast_embeddings.settings import StoreSettings
-from ray_jobs.config import TRAIN_OPERATIONAL, PipelineConfig, TrainConfig
+from ray_jobs.config import PipelineConfig, TrainConfig
 from vae import InputError
 from vae.versions.mlflow_registry import epoch_metrics, registered_model_name, resolve_tracking_uri
 
@@ -59,7 +59,8 @@ def test_registry_options_do_not_change_which_run_a_rerun_resumes():
     tracked = TrainConfig(
         data="d.parquet", entity="user", tracking_uri="http://x", experiment="e", tracking_required=True
     )
-    assert plain.model_dump(exclude=TRAIN_OPERATIONAL) == tracked.model_dump(exclude=TRAIN_OPERATIONAL)
+    assert plain.run_identity(7) == tracked.run_identity(7)
+    assert plain.run_identity(7) != TrainConfig(data="d.parquet", epochs=3).run_identity(7)
 
 
 def test_the_pipeline_sets_the_challengers_registry():
@@ -71,4 +72,5 @@ def test_the_pipeline_sets_the_challengers_registry():
             ["--data", "d", "--train", "{tracking_uri: http://x, entity: u}"],
             "vaectl pipeline",
         )
-    assert PipelineConfig(data="d", train={"tracking_required": True}).train == {"tracking_required": True}
+    given = PipelineConfig(data="d", train={"tracking_required": True}).train
+    assert given.model_dump(exclude_unset=True) == {"tracking_required": True}
