@@ -2,11 +2,11 @@
 batch of the version's Apache Iceberg table.
 
     plan (driver)    load and verify the model version; list the input, check every file's schema
-                     against it, cut the row groups into work units (vae.embedding_run.plan_run);
+                     against it, cut the row groups into work units (vae.embeddings.runs.plan_run);
                      the entity set and the version's table in the catalog (vae.embeddings.catalog)
     start (driver)   the run's staging directory in the table's location, named by a hash of the
                      batch, the plan and the settings; finished units of an earlier attempt are kept
-    encode (Ray)     a pool of encoder actors, each running vae.embedding_run.UnitEncoder on one
+    encode (Ray)     a pool of encoder actors, each running vae.embeddings.runs.UnitEncoder on one
                      unit at a time: read -> validate (fail or quarantine) -> encode -> one file
     commit (driver)  input rows = embedded + quarantined, duplicate keys settled, one Iceberg commit
                      that replaces the batch's rows (another batch's are never touched)

@@ -29,7 +29,7 @@ class ModelConfig:
     architecture: Architecture = "mlp"
     image_shape: tuple[int, ...] | None = None
     conv_channels: tuple[int, ...] = (32, 64)
-    # mixed: (kind, width) per input column (vae.tabular.TableSchema.layout); input_dim = columns
+    # mixed: (kind, width) per input column (vae.data.tabular.TableSchema.layout); input_dim = columns
     column_layout: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:

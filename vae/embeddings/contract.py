@@ -1,5 +1,5 @@
 """The embeddings contract: the rows `vaectl embed` writes and every reader (publish, monitor, Feast)
-relies on. Where they live (an Iceberg table per entity set and model version) is vae.catalog.
+relies on. Where they live (an Iceberg table per entity set and model version) is vae.embeddings.catalog.
 
     <key column>     int64 or string: the input's entity key, under the input's column name
     latent           list<float32>: the posterior mean (a plain list: Feast rejects fixed-size lists

@@ -2,8 +2,8 @@
 anomaly rate. `vaectl monitor` reports them; `vaectl publish` refuses to switch "current" when one fails.
 
     collapse      share of latent units whose posterior mean varies (Var > 0.01) over every row
-    drift         the new batch against a reference of the same version (vae.monitoring.drift_test)
-    movement      the same entities embedded by another version (vae.monitoring.movement)
+    drift         the new batch against a reference of the same version (vae.monitoring.statistics.drift_test)
+    movement      the same entities embedded by another version (vae.monitoring.statistics.movement)
     anomaly rate  reported against the version's calibrated rate (not a check)
 """
 
