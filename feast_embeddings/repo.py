@@ -44,10 +44,13 @@ class EmbeddingsRepo:
         from feast import FeatureStore
 
         store = FeatureStore(repo_path=str(self.path), fs_yaml_file=self.yaml)
-        if store.config.mlflow is not None:
-            # Feast's MLflow integration logs reads to the same registry; with no URI it would fall
-            # back to MLflow's default (./mlflow.db wherever the job runs): off instead.
-            uri = self.settings.tracking_uri
+        # Feast's MLflow integration (it tags an active run with the views it read: lineage) on exactly
+        # when there is a registry, and on the same one: with no URI Feast would fall back to MLflow's
+        # default, creating ./mlflow.db wherever the process runs.
+        uri = self.settings.tracking_uri
+        if store.config.mlflow is None and uri is not None:
+            store.config.mlflow_config = {"enabled": True, "tracking_uri": uri}
+        elif store.config.mlflow is not None:
             store.config.mlflow.enabled = uri is not None
             store.config.mlflow.tracking_uri = uri
         return store

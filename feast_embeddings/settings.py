@@ -2,8 +2,9 @@
 
     vae_embeddings   catalog (Iceberg SQL catalog URI) and warehouse (where its tables keep files):
                      where the embeddings live, for the jobs, features.py and consumers
-    mlflow           Feast's own MLflow integration block; when enabled, its tracking_uri (else
-                     MLFLOW_TRACKING_URI) is the model registry publish and the pipeline move aliases in
+    mlflow           Feast's own MLflow integration block: when enabled, its tracking_uri (else
+                     MLFLOW_TRACKING_URI) is the model registry publish and the pipeline move aliases
+                     in; when absent, MLFLOW_TRACKING_URI; when disabled, none
 
 ${VARS} are expanded as Feast expands them, and relative paths (a SQLite file, a local warehouse)
 are taken relative to the file, where Feast takes the repo's own paths. Imports neither Feast nor
@@ -27,7 +28,7 @@ class StoreSettings:
     path: Path
     catalog: str | None  # the vae_embeddings block's catalog URI (absolute for SQLite)
     warehouse: str | None  # ... and warehouse (absolute locally, or an s3:// URL)
-    tracking_uri: str | None  # the enabled mlflow block's URI, else MLFLOW_TRACKING_URI; None: no registry
+    tracking_uri: str | None  # the MLflow registry (see above); None: none
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> StoreSettings:
@@ -44,7 +45,9 @@ class StoreSettings:
         if isinstance(embeddings, dict) and embeddings.get("catalog") and embeddings.get("warehouse"):
             catalog = absolute_uri(str(embeddings["catalog"]), path.parent)
             warehouse = absolute_path(str(embeddings["warehouse"]), path.parent)
-        if isinstance(mlflow, dict) and mlflow.get("enabled"):
+        if not isinstance(mlflow, dict):  # no block: MLflow wherever MLFLOW_TRACKING_URI says
+            tracking_uri = resolve_tracking_uri()
+        elif mlflow.get("enabled"):
             uri = resolve_tracking_uri(mlflow.get("tracking_uri"))
             tracking_uri = absolute_uri(uri, path.parent) if uri else None
         return cls(path, catalog, warehouse, tracking_uri)

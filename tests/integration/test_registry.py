@@ -81,6 +81,13 @@ def world(trained, tmp_path_factory):
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
+def with_mlflow_block(yaml_text: str) -> str:
+    """The project's feature_store.yaml with its mlflow block uncommented."""
+    block = "# mlflow:\n#     enabled: true\n#     tracking_uri: ${MLFLOW_TRACKING_URI}\n"
+    assert block in yaml_text
+    return yaml_text.replace(block, block.replace("# ", ""))
+
+
 def _embed_config(repo: Path, model_root, model_version: str, data, batch: str) -> EmbedConfig:
     return EmbedConfig(
         data=str(data),
@@ -207,8 +214,11 @@ def test_lineage_from_a_downstream_run_back_to_the_vae_run(world, capsys):
 
     repo = world["repo"]
     experiment = _client(world["uri"]).create_experiment("downstream-ranker")
+    # a consumer whose feature_store.yaml has the mlflow block on (uncommented, as it says)
+    consumer = repo / "consumer_feature_store.yaml"
+    consumer.write_text(with_mlflow_block((repo / "feature_store.yaml").read_text()))
     with mlflow.start_run(experiment_id=experiment) as downstream:  # no global experiment left set
-        store = FeatureStore(repo_path=str(repo))  # a consumer: Feast's own MLflow integration
+        store = FeatureStore(repo_path=str(repo), fs_yaml_file=consumer)  # Feast's own MLflow integration
         entity_df = pd.DataFrame({"item_id": [0, 1, 2], "event_timestamp": [datetime.now(UTC)] * 3})
         training = store.get_historical_features(
             entity_df, current_features(store, "item_embeddings_current")

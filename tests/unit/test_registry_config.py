@@ -28,17 +28,19 @@ def test_the_option_wins_then_the_variable_then_nothing(monkeypatch):
 def test_the_feature_stores_mlflow_block(monkeypatch, tmp_path):
     project_yaml = REPO / "feature_repo" / "feature_store.yaml"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert StoreSettings.read(project_yaml).tracking_uri is None  # enabled, but no URI: off
+    assert StoreSettings.read(project_yaml).tracking_uri is None  # no block and no URI: no registry
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    assert StoreSettings.read(project_yaml).tracking_uri == "http://mlflow:5000"
+    assert StoreSettings.read(project_yaml).tracking_uri == "http://mlflow:5000"  # no block: the variable
+    assert StoreSettings.read(REPO / "deploy" / "feature_store.yaml").tracking_uri == "http://mlflow:5000"
     own = tmp_path / "feature_store.yaml"
     own.write_text("project: p\nmlflow:\n    enabled: true\n    tracking_uri: sqlite:///data/mlflow.db\n")
     # relative to the yaml
     assert StoreSettings.read(own).tracking_uri == f"sqlite:///{tmp_path}/data/mlflow.db"
     own.write_text("project: p\nmlflow:\n    enabled: false\n    tracking_uri: http://mlflow:5000\n")
-    assert StoreSettings.read(own).tracking_uri is None
-    own.write_text("project: p\n")
-    assert StoreSettings.read(own).tracking_uri is None
+    assert StoreSettings.read(own).tracking_uri is None, "a block switched off: no registry"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    own.write_text("project: p\nmlflow:\n    enabled: true\n    tracking_uri: ${MLFLOW_TRACKING_URI}\n")
+    assert StoreSettings.read(own).tracking_uri is None, "an unexpanded variable is unset"
 
 
 def test_an_epochs_metrics_with_kl_per_dimension():
