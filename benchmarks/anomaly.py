@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import save, timed
+from benchmarks.common import parse_args, save, timed
 from ray_jobs.cluster import ray_session
 from ray_jobs.config import TrainConfig
 from ray_jobs.train import train
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--recipes", default=",".join(RECIPES))
-    args = parser.parse_args()
+    args = parse_args(parser, seeds=1, epochs=1, sets="thyroid", recipes="mixed")
     logging.basicConfig(level=logging.WARNING)
 
     recipes = args.recipes.split(",")

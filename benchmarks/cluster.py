@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from benchmarks.common import save, untrained_version, write_vectors
+from benchmarks.common import parse_args, save, untrained_version, write_vectors
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the cluster helper the integration test uses
@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=400_000)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parse_args(parser, rows=20_000, repeats=1)
 
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)

@@ -1,8 +1,10 @@
-"""Helpers shared by the benchmarks: synthetic data, a quick model version, result files."""
+"""Helpers shared by the benchmarks: synthetic data, a quick model version, result files, smoke sizes."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -13,7 +15,19 @@ import torch
 
 from vae import VAE, FeatureSchema, FeatureStats, ModelConfig, Normalizer, save_model_version
 
-RESULTS = Path(__file__).parent / "results"
+# BENCH_RESULTS: somewhere else (the smoke runs write theirs to a temporary directory)
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).parent / "results")
+
+
+def parse_args(parser: argparse.ArgumentParser, **smoke_sizes) -> argparse.Namespace:
+    """The benchmark's arguments, with --smoke: the sizes given here instead, a run of seconds that only
+    shows the benchmark still works end to end (python -m benchmarks.smoke runs every one of them)."""
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that it runs, not how fast")
+    args = parser.parse_args()
+    if args.smoke:
+        for name, value in smoke_sizes.items():
+            setattr(args, name, value)
+    return args
 
 
 def write_vectors(directory: Path, rows: int, dim: int, files: int = 4, seed: int = 0) -> Path:

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import save, timed
+from benchmarks.common import parse_args, save, timed
 from benchmarks.mnist import write_mnist_parquet
 from ray_jobs.cluster import ray_session
 from ray_jobs.config import TrainConfig
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument(
         "--rows", type=int, default=2_000_000, help="rows of the large embeddings set read both ways"
     )
-    args = parser.parse_args()
+    args = parse_args(parser, repeats=1, extra_null_repeats=0, permutations=19, epochs=1, rows=20_000)
     logging.basicConfig(level=logging.WARNING)
 
     with tempfile.TemporaryDirectory() as work_dir, ray_session():

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.common import save, timed, untrained_version, write_vectors
+from benchmarks.common import parse_args, save, timed, untrained_version, write_vectors
 from vae import (
     VAE,
     FeatureSchema,
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--image-rows", type=int, default=400_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8192)
-    args = parser.parse_args()
+    args = parse_args(parser, rows=[20_000], image_rows=4_000, repeats=1)
 
     import ray
 

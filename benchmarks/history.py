@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from benchmarks.common import save, timed
+from benchmarks.common import parse_args, save, timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import commit_rows  # noqa: E402  the tests' way of landing a batch without Ray
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--entities", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_args(parser, rows=20_000, batches=2, entities=500, repeats=1)
     work = Path(tempfile.mkdtemp(prefix="bench-history-"))
     try:
         seconds, (repo, table) = timed(lambda: build(work, args.rows, args.batches, args.dim))

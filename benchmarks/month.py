@@ -295,14 +295,15 @@ def step_vs_plain_jobs(work: Path, feature_repo: Path, rows: int, repeats: int =
 def main() -> None:
     import tempfile
 
+    from benchmarks.common import parse_args, save
+    from ray_jobs.cluster import ray_session
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--rows", type=int, default=1000)
-    args = parser.parse_args()
+    args = parse_args(parser, days=3, rows=200)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("feast").setLevel(logging.WARNING)
-    from benchmarks.common import save
-    from ray_jobs.cluster import ray_session
 
     repo_template = Path(__file__).resolve().parents[1] / "feature_repo"
     with tempfile.TemporaryDirectory() as tmp, ray_session():

@@ -32,11 +32,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import http_load, save, timed
+from benchmarks.common import http_load, parse_args, save, timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the servers the tests start
 from helpers.servers import free_port, redis_server, wait_for_port  # noqa: E402
 
+from vae.embeddings import contract
 from vae.embeddings.contract import latent_column
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +67,7 @@ def write_embeddings(directory: Path, rows: int, dim: int, files: int = 4) -> pa
                 ),
             }
         )
+        table = contract.with_attribution(table)  # the contract's columns, whatever it gains
         pq.write_table(table, directory / f"part-{i:06d}.parquet", row_group_size=65_536)
         tables.append(table)
     return pa.concat_tables(tables)
@@ -74,8 +76,6 @@ def write_embeddings(directory: Path, rows: int, dim: int, files: int = 4) -> pa
 def add_version(repo, name: str, table: pa.Table) -> None:
     """The rows as one batch of a version's table in the repo's catalog (as the embed job lands them)."""
     from conftest import commit_rows
-
-    from vae.embeddings import contract
 
     owner = repo.catalog.register("item", "item_id", "int64")
     version_table = repo.catalog.create_table(owner, name, contract.schema("item_id", pa.int64()), {})
@@ -290,7 +290,10 @@ def main() -> None:
     parser.add_argument(
         "--vector-dim", type=int, default=16, help="latent size for the search figures (the train default)"
     )
-    args = parser.parse_args()
+    parser.add_argument("--vector-queries", type=int, default=200, help="queries of the search figures")
+    args = parse_args(
+        parser, rows=5_000, materialize_rows=1_000, load_seconds=1, vector_rows=2_000, vector_queries=5
+    )
 
     import ray
 
@@ -326,7 +329,7 @@ def main() -> None:
             )
         if args.vector_rows:
             results["vector_search"] = bench_vector_search(
-                work, args.vector_rows, args.vector_dim, queries=200
+                work, args.vector_rows, args.vector_dim, queries=args.vector_queries
             )
         ray.shutdown()
         save("publish", results)

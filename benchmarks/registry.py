@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import save, timed
+from benchmarks.common import parse_args, save, timed
 from ray_jobs.cluster import ray_session
 from ray_jobs.config import EmbedConfig, PublishConfig, TrainConfig
 from ray_jobs.demo import write_digits_parquet
@@ -64,7 +64,8 @@ def with_tracking(uri: str | None):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of each training run")
+    args = parse_args(parser, repeats=1, epochs=2)
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench-registry-"))
     uri = f"sqlite:///{work}/mlflow.db"
@@ -75,6 +76,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for mode in ("untracked", "tracked"):
                 config = training_config(work, data, f"{mode}-{repeat}", uri if mode == "tracked" else None)
+                config = config.model_copy(update={"epochs": args.epochs})
                 elapsed, version = timed(lambda config=config: train(config))
                 seconds[mode].append(round(elapsed, 2))
         result["train_seconds"] = seconds

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.common import save, timed
+from benchmarks.common import parse_args, save, timed
 from benchmarks.mnist import write_mnist_parquet
 from vae import (
     VAE,
@@ -227,7 +227,10 @@ def main() -> None:
     parser.add_argument("--iw-samples", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3, help="speed repeats")
     parser.add_argument("--speed-epochs", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--start-up-workers", type=int, nargs="+", default=[1, 2, 4])
+    args = parse_args(
+        parser, epochs=2, seeds=1, iw_samples=5, repeats=1, speed_epochs=2, start_up_workers=[1]
+    )
     from ray_jobs.config import TrainConfig
 
     kl_warmup_epochs = TrainConfig.model_fields["kl_warmup_epochs"].default
@@ -335,7 +338,7 @@ def speed(data: Path, work: Path, x_train, x_val, args, kl_warmup_epochs: float)
 
 def start_up(data: Path, work: Path, args) -> dict:
     """The job's fixed cost for 1, 2 and 4 workers of 0.5 CPU: it must not grow with the workers."""
-    fixed: dict[int, list[float]] = {1: [], 2: [], 4: []}
+    fixed: dict[int, list[float]] = {workers: [] for workers in args.start_up_workers}
     for _ in range(args.repeats):
         for workers in fixed:
             run = ray_run(data, work, 2, 0, name=f"start-{workers}", workers=workers, cpus_per_worker=0.5)
