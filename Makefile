@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The local CPU wheel; on a GPU machine set TORCH_SPEC to the CUDA build you want.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-unit bench lint clean redis-server postgresql chromium prometheus mlflow-server cluster-pin
+.PHONY: setup demo test test-unit bench bench-smoke lint docs docs-check clean redis-server postgresql chromium prometheus mlflow-server cluster-pin
 
 setup: $(VENV)/.installed
 
@@ -72,6 +72,11 @@ bench: setup redis-server
 	$(BIN)/python -m benchmarks.month
 	$(BIN)/python -m benchmarks.registry
 
+# Every benchmark at a tiny size (benchmarks.gpu on the CPU): each must complete and write its JSON.
+# .ci/run runs it, so that no benchmark breaks unseen; the figures are not looked at.
+bench-smoke: setup redis-server
+	$(BIN)/python -m benchmarks.smoke
+
 # Point cluster.yaml and the KubeRay RayJob at this checkout's commit (push it before `ray up`).
 cluster-pin:
 	@git diff --quiet HEAD || { echo "commit your changes first: the clusters install a commit, not a working tree" >&2; exit 1; }
@@ -84,5 +89,16 @@ lint: setup
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
 
+# The documentation site (MkDocs, docs/): the configuration reference regenerated from the job configs,
+# then built into site/. --strict: a broken link or anchor, or a page left out of the nav, fails.
+docs: setup
+	$(BIN)/python -m ray_jobs.reference > docs/configuration.md
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# What CI runs: the pages as committed must build without a warning (a unit test checks that the
+# configuration reference is the one the configs generate).
+docs-check: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir "$$(mktemp -d)"
+
 clean:
-	rm -rf $(MLFLOW_VENV) demo_output ray_results feature_repo/data benchmarks/results
+	rm -rf $(MLFLOW_VENV) demo_output ray_results feature_repo/data benchmarks/results site

@@ -62,7 +62,7 @@ def parse_config(config_class: type[ConfigT], argv: list[str] | None, prog: str)
     )
     parser.add_argument("--config", metavar="YAML", help="YAML file with any of the options below")
     for section, names in config_class.sections():
-        group = parser.add_argument_group(title(section))
+        group = parser.add_argument_group(title(section, config_class))
         for name in names:
             field = config_class.model_fields[name]
             default = "required" if field.is_required() else f"default: {default_text(field)}"
@@ -91,8 +91,14 @@ def parse_config(config_class: type[ConfigT], argv: list[str] | None, prog: str)
         raise InputError(f"invalid {prog} config: {problems}") from None
 
 
-def title(section: type[JobConfig]) -> str:
-    return (section.__doc__ or section.__name__).strip().splitlines()[0].rstrip(".")
+def title(section: type[JobConfig], config: type[JobConfig]) -> str:
+    """A section's heading: its docstring's first line, and whether a pipeline step sets its options
+    for the jobs it runs (they are outside the job's block)."""
+    text = (section.__doc__ or section.__name__).strip().splitlines()[0].rstrip(".")
+    block = next((options for job, options in BLOCKS.values() if job is config), None)
+    if block is not None and not set(section.model_fields) <= set(block.model_fields):
+        text += " (a pipeline step sets these)"
+    return text
 
 
 def default_text(field: FieldInfo) -> str:
@@ -149,7 +155,7 @@ def batch_option(default: str) -> Any:
 
 
 class EmbeddingsLocation(Section):
-    """Where an entity set's embeddings live: the Iceberg catalog and warehouse of a feature store."""
+    """Where the embeddings live: a feature store's Iceberg catalog and warehouse."""
 
     identity: ClassVar[bool] = False
     entity: Entity = "item"
@@ -233,7 +239,7 @@ class GateOptions(Section):
 
 
 class TrainSource(Section):
-    """What the run trains on (a pipeline step sets these)."""
+    """What the run trains on."""
 
     data: str | list[str] = Field(
         description="Parquet file or directory to train on, or a list of them (e.g. recent daily batches)"
@@ -246,7 +252,7 @@ class TrainSource(Section):
 
 
 class TrainDestination(Section):
-    """Where the version and the run go (a pipeline step sets these)."""
+    """Where the version and the run go."""
 
     identity: ClassVar[bool] = False
     model_root: ModelRoot = "models"
@@ -520,7 +526,7 @@ class TrainConfig(TrainSource, TrainDestination, TrainOptions):
 
 
 class EmbedTarget(EmbeddingsLocation):
-    """What to embed, with which version, as which batch (a pipeline step sets these)."""
+    """What to embed, with which version, as which batch."""
 
     data: str = Field(description="Parquet file or directory (local or s3://), hive-style partitions allowed")
     model_root: ModelRoot = "models"
@@ -688,7 +694,7 @@ class EmbeddingsCommand(EmbeddingsTask, EmbeddingsLocation):
 
 
 class PublishTarget(Section):
-    """What to publish where, and whether it becomes current (a pipeline step sets these)."""
+    """What to publish where, and whether it becomes current."""
 
     entity: Entity = "item"
     model_version: ModelVersion = "latest"

@@ -112,15 +112,25 @@ def test_usage_and_help_do_not_import_torch_ray_or_feast():
     assert "--epochs" in result.stdout and result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def readme_python_blocks() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+def documented_python_blocks() -> list[tuple[str, str]]:
+    """(page, block) for every ```python block of README.md and of the documentation's pages, in the
+    order of the site's navigation."""
+    import yaml
+
+    nav = yaml.safe_load((REPO / "mkdocs.yml").read_text())["nav"]
+    pages = ["README.md", *(f"docs/{page}" for entry in nav for page in entry.values())]
+    return [
+        (page, block.split("```", 1)[0])
+        for page in pages
+        for block in (REPO / page).read_text().split("```python\n")[1:]
+    ]
 
 
 @pytest.mark.timeout(600)
-def test_demo_runs_end_to_end_and_the_readme_snippets_run_as_written(feature_repo, tmp_path, monkeypatch):
+def test_demo_runs_end_to_end_and_the_documented_snippets_run_as_written(feature_repo, tmp_path, monkeypatch):
     """`vaectl demo` with its defaults in a directory holding a copy of the repo's feature_repo, as
-    `make demo` runs it; then every ```python block of README.md, as written, in that directory."""
+    `make demo` runs it; then every ```python block of README.md and docs/, as written, in that
+    directory."""
     # a private local cluster, as `make demo`
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
@@ -156,7 +166,7 @@ def test_demo_runs_end_to_end_and_the_readme_snippets_run_as_written(feature_rep
         and "vae-item version 1 (run " in result.stdout
     )
 
-    # README's vector-search snippet needs the version indexed: `vaectl publish --model-version latest
+    # the vector-search snippet needs the version indexed: `vaectl publish --model-version latest
     # --vector-search`
     monkeypatch.chdir(tmp_path)
     vector_yaml = feature_repo / "vector_search" / "feature_store.yaml"
@@ -167,12 +177,12 @@ def test_demo_runs_end_to_end_and_the_readme_snippets_run_as_written(feature_rep
         )
     )
     assert indexed["model_version"] == versions[0].name
-    blocks = readme_python_blocks()
-    assert len(blocks) >= 3
+    blocks = documented_python_blocks()
+    assert {page for page, _ in blocks} >= {"README.md", "docs/serving.md", "docs/registry.md"}
     # the registry block sets MLFLOW_TRACKING_URI, as a user would: undone after the test (monkeypatch
     # records the variable's state on its first change), or every later job would use the demo's store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    for block in blocks:
-        # noqa: S102 (the README's own code)
-        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    for page, block in blocks:
+        # noqa: S102 (the documentation's own code)
+        exec(compile(block, page, "exec"), {"__name__": "documented"})

@@ -153,3 +153,14 @@ def test_help_lists_every_option_once_under_its_section(capsys):
     assert shown.index("Model: architecture and likelihood") < mixed < option
     assert option < shown.index("Objective: the ELBO's weights")
     assert "--data VALUE" in shown and "(required)" in shown
+
+
+def test_the_configuration_reference_page_is_the_one_the_configs_generate():
+    """docs/configuration.md is generated (make docs); a change to an option must regenerate it."""
+    from pathlib import Path
+
+    from ray_jobs.reference import reference
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert page.read_text() == reference(), "docs/configuration.md is stale: run `make docs`"
+    assert "| `column_types` |" in page.read_text() and "## vaectl pipeline" in page.read_text()
