@@ -56,14 +56,22 @@ def capacity_or_fail(
     return capacity
 
 
-class _NoInputErrorTracebacks(logging.Filter):
-    """Drops Ray Data's reports of a failed task when the failure is bad input: the job ends with the
-    InputError's one line, which is all the user needs (Ray Data logs the same error two or three times
-    with its stack traces first). Other failures are still logged in full."""
+class _QuietConsole(logging.Filter):
+    """What of Ray Data's console output a job's user needs. Dropped: its reports of a failed task when
+    the failure is bad input (the job ends with the InputError's one line; Ray Data logs the same error
+    two or three times with its stack traces first), and, when the output is a log rather than a
+    terminal, its notices (three lines per dataset, and that progress bars are off: the jobs log their
+    own progress, units done or a line per epoch). Other failures are still logged in full."""
+
+    def __init__(self, interactive: bool):
+        super().__init__()
+        self.interactive = interactive
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
-            return True
+            return self.interactive or not record.name.startswith("ray.data")
+        if not self.interactive and record.getMessage().startswith("Progress bars disabled"):
+            return False
         text = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
             from ray_jobs.cli import find_input_error
@@ -74,13 +82,13 @@ class _NoInputErrorTracebacks(logging.Filter):
         return "InputError" not in text and not record.name.startswith("ray.data.exceptions")
 
 
-def quiet_ray_data_input_errors() -> None:
-    """Ray Data's console handlers get the filter (its session log file keeps everything)."""
+def quiet_ray_data_console() -> None:
+    """Ray's and Ray Data's console handlers get the filter (Ray Data's session log file keeps everything)."""
     for name in ("ray", "ray.data"):
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                if not any(isinstance(f, _NoInputErrorTracebacks) for f in handler.filters):
-                    handler.addFilter(_NoInputErrorTracebacks())
+                if not any(isinstance(f, _QuietConsole) for f in handler.filters):
+                    handler.addFilter(_QuietConsole(interactive=sys.stdout.isatty()))
 
 
 @contextlib.contextmanager
@@ -92,14 +100,22 @@ def ray_session() -> Iterator[None]:
 
     # Re-raise a failing map function's own exception (an InputError naming the row) rather
     # than Ray Data's UserCodeException, which keeps only its text.
-    ray.data.DataContext.get_current().raise_original_map_exception = True
-    quiet_ray_data_input_errors()
+    context = ray.data.DataContext.get_current()
+    context.raise_original_map_exception = True
+    quiet_ray_data_console()
+    if not sys.stdout.isatty():
+        # A log, not a terminal: progress bars would be tqdm redraws or a block of lines per dataset
+        # every 10 s; the jobs log their own progress (units done, a line per epoch).
+        context.enable_progress_bars = False
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # workers' lines without escape codes in log files
     if ray.is_initialized():
         yield
         return
     address = os.environ.get("RAY_ADDRESS") or "local"
+    token_setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if _not_the_token_auth_default_notice not in token_setup.filters:
+        token_setup.addFilter(_not_the_token_auth_default_notice)
     ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     global _private_cluster
     _private_cluster = address == "local"
@@ -111,6 +127,12 @@ def ray_session() -> Iterator[None]:
 
 
 _private_cluster = False
+
+
+def _not_the_token_auth_default_notice(record: logging.LogRecord) -> bool:
+    """Ray warns on every new local cluster that it turned token authentication on, its secure
+    default: nothing to act on in a job's log. Its warning that authentication is off still shows."""
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def is_private_cluster() -> bool:

@@ -66,11 +66,11 @@ def run(config: EmbedConfig) -> EmbedResult:
 def embed(config: EmbedConfig) -> EmbedResult:
     """Run the whole embedding job; everything is checked before Ray starts."""
     started = time.time()
-    catalog = EmbeddingsCatalog(*config.catalog_settings())
-    config = with_version_folder(config, catalog)
+    config = with_version_folder(config)
     model_version = load_model_version(config.model_root, config.model_version)  # 'latest' resolved, verified
     plan = plan_run(config.data, model_version.features, config.rows_per_file, config.timestamp_column)
     options = encode_options(config, model_version, plan)
+    catalog = EmbeddingsCatalog(*config.catalog_settings())
     entity = catalog.register(config.entity, model_version.features.key_column, plan.key_type)
     schema = contract.schema(entity.join_key, _arrow_key(plan.key_type))
     table = catalog.create_table(
@@ -131,11 +131,12 @@ def embed(config: EmbedConfig) -> EmbedResult:
     return result
 
 
-def with_version_folder(config: EmbedConfig, catalog: EmbeddingsCatalog) -> EmbedConfig:
+def with_version_folder(config: EmbedConfig) -> EmbedConfig:
     """models:/<name>@<alias> or models:/<name>/<number>: the version folder MLflow's version records (in
     the registry of the feature store's mlflow block, else of MLFLOW_TRACKING_URI); 'current': the
     version the feature store serves, under model_root. A name or 'latest': as given."""
     if config.model_version == "current":
+        catalog = EmbeddingsCatalog(*config.catalog_settings())
         return config.model_copy(update={"model_version": config.version(catalog, "current")})
     if not config.model_version.startswith(MODELS_URI):
         return config

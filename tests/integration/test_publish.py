@@ -5,6 +5,7 @@ import sqlite3
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ from ray_jobs.publish import publish
 from vae import InputError
 
 CURRENT = "item_embeddings_current"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def config(versions, feature_repo, **options) -> PublishConfig:
@@ -265,3 +267,43 @@ def test_publish_refuses_vectors_that_read_back_wrong_and_switches_nothing(
     with pytest.raises(RuntimeError, match="publish verification failed: item_id=0 reads back"):
         publish(config(versions, feature_repo, model_version=v2, verify_rows=1797))
     assert current_version(EmbeddingsRepo(feature_repo)) == v1
+
+
+CONSUMER = """
+import sys
+import pandas as pd
+from feast import FeatureStore
+from feast_embeddings import current_features
+
+store = FeatureStore(repo_path=sys.argv[1])
+features = current_features(store, "item_embeddings_current")
+online = store.get_online_features(features=features, entity_rows=[{"item_id": 1}, {"item_id": 2}]).to_dict()
+entity_df = pd.DataFrame({"item_id": [1, 2], "event_timestamp": pd.Timestamp.now(tz="UTC")})
+offline = store.get_historical_features(entity_df=entity_df, features=features).to_df()
+print(online["model_version"][0], len(offline))
+"""
+
+
+def test_a_consumer_of_the_repo_sees_nothing_but_its_features(versions, feature_repo, tmp_path):
+    """A downstream process that reads the repo the plain Feast way, without MLflow configured: its
+    output is its features, nothing on stderr (no warning from Feast, pydantic or MLflow)."""
+    import os
+    import subprocess
+    import sys
+
+    v1 = versions["names"][0]
+    publish(config(versions, feature_repo, model_version=v1, verify_rows=0, show=0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
+    env["PYTHONPATH"] = str(REPO)
+    result = subprocess.run(
+        [sys.executable, "-c", CONSUMER, str(feature_repo)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [v1, "2"]
+    assert result.stderr == "", result.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()

@@ -184,6 +184,43 @@ def test_embed_takes_a_registry_uri(world):
         embed(_embed_config(repo, "nowhere", "models:/vae-item@nosuch", data, "day3"))
 
 
+def test_every_job_names_a_version_the_same_ways(world, capsys, monkeypatch):
+    """'current', 'latest', a name and models:/ URIs, in embed, publish, monitor and embeddings alike."""
+    from ray_jobs.cli import run_job
+    from ray_jobs.config import MonitorConfig, parse_config
+    from ray_jobs.monitor import monitor
+
+    repo, data = world["repo"], world["data"]
+    yaml_path = str(repo / "feature_store.yaml")
+    current = embed(_embed_config(repo, world["models"], "current", data, "day-current"))
+    assert current.model_version == world["tracked"] == _current(world)
+    run_job("embeddings", ["history", "item", "models:/vae-item@champion", "--feature-store-yaml", yaml_path])
+    assert "day-current" in capsys.readouterr().out
+    options = ["--model-version", "models:/vae-item@champion", "--batch", "day-current"]
+    options += ["--feature-store-yaml", yaml_path, "--model-root", str(world["models"])]
+    report = monitor(parse_config(MonitorConfig, [*options, "--output", str(repo / "reports")], "monitor"))
+    assert report["model_version"] == world["tracked"]
+    # no registry to resolve a models:/ URI in: one line that says where to configure one
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(
+        InputError, match=r"models:/vae-item@champion: no MLflow registry .* MLFLOW_TRACKING_URI"
+    ):
+        run_job(
+            "embeddings", ["history", "item", "models:/vae-item@champion", "--feature-store-yaml", yaml_path]
+        )
+    # an entity set nothing of which is published has no current version
+    empty = EmbedConfig(
+        data=str(data),
+        model_root=str(world["models"]),
+        model_version="current",
+        catalog=f"sqlite:///{repo}/e.db",
+        warehouse=str(repo / "empty"),
+        batch="d",
+    )
+    with pytest.raises(InputError, match="entity 'item' has no current version yet; publish one"):
+        embed(empty)
+
+
 def test_the_pyfunc_model_predicts_what_embed_wrote(world):
     import mlflow
 
@@ -202,6 +239,13 @@ def test_the_pyfunc_model_predicts_what_embed_wrote(world):
     flavor = (folder / "MLmodel").read_text()
     assert "model_code_path" in flavor and "python_model.pkl" not in flavor
     assert not list(folder.rglob("*.pkl"))
+    # a folder registered before the library's subpackages runs the old copy of the code: it still loads
+    before = Path(world["models"]).parent / "registered-before" / world["tracked"]
+    shutil.copytree(folder, before)
+    shutil.copy(REPO / "tests" / "data" / "mlflow_pyfunc_before_subpackages.py", before / "mlflow_pyfunc.py")
+    assert "from vae.artifacts import" in (before / "mlflow_pyfunc.py").read_text()
+    again = mlflow.pyfunc.load_model(str(before)).predict(frame)
+    np.testing.assert_array_equal(np.stack(again.latent), np.stack(predicted.latent))
 
 
 def test_lineage_from_a_downstream_run_back_to_the_vae_run(world, capsys):

@@ -381,6 +381,9 @@ def test_one_worker_takes_the_same_steps_and_reaches_the_same_elbo_with_a_readab
     ]
     assert len(from_workers) == config.epochs and all("-ELBO" in line for line in from_workers), from_workers
     assert "Checkpoint successfully created" not in output and "model version" in output
+    # nor Ray's notices: token auth on by default, Ray Data's per-dataset lines and progress bars
+    for notice in ("Token authentication is enabled", "Starting execution of Dataset", "dataset sampling"):
+        assert notice not in output, notice
 
 
 STREAMING_SCRIPT = """
