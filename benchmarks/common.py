@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,27 @@ def write_vectors(directory: Path, rows: int, dim: int, files: int = 4, seed: in
         )
         pq.write_table(table, directory / f"part-{i:03d}.parquet", row_group_size=65536)
     return directory
+
+
+def synthetic_embeddings(
+    start: int, rows: int, dim: int, version: str, batch: str, when: datetime, seed: int = 0
+) -> pa.Table:
+    """Rows in the embeddings contract (vae.embeddings.contract), whatever columns it gains: keys
+    start..start+rows, Gaussian latents, uniform scores (1% above the threshold)."""
+    from vae.embeddings import contract
+
+    rng = np.random.default_rng(seed + start)
+    return contract.embedding_table(
+        pa.array(np.arange(start, start + rows), pa.int64()),
+        "item_id",
+        pa.int64(),
+        rng.standard_normal((rows, dim), dtype=np.float32),
+        rng.random(rows, dtype=np.float32),
+        0.99,
+        version,
+        batch,
+        contract.constant_timestamps(when, rows),
+    )
 
 
 def untrained_version(model_root: Path, dim: int, latent_dim: int = 16, hidden=(256, 128)) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,14 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import parse_args, save, timed
+from benchmarks.common import parse_args, save, synthetic_embeddings, timed
 from benchmarks.mnist import write_mnist_parquet
 from ray_jobs.cluster import ray_session
-from ray_jobs.config import TrainConfig
+from ray_jobs.config import MonitorConfig, TrainConfig
 from ray_jobs.monitor import read_embeddings
 from ray_jobs.train import train
 from vae import encode_matrix, features_to_numpy, load_model_version
-from vae.embeddings.contract import latent_column
 from vae.monitoring.statistics import DRIFT_TESTS, drift_test
 
 
@@ -43,26 +43,24 @@ def rates(results: list[dict]) -> dict:
     }
 
 
-def write_large_embeddings(directory: Path, rows: int, dim: int = 16) -> None:
-    rng = np.random.default_rng(0)
-    directory.mkdir(parents=True)
-    per_file = 250_000
-    for start in range(0, rows, per_file):
-        count = min(per_file, rows - start)
-        pq.write_table(
-            pa.table(
-                {
-                    "item_id": pa.array(np.arange(start, start + count), pa.int64()),
-                    "latent": latent_column(rng.standard_normal((count, dim), dtype=np.float32)),
-                    "anomaly_score": pa.array(rng.random(count, dtype=np.float32)),
-                    "model_version": pa.array(["bench"] * count),
-                    "event_timestamp": pa.array(
-                        [datetime(2026, 1, 1, tzinfo=UTC)] * count, pa.timestamp("us", tz="UTC")
-                    ),
-                }
-            ),
-            directory / f"part-{start // per_file:06d}.parquet",
-        )
+def large_embeddings(work: Path, rows: int, dim: int = 16) -> tuple:
+    """`rows` embeddings of one version as batches of 250,000 rows of its table in a catalog of their
+    own, and the monitor job's options to read them (catalog, warehouse, entity)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import commit_rows
+
+    from vae.embeddings import contract
+    from vae.embeddings.catalog import EmbeddingsCatalog
+
+    options = {"catalog": f"sqlite:///{work}/catalog.db", "warehouse": str(work / "warehouse")}
+    catalog = EmbeddingsCatalog(options["catalog"], options["warehouse"])
+    owner = catalog.register("item", "item_id", "int64")
+    table = catalog.create_table(owner, "bench", contract.schema("item_id", pa.int64()), {})
+    for start in range(0, rows, 250_000):
+        count, batch = min(250_000, rows - start), f"part-{start // 250_000}"
+        when = datetime(2026, 1, 1, tzinfo=UTC)
+        commit_rows(catalog, table, synthetic_embeddings(start, count, dim, "bench", batch, when), batch)
+    return catalog, catalog.table("item", "bench"), options
 
 
 def main() -> None:
@@ -142,9 +140,14 @@ def main() -> None:
                 )
             )
 
-        write_large_embeddings(work / "large", args.rows)
-        in_process, _ = timed(lambda: read_embeddings(str(work / "large"), 5000, in_memory_rows=args.rows))
-        with_ray, sample = timed(lambda: read_embeddings(str(work / "large"), 5000, in_memory_rows=0))
+        catalog, table, options = large_embeddings(work / "large", args.rows)
+
+        def read(in_memory_rows: int):
+            config = MonitorConfig(**options, sample_rows=5000, in_memory_rows=in_memory_rows)
+            return read_embeddings(catalog, table, None, config)
+
+        in_process, _ = timed(lambda: read(args.rows))
+        with_ray, sample = timed(lambda: read(0))
         test_seconds, _ = timed(
             lambda: drift_test(sample.latents, sample.latents[::-1] + 0.0, permutations=args.permutations)
         )

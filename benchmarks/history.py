@@ -25,31 +25,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from benchmarks.common import parse_args, save, timed
+from benchmarks.common import parse_args, save, synthetic_embeddings, timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import commit_rows  # noqa: E402  the tests' way of landing a batch without Ray
 
 from vae.embeddings import contract  # noqa: E402
-from vae.embeddings.contract import latent_column  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = "20260101T000000Z-history0"
 DAY = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def batch_rows(start: int, rows: int, dim: int, day: int, rng) -> pa.Table:
-    return pa.table(
-        {
-            "item_id": pa.array(np.arange(start, start + rows), pa.int64()),
-            "latent": latent_column(rng.standard_normal((rows, dim), dtype=np.float32)),
-            "anomaly_score": pa.array(rng.random(rows, dtype=np.float32)),
-            "is_anomaly": pa.array(rng.random(rows) < 0.01),
-            "model_version": pa.array([VERSION] * rows, pa.string()),
-            "batch_id": pa.array([f"day-{day}"] * rows, pa.string()),
-            "event_timestamp": pa.array([DAY + timedelta(days=day)] * rows, pa.timestamp("us", tz="UTC")),
-        }
-    )
 
 
 def build(work: Path, rows: int, batches: int, dim: int):
@@ -61,9 +46,11 @@ def build(work: Path, rows: int, batches: int, dim: int):
     repo = EmbeddingsRepo(repo_dir)
     owner = repo.catalog.register("item", "item_id", "int64")
     table = repo.catalog.create_table(owner, VERSION, contract.schema("item_id", pa.int64()), {})
-    rng, per_batch = np.random.default_rng(0), rows // batches
+    per_batch = rows // batches
     for day in range(batches):
-        commit_rows(repo.catalog, table, batch_rows(day * per_batch, per_batch, dim, day, rng), f"day-{day}")
+        when = DAY + timedelta(days=day)
+        batch = synthetic_embeddings(day * per_batch, per_batch, dim, VERSION, f"day-{day}", when)
+        commit_rows(repo.catalog, table, batch, f"day-{day}")
     repo.update_publication("item", **{f"published.{VERSION}": DAY.isoformat()})
     repo.apply()
     return repo, repo.catalog.table("item", VERSION)

@@ -301,7 +301,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--rows", type=int, default=1000)
-    args = parse_args(parser, days=3, rows=200)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of step vs plain jobs")
+    args = parse_args(parser, days=2, rows=200, repeats=1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("feast").setLevel(logging.WARNING)
 
@@ -314,7 +315,7 @@ def main() -> None:
             (feature_repo / name).write_text((repo_template / name).read_text())
         month = simulate(work, feature_repo, args.days, args.rows)
         figures = summary(month)
-        figures["quiet_day"] = step_vs_plain_jobs(work, feature_repo, args.rows)
+        figures["quiet_day"] = step_vs_plain_jobs(work, feature_repo, args.rows, args.repeats)
     save("month", figures)
 
 

@@ -32,13 +32,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import http_load, parse_args, save, timed
+from benchmarks.common import http_load, parse_args, save, synthetic_embeddings, timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the servers the tests start
 from helpers.servers import free_port, redis_server, wait_for_port  # noqa: E402
 
 from vae.embeddings import contract
-from vae.embeddings.contract import latent_column
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION, SMALL_VERSION, VECTOR_VERSION = (
@@ -49,25 +48,13 @@ VERSION, SMALL_VERSION, VECTOR_VERSION = (
 
 
 def write_embeddings(directory: Path, rows: int, dim: int, files: int = 4) -> pa.Table:
-    """Synthetic embeddings in the embed job's layout and schema."""
-    rng = np.random.default_rng(0)
+    """Synthetic embeddings in the embed job's layout and the contract's schema."""
     directory.mkdir(parents=True)
     tables = []
     per_file = rows // files
     for i in range(files):
-        table = pa.table(
-            {
-                "item_id": pa.array(np.arange(i * per_file, (i + 1) * per_file), pa.int64()),
-                "latent": latent_column(rng.standard_normal((per_file, dim), dtype=np.float32)),
-                "anomaly_score": pa.array(rng.random(per_file, dtype=np.float32)),
-                "is_anomaly": pa.array(rng.random(per_file) < 0.01),
-                "model_version": pa.array([directory.name] * per_file, pa.string()),
-                "event_timestamp": pa.array(
-                    [datetime(2026, 1, 1, tzinfo=UTC)] * per_file, pa.timestamp("us", tz="UTC")
-                ),
-            }
-        )
-        table = contract.with_attribution(table)  # the contract's columns, whatever it gains
+        when = datetime(2026, 1, 1, tzinfo=UTC)
+        table = synthetic_embeddings(i * per_file, per_file, dim, directory.name, "bench", when)
         pq.write_table(table, directory / f"part-{i:06d}.parquet", row_group_size=65_536)
         tables.append(table)
     return pa.concat_tables(tables)
@@ -79,13 +66,9 @@ def add_version(repo, name: str, table: pa.Table) -> None:
 
     owner = repo.catalog.register("item", "item_id", "int64")
     version_table = repo.catalog.create_table(owner, name, contract.schema("item_id", pa.int64()), {})
-    rows = table.append_column("batch_id", pa.array(["bench"] * table.num_rows, pa.string()))
-    commit_rows(
-        repo.catalog,
-        version_table,
-        rows.set_column(4, "model_version", pa.array([name] * rows.num_rows)),
-        "bench",
-    )
+    index = table.schema.get_field_index("model_version")
+    rows = table.set_column(index, "model_version", pa.array([name] * table.num_rows))
+    commit_rows(repo.catalog, version_table, rows, "bench")
 
 
 def make_repo(work: Path, store_kind: str) -> Path:

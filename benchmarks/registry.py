@@ -65,7 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30, help="epochs of each training run")
-    args = parse_args(parser, repeats=1, epochs=2)
+    parser.add_argument("--predict-rows", type=int, default=100_000, help="rows scored by pyfunc vs encode")
+    args = parse_args(parser, repeats=1, epochs=2, predict_rows=2_000)
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench-registry-"))
     uri = f"sqlite:///{work}/mlflow.db"
@@ -116,7 +117,7 @@ def main() -> None:
     import mlflow
 
     frame = pq.read_table(data).to_pandas()
-    frame = frame.loc[np.arange(100_000) % len(frame)].reset_index(drop=True)
+    frame = frame.loc[np.arange(args.predict_rows) % len(frame)].reset_index(drop=True)
     frame["item_id"] = np.arange(len(frame))
     model = mlflow.pyfunc.load_model("models:/vae-item@champion")
     loaded = load_model_version(work / "models", version)
