@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-
 from feast_embeddings.repo import EmbeddingsRepo
 from feast_embeddings.versions import switch_current
 from ray_jobs import pushgateway
@@ -50,19 +48,17 @@ from ray_jobs.config import (
 )
 from ray_jobs.embed import embed
 from ray_jobs.publish import publish
-from vae.data.keys import is_validation, key_hash
 from vae.embeddings.catalog import Properties, model_version_info
 from vae.embeddings.lock import LockHeld
 from vae.embeddings.runs import check_batch_id
 from vae.errors import InputError
-from vae.monitoring.gate import SAMPLED_COLUMNS, Check, LatentSample, evaluate
+from vae.monitoring.gate import SAMPLED_COLUMNS, LatentSample, evaluate
 from vae.monitoring.report import write_report
 from vae.pipeline.decisions import Decision, DecisionLog, exit_code, of_batch
 from vae.pipeline.policy import (
     BatchHealth,
     Trigger,
-    elbo_gate,
-    heldout_negative_elbo,
+    heldout_check,
     pending_retrain,
     recorded,
     training_window,
@@ -455,25 +451,6 @@ def gate_challenger(
     pushgateway.version_figures(step.metrics, challenger, info.metadata, report.get("movement"))
     log.info("challenger %s gate %s: %s", challenger, "passed" if report["passed"] else "FAILED", html)
     return report["passed"], report["failures"], str(html)
-
-
-def heldout_check(rows: dict, join_key: str, challenger, champion, margin: float) -> Check:
-    """Both versions' -ELBO on the challenger's validation keys (never trained on by it)."""
-    fraction = challenger.metadata["training"]["validation_fraction"]
-    held = {}
-    for version, table in rows.items():
-        table = table.filter(is_validation(key_hash(table.column(join_key)), fraction))
-        held[version] = dict(
-            zip(table.column(join_key).to_pylist(), table.column("anomaly_score").to_pylist(), strict=True)
-        )
-    keys = sorted(held[challenger.version].keys() & held[champion.version].keys())
-    if not keys:
-        return Check("heldout_elbo", False, "no held-out rows both versions embedded", None)
-    scores = {version: np.array([by_key[k] for k in keys], np.float64) for version, by_key in held.items()}
-    ours = heldout_negative_elbo(scores[challenger.version], challenger.metadata)
-    theirs = heldout_negative_elbo(scores[champion.version], champion.metadata)
-    passed, detail = elbo_gate(ours, theirs, margin)
-    return Check("heldout_elbo", passed, detail, ours - theirs)
 
 
 # -- figures -------------------------------------------------------------------------------------------

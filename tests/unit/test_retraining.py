@@ -262,3 +262,25 @@ def test_the_step_lock_refuses_a_second_holder_and_a_crashed_one_loses_it(catalo
         pass
     with catalog.lock("pipeline-item", wait_seconds=10):
         pass
+
+
+def test_the_held_out_check_compares_both_versions_on_the_challengers_validation_keys():
+    import pyarrow as pa
+
+    from vae.data.keys import is_validation, key_hash
+    from vae.pipeline.policy import heldout_check
+    from vae.versions.artifacts import ModelVersionInfo
+
+    metadata = {"architecture": {"likelihood": "bernoulli"}, "training": {"validation_fraction": 0.5}}
+    new, old = ModelVersionInfo("v2", "/m/v2", metadata), ModelVersionInfo("v1", "/m/v1", metadata)
+    keys = pa.array(range(200), pa.int64())
+    held_out = is_validation(key_hash(keys), 0.5)
+    # the challenger is worse on training keys (which it memorized differently) but better held out
+    scores = {"v2": np.where(held_out, 10.0, 99.0), "v1": np.full(200, 10.5)}
+    rows = {v: pa.table({"item_id": keys, "anomaly_score": s}) for v, s in scores.items()}
+    check = heldout_check(rows, "item_id", new, old, margin=1.0)
+    assert check.passed and check.value == pytest.approx(-0.5)
+    assert check.detail.startswith("held-out -ELBO 10.00 vs champion 10.50 nats/example")
+    rows["v2"] = rows["v2"].filter(pa.array(~held_out))  # no held-out row both embedded
+    check = heldout_check(rows, "item_id", new, old, margin=1.0)
+    assert not check.passed and check.detail == "no held-out rows both versions embedded"

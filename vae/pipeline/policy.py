@@ -21,8 +21,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
+from vae.data.keys import is_validation, key_hash
+from vae.monitoring.gate import Check
 from vae.pipeline.decisions import Decision, of_batch
+from vae.versions.artifacts import ModelVersionInfo
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,32 @@ def heldout_negative_elbo(scores: np.ndarray, metadata: dict) -> float:
             if c["kind"] == "numeric" and c["transform"] in ("robust", "standard")
         )
     return mean
+
+
+def heldout_check(
+    rows: dict[str, pa.Table],
+    join_key: str,
+    challenger: ModelVersionInfo,
+    champion: ModelVersionInfo,
+    margin: float,
+) -> Check:
+    """The gate's held-out check: both versions' -ELBO on the challenger's validation keys (never trained on
+    by it; the key-hash split is the same for both), from the rows each version embedded."""
+    fraction = challenger.metadata["training"]["validation_fraction"]
+    held = {}
+    for version, table in rows.items():
+        table = table.filter(is_validation(key_hash(table.column(join_key)), fraction))
+        held[version] = dict(
+            zip(table.column(join_key).to_pylist(), table.column("anomaly_score").to_pylist(), strict=True)
+        )
+    keys = sorted(held[challenger.version].keys() & held[champion.version].keys())
+    if not keys:
+        return Check("heldout_elbo", False, "no held-out rows both versions embedded", None)
+    scores = {version: np.array([by_key[k] for k in keys], np.float64) for version, by_key in held.items()}
+    ours = heldout_negative_elbo(scores[challenger.version], challenger.metadata)
+    theirs = heldout_negative_elbo(scores[champion.version], champion.metadata)
+    passed, detail = elbo_gate(ours, theirs, margin)
+    return Check("heldout_elbo", passed, detail, ours - theirs)
 
 
 def elbo_gate(challenger: float, champion: float, margin: float) -> tuple[bool, str]:
