@@ -15,13 +15,13 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 
-from vae.versions.artifacts import ModelVersionInfo, load_reference
+from vae.data.keys import in_sample, key_hash
 from vae.diagnostics import ACTIVE_UNIT_THRESHOLD
 from vae.embeddings.contract import key_column, latent_matrix
 from vae.errors import InputError
-from vae.data.keys import in_sample, key_hash
 from vae.monitoring.statistics import drift_test, movement
 from vae.monitoring.thresholds import Thresholds
+from vae.versions.artifacts import ModelVersionInfo, load_reference
 
 MIN_DRIFT_ROWS = 20  # below this the drift tests have no power worth a gate
 SAMPLED_COLUMNS = ("latent", "anomaly_score", "model_version")  # what a sample reads besides the key
