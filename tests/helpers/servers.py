@@ -16,10 +16,19 @@ import time
 from collections.abc import Iterator
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and never handed out before in this process: the OS may give a just-closed port
+    again, and a Ray node started with two equal ports refuses to start (seen once in CI)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def wait_for_port(port: int, process: subprocess.Popen, name: str, seconds: float = 30) -> None:
