@@ -66,6 +66,18 @@ def test_nan_and_inf_are_refused_naming_the_row():
         )
 
 
+def test_finite_values_beyond_float32_are_refused_naming_column_and_row():
+    # 1e39 is finite in float64 and inf in the float32 the model computes in: a bad input, not a bad output
+    scalars = pa.table({"item_id": [1, 2, 3], "x": [0.5, 1e39, -2.0], "y": [1.0, 2.0, 3.0]})
+    with pytest.raises(InputError, match=r"row item_id=2 has a value in column 'x' beyond float32's range"):
+        features_to_numpy(scalars, FeatureSchema("item_id", 2, feature_columns=("x", "y")))
+    vectors = pa.table({"item_id": [7, 8], "vec": pa.array([[1.0, 2.0], [1.0, -4e38]], pa.list_(pa.float64()))})
+    with pytest.raises(InputError, match=r"row item_id=8 has a vector value beyond float32's range"):
+        features_to_numpy(vectors, FeatureSchema("item_id", 2, vector_column="vec"))
+    fine = pa.table({"item_id": [1], "x": [3.0e38], "y": [1.0]})
+    assert np.isfinite(features_to_numpy(fine, FeatureSchema("item_id", 2, feature_columns=("x", "y")))).all()
+
+
 def test_null_vector_is_refused():
     table = pa.table({"item_id": [1, 2], "vec": pa.array([[1.0], None], pa.list_(pa.float32(), 1))})
     with pytest.raises(InputError, match=r"row item_id=2 has no value in column 'vec'"):

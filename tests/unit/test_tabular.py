@@ -112,6 +112,10 @@ def test_missing_values_are_nan_codes_and_unseen_categories_other_or_refused():
         "id", 3, feature_columns=features.feature_columns, table=fitted(data, missing="refuse")[0]
     )
     assert "has no value in column 'amount' (missing: refuse)" in row_problems(probe, refuse)[0]
+    huge = probe.set_column(2, "amount", pa.array([1e39, 5.0], pa.float64()))
+    assert row_problems(huge, other)[0] == (
+        "has a value in column 'amount' beyond float32's range (|x| > 3.4e+38), which the model computes in"
+    )
 
 
 def model(layout=(("categorical", 4), ("numeric", 1), ("binary", 1))) -> VAE:

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vae.data.ranges import BEYOND_FLOAT32, beyond_float32
 from vae.data.tabular import TableSchema, check_types
 from vae.errors import InputError
 
@@ -227,9 +228,9 @@ def row_problems(
         column = batch.column(name)
         problems.nulls(column, name)
         if pa.types.is_floating(column.type):
-            problems.mark(
-                ~np.isfinite(column.to_numpy(zero_copy_only=False)), "has NaN or infinite feature values"
-            )
+            values = column.to_numpy(zero_copy_only=False)
+            problems.mark(~np.isfinite(values), "has NaN or infinite feature values")
+            problems.mark(beyond_float32(values), f"has a value in column '{name}' {BEYOND_FLOAT32}")
     return problems.reasons
 
 
@@ -269,10 +270,12 @@ def _vector_problems(problems: _Problems, column: pa.Array, features: FeatureSch
         reason = f"has null elements inside its vector in column '{name}'"
         problems.mark(_rows_of(parents, _nulls(values), problems.rows), reason)
     if pa.types.is_floating(values.type):
-        finite = np.isfinite(values.to_numpy(zero_copy_only=False))
-        if not finite.all():
+        flat = values.to_numpy(zero_copy_only=False)
+        finite, huge = np.isfinite(flat), beyond_float32(flat)
+        if not finite.all() or huge.any():
             parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
             problems.mark(_rows_of(parents, ~finite, problems.rows), "has NaN or infinite feature values")
+            problems.mark(_rows_of(parents, huge, problems.rows), f"has a vector value {BEYOND_FLOAT32}")
 
 
 def _single_chunk(column: pa.Array | pa.ChunkedArray) -> pa.Array:

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vae.data.ranges import BEYOND_FLOAT32, beyond_float32
 from vae.errors import InputError
 
 Kind = Literal["numeric", "binary", "categorical"]
@@ -108,6 +109,8 @@ class TableSchema:
             if spec.kind != "categorical" and pa.types.is_floating(column.type):
                 values = column.to_numpy(zero_copy_only=False)
                 found.append((np.isinf(values), f"has an infinite value in column '{spec.name}'"))
+                huge = f"has a value in column '{spec.name}' {BEYOND_FLOAT32}"
+                found.append((beyond_float32(values), huge))
                 missing = missing | np.isnan(values)
             if self.missing == "refuse":
                 found.append((missing, f"has no value in column '{spec.name}' (missing: refuse)"))
