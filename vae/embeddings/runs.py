@@ -301,6 +301,9 @@ def run_id(
         "on_duplicate_keys": options.on_duplicate_keys,
         "batch_size": options.batch_size,
         "rows_per_file": rows_per_file,
+        "unseen_categories": options.unseen_categories,
+        "impute": options.impute,
+        "attribution": options.attribution,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
