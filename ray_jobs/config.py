@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
 from ray_jobs.cluster import resource_request
+from vae.embeddings.contract import check_entity_name
 from vae.errors import InputError
 from vae.monitoring.thresholds import Thresholds
 
@@ -132,8 +133,17 @@ def _parse_flag(raw: str):
 # ---------------------------------------------------------------------------------------------
 # Options several jobs share: one definition each
 
+
+def _entity_name(name: str) -> str:
+    try:
+        return check_entity_name(name)
+    except InputError as error:
+        raise ValueError(str(error)) from None
+
+
 Entity = Annotated[
     str,
+    AfterValidator(_entity_name),
     Field(
         description="the embedding set (entity), e.g. item or user: one VAE (MLflow: vae-<entity>), one key"
     ),

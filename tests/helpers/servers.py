@@ -15,7 +15,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-
 _PORTS_GIVEN: set[int] = set()
 
 

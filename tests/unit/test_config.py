@@ -164,3 +164,15 @@ def test_the_configuration_reference_page_is_the_one_the_configs_generate():
     page = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
     assert page.read_text() == reference(), "docs/configuration.md is stale: run `make docs`"
     assert "| `column_types` |" in page.read_text() and "## vaectl pipeline" in page.read_text()
+
+
+def test_every_job_checks_the_entity_name_before_it_runs():
+    from ray_jobs.config import EmbedConfig, PipelineConfig, PublishConfig
+
+    for config, extra in (
+        (PublishConfig, []),
+        (EmbedConfig, ["--data", "/d"]),
+        (PipelineConfig, ["--data", "/d"]),
+    ):
+        with pytest.raises(InputError, match=r"entity: entity 'Item-Set': use lower-case letters"):
+            parse_config(config, ["--entity", "Item-Set", *extra], prog="vaectl")

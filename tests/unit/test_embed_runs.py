@@ -50,7 +50,8 @@ def test_the_same_settings_are_the_same_run():
     changed = {
         name
         for name in shaping
-        if identity(dataclasses.replace(OPTIONS, **{name: _other(getattr(OPTIONS, name))})) != identity(OPTIONS)
+        if identity(dataclasses.replace(OPTIONS, **{name: _other(getattr(OPTIONS, name))}))
+        != identity(OPTIONS)
     }
     assert changed == shaping
 

@@ -71,7 +71,9 @@ def test_finite_values_beyond_float32_are_refused_naming_column_and_row():
     scalars = pa.table({"item_id": [1, 2, 3], "x": [0.5, 1e39, -2.0], "y": [1.0, 2.0, 3.0]})
     with pytest.raises(InputError, match=r"row item_id=2 has a value in column 'x' beyond float32's range"):
         features_to_numpy(scalars, FeatureSchema("item_id", 2, feature_columns=("x", "y")))
-    vectors = pa.table({"item_id": [7, 8], "vec": pa.array([[1.0, 2.0], [1.0, -4e38]], pa.list_(pa.float64()))})
+    vectors = pa.table(
+        {"item_id": [7, 8], "vec": pa.array([[1.0, 2.0], [1.0, -4e38]], pa.list_(pa.float64()))}
+    )
     with pytest.raises(InputError, match=r"row item_id=8 has a vector value beyond float32's range"):
         features_to_numpy(vectors, FeatureSchema("item_id", 2, vector_column="vec"))
     fine = pa.table({"item_id": [1], "x": [3.0e38], "y": [1.0]})

@@ -26,7 +26,7 @@ from typing import Literal
 
 import pyarrow as pa
 
-from vae.embeddings.contract import identifier
+from vae.embeddings.contract import check_entity_name, identifier
 from vae.embeddings.lock import lease_lock
 from vae.errors import InputError, first_line
 from vae.storage import filesystem, is_local, storage_errors, url_of
@@ -91,12 +91,6 @@ def table_name(version: str) -> str:
     return "v_" + identifier(version)
 
 
-def check_entity_name(name: str) -> str:
-    if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", name):
-        raise InputError(f"entity '{name}': use lower-case letters, digits and _ (e.g. item, user)")
-    return name
-
-
 class EmbeddingsCatalog:
     """The SQL catalog of a feature repo's embeddings, with its warehouse."""
 
@@ -132,6 +126,7 @@ class EmbeddingsCatalog:
     def entity_set(self, name: str) -> EntitySet:
         from pyiceberg.exceptions import NoSuchNamespaceError
 
+        check_entity_name(name)
         try:
             properties = self.catalog.load_namespace_properties((NAMESPACE, name))
         except NoSuchNamespaceError:
@@ -177,15 +172,24 @@ class EmbeddingsCatalog:
         )
 
     def table(self, entity: str, version: str):
+        """The version's table. A name that only maps to the same table (a_b for a-b) is not the version."""
         from pyiceberg.exceptions import NoSuchTableError
 
+        check_entity_name(entity)
         try:
-            return self.catalog.load_table((NAMESPACE, entity, table_name(version)))
+            table = self.catalog.load_table((NAMESPACE, entity, table_name(version)))
         except NoSuchTableError:
             have = ", ".join(self.versions(entity)[-5:]) or "none"
             raise InputError(
                 f"entity '{entity}' has no embeddings by model version '{version}' (have: {have})"
             ) from None
+        recorded = table.properties.get(Properties.MODEL_VERSION, version)
+        if recorded != version:
+            raise InputError(
+                f"entity '{entity}' has no embeddings by model version '{version}'; did you mean "
+                f"'{recorded}'?"
+            )
+        return table
 
     def resolve(self, entity: str, version: str) -> str:
         """A version name, with 'latest' (the newest embedded) resolved. ('current', the published one,
@@ -205,7 +209,7 @@ class EmbeddingsCatalog:
 
         table_id = (NAMESPACE, entity.name, table_name(version))
         if self.catalog.table_exists(table_id):  # create_table writes a metadata file before it checks
-            table = self.catalog.load_table(table_id)
+            table = self.table(entity.name, version)  # refuses a name that maps to another's table
             missing = [name for name in schema.names if name not in table.schema().column_names]
             if missing:  # a table from before a column joined the contract (attribution): add it
                 with storage_errors(self.warehouse), table.update_schema() as update:
@@ -344,6 +348,7 @@ class EmbeddingsCatalog:
         """The entity set namespace's properties (empty for an entity set not embedded yet)."""
         from pyiceberg.exceptions import NoSuchNamespaceError
 
+        check_entity_name(entity)
         try:
             return dict(self.catalog.load_namespace_properties((NAMESPACE, entity)))
         except NoSuchNamespaceError:
@@ -351,6 +356,7 @@ class EmbeddingsCatalog:
 
     def update_entity_properties(self, entity: str, updates: dict[str, str | None]) -> None:
         """Set namespace properties; None removes one. One catalog transaction."""
+        check_entity_name(entity)
         removals = {key for key, value in updates.items() if value is None}
         values = {key: value for key, value in updates.items() if value is not None}
         self.catalog.update_namespace_properties((NAMESPACE, entity), removals=removals, updates=values)

@@ -46,6 +46,16 @@ def identifier(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", name)
 
 
+def check_entity_name(name: str) -> str:
+    """An entity set's name is a namespace, a table prefix and a Feast name: checked on every path that
+    takes one, before anything is created (a long name would otherwise reach PostgreSQL as a DataError)."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", name):
+        raise InputError(
+            f"entity '{name}': use lower-case letters, digits and _, at most 63 characters (e.g. item, user)"
+        )
+    return name
+
+
 def schema(key_column: str, key_type: pa.DataType) -> pa.Schema:
     return pa.schema(
         [

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from vae.embeddings.catalog import NAMESPACE, EmbeddingsCatalog
+from vae.embeddings.contract import check_entity_name
 
 log = logging.getLogger("vae.pipeline.decisions")
 
@@ -77,7 +78,7 @@ class DecisionLog:
 
     def __init__(self, catalog: EmbeddingsCatalog, entity: str):
         self.catalog = catalog.catalog
-        self.identifier = (NAMESPACE, entity, TABLE)
+        self.identifier = (NAMESPACE, check_entity_name(entity), TABLE)
         self._table = None
         self._read: tuple[int, list[Decision]] | None = None  # (snapshot id, its decisions)
 
