@@ -18,7 +18,7 @@ from types import ModuleType
 from feast_embeddings.publication import Publication, update_publication
 from feast_embeddings.settings import StoreSettings
 from vae.embeddings.catalog import NAMESPACE, EmbeddingsCatalog, EntitySet, table_name
-from vae.embeddings.contract import identifier
+from vae.embeddings.names import identifier
 from vae.errors import InputError
 from vae.versions.mlflow_registry import Registry
 

@@ -8,7 +8,7 @@ from feast import Entity, FeatureService, FeatureView, Field, ValueType
 from feast.types import Array, Bool, Float32, Int64, String
 
 from feast_embeddings.repo import PREVIOUS_TAG, PUBLISHED_TAG, VERSION_TAG, declare_published
-from vae.embeddings.contract import identifier
+from vae.embeddings.names import identifier
 
 KEY_TYPES = {"int64": (ValueType.INT64, Int64), "string": (ValueType.STRING, String)}
 

@@ -23,7 +23,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic.fields import FieldInfo
 
 from ray_jobs.cluster import resource_request
-from vae.embeddings.contract import check_entity_name
+from vae.embeddings.names import check_entity_name
 from vae.errors import InputError
 from vae.monitoring.thresholds import Thresholds
 

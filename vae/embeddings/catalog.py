@@ -26,8 +26,8 @@ from typing import Literal
 
 import pyarrow as pa
 
-from vae.embeddings.contract import check_entity_name, identifier
 from vae.embeddings.lock import lease_lock
+from vae.embeddings.names import check_entity_name, identifier
 from vae.errors import InputError, first_line
 from vae.storage import filesystem, is_local, storage_errors, url_of
 

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from vae.embeddings.catalog import NAMESPACE, EmbeddingsCatalog
-from vae.embeddings.contract import check_entity_name
+from vae.embeddings.names import check_entity_name
 
 log = logging.getLogger("vae.pipeline.decisions")
 
