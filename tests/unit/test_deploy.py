@@ -215,6 +215,29 @@ def test_kuberay_rayjob_structure():
 CRONJOB_YAML = REPO / "deploy" / "kuberay" / "pipeline-cronjob.yaml"
 
 
+def test_every_variable_the_production_store_names_reaches_every_ray_container():
+    """The variables deploy/feature_store.yaml expands (${...}) plus PGPASSWORD (libpq reads it): set in
+    every container of the RayJob's cluster (the head runs the drivers, the workers open the store) or in
+    the runtime env's env_vars, for the hand-run RayJob and the CronJob's daily one alike."""
+    named = set(re.findall(r"\$\{(\w+)\}", (REPO / "deploy" / "feature_store.yaml").read_text()))
+    assert named >= {"REDIS_CONNECTION_STRING", "PGUSER", "PGHOST", "MLFLOW_TRACKING_URI"}
+    needed = named | {"PGPASSWORD"}
+    configmap = next(d for d in yaml.safe_load_all(CRONJOB_YAML.read_text()) if d["kind"] == "ConfigMap")
+    for spec in (
+        yaml.safe_load(RAYJOB_YAML.read_text())["spec"],
+        yaml.safe_load(configmap["data"]["rayjob.yaml"])["spec"],
+    ):
+        runtime = set(yaml.safe_load(spec["runtimeEnvYAML"]).get("env_vars", {}))
+        cluster = spec["rayClusterSpec"]
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for group in groups:
+            for container in group["template"]["spec"]["containers"]:
+                env = {variable["name"]: variable for variable in container.get("env", [])}
+                missing = needed - set(env) - runtime
+                assert not missing, f"{container['name']} lacks {missing}"
+                assert "value" not in env["PGPASSWORD"], "the password comes from a secret, not the manifest"
+
+
 def test_pipeline_cronjob_creates_the_days_rayjob_on_the_reviewed_cluster():
     from ray_jobs.config import PipelineConfig
 
