@@ -14,7 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ray_jobs import config
+from vae.embeddings.lock import LeaseLost
 from vae.errors import InputError, first_line
+
+LEASE_LOST_EXIT = 75  # EX_TEMPFAIL: try again
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,9 @@ def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = 
         job(argv)
     except KeyboardInterrupt:
         sys.exit(130)
+    except LeaseLost as error:  # not bad input: the same command, run again, finishes the work
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(LEASE_LOST_EXIT)
     except Exception as error:
         input_error = find_input_error(error)
         if input_error is None:

@@ -49,7 +49,7 @@ from ray_jobs.config import (
 from ray_jobs.embed import embed
 from ray_jobs.publish import publish
 from vae.embeddings.catalog import Properties, model_version_info
-from vae.embeddings.lock import LockHeld
+from vae.embeddings.lock import Lease, LockHeld
 from vae.embeddings.runs import check_batch_id
 from vae.errors import InputError
 from vae.monitoring.gate import SAMPLED_COLUMNS, LatentSample, evaluate
@@ -82,6 +82,7 @@ class Step:
     decisions: DecisionLog
     batch: str
     metrics: pushgateway.JobMetrics
+    lease: Lease | None = None  # the entity set's lock: checked before every write
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -98,8 +99,14 @@ class Step:
         if not later:
             self.flush()
 
+    def before_write(self) -> None:
+        """Stop (LeaseLost) if another step may hold the entity set's lock now."""
+        if self.lease is not None:
+            self.lease.check()
+
     def flush(self) -> None:
         if self.pending:
+            self.before_write()
             self.decisions.append(self.pending, self.run)
             self.pending = []
 
@@ -160,8 +167,9 @@ def _locked_step(config: PipelineConfig, batch: str, metrics: pushgateway.JobMet
     try:
         with repo.catalog.lock(
             f"pipeline-{config.entity}", config.lock_seconds, config.lock_wait_seconds, renew=True
-        ):
-            return daily_step(Step(config, repo, DecisionLog(repo.catalog, config.entity), batch, metrics))
+        ) as lease:
+            decisions = DecisionLog(repo.catalog, config.entity)
+            return daily_step(Step(config, repo, decisions, batch, metrics, lease))
     except LockHeld as error:
         raise InputError(f"another pipeline step of '{config.entity}' is running: {error}") from None
 
@@ -246,6 +254,7 @@ def embed_batch(step: Step, version: str, data: str, batch: str, event_time: dat
         event_time=event_time or (config.event_time if batch == step.batch else None),
         timestamp_column=config.timestamp_column,
     )
+    step.before_write()
     result = embed(embedding)
     pushgateway.embed_figures(step.metrics, result)
     step.timings[f"embed {version} {batch}"] = result.seconds
@@ -299,6 +308,7 @@ def publish_version(step: Step, version: str, switch: bool = False) -> dict:
     config = step.config
     started = time.perf_counter()
     options = {"show": 0, **config.publish.model_dump(exclude_unset=True)}
+    step.before_write()
     summary = publish(
         PublishConfig(
             **options,
@@ -326,6 +336,7 @@ def publish_version(step: Step, version: str, switch: bool = False) -> dict:
 
 def roll_back(step: Step, champion: str, previous: str, reason: str) -> None:
     """Point 'current' back at the version the champion replaced: it holds every batch already."""
+    step.before_write()
     switch_current(step.repo, step.entity, previous)
     step.decide("rolled_back", champion, reason, to=previous)
 
@@ -358,6 +369,7 @@ def retrain(step: Step, champion: str, reason: str) -> None:
             registry.tag_version(registered_model_name(step.entity), challenger, {GATE_TAG: "refused"})
         return
     publish_version(step, challenger)
+    step.before_write()
     switch_current(step.repo, step.entity, challenger)
     step.decide("switched", challenger, f"retrained: {reason}", **{"from": champion, "report": report})
     step.decide("published", challenger, "every batch of the champion, backfilled")
@@ -391,6 +403,7 @@ def train_challenger(step: Step, champion: str | None, data: list[str]) -> str:
     if champion is not None and config.warm_start:
         options["init_from"] = champion
     started = time.perf_counter()
+    step.before_write()
     version = train(
         TrainConfig(**options, data=data if len(data) > 1 else data[0], model_root=config.model_root)
     )

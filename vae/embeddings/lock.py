@@ -3,19 +3,26 @@ machines, lost by a holder that crashed when its lease runs out.
 
     table vae_locks (name, holder, expires)   one row per held lock; holder = host:pid:random
     take     update the row when its lease has expired, else insert it (a primary key refuses a second)
-    renew    a thread extends the lease every ttl/3 while held (work longer than one lease)
+    renew    a thread extends the lease every ttl/3 while held (work longer than one lease); an UPDATE
+             that matches no row means another process took the lock: the lease is lost
+    check    the holder asks before each write: lost (taken over, or not renewed within its ttl, e.g. the
+             database unreachable) raises LeaseLost, so a step never writes beside the next one
     release  delete the row, only if this holder still holds it
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+
+log = logging.getLogger("vae.embeddings.lock")
 
 
 class LockHeld(RuntimeError):
@@ -29,10 +36,36 @@ class LockHeld(RuntimeError):
         self.holder = holder
 
 
+class LeaseLost(RuntimeError):
+    """This process no longer holds a lock it took: it must stop before its next write."""
+
+
+@dataclass
+class Lease:
+    """A held lock, as its holder sees it."""
+
+    name: str
+    holder: str
+    ttl_seconds: float
+    renewed_at: float  # time.monotonic() of the last successful take or renewal
+    lost: str | None = None  # why the lease is gone, once it is
+
+    def check(self) -> None:
+        """Raise LeaseLost unless this process still holds the lock (call before each write)."""
+        unrenewed = time.monotonic() - self.renewed_at
+        if self.lost is None and unrenewed > self.ttl_seconds:
+            self.lost = f"not renewed for {unrenewed:.0f} s, longer than its {self.ttl_seconds:g} s lease"
+        if self.lost is not None:
+            raise LeaseLost(
+                f"lost the lock '{self.name}' ({self.lost}); stopped before the next write, another "
+                "process may hold it now. Run the same command again to finish"
+            )
+
+
 @contextlib.contextmanager
 def lease_lock(
     engine, name: str, ttl_seconds: float = 300, wait_seconds: float = 600, renew: bool = False
-) -> Iterator[None]:
+) -> Iterator[Lease]:
     """Hold lock `name` in the database of a SQLAlchemy engine; LockHeld after `wait_seconds`."""
     from sqlalchemy import text
 
@@ -49,12 +82,13 @@ def lease_lock(
         if time.monotonic() > deadline:
             raise LockHeld(name, wait_seconds, *_lock_holder(engine, name))
         time.sleep(0.1)
+    lease = Lease(name, holder, ttl_seconds, time.monotonic())
     stop = threading.Event()
-    renewer = threading.Thread(target=_renew, args=(engine, name, holder, ttl_seconds, stop), daemon=True)
+    renewer = threading.Thread(target=_renew, args=(engine, lease, stop), daemon=True)
     if renew:
         renewer.start()
     try:
-        yield
+        yield lease
     finally:
         stop.set()
         if renew:
@@ -66,15 +100,28 @@ def lease_lock(
             )
 
 
-def _renew(engine, name: str, holder: str, ttl_seconds: float, stop: threading.Event) -> None:
+def _renew(engine, lease: Lease, stop: threading.Event) -> None:
+    """Extend the lease every ttl/3; a failed renewal is retried (the check fails once the lease has
+    run out), a renewal that matches no row marks the lease lost."""
     from sqlalchemy import text
 
-    while not stop.wait(ttl_seconds / 3):
-        with contextlib.suppress(Exception), engine.begin() as connection:
-            connection.execute(
-                text("UPDATE vae_locks SET expires = :expires WHERE name = :name AND holder = :holder"),
-                {"expires": time.time() + ttl_seconds, "name": name, "holder": holder},
-            )
+    while not stop.wait(lease.ttl_seconds / 3) and lease.lost is None:
+        try:
+            with engine.begin() as connection:
+                matched = connection.execute(
+                    text("UPDATE vae_locks SET expires = :expires WHERE name = :name AND holder = :holder"),
+                    {"expires": time.time() + lease.ttl_seconds, "name": lease.name, "holder": lease.holder},
+                ).rowcount
+        except Exception as error:  # the database unreachable or busy: try again at the next tick
+            log.warning("renewing the lock '%s' failed: %s: %s", lease.name, type(error).__name__, error)
+            continue
+        if matched:
+            lease.renewed_at = time.monotonic()
+        else:
+            holder = "another process"
+            with contextlib.suppress(Exception):
+                holder = _lock_holder(engine, lease.name)[0]
+            lease.lost = f"its lease ran out and it is held by {holder}"
 
 
 def _lock_holder(engine, name: str) -> tuple[str, float]:
