@@ -5,7 +5,11 @@ error."""
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -301,8 +305,23 @@ def test_duplicate_keys_fail_by_default_or_keep_the_latest(trained, tmp_path):
     assert "item_id" in error and "duplicate" in error and "--on-duplicate-keys keep-latest" in error, error
     assert committed_rows(catalog) == 0
 
+    # Killed (SIGKILL) after settling the duplicates, before the commit: the re-run finishes the run.
+    killed = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.cli", "embed", *flags(**config, on_duplicate_keys="keep-latest")],
+        env={**os.environ, "VAE_KILL_AT": "embed.settled"},
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert committed_rows(catalog) == 0
     result = embed(EmbedConfig(**config, on_duplicate_keys="keep-latest"))
     assert (result.input_rows, result.embedded_rows, result.duplicate_rows) == (350, 300, 50)
+    assert result.resumed_files == 2  # the killed run's encoded files, not re-encoded
+    staged = Path(config["warehouse"]).rglob("*.parquet")
+    table_files = set(
+        open_catalog(catalog).data_files(open_catalog(catalog).table("item", trained["version"]))
+    )
+    assert {str(path) for path in staged if "/data/" in str(path)} == table_files  # no orphans left
     stored = rows_of(catalog, trained["version"])
     assert stored.column("item_id").to_pylist() == list(range(300))
     days = [t.day for t in stored.column("event_timestamp").to_pylist()]

@@ -42,6 +42,7 @@ from vae.embeddings import contract
 from vae.embeddings.catalog import Properties
 from vae.encode import attributes, encode_matrix, encode_with_attribution
 from vae.errors import InputError, first_line
+from vae.killpoints import killpoint
 from vae.storage import (
     describe_storage_error,
     filesystem,
@@ -583,10 +584,10 @@ def commit_run(
         )
     commit_started = time.time()
     key_column = model_version.features.key_column
-    duplicates = settle_duplicates(
-        fs, [f"{data}/{name}" for name in files], key_column, options.on_duplicate_keys
-    )
-    urls = [file_url(fs, f"{data}/{name}") for name in files]
+    staged = [f"{data}/{name}" for name in files]
+    duplicates, settled = settle_duplicates(fs, staged, key_column, options.on_duplicate_keys)
+    killpoint("embed.settled")
+    urls = [file_url(fs, settled.get(path, path)) for path in staged]
     properties = {
         **settings,
         Properties.EVENT_TIME: options.event_time.isoformat(),
@@ -605,6 +606,10 @@ def commit_run(
     batch, committed = catalog.commit_batch(
         table, options.batch_id, urls, properties, run, int(started * 1000)
     )
+    killpoint("embed.committed")
+    for original in settled:  # the batch holds the settled copies: the encoded originals are of no use now
+        with storage_errors(original), contextlib.suppress(FileNotFoundError):
+            fs.rm(original)
     now = time.time()
     first_start = min((s["started"] for s in summaries), default=now)
     last_finish = max((s["finished"] for s in summaries), default=now)
@@ -628,9 +633,13 @@ def commit_run(
     )
 
 
-def settle_duplicates(fs, paths: list[str], key_column: str, policy: str) -> int:
+def settle_duplicates(fs, paths: list[str], key_column: str, policy: str) -> tuple[int, dict[str, str]]:
     """Keys that occur twice in one batch: refused (fail), or only each key's row with the latest
-    event_timestamp kept (keep-latest; the affected files are rewritten). Returns the rows dropped."""
+    event_timestamp kept (keep-latest). Returns the rows dropped and {staged file: its settled copy}.
+
+    The staged files stay as encoded: the settled copies are new files beside them (settled/), so a
+    commit that fails leaves a staging that still reconciles with the input, and the re-run settles
+    again to the same copies."""
     keys = []
     for index, path in enumerate(paths):
         with fs.open(path, "rb") as f:
@@ -642,7 +651,7 @@ def settle_duplicates(fs, paths: list[str], key_column: str, policy: str) -> int
         )
     table = pa.concat_tables(keys) if keys else None
     if table is None or table.num_rows == len(pa.compute.unique(table.column(key_column))):
-        return 0
+        return 0, {}
     counts = table.group_by(key_column).aggregate([(key_column, "count")])
     repeated = counts.filter(pa.compute.greater(counts.column(f"{key_column}_count"), 1))
     if policy != "keep-latest":
@@ -664,6 +673,7 @@ def settle_duplicates(fs, paths: list[str], key_column: str, policy: str) -> int
     first = np.ones(len(keys_sorted), bool)
     first[1:] = keys_sorted[1:] != keys_sorted[:-1]
     dropped = order.filter(pa.array(~first))
+    settled: dict[str, str] = {}
     for index in sorted(set(dropped.column("file").to_pylist())):
         rows = dropped.filter(pa.compute.equal(dropped.column("file"), index)).column("row").to_numpy()
         with fs.open(paths[index], "rb") as f:
@@ -672,8 +682,11 @@ def settle_duplicates(fs, paths: list[str], key_column: str, policy: str) -> int
         keep[rows] = False
         sink = pa.BufferOutputStream()
         pq.write_table(part.filter(pa.array(keep)), sink, row_group_size=65_536)
-        write_bytes_atomically(fs, paths[index], sink.getvalue().to_pybytes())
-    return dropped.num_rows
+        directory, _, name = paths[index].rpartition("/")
+        settled[paths[index]] = f"{directory}/settled/{name}"
+        fs.makedirs(f"{directory}/settled", exist_ok=True)
+        write_bytes_atomically(fs, settled[paths[index]], sink.getvalue().to_pybytes())
+    return dropped.num_rows, settled
 
 
 def file_url(fs, path: str) -> str:
