@@ -12,12 +12,14 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ray_jobs import config
 from vae.embeddings.lock import LeaseLost
-from vae.errors import InputError, first_line
+from vae.errors import InputError, StorageUnavailable, first_line
 
-LEASE_LOST_EXIT = 75  # EX_TEMPFAIL: try again
+E = TypeVar("E", bound=BaseException)
+TRY_AGAIN_EXIT = 75  # EX_TEMPFAIL: not bad input; the same command, run again, carries on
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,12 @@ def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = 
         sys.exit(130)
     except LeaseLost as error:  # not bad input: the same command, run again, finishes the work
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(LEASE_LOST_EXIT)
+        sys.exit(TRY_AGAIN_EXIT)
     except Exception as error:
         input_error = find_input_error(error)
+        if input_error is None and (unavailable := find_cause(error, StorageUnavailable)) is not None:
+            print(f"error: {first_line(unavailable, limit=100_000)}", file=sys.stderr)
+            sys.exit(TRY_AGAIN_EXIT)
         if input_error is None:
             raise
         print(f"error: {first_line(input_error, limit=100_000)}", file=sys.stderr)
@@ -115,6 +120,11 @@ def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = 
 
 def find_input_error(error: BaseException) -> InputError | None:
     """The InputError behind an exception, looking through Ray's task and training wrappers."""
+    return find_cause(error, InputError)
+
+
+def find_cause(error: BaseException, kind: type[E]) -> E | None:
+    """The exception of a kind behind an exception, looking through Ray's task and training wrappers."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
     while pending:
@@ -122,10 +132,10 @@ def find_input_error(error: BaseException) -> InputError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, InputError):
+        if isinstance(current, kind):
             # Ray's RayTaskError(InputError) carries the original as .cause, without Ray's traceback text.
             original = getattr(current, "cause", None)
-            return original if isinstance(original, InputError) else current
+            return original if isinstance(original, kind) else current
         pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
         pending += list(getattr(current, "worker_failures", {}).values())  # ray.train WorkerGroupError
     return None

@@ -48,6 +48,8 @@ from vae.embeddings.runs import (
     run_id,
     start_run,
 )
+from vae.errors import StorageRefused
+from vae.storage import with_retries
 from vae.versions.artifacts import ModelVersion, anomaly_threshold
 from vae.versions.mlflow_registry import MODELS_URI, resolve_model_version
 
@@ -67,7 +69,9 @@ def embed(config: EmbedConfig) -> EmbedResult:
     """Run the whole embedding job; everything is checked before Ray starts."""
     started = time.time()
     config = with_version_folder(config)
-    model_version = load_model_version(config.model_root, config.model_version)  # 'latest' resolved, verified
+    model_version = with_retries(  # 'latest' resolved, verified
+        lambda: load_model_version(config.model_root, config.model_version), config.model_root
+    )
     plan = plan_run(config.data, model_version.features, config.rows_per_file, config.timestamp_column)
     options = encode_options(config, model_version, plan)
     catalog = EmbeddingsCatalog(*config.catalog_settings())
@@ -105,10 +109,16 @@ def embed(config: EmbedConfig) -> EmbedResult:
         }
         result = commit_run(catalog, table, paths, model_version, plan, options, summaries, settings, started)
     except Exception as error:
-        # Bad input must change before a run can succeed, so its staged files are of no use.
-        # Any other failure (a lost node, a killed driver) keeps them for the re-run to resume.
-        if find_input_error(error) is not None and "was committed by another run" not in str(error):
-            discard_run(paths)
+        # Bad input must change before a run can succeed, so its staged files are of no use (unless the
+        # run already landed: discard_run never removes what a snapshot references). Anything else (a
+        # lost node, a killed driver, storage that stayed unavailable) keeps them for the re-run.
+        bad_input = find_input_error(error)
+        if (
+            bad_input
+            and not isinstance(bad_input, StorageRefused)
+            and "committed by another run" not in str(error)
+        ):
+            discard_run(paths, table)
         raise
     if not result.committed:
         log.info(

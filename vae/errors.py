@@ -1,4 +1,5 @@
-"""The one exception type for bad input: jobs print its message on one line and exit non-zero."""
+"""The one exception type for bad input (jobs print its message on one line and exit 2), and the
+storage failures that are not bad input's fault."""
 
 
 class InputError(ValueError):
@@ -7,6 +8,15 @@ class InputError(ValueError):
     The message names the file, column or row and says what to do; it is shown without a
     stack trace.
     """
+
+
+class StorageRefused(InputError):
+    """Storage that answered no: a missing bucket, access denied, no credentials. The user fixes the
+    configuration; the input itself may be fine, so a run's staged work is kept."""
+
+
+class StorageUnavailable(RuntimeError):
+    """Storage that did not answer after the retries: not bad input. Run the same command again."""
 
 
 def first_line(error: BaseException | str, limit: int = 300) -> str:

@@ -3,21 +3,95 @@
 S3 goes through s3fs; endpoint, region and credentials come from the standard AWS environment
 and config files (AWS_ENDPOINT_URL, AWS_PROFILE, instance profiles, ...), never from our code,
 and no message here ever contains a credential.
+
+Errors come in two kinds. Configuration a user fixes (a missing bucket, access denied, no credentials)
+is an InputError. Storage that did not answer (connection refused or reset, a timeout, throttling, a
+5xx) is transient: `with_retries` tries again with backoff, and what still fails is StorageUnavailable,
+never "bad input", so nothing is discarded because of it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.dataset as pads
 from fsspec.implementations.local import LocalFileSystem
 
-from vae.errors import InputError, first_line
+from vae.errors import InputError, StorageRefused, StorageUnavailable, first_line
+
+log = logging.getLogger("vae.storage")
+T = TypeVar("T")
+# What an S3 endpoint, its proxy or the network says when it is down or overloaded, not misconfigured.
+TRANSIENT = (
+    "EndpointConnectionError",
+    "Could not connect",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "Connection refused",
+    "Connection reset",
+    "Connection aborted",
+    "Connection was closed",
+    "ConnectionClosedError",
+    "Name or service not known",
+    "SlowDown",
+    "ServiceUnavailable",
+    "Service Unavailable",
+    "InternalError",
+    "RequestTimeout",
+    "Reduce your request rate",
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    if isinstance(error, StorageUnavailable | TimeoutError | ConnectionError):
+        return True
+    text = f"{type(error).__name__}: {error}"
+    return any(word in text for word in TRANSIENT)
+
+
+def with_retries(call: Callable[[], T], what: str) -> T:
+    """call(), tried again with backoff (0.5 s, doubling) while storage is unavailable; VAE_STORAGE_RETRIES
+    attempts in all (default 6: about 15 s of waiting). Other errors pass at once."""
+    attempts = max(1, int(os.environ.get("VAE_STORAGE_RETRIES", "6")))
+    started = time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            if attempt == attempts:
+                raise StorageUnavailable(
+                    f"{_unavailable(what, error)}, after {attempts} attempts over "
+                    f"{time.monotonic() - started:.0f} s; nothing was discarded: run the same command again"
+                ) from None
+            log.warning("%s: %s; trying again (%d/%d)", what, first_line(error), attempt, attempts - 1)
+            time.sleep(0.5 * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def _unavailable(url: str, error: BaseException) -> str:
+    if isinstance(error, StorageUnavailable):
+        return str(error)
+    endpoint = (
+        os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or "the AWS default endpoint"
+    )
+    return (
+        f"{url}: cannot reach the S3 endpoint ({endpoint}): {type(error).__name__}; check AWS_ENDPOINT_URL "
+        "and the network"
+    )
 
 
 def filesystem(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -62,13 +136,15 @@ def storage_errors(url: str) -> Iterator[None]:
     """Turn the storage layer's exceptions into one InputError that names the location and the fix."""
     try:
         yield
-    except InputError:
+    except (InputError, StorageUnavailable):
         raise
     except Exception as error:  # s3fs, botocore and aiohttp raise many types; classify by what they say
+        if is_transient(error):
+            raise StorageUnavailable(_unavailable(url, error)) from None
         problem = describe_storage_error(url, error)
         if problem is None:
             raise
-        raise InputError(problem) from None
+        raise StorageRefused(problem) from None
 
 
 def describe_storage_error(url: str, error: BaseException) -> str | None:
@@ -88,23 +164,6 @@ def describe_storage_error(url: str, error: BaseException) -> str | None:
             f"{url}: no AWS credentials found; set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
             "or use an instance profile"
         )
-    if any(
-        word in text
-        for word in (
-            "EndpointConnectionError",
-            "Could not connect",
-            "ConnectTimeout",
-            "ClientConnectorError",
-            "Connection refused",
-            "Name or service not known",
-        )
-    ):
-        endpoint = (
-            os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-            or "the AWS default endpoint"
-        )
-        return f"{url}: cannot reach the S3 endpoint ({endpoint}); check AWS_ENDPOINT_URL and the network"
     return None  # a plain FileNotFoundError stays one: callers know what was missing
 
 

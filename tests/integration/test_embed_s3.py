@@ -12,8 +12,9 @@ from helpers.cli import flags
 from helpers.servers import free_port, moto_server
 from test_embed import run_embed, run_embed_output
 
+from ray_jobs.cli import run_cli
 from ray_jobs.config import EmbedConfig
-from ray_jobs.embed import embed
+from ray_jobs.embed import embed, main
 from vae import list_model_versions, load_model_version, save_model_version
 from vae.embeddings.catalog import EmbeddingsCatalog, table_name
 
@@ -128,13 +129,20 @@ def test_missing_bucket(trained, bucket, capsys, tmp_path, fresh_s3_clients):
 
 
 def test_unreachable_endpoint(trained, capsys, monkeypatch, fresh_s3_clients, tmp_path):
+    """Not bad input (the endpoint may be down for a while): retried, then one line and exit 75."""
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    line = run_embed(
-        capsys,
-        *flags(data="s3://bucket/data", model_root=str(trained["model_root"]), **s3_catalog(tmp_path)),
-    )
+    monkeypatch.setenv("VAE_STORAGE_RETRIES", "2")
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(
+            main,
+            flags(data="s3://bucket/data", model_root=str(trained["model_root"]), **s3_catalog(tmp_path)),
+        )
+    assert exit_.value.code == 75
+    captured = capsys.readouterr()
+    (line,) = [line for line in captured.err.splitlines() if line.startswith("error: ")]
     assert f"cannot reach the S3 endpoint ({endpoint})" in line and "AWS_ENDPOINT_URL" in line
+    assert "after 2 attempts" in line and "Traceback" not in captured.err
 
 
 def test_bad_credentials_are_named_and_never_printed(

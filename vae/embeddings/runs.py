@@ -41,14 +41,16 @@ from vae.data.tabular import with_unseen
 from vae.embeddings import contract
 from vae.embeddings.catalog import Properties
 from vae.encode import attributes, encode_matrix, encode_with_attribution
-from vae.errors import InputError, first_line
+from vae.errors import InputError, StorageUnavailable, first_line
 from vae.killpoints import killpoint
 from vae.storage import (
     describe_storage_error,
     filesystem,
     is_local,
+    is_transient,
     storage_errors,
     url_of,
+    with_retries,
     write_bytes_atomically,
 )
 from vae.versions.artifacts import ModelVersion, code_version
@@ -144,7 +146,7 @@ def plan_run(data: str, features: FeatureSchema, rows_per_file: int, timestamp_c
     """Work units over every input file. Every footer is read (in threads: on S3 each is a request)
     and its schema checked, so a corrupt or mismatched file is reported before any work starts."""
     fs, root = filesystem(data)
-    files, infos = _list_input(fs, root, data)
+    files, infos = with_retries(lambda: _list_input(fs, root, data), data)
     units: list[WorkUnit] = []
     listing: list[dict] = []
     key_types: set[str] = set()
@@ -256,8 +258,11 @@ def read_footers(fs, paths: list[str]) -> list[pq.FileMetaData]:
                 f"{url}: not a readable Parquet file ({first_line(error)}); remove or replace it"
             ) from None
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return list(pool.map(footer, paths))
+    def footers() -> list[pq.FileMetaData]:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(footer, paths))
+
+    return with_retries(footers, url_of(fs, paths[0]) if paths else "")
 
 
 def is_hidden(relative: str) -> bool:
@@ -331,11 +336,15 @@ def start_run(paths: RunPaths, marker: dict) -> set[str]:
     """The unit files an earlier attempt of this run already staged. A new run writes its marker first:
     a location that cannot be written (missing bucket, no permission) fails now, naming it."""
     fs, data = filesystem(paths.data)
-    with storage_errors(paths.data):
-        done = finished_units(fs, data)
-        if not done:
-            write_bytes_atomically(fs, filesystem(paths.marker)[1], json.dumps(marker).encode())
-    return done
+
+    def start() -> set[str]:
+        with storage_errors(paths.data):
+            done = finished_units(fs, data)
+            if not done:
+                write_bytes_atomically(fs, filesystem(paths.marker)[1], json.dumps(marker).encode())
+        return done
+
+    return with_retries(start, paths.data)
 
 
 def finished_units(fs, directory: str) -> set[str]:
@@ -345,12 +354,18 @@ def finished_units(fs, directory: str) -> set[str]:
     return {n for n in names if n.startswith("part-") and n.endswith(".parquet")}
 
 
-def discard_run(paths: RunPaths) -> None:
-    """Remove a run's staged files (bad input: the input has to change before a run can succeed)."""
+def discard_run(paths: RunPaths, table) -> bool:
+    """Remove a run's staged files (bad input: the input has to change before a run can succeed), unless
+    a snapshot of the table was committed by this run: then its files and its quarantine are the table's
+    (now or in time travel) and nothing is removed. Returns whether anything was removed."""
+    run = paths.data.rsplit("/", 1)[-1]
+    if any(s.summary.additional_properties.get(Properties.RUN) == run for s in table.snapshots()):
+        return False
     for url in (paths.data, paths.marker.rsplit("/", 1)[0]):
         fs, path = filesystem(url)
         with storage_errors(url), contextlib.suppress(FileNotFoundError):
             fs.rm(path, recursive=True)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +399,11 @@ class UnitEncoder:
         self.key_type = pa.int64() if options.key_type == "int64" else pa.string()
 
     def encode(self, unit: WorkUnit) -> dict:
-        """Encode one unit; returns its summary (rows, embedded, quarantined, start and end times)."""
+        """Encode one unit; returns its summary (rows, embedded, quarantined, start and end times). A unit
+        is encoded whole and written at once, so storage that fails midway means encoding it again."""
+        return with_retries(lambda: self._encode_unit(unit), url_of(self.input_fs, unit.path))
+
+    def _encode_unit(self, unit: WorkUnit) -> dict:
         started = time.time()
         url = url_of(self.input_fs, unit.path)
         embedded: list[pa.Table] = []
@@ -536,9 +555,11 @@ def _quarantine_table(bad: pa.Table | pa.RecordBatch, reasons: list[str], url: s
     return table.append_column("source_file", pa.array([url] * table.num_rows, pa.string()))
 
 
-def _read_error(url: str, error: BaseException) -> InputError:
+def _read_error(url: str, error: BaseException) -> InputError | StorageUnavailable:
     # pyarrow reports undecodable pages as ArrowInvalid or a plain OSError; storage failures are told
     # apart by their text.
+    if is_transient(error):
+        return StorageUnavailable(f"{url}: {first_line(error)}")
     if (problem := describe_storage_error(url, error)) is not None:
         return InputError(problem)
     if isinstance(error, FileNotFoundError):
@@ -585,7 +606,9 @@ def commit_run(
     commit_started = time.time()
     key_column = model_version.features.key_column
     staged = [f"{data}/{name}" for name in files]
-    duplicates, settled = settle_duplicates(fs, staged, key_column, options.on_duplicate_keys)
+    duplicates, settled = with_retries(
+        lambda: settle_duplicates(fs, staged, key_column, options.on_duplicate_keys), paths.data
+    )
     killpoint("embed.settled")
     urls = [file_url(fs, settled.get(path, path)) for path in staged]
     properties = {
@@ -603,8 +626,9 @@ def commit_run(
         Properties.CODE_VERSION: code_version(),
     }
     run = paths.data.rsplit("/", 1)[-1]
-    batch, committed = catalog.commit_batch(
-        table, options.batch_id, urls, properties, run, int(started * 1000)
+    batch, committed = with_retries(  # idempotent: a commit that landed before the error is found landed
+        lambda: catalog.commit_batch(table, options.batch_id, urls, properties, run, int(started * 1000)),
+        paths.data,
     )
     killpoint("embed.committed")
     for original in settled:  # the batch holds the settled copies: the encoded originals are of no use now
