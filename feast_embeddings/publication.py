@@ -3,12 +3,15 @@ properties of the entity set's namespace in the embeddings catalog (one place ev
 reader shares, updated in the catalog's own transactions).
 
     current             the version the <entity>_embeddings_current feature service points at
-    previous            the one it pointed at before the last switch (what a rollback returns to)
+    previous            the one it pointed at before the last switch (what a rollback returns to);
+                        cleared by a rollback, so a second rollback never toggles back
+    rolled_back         the version the last rollback moved away from (until the next switch)
     switching           a switch of current begun (MLflow's @champion moved first), not finished
     published.<v>       when v was first published (ISO time); its view stays registered for ever
     online.<v>          "true" while v's view is online (the keep_online newest), "false" after
     written.<v>         the table snapshot whose rows are online: the next publish writes the rest
     indexed.<v>         the table snapshot whose rows are in the vector-search index
+    writing.<v>         a publish of v is under way (since the ISO time): no other publisher retires v
 
 The Feast objects (views, the current service) are derived from this record (feast_embeddings.repo).
 """
@@ -21,8 +24,8 @@ from vae.embeddings.catalog import EmbeddingsCatalog
 from vae.errors import InputError
 from vae.versions.mlflow_registry import resolve_model_version
 
-CURRENT, PREVIOUS, SWITCHING = "current", "previous", "switching"
-PER_VERSION = ("published", "online", "written", "indexed")  # keys <kind>.<version>
+CURRENT, PREVIOUS, SWITCHING, ROLLED_BACK = "current", "previous", "switching", "rolled_back"
+PER_VERSION = ("published", "online", "written", "indexed", "writing")  # keys <kind>.<version>
 
 
 @dataclass
@@ -32,10 +35,12 @@ class Publication:
     current: str | None = None
     previous: str | None = None
     switching: str | None = None
+    rolled_back: str | None = None
     published: dict[str, str] = field(default_factory=dict)  # version -> first published at (ISO)
     online: dict[str, bool] = field(default_factory=dict)
     written: dict[str, int] = field(default_factory=dict)  # version -> snapshot id written online
     indexed: dict[str, int] = field(default_factory=dict)  # version -> snapshot id in the vector index
+    writing: dict[str, str] = field(default_factory=dict)  # version -> when a publish of it began (ISO)
 
     @classmethod
     def read(cls, catalog: EmbeddingsCatalog, entity: str) -> Publication:
@@ -44,11 +49,12 @@ class Publication:
             current=properties.get(CURRENT) or None,
             previous=properties.get(PREVIOUS) or None,
             switching=properties.get(SWITCHING) or None,
+            rolled_back=properties.get(ROLLED_BACK) or None,
         )
         for key, value in properties.items():
             kind, _, version = key.partition(".")
-            if kind == "published" and version:
-                state.published[version] = value
+            if kind in ("published", "writing") and version:
+                getattr(state, kind)[version] = value
             elif kind == "online" and version:
                 state.online[version] = value == "true"
             elif kind in ("written", "indexed") and version:
@@ -58,7 +64,7 @@ class Publication:
 
 def update_publication(catalog: EmbeddingsCatalog, entity: str, **updates: str | None) -> None:
     """Set record entries, e.g. current=v, **{"online.v": "true"}; None removes one."""
-    known = (CURRENT, PREVIOUS, SWITCHING, *PER_VERSION)
+    known = (CURRENT, PREVIOUS, SWITCHING, ROLLED_BACK, *PER_VERSION)
     unknown = [key for key in updates if key.partition(".")[0] not in known]
     if unknown:
         raise ValueError(f"not publication keys: {unknown}")

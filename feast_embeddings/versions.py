@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from feast_embeddings.repo import EmbeddingsRepo
 from vae.embeddings.catalog import Properties
 from vae.errors import InputError
+from vae.killpoints import killpoint
 from vae.versions.mlflow_registry import CHALLENGER, CHAMPION, registered_model_name
 
 log = logging.getLogger("feast_embeddings")
@@ -41,14 +42,22 @@ def current_features(store, service_name: str = "item_embeddings_current") -> li
 
 
 def register_version(repo: EmbeddingsRepo, entity: str, version: str) -> None:
-    """Make a version's view exist and be online (its online table created) before rows are written."""
+    """Make a version's view exist and be online (its online table created) before rows are written, and
+    mark it as being written (finish_writing clears the mark) so that no publisher retires it meanwhile."""
     with repo.catalog.lock(REGISTRY_LOCK):
         state = repo.publication(entity)
-        updates = {f"online.{version}": "true"}
+        now = datetime.now(UTC).isoformat()
+        updates = {f"online.{version}": "true", f"writing.{version}": now}  # no one retires it meanwhile
         if version not in state.published:
-            updates[f"published.{version}"] = datetime.now(UTC).isoformat()
+            updates[f"published.{version}"] = now
         repo.update_publication(entity, **updates)
         repo.apply()
+
+
+def finish_writing(repo: EmbeddingsRepo, entity: str, version: str) -> None:
+    """The publish of a version is over: from now on it may be retired. (A publish that crashed leaves the
+    mark: the version stays online until a publish of it completes.)"""
+    repo.update_publication(entity, **{f"writing.{version}": None})
 
 
 def record_written(repo: EmbeddingsRepo, entity: str, version: str, snapshot_id: int) -> None:
@@ -57,11 +66,12 @@ def record_written(repo: EmbeddingsRepo, entity: str, version: str, snapshot_id:
     repo.update_publication(entity, **{f"written.{version}": str(snapshot_id)})
 
 
-def switch_current(repo: EmbeddingsRepo, entity: str, version: str) -> None:
+def switch_current(repo: EmbeddingsRepo, entity: str, version: str, rollback: bool = False) -> None:
     """Point 'current' at an online version, and MLflow's @champion with it (first: a switch cut
     short is finished by its re-run, which finds the alias where it was going). One registry write:
     a reader resolves the service once per request, so it gets all of its vectors from one version,
-    before or after the switch."""
+    before or after the switch. A rollback clears `previous` (nothing to toggle back to) and records
+    the version it left. Run again after a crash anywhere in it, it finishes the same switch."""
     with repo.catalog.lock(REGISTRY_LOCK):
         state = repo.publication(entity)
         if not state.online.get(version):
@@ -71,10 +81,28 @@ def switch_current(repo: EmbeddingsRepo, entity: str, version: str) -> None:
             )
         move_champion(repo, entity, version)
         if state.current == version:
+            if serving_in_registry(repo, entity) != repo.version_view_name(entity, version):
+                repo.apply()  # the record was updated, the registry not (a crash in between): finish
             return
-        repo.update_publication(entity, current=version, previous=state.current, switching=None)
+        if rollback:
+            updates = {"current": version, "previous": None, "rolled_back": state.current}
+        else:
+            updates = {"current": version, "previous": state.current, "rolled_back": None}
+        repo.update_publication(entity, **updates, switching=None)
+        killpoint("publish.recorded")
         repo.apply()
     log.info("%s current: %s -> %s", entity, state.current or "(none)", version)
+
+
+def serving_in_registry(repo: EmbeddingsRepo, entity: str) -> str | None:
+    """The view the registry's current service points at (read past the cache), None before one."""
+    from feast.errors import FeatureServiceNotFoundException
+
+    try:
+        service = repo.store.get_feature_service(repo.current_service_name(entity), allow_cache=False)
+    except FeatureServiceNotFoundException:
+        return None
+    return next((projection.name for projection in service.feature_view_projections), None)
 
 
 def check_champion(repo: EmbeddingsRepo, entity: str, going_to: str | None = None) -> str | None:
@@ -122,29 +150,45 @@ def ensure_registered(repo: EmbeddingsRepo, entity: str, version: str) -> None:
     repo.model_registry.register(registered_model_name(entity), version, path)
 
 
-def rollback(repo: EmbeddingsRepo, entity: str) -> str:
-    """Point 'current' back at the version it pointed at before the last switch; returns that version."""
+def rollback(repo: EmbeddingsRepo, entity: str, to: str | None = None) -> str:
+    """Point 'current' back at `to`, or at the version the last switch replaced; returns it. Idempotent:
+    run again (after a crash anywhere in it, or by a second person) it finishes the same rollback and
+    never toggles back to the version it left."""
     state = repo.publication(entity)
     if state.current is None:
         raise InputError(f"nothing to roll back: no version of '{entity}' has been published as current")
-    if not state.previous:
-        raise InputError(f"current is {state.current} and has no previous version to roll back to")
-    switch_current(repo, entity, state.previous)
-    return state.previous
+    if to is None and state.previous:
+        to = state.previous
+    elif to is None and state.rolled_back:
+        to = state.current  # this rollback already switched: finish it (the registry may lag the record)
+    elif to is None:
+        raise InputError(
+            f"current is {state.current} and has no previous version to roll back to; name one: "
+            f"vaectl publish --entity {entity} --rollback --model-version <version>"
+        )
+    switch_current(repo, entity, to, rollback=to != state.current)
+    return to
 
 
-def retire_old_versions(repo: EmbeddingsRepo, entity: str, keep_online: int) -> list[str]:
-    """Take versions beyond the `keep_online` most recently published (current always kept, and a version
-    still being written never) out of the online store; returns them. Their views stay registered
-    with online=False: offline retrieval by version works as before; only the online rows go."""
+def retire_old_versions(
+    repo: EmbeddingsRepo, entity: str, keep_online: int, keep: str | None = None
+) -> list[str]:
+    """Take versions beyond the `keep_online` most recently published (current, previous and `keep`, the
+    version just published, always kept; a version a publisher is writing never) out of the online
+    store; returns them. Their views stay
+    registered with online=False: offline retrieval by version works as before; only the online rows go."""
     with repo.catalog.lock(REGISTRY_LOCK):
         state = repo.publication(entity)
-        online = [v for v, is_online in state.online.items() if is_online and v in state.written]
+        online = [
+            v
+            for v, is_online in state.online.items()
+            if is_online and v in state.written and v not in state.writing
+        ]
         online.sort(key=lambda v: (state.published.get(v, ""), v), reverse=True)
-        others = [v for v in online if v != state.current]
-        keep = ({state.current} if state.current else set()) | set(
-            others[: keep_online - (1 if state.current else 0)]
-        )
+        # current and previous (what a rollback returns to) always stay, then the newest others
+        pinned = {v for v in (state.current, state.previous, keep) if v}
+        others = [v for v in online if v not in pinned]
+        keep = pinned | set(others[: max(0, keep_online - len(pinned))])
         retired = [v for v in online if v not in keep]
         if not retired:
             return []

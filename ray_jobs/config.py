@@ -717,7 +717,11 @@ class PublishTarget(Section):
     switch_current: bool = Field(
         True, description="point the 'current' feature service at this version after verifying it"
     )
-    rollback: bool = Field(False, description="only point 'current' back at the previous version (no writes)")
+    rollback: bool = Field(
+        False,
+        description="only point 'current' back (no writes): at --model-version when given, else at the "
+        "version the last switch replaced; run twice, it rolls back once",
+    )
 
 
 class OnlineWrites(Section):

@@ -35,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 
 from feast_embeddings.repo import EmbeddingsRepo
-from feast_embeddings.versions import switch_current
+from feast_embeddings.versions import rollback, switch_current
 from ray_jobs import pushgateway
 from ray_jobs.cli import run_cli
 from ray_jobs.config import (
@@ -52,6 +52,7 @@ from vae.embeddings.catalog import Properties, model_version_info
 from vae.embeddings.lock import Lease, LockHeld
 from vae.embeddings.runs import check_batch_id
 from vae.errors import InputError
+from vae.killpoints import killpoint
 from vae.monitoring.gate import SAMPLED_COLUMNS, LatentSample, evaluate
 from vae.monitoring.report import write_report
 from vae.pipeline.decisions import Decision, DecisionLog, exit_code, of_batch
@@ -62,6 +63,7 @@ from vae.pipeline.policy import (
     pending_retrain,
     recorded,
     training_window,
+    unlogged_rollback,
     unlogged_switch,
     watch_breach,
     watched_over,
@@ -212,10 +214,12 @@ def daily_step(step: Step) -> StepResult:
 
 
 def record_an_unlogged_switch(step: Step, serving: str | None) -> None:
-    """A step killed between switching "current" to the version it trained for this batch and logging
-    it: the re-run logs the switch (the switch itself is one registry write, done or not)."""
-    if switch := unlogged_switch(step.log(), step.batch, serving):
-        step.decide(switch.kind, switch.model_version, switch.reason, **switch.detail)
+    """A step killed between switching "current" (to the version it trained for this batch, or back in
+    a rollback) and logging it: the re-run logs the switch (itself one registry write, done or not)."""
+    log = step.log()
+    for missing in (unlogged_switch(log, step.batch, serving), unlogged_rollback(log, step.batch, serving)):
+        if missing is not None:
+            step.decide(missing.kind, missing.model_version, missing.reason, **missing.detail)
 
 
 # -- the first version ---------------------------------------------------------------------------------
@@ -337,7 +341,8 @@ def publish_version(step: Step, version: str, switch: bool = False) -> dict:
 def roll_back(step: Step, champion: str, previous: str, reason: str) -> None:
     """Point 'current' back at the version the champion replaced: it holds every batch already."""
     step.before_write()
-    switch_current(step.repo, step.entity, previous)
+    rollback(step.repo, step.entity, to=previous)
+    killpoint("pipeline.rolled_back")
     step.decide("rolled_back", champion, reason, to=previous)
 
 

@@ -15,8 +15,9 @@ switch "current".
 
 Downstream models pin a version by its view (`<entity>_embeddings_<version>:latent`) or follow the
 latest through the `<entity>_embeddings_current` feature service; every vector carries its
-`model_version`. `--rollback` points "current" back at the previous version: no re-encoding, no
-writes, visible to readers within the registry cache TTL (2 s in the repo's feature_store.yaml).
+`model_version`. `--rollback` points "current" back at the version the last switch replaced (or at
+`--model-version`, named): no re-encoding, no writes, visible to readers within the registry cache TTL
+(2 s in the repo's feature_store.yaml). Run twice, it rolls back once.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from feast_embeddings.vectors import index_vectors
 from feast_embeddings.verify import check_complete, fetch_online, verify_online
 from feast_embeddings.versions import (
     check_champion,
+    finish_writing,
     record_written,
     register_version,
     retire_old_versions,
@@ -49,6 +51,7 @@ from ray_jobs.config import PublishConfig, parse_config
 from vae import InputError
 from vae.embeddings.catalog import model_version_info
 from vae.errors import first_line
+from vae.killpoints import killpoint
 from vae.monitoring.gate import SAMPLED_COLUMNS, LatentSample, comparable, evaluate
 from vae.monitoring.report import write_report
 
@@ -71,9 +74,10 @@ def publish(config: PublishConfig) -> dict:
     try:
         return _publish(config, repo)
     except Exception as error:
-        # The online store's client errors (Redis: wrong password, unreachable) are configuration a
-        # user fixes.
-        if type(error).__module__.split(".")[0] in {"redis", "sqlite3"}:
+        # The online store's client errors (Redis: wrong password, unreachable; SQLite: a file it cannot
+        # open) are configuration a user fixes; anything else (a table gone) is not blamed on the config.
+        module = type(error).__module__.split(".")[0]
+        if module == "redis" or (module == "sqlite3" and "unable to open" in str(error)):
             raise InputError(
                 f"online store: {type(error).__name__}: {first_line(error)}; check online_store in "
                 f"{repo.yaml} (for Redis: REDIS_CONNECTION_STRING and its password)"
@@ -83,10 +87,16 @@ def publish(config: PublishConfig) -> dict:
 
 def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
     entity, catalog = config.entity, repo.catalog
-    if config.rollback:
-        version = rollback(repo, entity)
-        return {"model_version": version, "rows": 0, "write_seconds": 0.0, "sample": []}
     fix = f"set MLFLOW_TRACKING_URI, or tracking_uri in the mlflow block of {repo.yaml}"
+    if config.rollback:  # to the version named, else to the one the last switch replaced
+        named = "model_version" in config.model_fields_set
+        to = (
+            resolve_version(catalog, entity, config.model_version, repo.settings.tracking_uri, fix)
+            if named
+            else None
+        )
+        version = rollback(repo, entity, to)
+        return {"model_version": version, "rows": 0, "write_seconds": 0.0, "sample": []}
     version = resolve_version(catalog, entity, config.model_version, repo.settings.tracking_uri, fix)
     table = catalog.table(entity, version)
     join_key = catalog.entity_set(entity).join_key
@@ -125,8 +135,10 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
         index_delta(config, repo, version, table, join_key)
     if config.switch_current:
         switch_current(repo, entity, version)
-    retired = retire_old_versions(repo, entity, config.keep_online)
     sample = show_sample(repo, view.name, delta.rows, join_key, config.show)
+    finish_writing(repo, entity, version)
+    killpoint("publish.written")
+    retired = retire_old_versions(repo, entity, config.keep_online, keep=version)
     return {
         "entity": entity,
         "model_version": version,

@@ -279,10 +279,11 @@ def test_whole_snapshot_each_day_on_s3_with_redis(trained, redis_repo, s3_endpoi
     np.testing.assert_array_equal(np.asarray(got[1], np.float32), vector_of(stored, 5, "day-1"))
 
 
-def test_four_concurrent_publishers_and_a_reader(versions, feature_repo):
-    """Three versions of `item` and a `user` set published at once by four processes, while a reader
-    follows item's current: every publish lands whole (views registered, online tables full), the
-    reader never fails, and the registry ends as the catalog records."""
+def test_five_concurrent_publishers_with_the_defaults_and_a_reader(versions, feature_repo):
+    """Four versions of `item` and a `user` set published at once by five processes with the default
+    keep_online (2), while a reader follows item's current: every publisher succeeds (none retires a
+    version another is writing), every version is online and whole or retired whole, current and
+    previous stay online, the reader never fails, and the registry ends as the catalog records."""
     from feast import FeatureStore
 
     v1, v2, v3 = versions["names"]
@@ -298,6 +299,18 @@ def test_four_concurrent_publishers_and_a_reader(versions, feature_repo):
     commit_rows(
         repo.catalog, user_table, rows.drop_columns(["item_id"]).add_column(0, "user_id", keys), "day-1"
     )
+    v4 = "item-v4"  # a fourth version of item: v1's rows in a table of its own
+    v4_table = repo.catalog.create_table(
+        repo.catalog.entity_set("item"), v4, contract.schema("item_id", pa.int64()), {}
+    )
+    commit_rows(
+        repo.catalog,
+        v4_table,
+        rows.set_column(
+            rows.schema.get_field_index("model_version"), "model_version", pa.array([v4] * rows.num_rows)
+        ),
+        "day-1",
+    )
     publish(PublishConfig(feature_repo=str(feature_repo), model_version=v1, verify_rows=0))
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -311,14 +324,13 @@ def test_four_concurrent_publishers_and_a_reader(versions, feature_repo):
         str(feature_repo),
         "--verify-rows",
         "16",
-        "--keep-online",
-        "3",
     ]
     commands = [
         [*base, "--model-version", v2, "--switch-current", "false"],
         [*base, "--model-version", v3],
         [*base, "--model-version", v1],
         [*base, "--entity", "user", "--model-version", "user-v1", "--switch-current", "false"],
+        [*base, "--model-version", v4, "--switch-current", "false"],
     ]
     reader = FeatureStore(repo_path=str(feature_repo))
     errors: list[BaseException] = []
@@ -353,11 +365,15 @@ def test_four_concurrent_publishers_and_a_reader(versions, feature_repo):
     store = FeatureStore(repo_path=str(feature_repo))
     from feast_embeddings.verify import online_row_count
 
-    for entity, version in (("item", v1), ("item", v2), ("item", v3), ("user", "user-v1")):
+    state = repo.publication("item")
+    assert state.current in {v1, v3} and state.previous in {v1, v2, v3} and not state.writing
+    online = [v for v in (v1, v2, v3, v4) if state.online[v]]
+    assert {state.current, state.previous} <= set(online) and len(online) <= 3  # keep_online 2 + the pins
+    for entity, version in [*(("item", v) for v in online), ("user", "user-v1")]:
         view = store.get_feature_view(repo.version_view_name(entity, version))
         assert view.online and online_row_count(store, view) == 1797, (entity, version)
-    state = repo.publication("item")
-    assert state.current in {v1, v3} and set(state.written) == {v1, v2, v3}
+    for version in {v1, v2, v3, v4} - set(online):  # retired whole: view offline, online table gone
+        assert not store.get_feature_view(repo.version_view_name("item", version)).online
     assert repo.publication("user").online == {"user-v1": True}
     # the registry is what the catalog records: current services point where the catalog says
     service = store.get_feature_service("item_embeddings_current")

@@ -1,7 +1,11 @@
 """Publishing into a real Feast repo (SQLite online store, DuckDB offline store, file registry):
 versions pinned online and offline, the "current" alias switched atomically, rollback, keep N online."""
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -94,7 +98,42 @@ def test_pinned_versions_current_alias_and_rollback(versions, feature_repo):
         features=resolved_before_rollback, entity_rows=[{"item_id": 3}]
     ).to_dict()
     assert stale["model_version"] == [v2] and stale["latent"][0] is not None
-    assert publish(config(versions, feature_repo, rollback=True))["model_version"] == v2  # and forward again
+    # run again, a rollback rolls back once (never toggles back to v2); forward again is named
+    assert publish(config(versions, feature_repo, rollback=True))["model_version"] == v1
+    assert current_version(repo, "item") == v1
+    assert publish(config(versions, feature_repo, model_version=v2, verify_rows=0))["rows"] == 0
+    assert current_version(repo, "item") == v2
+
+
+def test_a_rollback_killed_between_the_record_and_feast_is_finished_by_its_retry(versions, feature_repo):
+    """SIGKILL after the publication record says v1, before Feast's registry does: the documented retry
+    (the same command) finishes the rollback to v1; it does not toggle back to v2."""
+    from feast_embeddings.versions import serving_in_registry
+
+    v1, v2, _ = versions["names"]
+    publish(config(versions, feature_repo, model_version=v1, verify_rows=0))
+    publish(config(versions, feature_repo, model_version=v2, verify_rows=0))
+    command = [
+        sys.executable,
+        "-m",
+        "ray_jobs.cli",
+        "publish",
+        "--feature-repo",
+        str(feature_repo),
+        "--rollback",
+    ]
+    killed = subprocess.run(
+        command, env={**os.environ, "VAE_KILL_AT": "publish.recorded"}, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    repo = load_repo(feature_repo)
+    assert current_version(repo, "item") == v1  # the record switched...
+    assert serving_in_registry(repo, "item") == repo.version_view_name("item", v2)  # ...Feast did not yet
+    retried = subprocess.run(command, capture_output=True, text=True)
+    assert retried.returncode == 0, retried.stderr[-2000:]
+    repo = load_repo(feature_repo)
+    assert current_version(repo, "item") == v1
+    assert serving_in_registry(repo, "item") == repo.version_view_name("item", v1)
 
 
 def test_a_reader_of_current_never_mixes_versions_during_publish_and_rollback(versions, feature_repo):
@@ -163,13 +202,20 @@ def test_keep_online_drops_old_versions_online_only(versions, feature_repo):
                 np.asarray(row["latent"], np.float32),
                 np.asarray(expected.loc[row["item_id"], "latent"], np.float32),
             )
-    # rollback to v2 still works; v1 is offline only, and retrieval pinned to it still reads its vectors
+    # a version published without switching never pushes out the one a rollback returns to (v2), nor is
+    # itself retired by its own publish: all three stay online
+    pinned = publish(config(versions, feature_repo, model_version=v1, switch_current=False, keep_online=2))
+    assert pinned["retired"] == [] and load_repo(feature_repo).publication("item").previous == v2
+    # rollback to v2 still works; retrieval pinned to v1 offline still reads its vectors
     assert publish(config(versions, feature_repo, rollback=True))["model_version"] == v2
     entity_df = pd.DataFrame({"item_id": [3, 7], "event_timestamp": [T3, T3]})
     offline = store.get_historical_features(
         entity_df=entity_df, features=[f"{repo.version_view_name('item', v1)}:model_version"]
     ).to_df()
     assert offline["model_version"].tolist() == [v1, v1]
+    publish(
+        config(versions, feature_repo, model_version=v3, verify_rows=0, keep_online=2)
+    )  # v1 retired again
     with pytest.raises(InputError, match="not in the online store any more"):
         from feast_embeddings.versions import switch_current
 

@@ -19,6 +19,7 @@ from vae.pipeline.policy import (
     pending_retrain,
     retrain_reason,
     training_window,
+    unlogged_rollback,
     unlogged_switch,
     watch_breach,
     watched_over,
@@ -157,6 +158,24 @@ def test_a_switch_done_but_not_logged_is_logged_by_the_re_run():
     assert unlogged_switch(log, "d9", serving="v1") is None, "still serving the champion: not switched"
     assert unlogged_switch([*log, switch], "d9", serving="v2") is None, "logged already"
     assert unlogged_switch(day("d9", "v1"), "d9", serving="v1") is None
+
+
+def test_a_rollback_done_but_not_logged_is_logged_by_the_re_run_and_leaves_the_window():
+    log = [
+        *day("d1", "v1"),
+        Decision("d1", "switched", "v2", detail={"from": "v1"}),
+        *day("d2", "v2"),
+        *day("d2", "v1"),  # the watched-over version gets the batch too
+    ]
+    # killed after switching back to v1, before logging it: the re-run of d2 finds v1 serving
+    rollback = unlogged_rollback(log, "d2", serving="v1")
+    assert (rollback.kind, rollback.batch_id, rollback.model_version) == ("rolled_back", "d2", "v2")
+    assert rollback.detail == {"to": "v1"}
+    assert "d2" not in [batch for batch, _ in training_window([*log, rollback], train_window=7)]
+    assert unlogged_rollback(log, "d2", serving="v2") is None, "still serving the new version"
+    assert unlogged_rollback([*log, rollback], "d2", serving="v1") is None, "logged already"
+    assert unlogged_rollback([*log, *day("d3", "v1")], "d3", serving="v1") is None, "d3 never ran under v2"
+    assert unlogged_rollback(day("d1", "v1"), "d1", serving="v1") is None, "no switch at all"
 
 
 @pytest.fixture

@@ -202,6 +202,24 @@ def unlogged_switch(decisions: list[Decision], batch: str, serving: str | None) 
     return Decision(batch, "switched", serving, reason, {"from": champion})
 
 
+def unlogged_rollback(decisions: list[Decision], batch: str, serving: str | None) -> Decision | None:
+    """The "rolled_back" decision a step killed between switching back and logging it did not record:
+    this batch was monitored under the version the last switch made current, and "current" is now the
+    version that switch replaced. Logged, the batch leaves the next training window as a rollback's
+    does. None when there is nothing to log."""
+    switches = [i for i, d in enumerate(decisions) if d.kind == "switched" and d.detail.get("from")]
+    if serving is None or not switches:
+        return None
+    switch, since = decisions[switches[-1]], decisions[switches[-1] :]
+    left = switch.model_version  # the version a rollback left
+    if serving != switch.detail["from"] or recorded(decisions, batch, "monitored", left) is None:
+        return None
+    if any(d.kind == "rolled_back" and d.model_version == left for d in since):
+        return None
+    reason = "logged by the re-run of the step that rolled back"
+    return Decision(batch, "rolled_back", left, reason, {"to": serving})
+
+
 def watched_over(decisions: list[Decision], champion: str, batch: str, watch_batches: int) -> str | None:
     """The version the champion replaced, while the champion is within its first watch_batches batches
     after a switch by the pipeline (this batch included); else None."""
