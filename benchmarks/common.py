@@ -94,11 +94,12 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def save(name: str, result: dict) -> Path:
+def save(name: str, result: dict, show: bool = True) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    if show:
+        print(json.dumps(result, indent=2))
     print(f"saved {path}")
     return path
 

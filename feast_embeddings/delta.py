@@ -1,6 +1,11 @@
-"""What a publish writes online: the rows of the batches committed since the version was last
-written, each key's latest row only (by event time, then by commit), so the online store ends up
-holding every key of the version at its latest vector, whichever order the batches were published in.
+"""What a publish writes online: the rows of the batches committed since the version was last written,
+each key's latest row among them (by event time, then by commit). Only those batches are read: a quiet
+day's publish costs its own batch, whatever the version holds.
+
+Which of those rows are newer than what a key already holds online is the store's to say
+(`feast_embeddings.online_state`): the publish asks it for the delta's keys only, and the writers keep
+the newer row anyway, so batches published in any order leave each key at its latest vector. A
+version's first publish (nothing written yet) reads every batch: O(version), once.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from vae.errors import InputError
 class Delta:
     snapshot_id: int  # the table snapshot the delta was read from: recorded as written afterwards
     batches: list[str]  # batches committed since the last write (all of them on a first publish)
-    rows: pa.Table  # the rows to write: of those batches, each key's latest row in the version
-    version_keys: int  # distinct keys in the whole version: what the online view must hold
+    rows: pa.Table  # the rows of those batches, each key's latest among them
+    first: bool  # nothing of the version was written before: the delta is the whole version
 
 
 def online_delta(catalog: EmbeddingsCatalog, table, join_key: str, written_snapshot: int | None) -> Delta:
@@ -32,25 +37,27 @@ def online_delta(catalog: EmbeddingsCatalog, table, join_key: str, written_snaps
             f"{'.'.join(table.name())} has no batches yet; run the embed job first (vaectl embed)"
         )
     live = catalog.batches(table, snapshot.snapshot_id)
+    first = written_snapshot is None or table.snapshot_by_id(written_snapshot) is None
     already: set[tuple[str, int]] = set()
-    if written_snapshot is not None and table.snapshot_by_id(written_snapshot) is not None:
+    if not first:
         already = {(b.batch_id, b.snapshot_id) for b in catalog.batches(table, written_snapshot)}
     new = [b.batch_id for b in live if (b.batch_id, b.snapshot_id) not in already]
-    keys = catalog.read(table, [join_key, "event_timestamp", "batch_id"], as_of=snapshot.snapshot_id)
-    winners = latest_per_key(keys, join_key, [b.batch_id for b in live])
     if not new:
-        return Delta(snapshot.snapshot_id, [], _empty(table, join_key), winners.num_rows)
+        return Delta(snapshot.snapshot_id, [], _empty(table, join_key), first)
     rows = catalog.read(table, [join_key, *COLUMNS], batches=new, as_of=snapshot.snapshot_id)
-    return Delta(snapshot.snapshot_id, new, _winning_rows(rows, winners, join_key), winners.num_rows)
+    return Delta(snapshot.snapshot_id, new, latest_per_key(rows, join_key, new), first)
 
 
-def latest_per_key(keys: pa.Table, join_key: str, commit_order: list[str]) -> pa.Table:
+def latest_per_key(rows: pa.Table, join_key: str, commit_order: list[str]) -> pa.Table:
     """One row per key: the latest event time, a tie going to the batch committed last."""
-    if keys.num_rows == 0:
-        return keys
+    if rows.num_rows == 0:
+        return rows
     # each row's batch as its position in the commit order, without a Python loop over the rows
-    order = pc.index_in(keys.column("batch_id"), value_set=pa.array(commit_order, pa.string()))
-    ranked = keys.append_column("_commit", pc.fill_null(order, -1).cast(pa.int64()))
+    order = pc.index_in(rows.column("batch_id"), value_set=pa.array(commit_order, pa.string()))
+    ranked = rows.select([join_key, "event_timestamp"]).append_column(
+        "_commit", pc.fill_null(order, -1).cast(pa.int64())
+    )
+    ranked = ranked.append_column("_row", pa.array(np.arange(rows.num_rows), pa.int64()))
     ranked = ranked.take(
         pc.sort_indices(
             ranked,
@@ -60,15 +67,8 @@ def latest_per_key(keys: pa.Table, join_key: str, commit_order: list[str]) -> pa
     key_values = ranked.column(join_key).combine_chunks()
     first = np.ones(ranked.num_rows, bool)
     first[1:] = pc.not_equal(key_values[1:], key_values[:-1]).to_numpy(zero_copy_only=False)
-    return ranked.filter(pa.array(first)).drop_columns(["_commit"])
-
-
-def _winning_rows(rows: pa.Table, winners: pa.Table, join_key: str) -> pa.Table:
-    match = [join_key, "batch_id", "event_timestamp"]
-    numbered = rows.select(match).append_column("_row", pa.array(np.arange(rows.num_rows), pa.int64()))
-    joined = numbered.join(winners.select(match), keys=match, join_type="inner")
-    positions = np.sort(joined.column("_row").to_numpy())
-    return rows.take(pa.array(positions))
+    winners = np.sort(ranked.column("_row").to_numpy()[first])
+    return rows.take(pa.array(winners))
 
 
 def _empty(table, join_key: str) -> pa.Table:

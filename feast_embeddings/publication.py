@@ -10,6 +10,7 @@ reader shares, updated in the catalog's own transactions).
     published.<v>       when v was first published (ISO time); its view stays registered for ever
     online.<v>          "true" while v's view is online (the keep_online newest), "false" after
     written.<v>         the table snapshot whose rows are online: the next publish writes the rest
+    keys.<v>            the keys of v written online so far (counted on its first publish, then added to)
     indexed.<v>         the table snapshot whose rows are in the vector-search index
     writing.<v>         a publish of v is under way (since the ISO time): no other publisher retires v
 
@@ -25,7 +26,7 @@ from vae.errors import InputError
 from vae.versions.mlflow_registry import resolve_model_version
 
 CURRENT, PREVIOUS, SWITCHING, ROLLED_BACK = "current", "previous", "switching", "rolled_back"
-PER_VERSION = ("published", "online", "written", "indexed", "writing")  # keys <kind>.<version>
+PER_VERSION = ("published", "online", "written", "indexed", "writing", "keys")  # keys <kind>.<version>
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Publication:
     written: dict[str, int] = field(default_factory=dict)  # version -> snapshot id written online
     indexed: dict[str, int] = field(default_factory=dict)  # version -> snapshot id in the vector index
     writing: dict[str, str] = field(default_factory=dict)  # version -> when a publish of it began (ISO)
+    keys: dict[str, int] = field(default_factory=dict)  # version -> its keys written online so far
 
     @classmethod
     def read(cls, catalog: EmbeddingsCatalog, entity: str) -> Publication:
@@ -57,7 +59,7 @@ class Publication:
                 getattr(state, kind)[version] = value
             elif kind == "online" and version:
                 state.online[version] = value == "true"
-            elif kind in ("written", "indexed") and version:
+            elif kind in ("written", "indexed", "keys") and version:
                 getattr(state, kind)[version] = int(value)
         return state
 

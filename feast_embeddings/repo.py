@@ -103,6 +103,9 @@ class EmbeddingsRepo:
         """Register the published objects: the registry becomes what the catalog records. The registry's
         record of the online tables is updated too, as `feast apply` does, so `feast plan` shows no change."""
         store = self.store
+        # Feast applies changes to its cached registry and writes the whole of it back: refresh first, so
+        # a registry another publisher changed within the cache TTL is not written back stale
+        store.registry.refresh(project=store.project)
         store.apply(self.published_objects())
         store.registry.refresh(project=store.project)
         infra = store._get_provider().plan_infra(store.config, store.registry.proto())

@@ -22,6 +22,13 @@ log = logging.getLogger("feast_embeddings")
 REGISTRY_LOCK = "feast-registry"
 
 
+def registry_lock(repo: EmbeddingsRepo):
+    """The lock every change of the publication record and the registry takes: a short lease, renewed
+    while held (an apply on a slow registry outlives it), so a publisher killed inside blocks the others
+    for 10 s at most."""
+    return repo.catalog.lock(REGISTRY_LOCK, ttl_seconds=10, wait_seconds=600, renew=True)
+
+
 def current_version(repo: EmbeddingsRepo, entity: str = "item") -> str | None:
     """The model version an entity set's "current" service points at, or None before the first publish."""
     return repo.publication(entity).current
@@ -44,7 +51,7 @@ def current_features(store, service_name: str = "item_embeddings_current") -> li
 def register_version(repo: EmbeddingsRepo, entity: str, version: str) -> None:
     """Make a version's view exist and be online (its online table created) before rows are written, and
     mark it as being written (finish_writing clears the mark) so that no publisher retires it meanwhile."""
-    with repo.catalog.lock(REGISTRY_LOCK):
+    with registry_lock(repo):
         state = repo.publication(entity)
         now = datetime.now(UTC).isoformat()
         updates = {f"online.{version}": "true", f"writing.{version}": now}  # no one retires it meanwhile
@@ -60,10 +67,10 @@ def finish_writing(repo: EmbeddingsRepo, entity: str, version: str) -> None:
     repo.update_publication(entity, **{f"writing.{version}": None})
 
 
-def record_written(repo: EmbeddingsRepo, entity: str, version: str, snapshot_id: int) -> None:
-    """The table snapshot whose rows are now online: the next publish of the version writes only
-    newer batches."""
-    repo.update_publication(entity, **{f"written.{version}": str(snapshot_id)})
+def record_written(repo: EmbeddingsRepo, entity: str, version: str, snapshot_id: int, keys: int) -> None:
+    """The table snapshot whose rows are now online (the next publish of the version writes only newer
+    batches), and the version's keys written online so far."""
+    repo.update_publication(entity, **{f"written.{version}": str(snapshot_id), f"keys.{version}": str(keys)})
 
 
 def switch_current(repo: EmbeddingsRepo, entity: str, version: str, rollback: bool = False) -> None:
@@ -72,7 +79,7 @@ def switch_current(repo: EmbeddingsRepo, entity: str, version: str, rollback: bo
     a reader resolves the service once per request, so it gets all of its vectors from one version,
     before or after the switch. A rollback clears `previous` (nothing to toggle back to) and records
     the version it left. Run again after a crash anywhere in it, it finishes the same switch."""
-    with repo.catalog.lock(REGISTRY_LOCK):
+    with registry_lock(repo):
         state = repo.publication(entity)
         if not state.online.get(version):
             raise InputError(
@@ -177,7 +184,7 @@ def retire_old_versions(
     version just published, always kept; a version a publisher is writing never) out of the online
     store; returns them. Their views stay
     registered with online=False: offline retrieval by version works as before; only the online rows go."""
-    with repo.catalog.lock(REGISTRY_LOCK):
+    with registry_lock(repo):
         state = repo.publication(entity)
         online = [
             v
@@ -192,7 +199,8 @@ def retire_old_versions(
         retired = [v for v in online if v not in keep]
         if not retired:
             return []
-        updates = {f"online.{v}": "false" for v in retired} | {f"written.{v}": None for v in retired}
+        updates = {f"online.{v}": "false" for v in retired}
+        updates |= {f"{kind}.{v}": None for v in retired for kind in ("written", "keys")}
         repo.update_publication(entity, **updates)
         repo.apply()
         # apply() keeps the online tables of views it updates; dropping them is the provider's infra update.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -67,14 +68,59 @@ def run(config: EmbedConfig) -> EmbedResult:
 
 def embed(config: EmbedConfig) -> EmbedResult:
     """Run the whole embedding job; everything is checked before Ray starts."""
+    (result,) = embed_batches([config])
+    return result
+
+
+@dataclass
+class BatchRun:
+    """One batch of an embedding job: its input's plan, its output settings, its staging."""
+
+    config: EmbedConfig
+    plan: Plan
+    options: EncodeOptions
+    paths: RunPaths
+    pending: list[WorkUnit]
+
+
+def embed_batches(configs: list[EmbedConfig]) -> list[EmbedResult]:
+    """Several batches of one model version (a backfill) as one job: each planned and started, every
+    pending unit of every batch encoded by one pool of actors (or in this process), then each batch
+    committed on its own, in order. One batch is `vaectl embed`."""
     started = time.time()
-    config = with_version_folder(config)
+    first = with_version_folder(configs[0])
+    version_of = {"model_root": first.model_root, "model_version": first.model_version}
+    configs = [config.model_copy(update=version_of) for config in configs]
     model_version = with_retries(  # 'latest' resolved, verified
-        lambda: load_model_version(config.model_root, config.model_version), config.model_root
+        lambda: load_model_version(first.model_root, first.model_version), first.model_root
     )
+    catalog = EmbeddingsCatalog(*first.catalog_settings())
+    runs = [start_batch(config, model_version, catalog) for config in configs]
+    table = catalog.table(first.entity, model_version.version)
+    try:
+        summaries = encode_batches(first, model_version, runs)
+        results = [
+            commit_batch(catalog, table, model_version, run, summaries[i], started)
+            for i, run in enumerate(runs)
+        ]
+    except Exception as error:
+        # Bad input must change before a run can succeed, so its staged files are of no use (unless the
+        # run already landed: discard_run never removes what a snapshot references). Anything else (a
+        # lost node, a killed driver, storage that stayed unavailable) keeps them for the re-run.
+        bad_input = find_input_error(error)
+        refused = isinstance(bad_input, StorageRefused) or "committed by another run" in str(bad_input)
+        if bad_input is not None and not refused and len(runs) == 1:
+            discard_run(runs[0].paths, table)
+        raise
+    for run, result, batch_summaries in zip(runs, results, summaries, strict=True):
+        _log_result(result, run.paths, batch_summaries)
+    return results
+
+
+def start_batch(config: EmbedConfig, model_version: ModelVersion, catalog: EmbeddingsCatalog) -> BatchRun:
+    """Plan a batch (every footer checked against the model), make the version's table, start the run."""
     plan = plan_run(config.data, model_version.features, config.rows_per_file, config.timestamp_column)
     options = encode_options(config, model_version, plan)
-    catalog = EmbeddingsCatalog(*config.catalog_settings())
     entity = catalog.register(config.entity, model_version.features.key_column, plan.key_type)
     schema = contract.schema(entity.join_key, _arrow_key(plan.key_type))
     table = catalog.create_table(
@@ -93,33 +139,41 @@ def embed(config: EmbedConfig) -> EmbedResult:
     pending = [unit for unit in plan.units if unit.output_name not in done]
     if done and pending:
         log.info("resuming run %s: %d of %d output files already written", run, len(done), len(plan.units))
-    summaries: list[dict] = []
-    try:
-        if pending and sum(unit.rows for unit in plan.units) <= config.in_process_rows:
-            encoder = UnitEncoder(model_version, options, config.data, paths, torch.device("cpu"))
-            summaries = [encoder.encode(unit) for unit in pending]
-        elif pending:
-            with ray_session():
-                summaries = encode_units(config, model_version.version, options, pending, paths)
-        settings = {
-            Properties.DATA: config.data,
-            Properties.MODEL_PATH: model_version.path,
-            Properties.ANOMALY_THRESHOLD: str(options.threshold),
-            Properties.ON_BAD_ROWS: config.on_bad_rows,
-        }
-        result = commit_run(catalog, table, paths, model_version, plan, options, summaries, settings, started)
-    except Exception as error:
-        # Bad input must change before a run can succeed, so its staged files are of no use (unless the
-        # run already landed: discard_run never removes what a snapshot references). Anything else (a
-        # lost node, a killed driver, storage that stayed unavailable) keeps them for the re-run.
-        bad_input = find_input_error(error)
-        if (
-            bad_input
-            and not isinstance(bad_input, StorageRefused)
-            and "committed by another run" not in str(error)
-        ):
-            discard_run(paths, table)
-        raise
+    return BatchRun(config, plan, options, paths, pending)
+
+
+def encode_batches(
+    config: EmbedConfig, model_version: ModelVersion, runs: list[BatchRun]
+) -> list[list[dict]]:
+    """Every pending unit of every batch: in this process when the job is small, else on Ray actors."""
+    summaries: list[list[dict]] = [[] for _ in runs]
+    if not any(run.pending for run in runs):
+        return summaries
+    if sum(unit.rows for run in runs for unit in run.plan.units) <= config.in_process_rows:
+        for index, run in enumerate(runs):
+            encoder = UnitEncoder(model_version, run.options, run.config.data, run.paths, torch.device("cpu"))
+            summaries[index] = [encoder.encode(unit) for unit in run.pending]
+        return summaries
+    with ray_session():
+        for summary in encode_units(config, model_version.version, runs):
+            summaries[summary.pop("batch")].append(summary)
+    return summaries
+
+
+def commit_batch(catalog, table, model_version: ModelVersion, run: BatchRun, summaries: list[dict], started):
+    """Reconcile, settle and commit one batch (vae.embeddings.runs.commit_run)."""
+    settings = {
+        Properties.DATA: run.config.data,
+        Properties.MODEL_PATH: model_version.path,
+        Properties.ANOMALY_THRESHOLD: str(run.options.threshold),
+        Properties.ON_BAD_ROWS: run.config.on_bad_rows,
+    }
+    return commit_run(
+        catalog, table, run.paths, model_version, run.plan, run.options, summaries, settings, started
+    )
+
+
+def _log_result(result: EmbedResult, paths: RunPaths, summaries: list[dict]) -> None:
     if not result.committed:
         log.info(
             "batch %s of %s was already committed by this same run (snapshot %d): nothing changed",
@@ -127,7 +181,7 @@ def embed(config: EmbedConfig) -> EmbedResult:
             result.output,
             result.snapshot_id,
         )
-        return result
+        return
     _log_imputation(summaries, paths)
     log.info(
         "embedded %s rows as batch %s of %s: %s quarantined, %s duplicate rows dropped, %s rows/s end to end",
@@ -138,7 +192,6 @@ def embed(config: EmbedConfig) -> EmbedResult:
         f"{result.duplicate_rows:,}",
         f"{result.rows_per_second:,.0f}",
     )
-    return result
 
 
 def with_version_folder(config: EmbedConfig) -> EmbedConfig:
@@ -209,10 +262,10 @@ def _arrow_key(key_type: str):
     return pa.int64() if key_type == "int64" else pa.string()
 
 
-def encode_units(
-    config: EmbedConfig, version: str, options: EncodeOptions, units: list[WorkUnit], paths: RunPaths
-) -> list[dict]:
-    """Encode the units on a pool of actors; returns one summary per unit."""
+def encode_units(config: EmbedConfig, version: str, runs: list[BatchRun]) -> list[dict]:
+    """Encode the pending units of every batch on one pool of actors; one summary per unit, with its
+    batch's index."""
+    units = [(index, unit) for index, run in enumerate(runs) for unit in run.pending]
     nodes = alive_node_resources()
     request = config.encoder_request(cluster_has_gpus=any(node.get("GPU", 0) >= 1 for node in nodes))
     fix = "lower cpus_per_encoder / gpus_per_encoder or check encoder_resources"
@@ -224,22 +277,19 @@ def encode_units(
     )
     gpus = request.get("GPU", 0.0)
     log.info(
-        "encoding %d unit(s) of about %d rows with %d encoder actor(s) (%g CPU, %g GPU each)",
+        "encoding %d unit(s) of %d batch(es), about %d rows each, with %d encoder actor(s) (%g CPU, %g GPU)",
         len(units),
+        len(runs),
         config.rows_per_file,
         requested,
         config.cpus_per_encoder,
         gpus,
     )
-    items = [{"unit": unit.to_json()} for unit in units]
+    items = [{"unit": unit.to_json(), "batch": index} for index, unit in units]
+    batches = [(run.config.data, run.options, run.paths) for run in runs]
     results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         EncoderActor,
-        fn_constructor_kwargs={
-            "config": config.model_dump(),
-            "version": version,
-            "options": options,
-            "paths": paths,
-        },
+        fn_constructor_kwargs={"config": config.model_dump(), "version": version, "batches": batches},
         batch_size=1,
         batch_format="numpy",
         compute=compute,
@@ -259,9 +309,10 @@ def encode_units(
 
 
 class EncoderActor:
-    """A Ray Data actor: loads the model version once, then encodes one work unit per call."""
+    """A Ray Data actor: loads the model version once, then encodes one work unit (of any of the job's
+    batches) per call."""
 
-    def __init__(self, config: dict, version: str, options: EncodeOptions, paths: RunPaths):
+    def __init__(self, config: dict, version: str, batches: list[tuple[str, EncodeOptions, RunPaths]]):
         config = EmbedConfig(**config)
         resources = ray.get_runtime_context().get_assigned_resources()
         # One torch thread per reserved CPU, so actors sharing a node do not oversubscribe it.
@@ -274,10 +325,15 @@ class EncoderActor:
             )
         model_version = load_model_version(config.model_root, version)
         model_version.model.to(device)
-        self.encoder = UnitEncoder(model_version, options, config.data, paths, device)
+        self.encoders = [
+            UnitEncoder(model_version, options, data, paths, device) for data, options, paths in batches
+        ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        summaries = [self.encoder.encode(WorkUnit.from_json(text)) for text in batch["unit"]]
+        summaries = [
+            self.encoders[int(index)].encode(WorkUnit.from_json(text)) | {"batch": int(index)}
+            for text, index in zip(batch["unit"], batch["batch"], strict=True)
+        ]
         return {name: np.array([s[name] for s in summaries]) for name in summaries[0]}
 
 

@@ -46,7 +46,7 @@ from ray_jobs.config import (
     TrainOptions,
     parse_config,
 )
-from ray_jobs.embed import embed
+from ray_jobs.embed import embed, embed_batches
 from ray_jobs.publish import publish
 from vae.embeddings.catalog import Properties, model_version_info
 from vae.embeddings.lock import Lease, LockHeld
@@ -243,10 +243,10 @@ def first_version(step: Step) -> str:
 # -- embed, monitor, publish ---------------------------------------------------------------------------
 
 
-def embed_batch(step: Step, version: str, data: str, batch: str, event_time: datetime | None = None):
-    """One batch with one version (a re-run commits nothing); records 'embedded' for today's batch."""
+def embed_config(step: Step, version: str, data: str, batch: str, event_time: datetime | None) -> EmbedConfig:
+    """The embed job's settings for one batch: the step's embed block, what the step sets."""
     config = step.config
-    embedding = EmbedConfig(
+    return EmbedConfig(
         **config.embed.model_dump(exclude_unset=True),
         in_process_rows=config.in_process_rows,
         data=data,
@@ -258,8 +258,12 @@ def embed_batch(step: Step, version: str, data: str, batch: str, event_time: dat
         event_time=event_time or (config.event_time if batch == step.batch else None),
         timestamp_column=config.timestamp_column,
     )
+
+
+def embed_batch(step: Step, version: str, data: str, batch: str, event_time: datetime | None = None):
+    """One batch with one version (a re-run commits nothing); records 'embedded' for today's batch."""
     step.before_write()
-    result = embed(embedding)
+    result = embed(embed_config(step, version, data, batch, event_time))
     pushgateway.embed_figures(step.metrics, result)
     step.timings[f"embed {version} {batch}"] = result.seconds
     if batch == step.batch:
@@ -421,16 +425,23 @@ def train_challenger(step: Step, champion: str | None, data: list[str]) -> str:
 
 
 def backfill(step: Step, champion: str, challenger: str) -> None:
-    """Every batch the champion's table holds, embedded with the challenger as the same batch."""
+    """Every batch the champion's table holds, embedded with the challenger as the same batch: one job over
+    the inputs of every batch (one pool of encoders, or this process when small), each batch its own
+    commit. O(the champion's history), once per retrain; a re-run commits only what is missing."""
     catalog = step.repo.catalog
-    started, rows = time.perf_counter(), 0
+    started = time.perf_counter()
     batches = catalog.batches(catalog.table(step.entity, champion))
+    configs = []
     for batch in batches:
         source = batch.properties.get(Properties.DATA)
         if not source:
             raise InputError(f"batch {batch.batch_id} of {champion} does not record its input data")
         when = datetime.fromisoformat(batch.event_time) if batch.event_time else None
-        rows += embed_batch(step, challenger, source, batch.batch_id, when).input_rows
+        configs.append(embed_config(step, challenger, source, batch.batch_id, when))
+    step.before_write()
+    results = embed_batches(configs)
+    killpoint("pipeline.backfilled")
+    rows = sum(result.input_rows for result in results)
     seconds = time.perf_counter() - started
     step.timings["backfill"] = seconds
     pushgateway.stage(step.metrics, "backfill", seconds, rows, model_version=challenger)

@@ -34,7 +34,15 @@ from feast_embeddings.delta import Delta, online_delta
 from feast_embeddings.publication import resolve_version
 from feast_embeddings.repo import EmbeddingsRepo
 from feast_embeddings.vectors import index_vectors
-from feast_embeddings.verify import check_complete, fetch_online, verify_online
+from feast_embeddings.verify import (
+    check_whole,
+    check_written,
+    event_nanos,
+    fetch_online,
+    online_event_times,
+    online_row_count,
+    verify_online,
+)
 from feast_embeddings.versions import (
     check_champion,
     finish_writing,
@@ -104,12 +112,11 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
     written = state.written.get(version) if state.online.get(version) else None
     delta = online_delta(catalog, table, join_key, written)
     log.info(
-        "%s %s: %d batch(es) to write online (%s rows, each key's latest), %s keys in the version",
+        "%s %s: %d batch(es) to write online (%s rows, each key's latest)",
         entity,
         version,
         len(delta.batches),
         f"{delta.rows.num_rows:,}",
-        f"{delta.version_keys:,}",
     )
     switching = config.switch_current and state.current != version
     check_champion(repo, entity, version if switching else None)  # before anything is written
@@ -118,7 +125,9 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
     started = time.perf_counter()
     register_version(repo, entity, version)
     view = repo.store.get_feature_view(repo.version_view_name(entity, version))
-    rows, writers = write_online(config, repo, view, delta, join_key)
+    newer, new_keys = newer_than_online(repo.store, view, delta.rows, join_key)
+    rows, writers = write_online(config, repo, view, newer, join_key)
+    version_keys = count_keys(repo, entity, version, view, delta, new_keys)
     write_seconds = time.perf_counter() - started
     log.info(
         "wrote %d rows of %s to the online store with %d writer(s) in %.1fs (%.0f rows/s, counted in the "
@@ -129,13 +138,14 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
         write_seconds,
         rows / max(write_seconds, 1e-9),
     )
-    verify_online(repo.store, view.name, delta.rows, join_key, config.verify_rows)
-    record_written(repo, entity, version, delta.snapshot_id)
+    verify_online(repo.store, view.name, newer, join_key, config.verify_rows)
+    record_written(repo, entity, version, delta.snapshot_id, version_keys)
+    killpoint("publish.recorded_written")
     if config.vector_search:
         index_delta(config, repo, version, table, join_key)
     if config.switch_current:
         switch_current(repo, entity, version)
-    sample = show_sample(repo, view.name, delta.rows, join_key, config.show)
+    sample = show_sample(repo, view.name, newer, join_key, config.show)
     finish_writing(repo, entity, version)
     killpoint("publish.written")
     retired = retire_old_versions(repo, entity, config.keep_online, keep=version)
@@ -145,7 +155,8 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
         "view": view.name,
         "batches": delta.batches,
         "rows": rows,
-        "version_keys": delta.version_keys,
+        "version_keys": version_keys,
+        "new_keys": new_keys,
         "snapshot_id": delta.snapshot_id,
         "writers": writers,
         "write_seconds": write_seconds,
@@ -214,22 +225,47 @@ def _baseline(
     return baseline
 
 
+def newer_than_online(store, view, rows: pa.Table, join_key: str) -> tuple[pa.Table, int]:
+    """The rows newer than (or as new as) what their keys hold online, and how many of the keys hold
+    nothing yet; one lookup per row of the delta. Stores not covered: every row, new keys unknown (0)."""
+    held = online_event_times(store, view, rows.column(join_key), join_key)
+    if held is None:
+        return rows, 0
+    newer = (held < 0) | (event_nanos(rows, store) >= held)
+    return rows.filter(pa.array(newer)), int((held < 0).sum())
+
+
+def count_keys(repo: EmbeddingsRepo, entity: str, version: str, view, delta: Delta, new_keys: int) -> int:
+    """The version's keys written online: counted in the store on its first publish (O(version), once),
+    then the last count plus the keys this publish added (keys whose TTL ran out come back as new)."""
+    known = repo.publication(entity).keys.get(version)
+    if delta.first or known is None:
+        counted = online_row_count(repo.store, view)
+        if delta.first:  # the delta is the whole version, one row per key
+            check_whole(repo.store, view, delta.rows.num_rows)
+        return counted if counted is not None else new_keys
+    return known + new_keys
+
+
 def write_online(
-    config: PublishConfig, repo: EmbeddingsRepo, view, delta: Delta, join_key: str
+    config: PublishConfig, repo: EmbeddingsRepo, view, rows: pa.Table, join_key: str
 ) -> tuple[int, int]:
-    """Write the delta's rows to the view's online table in Feast's stored format, in this process or
-    over Ray writer actors; returns (rows written, writers) once the store holds one row per key of
-    the whole version.
+    """Write rows to the view's online table in Feast's stored format, in this process or over Ray writer
+    actors; returns (rows written, writers) once every written key reads back its row's event time.
 
     SQLite takes one writer at a time, so it is written here, in key order. Redis takes parallel
     writers: with `writers` > 1, deltas of at least `parallel_min_rows` go to that many Ray actors."""
-    store, table = repo.store, delta.rows
+    store = repo.store
     sqlite = store.config.online_store.type == "sqlite"
-    if not sqlite and config.writers != 1 and table.num_rows >= config.parallel_min_rows:
-        written, writers = _write_on_ray(config, repo, view.name, table, join_key)
+    if not sqlite and config.writers != 1 and rows.num_rows >= config.parallel_min_rows:
+        written, writers = _write_on_ray(config, repo, view.name, rows, join_key)
     else:
-        written, writers = write_table(store, view, table, join_key, config.write_batch_rows), 1
-    check_complete(store, view, table.num_rows, written, delta.version_keys)
+        written, writers = write_table(store, view, rows, join_key, config.write_batch_rows), 1
+    if written != rows.num_rows:
+        raise RuntimeError(
+            f"online write of {view.name} did not complete: {rows.num_rows} rows to write, {written} written"
+        )
+    check_written(store, view, rows, join_key)
     return written, writers
 
 

@@ -4,6 +4,7 @@ between two writes whose order the design relies on. Free when unused: one dicti
     VAE_KILL_AT=embed.settled            die the first time the point is reached
     VAE_KILL_AT=embed.committed:3        die the third time
     VAE_KILL_LOG=/tmp/points.txt         append every point reached (the points a step passes)
+    VAE_PAUSE_AT=publish.recorded=5      sleep 5 s there instead (widens a race window for a test)
 
 Production never sets these variables; tests/integration/test_crash_safety.py does.
 """
@@ -12,16 +13,21 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 _reached: dict[str, int] = {}
 
 
 def killpoint(name: str) -> None:
-    """Die here if VAE_KILL_AT names this point (and this is the n-th time it is reached)."""
+    """Die here if VAE_KILL_AT names this point (and this is the n-th time it is reached); pause if
+    VAE_PAUSE_AT names it."""
     target = os.environ.get("VAE_KILL_AT")
     trace = os.environ.get("VAE_KILL_LOG")
-    if not target and not trace:
+    pause = os.environ.get("VAE_PAUSE_AT")
+    if not target and not trace and not pause:
         return
+    if pause and pause.partition("=")[0] == name:
+        time.sleep(float(pause.partition("=")[2]))
     _reached[name] = _reached.get(name, 0) + 1
     if trace:
         with open(trace, "a") as log:

@@ -326,7 +326,8 @@ def test_five_concurrent_publishers_with_the_defaults_and_a_reader(versions, fea
         "16",
     ]
     commands = [
-        [*base, "--model-version", v2, "--switch-current", "false"],
+        # paused after recording v2 written, before it is done with it: the others' retires run meanwhile
+        [*base, "--model-version", v2, "--switch-current", "false", "--show", "5"],
         [*base, "--model-version", v3],
         [*base, "--model-version", v1],
         [*base, "--entity", "user", "--model-version", "user-v1", "--switch-current", "false"],
@@ -351,8 +352,11 @@ def test_five_concurrent_publishers_with_the_defaults_and_a_reader(versions, fea
     thread = threading.Thread(target=read_loop)
     thread.start()
     try:
+        paused = {**env, "VAE_PAUSE_AT": "publish.recorded_written=25"}
         processes = [
-            subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                c, env=paused if v2 in c else env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
             for c in commands
         ]
         results = [(p.wait(timeout=400), p.stderr.read()) for p in processes]

@@ -151,3 +151,55 @@ def test_the_production_layout_postgres_catalog_s3_tables_s3_registry_redis_and_
             np.testing.assert_array_equal(
                 np.asarray(latent, np.float32), np.asarray(expected.loc[key, "latent"])
             )
+
+
+def test_a_daily_publish_past_the_redis_ttl_writes_its_batch_and_lets_expired_keys_go(versions, redis_repo):
+    """deploy/feature_store.yaml sets a Redis TTL: keys no batch refreshes expire. A daily publish checks
+    what it wrote (every key of its batch online at its row), never that the whole version is still
+    there, so it keeps working after the TTL; and its re-run changes nothing."""
+    import time
+
+    import pyarrow as pa
+    import redis
+    from conftest import commit_rows
+    from feast import FeatureStore
+
+    from vae.embeddings import contract
+
+    feature_repo, port, password = redis_repo
+    yaml_path = feature_repo / "feature_store.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace("key_ttl_seconds: 3600", "key_ttl_seconds: 2"))
+    repo = EmbeddingsRepo(feature_repo)
+    rows = repo.catalog.read(repo.catalog.table("item", versions["names"][0]))
+    version = "item-ttl"
+    table = repo.catalog.create_table(
+        repo.catalog.entity_set("item"), version, contract.schema("item_id", pa.int64()), {}
+    )
+    commit_rows(repo.catalog, table, rows, "day-1")
+
+    def publish_day() -> dict:
+        options = {"model_version": version, "switch_current": False, "verify_rows": 64}
+        return publish(PublishConfig(feature_repo=str(feature_repo), **options))
+
+    assert (publish_day()["rows"], publish_day()["rows"]) == (1797, 0)
+    time.sleep(3)  # past the TTL: every key of day 1 expires
+    client = redis.Redis(host="127.0.0.1", port=port, password=password)
+    assert list(client.scan_iter(count=1000)) == []
+
+    later = pc_add_days(rows.slice(0, 500), 1)
+    commit_rows(repo.catalog, repo.catalog.table("item", version), later, "day-2")
+    day_2 = publish_day()
+    assert (day_2["batches"], day_2["rows"], day_2["new_keys"]) == (["day-2"], 500, 500)
+    assert publish_day()["rows"] == 0  # the re-run: nothing to write, nothing raised
+    store = FeatureStore(repo_path=str(feature_repo))
+    fetched = fetch_online(store, repo.version_view_name("item", version), [3, 499, 500, 1700], "item_id")
+    assert [row["latent"] is not None for row in fetched] == [True, True, False, False]
+    assert len(list(client.scan_iter(count=1000))) == 500 and 0 < client.ttl(next(client.scan_iter())) <= 2
+
+
+def pc_add_days(rows, days: int):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    moved = pc.add(rows.column("event_timestamp"), pa.scalar(days * 86_400_000_000, pa.duration("us")))
+    return rows.set_column(rows.schema.get_field_index("event_timestamp"), "event_timestamp", moved)

@@ -216,8 +216,10 @@ def test_exit_code_is_the_most_notable_decision():
 
 def test_the_log_before_the_first_embed_leaves_the_entity_registrable(catalog):
     DecisionLog(catalog, "item").append([Decision("d1", "retrain_started", None, "no model yet")], "run")
+    assert catalog.entity_sets() == []  # (found by the crash sweep: a step killed in its first training)
     entity = catalog.register("item", "item_id", "int64")
     assert (entity.join_key, entity.key_type) == ("item_id", "int64")
+    assert catalog.entity_sets() == [entity]
     when = DecisionLog(catalog, "item").read()[0].decided_at
     assert when <= datetime.now(UTC)
 

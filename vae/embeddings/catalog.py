@@ -120,8 +120,15 @@ class EmbeddingsCatalog:
     # -- entity sets -------------------------------------------------------------------------------
 
     def entity_sets(self) -> list[EntitySet]:
+        """The entity sets with embeddings (a namespace only the decision log made, before the first
+        embed, is not one yet: a step killed in its first training leaves one)."""
         namespaces = self.catalog.list_namespaces((NAMESPACE,)) if self._has_root() else []
-        return [self.entity_set(namespace[-1]) for namespace in sorted(namespaces)]
+        found = []
+        for namespace in sorted(namespaces):
+            properties = self.catalog.load_namespace_properties(namespace)
+            if "join_key" in properties:
+                found.append(EntitySet(namespace[-1], properties["join_key"], properties["key_type"]))
+        return found
 
     def entity_set(self, name: str) -> EntitySet:
         from pyiceberg.exceptions import NoSuchNamespaceError

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from vae.embeddings.catalog import NAMESPACE, EmbeddingsCatalog
 from vae.embeddings.names import check_entity_name
+from vae.killpoints import killpoint
 
 log = logging.getLogger("vae.pipeline.decisions")
 
@@ -148,6 +149,7 @@ class DecisionLog:
                 table.append(rows)
             except CommitFailedException:
                 continue  # another writer committed first: read again and retry
+            killpoint("decisions.appended")
             # what this commit made the log, without scanning it again (when it was made on top of
             # what this process read)
             snapshot = table.current_snapshot()
