@@ -80,7 +80,6 @@ def run_year(work: Path, feature_repo: Path, days: int, rows: int, shift_day: in
         )
         if day % 10 == 0 or {"retrain_started", "backfilled"} & set(kinds):
             log.info("day %d: %.2f s, %.0f MiB, %s", day, seconds, memory.peak / 2**20, ", ".join(kinds))
-        path.unlink()  # the input is read once; the disk holds the tables, not a year of inputs twice
     return per_day
 
 

@@ -51,7 +51,7 @@ from ray_jobs.publish import publish
 from vae.embeddings.catalog import Properties, model_version_info
 from vae.embeddings.lock import Lease, LockHeld
 from vae.embeddings.runs import check_batch_id
-from vae.errors import InputError
+from vae.errors import InputError, first_line
 from vae.killpoints import killpoint
 from vae.monitoring.gate import SAMPLED_COLUMNS, LatentSample, evaluate
 from vae.monitoring.report import write_report
@@ -367,7 +367,12 @@ def retrain(step: Step, champion: str, reason: str) -> None:
     trained = step.recorded("challenger_trained")
     challenger = trained.model_version if trained else None
     if challenger is None:
-        challenger = train_challenger(step, champion, [data for _, data in window])
+        try:
+            challenger = train_challenger(step, champion, [data for _, data in window])
+        except InputError as error:  # the window cannot train a challenger: the champion keeps serving
+            why = f"training failed: {first_line(error)}"
+            step.decide("challenger_refused", None, why, champion=champion, failed="training")
+            return
         step.decide("challenger_trained", challenger, f"on {len(window)} batches", champion=champion)
     name_challenger(step, challenger)
     backfill(step, champion, challenger)

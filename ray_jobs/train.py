@@ -493,6 +493,8 @@ def fit_mixed(
         missing=config.missing,
     )
     table = with_unseen(table, "other")  # the categories beyond max_categories train as other
+    if config.init_from:
+        table = inherit_vocabularies(table, config, merged)
     features = replace(features, table=table)
     model = ModelConfig.from_dict({**model.to_dict(), "column_layout": table.layout})
     missing = {name: count for name, count in merged.missing.items() if count}
@@ -500,6 +502,37 @@ def fit_mixed(
     if config.init_from:
         check_init_from(config, model)
     return features, model
+
+
+def inherit_vocabularies(table: TableSchema, config: TrainConfig, stats: TableStats) -> TableSchema:
+    """A warm start keeps the starting version's category vocabularies, so its layout, and so every
+    weight, carries over: a window where a category is rare or absent (15 of the champion's 16) trains
+    on the same outputs; a category the version never saw trains as other (logged). The numeric
+    transforms are fitted on the window, as the retrain is for a shifted distribution. (Growing the
+    layout instead would leave the new category's weights untrained in a model warm-started for a few
+    epochs; `warm_start: false` refits everything.)"""
+    initial = read_model_version_info(config.model_root, config.init_from)
+    before = FeatureSchema.from_dict(initial.metadata["features"]).table
+    if before is None:
+        return table
+    known = {column.name: column for column in before.columns}
+    columns = []
+    for column in table.columns:
+        old = known.get(column.name)
+        if column.kind != "categorical" or old is None or old.kind != "categorical":
+            columns.append(column)
+            continue
+        new = sorted(set(stats.category_counts.get(column.name, {})) - set(old.categories))
+        if new:
+            log.info(
+                "%s: %d categor(ies) %s not in %s's vocabulary train as other (warm_start false refits it)",
+                column.name,
+                len(new),
+                new[:5],
+                config.init_from,
+            )
+        columns.append(replace(column, categories=old.categories))
+    return replace(table, columns=tuple(columns))
 
 
 def _describe_table(table: TableSchema) -> str:

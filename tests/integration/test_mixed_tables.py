@@ -239,3 +239,26 @@ def test_embed_imputes_missing_values_on_request_better_than_mean_and_mode(mixed
     assert columns["segment"]["model"] > columns["segment"]["mode"]
     assert columns["card_present"]["model"] >= columns["card_present"]["mode"]
     assert np.isfinite(score[~np.isnan(score)]).all()
+
+
+def test_a_warm_started_retrain_on_a_window_missing_a_category_keeps_the_layout(mixed, tmp_path):
+    """The daily step's retrain warm-starts from the champion: a window where one category never occurs
+    (fuel) and a new one appears (rail) used to refit the vocabulary, change the architecture and make
+    init_from refuse, on every retry. The vocabulary is inherited: the same layout, the weights carry
+    over, the new category trains as other."""
+    from vae import load_model_version
+
+    table = mixed["table"]
+    segments = pa.array(["rail" if s == "fuel" else s for s in table.column("segment").to_pylist()])
+    window = table.set_column(table.schema.get_field_index("segment"), "segment", segments)
+    pq.write_table(window, tmp_path / "window.parquet")
+    base = mixed["config"].model_dump(exclude={"data", "run_name", "epochs"})
+    challenger = train(
+        TrainConfig(**base, data=str(tmp_path / "window.parquet"), init_from=mixed["version"], epochs=2)
+    )
+    champion = load_model_version(mixed["config"].model_root, mixed["version"])
+    trained = load_model_version(mixed["config"].model_root, challenger)
+    assert trained.model.config.column_layout == champion.model.config.column_layout
+    segment = {c.name: c for c in trained.features.table.columns}["segment"]
+    assert segment.categories == {c.name: c for c in champion.features.table.columns}["segment"].categories
+    assert "rail" not in segment.categories and "fuel" in segment.categories

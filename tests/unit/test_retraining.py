@@ -305,3 +305,16 @@ def test_the_held_out_check_compares_both_versions_on_the_challengers_validation
     rows["v2"] = rows["v2"].filter(pa.array(~held_out))  # no held-out row both embedded
     check = heldout_check(rows, "item_id", new, old, margin=1.0)
     assert not check.passed and check.detail == "no held-out rows both versions embedded"
+
+
+def test_the_log_compacts_itself_so_a_year_of_appends_reads_as_a_few_files(catalog):
+    log = DecisionLog(catalog, "item")
+    for day in range(60):
+        log.append([Decision(f"d{day:02d}", "embedded", "v1", "rows", {"data": f"/lake/d{day}"})], "run")
+    table = log.table()
+    table.refresh()
+    files = int(table.current_snapshot().summary.additional_properties["total-data-files"])
+    assert files <= 11 and len(table.snapshots()) <= 11  # not 60: compacted at 51 appends
+    again = DecisionLog(catalog, "item").read()
+    assert [d.batch_id for d in again] == [f"d{day:02d}" for day in range(60)]  # every row, in order
+    assert again[59].detail == {"data": "/lake/d59"}

@@ -243,7 +243,9 @@ class EmbeddingsCatalog:
         while snapshot is not None:
             chain.append(snapshot)
             snapshot = by_id.get(snapshot.parent_snapshot_id)
-        rows = rows_per_batch(table, chain[0].snapshot_id)
+        rows = _rows_from_summaries(chain)
+        if rows is None:  # a batch committed without its row count (a migrated table): count the files
+            rows = rows_per_batch(table, chain[0].snapshot_id)
         live: dict[str, Batch] = {}
         for snap in reversed(chain):  # oldest first: a later commit of a batch replaces the earlier one
             properties = snap.summary.additional_properties
@@ -343,11 +345,15 @@ class EmbeddingsCatalog:
         raise RuntimeError(f"batch '{batch_id}': the catalog refused {attempts} commits in a row; try again")
 
     def _files_of(self, table, batch_id: str) -> set[str]:
-        files = table.inspect.files()
-        if files.num_rows == 0:
+        """The batch's data files now: a scan planned on its partition (the manifests of other batches
+        are skipped by their partition summaries, not read)."""
+        from pyiceberg.expressions import EqualTo
+
+        if table.current_snapshot() is None:
             return set()
-        pairs = zip(files.column("file_path").to_pylist(), files.column("partition").to_pylist(), strict=True)
-        return {path for path, partition in pairs if partition["batch_id"] == batch_id}
+        return {
+            task.file.file_path for task in table.scan(row_filter=EqualTo("batch_id", batch_id)).plan_files()
+        }
 
     # -- what other packages record about an entity set ------------------------------------------------
 
@@ -418,6 +424,21 @@ def snapshot_of(table, as_of: str | int | None):
     if snapshot is None:
         raise InputError(f"{'.'.join(table.name())} did not exist yet at {moment.isoformat()}")
     return snapshot
+
+
+def _rows_from_summaries(chain: list) -> dict[str, int] | None:
+    """Rows per live batch from the commits' own records (no manifest read: a year of batches costs the
+    same as a week); None when a batch commit lacks its count. `chain`: newest snapshot first."""
+    rows: dict[str, int] = {}
+    for snapshot in reversed(chain):
+        properties = snapshot.summary.additional_properties
+        batch = properties.get(Properties.BATCH)
+        if batch is None or snapshot.summary.operation.value != "append":
+            continue
+        if Properties.EMBEDDED_ROWS not in properties:
+            return None
+        rows[batch] = int(properties[Properties.EMBEDDED_ROWS])
+    return rows
 
 
 def rows_per_batch(table, snapshot_id: int | None = None) -> dict[str, int]:

@@ -150,6 +150,8 @@ class DecisionLog:
             except CommitFailedException:
                 continue  # another writer committed first: read again and retry
             killpoint("decisions.appended")
+            if int(table.current_snapshot().summary.additional_properties.get("total-data-files", 0)) > 50:
+                self._compact(table)
             # what this commit made the log, without scanning it again (when it was made on top of
             # what this process read)
             snapshot = table.current_snapshot()
@@ -159,6 +161,22 @@ class DecisionLog:
                 log.info("decision: %s", decision.line())
             return new
         raise RuntimeError(f"{'.'.join(self.identifier)}: the catalog refused 10 commits in a row")
+
+    def _compact(self, table) -> None:
+        """Rewrite the log as one file and drop its earlier snapshots: reading it costs one file and its
+        metadata stays small, however many years it holds (its rows are the history, its snapshots are
+        not). Done every 50 appends; another writer committing meanwhile leaves it to the next time."""
+        from pyiceberg.exceptions import CommitFailedException
+
+        try:
+            table.overwrite(table.scan().to_arrow().sort_by("decided_at"))
+            killpoint("decisions.compacted")
+            keep = table.current_snapshot().snapshot_id
+            earlier = [s.snapshot_id for s in table.snapshots() if s.snapshot_id != keep]
+            table.maintenance.expire_snapshots().by_ids(earlier).commit()
+        except CommitFailedException:
+            return
+        self._read = None
 
 
 def of_batch(decisions: list[Decision], batch_id: str) -> list[Decision]:
