@@ -71,6 +71,8 @@ bench: setup redis-server
 	$(BIN)/python -m benchmarks.cluster
 	$(BIN)/python -m benchmarks.month
 	$(BIN)/python -m benchmarks.registry
+	$(BIN)/python -m benchmarks.year
+	$(BIN)/python -m benchmarks.crash
 
 # Every benchmark at a tiny size (benchmarks.gpu on the CPU): each must complete and write its JSON.
 # .ci/run runs it, so that no benchmark breaks unseen; the figures are not looked at.

@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = (
     "train",
     "registry",
+    "crash",
+    "year",
     "month",
     "publish",
     "drift",
