@@ -135,6 +135,13 @@ def test_a_retrain_is_due_on_the_trigger_resumed_when_unfinished_and_spaced_afte
     assert pending_retrain(later, "d2", "v1", TRIGGER, retry_batches=2) is None
     later.append(Decision("d3", "monitored", "v1", detail={"health": health("d3", rate=0.2).__dict__}))
     assert pending_retrain(later, "d3", "v1", TRIGGER, retry_batches=2).startswith("batch d3: anomaly rate")
+    # a challenger whose training failed on its window is a refusal too: no retry on every re-run
+    failed = [
+        *started,
+        Decision("d1", "challenger_refused", None, "training failed: ...", {"failed": "training"}),
+    ]
+    assert pending_retrain(failed, "d1", "v1", TRIGGER, retry_batches=2) is None
+    assert pending_retrain([*failed, spike], "d2", "v1", TRIGGER, retry_batches=2) is None
 
 
 def test_the_training_window_leaves_out_a_breaching_batch_and_the_old_healthy_lead():
