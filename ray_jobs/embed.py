@@ -94,8 +94,13 @@ def embed_batches(configs: list[EmbedConfig]) -> list[EmbedResult]:
     model_version = with_retries(  # 'latest' resolved, verified
         lambda: load_model_version(first.model_root, first.model_version), first.model_root
     )
+    # every input checked against the model before anything is created (bad input leaves no catalog)
+    plans = [plan_batch(config, model_version) for config in configs]
     catalog = EmbeddingsCatalog(*first.catalog_settings())
-    runs = [start_batch(config, model_version, catalog) for config in configs]
+    runs = [
+        start_batch(config, model_version, catalog, *plan)
+        for config, plan in zip(configs, plans, strict=True)
+    ]
     table = catalog.table(first.entity, model_version.version)
     try:
         summaries = encode_batches(first, model_version, runs)
@@ -117,10 +122,20 @@ def embed_batches(configs: list[EmbedConfig]) -> list[EmbedResult]:
     return results
 
 
-def start_batch(config: EmbedConfig, model_version: ModelVersion, catalog: EmbeddingsCatalog) -> BatchRun:
-    """Plan a batch (every footer checked against the model), make the version's table, start the run."""
+def plan_batch(config: EmbedConfig, model_version: ModelVersion) -> tuple[Plan, EncodeOptions]:
+    """A batch's work units, every footer checked against the model, and its output settings."""
     plan = plan_run(config.data, model_version.features, config.rows_per_file, config.timestamp_column)
-    options = encode_options(config, model_version, plan)
+    return plan, encode_options(config, model_version, plan)
+
+
+def start_batch(
+    config: EmbedConfig,
+    model_version: ModelVersion,
+    catalog: EmbeddingsCatalog,
+    plan: Plan,
+    options: EncodeOptions,
+) -> BatchRun:
+    """Make the version's table (registering the entity set on first use) and start the batch's run."""
     entity = catalog.register(config.entity, model_version.features.key_column, plan.key_type)
     schema = contract.schema(entity.join_key, _arrow_key(plan.key_type))
     table = catalog.create_table(
