@@ -11,10 +11,10 @@ QUIET_DAY = ("embed.committed", "decisions.appended", "publish.recorded_written"
 
 
 def test_steps_killed_at_named_points_and_at_random_are_finished_by_their_retry(tmp_path):
-    result = sweep(tmp_path, days=3, kills_per_day=2, seed=1, points=QUIET_DAY)
+    result = sweep(tmp_path, days=2, kills_per_day=2, seed=1, points=QUIET_DAY)
     assert result.violations == []
-    assert result.steps == 3 and len(result.kills) >= 4, result.kills
-    assert len(result.points()) >= 3, result.kills
+    assert result.steps == 2 and len(result.kills) >= 3, result.kills
+    assert len(result.points()) >= 2, result.kills
     # the first day trains the first version, then embeds, monitors and publishes it
     assert {"embedded", "monitored", "published", "switched"} <= set(result.decisions[1])
-    assert {"embedded", "monitored", "published"} <= set(result.decisions[3])
+    assert {"embedded", "monitored", "published"} <= set(result.decisions[2])

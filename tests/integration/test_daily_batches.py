@@ -352,7 +352,7 @@ def test_five_concurrent_publishers_with_the_defaults_and_a_reader(versions, fea
     thread = threading.Thread(target=read_loop)
     thread.start()
     try:
-        paused = {**env, "VAE_PAUSE_AT": "publish.recorded_written=25"}
+        paused = {**env, "VAE_PAUSE_AT": "publish.recorded_written=12"}
         processes = [
             subprocess.Popen(
                 c, env=paused if v2 in c else env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

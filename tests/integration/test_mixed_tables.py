@@ -252,7 +252,7 @@ def test_a_warm_started_retrain_on_a_window_missing_a_category_keeps_the_layout(
     segments = pa.array(["rail" if s == "fuel" else s for s in table.column("segment").to_pylist()])
     window = table.set_column(table.schema.get_field_index("segment"), "segment", segments)
     pq.write_table(window, tmp_path / "window.parquet")
-    base = mixed["config"].model_dump(exclude={"data", "run_name", "epochs"})
+    base = mixed["config"].model_dump(exclude={"data", "run_name", "epochs", "init_from"})
     challenger = train(
         TrainConfig(**base, data=str(tmp_path / "window.parquet"), init_from=mixed["version"], epochs=2)
     )
