@@ -5,7 +5,7 @@ trigger fires once: a retrain, and a backfill of every batch the champion holds.
 
     python -m benchmarks.year [--days 365] [--rows 300]            # ~10 minutes on the 2-core machine
     python -m benchmarks.year --days 60 --rows 100000              # the large run
-    writes benchmarks/results/year.json (year-<rows>.json for another --rows)
+    writes benchmarks/results/year.json
 
 Per day: the step's wall time and the process's peak RSS during it (sampled every 20 ms). Reported:
 the median quiet step of days 2-31 against the last 30 days (the growth ratio; 1.0 = flat), the same
@@ -150,7 +150,7 @@ def main() -> None:
         f"{figures['median_step_seconds_last_30']:.2f} s: growth {figures['step_growth']:.2f}x; "
         f"peak RSS growth {figures['rss_growth']:.2f}x; backfill {figures['backfill']}"
     )
-    save("year" if args.rows == 300 else f"year-{args.rows}", figures, show=False)
+    save("year", figures, show=False)
 
 
 if __name__ == "__main__":
