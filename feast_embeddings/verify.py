@@ -109,9 +109,9 @@ def check_written(store, view, rows: pa.Table, join_key: str) -> None:
         )
 
 
-def check_whole(store, view, version_keys: int) -> None:
-    """A version's first publish: the store holds exactly one row per key of the version."""
-    stored = online_row_count(store, view)
+def check_whole(view, stored: int | None, version_keys: int) -> None:
+    """A version's first publish: the store (`stored` keys, counted by online_row_count) holds exactly one
+    row per key of the version."""
     if stored is not None and stored != version_keys:
         raise RuntimeError(
             f"online write of {view.name} did not complete: {stored} keys in the online store for the "

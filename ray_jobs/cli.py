@@ -104,13 +104,11 @@ def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = 
         job(argv)
     except KeyboardInterrupt:
         sys.exit(130)
-    except LeaseLost as error:  # not bad input: the same command, run again, finishes the work
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(TRY_AGAIN_EXIT)
     except Exception as error:
         input_error = find_input_error(error)
-        if input_error is None and (unavailable := find_cause(error, StorageUnavailable)) is not None:
-            print(f"error: {first_line(unavailable, limit=100_000)}", file=sys.stderr)
+        # not bad input: the same command, run again, finishes the work
+        if input_error is None and (later := find_cause(error, (LeaseLost, StorageUnavailable))) is not None:
+            print(f"error: {first_line(later, limit=100_000)}", file=sys.stderr)
             sys.exit(TRY_AGAIN_EXIT)
         if input_error is None:
             raise
@@ -123,7 +121,7 @@ def find_input_error(error: BaseException) -> InputError | None:
     return find_cause(error, InputError)
 
 
-def find_cause(error: BaseException, kind: type[E]) -> E | None:
+def find_cause(error: BaseException, kind: type[E] | tuple[type[E], ...]) -> E | None:
     """The exception of a kind behind an exception, looking through Ray's task and training wrappers."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]

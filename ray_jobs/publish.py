@@ -240,9 +240,9 @@ def count_keys(repo: EmbeddingsRepo, entity: str, version: str, view, delta: Del
     then the last count plus the keys this publish added (keys whose TTL ran out come back as new)."""
     known = repo.publication(entity).keys.get(version)
     if delta.first or known is None:
-        counted = online_row_count(repo.store, view)
+        counted = online_row_count(repo.store, view)  # once: on Redis a scan of every key
         if delta.first:  # the delta is the whole version, one row per key
-            check_whole(repo.store, view, delta.rows.num_rows)
+            check_whole(view, counted, delta.rows.num_rows)
         return counted if counted is not None else new_keys
     return known + new_keys
 

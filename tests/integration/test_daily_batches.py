@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from conftest import validation_reference
-from helpers.cli import flags
+from helpers.cli import flags, vaectl_command
 
 from feast_embeddings import EmbeddingsRepo, current_features, fetch_online
 from feast_embeddings.settings import StoreSettings
@@ -315,16 +315,7 @@ def test_five_concurrent_publishers_with_the_defaults_and_a_reader(versions, fea
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    base = [
-        sys.executable,
-        "-m",
-        "ray_jobs.cli",
-        "publish",
-        "--feature-repo",
-        str(feature_repo),
-        "--verify-rows",
-        "16",
-    ]
+    base = vaectl_command("publish", "--feature-repo", str(feature_repo), "--verify-rows", "16")
     commands = [
         # paused after recording v2 written, before it is done with it: the others' retires run meanwhile
         [*base, "--model-version", v2, "--switch-current", "false", "--show", "5"],

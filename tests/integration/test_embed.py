@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers.cli import flags
+from helpers.cli import flags, vaectl_command
 
 from ray_jobs.cli import find_input_error, run_cli
 from ray_jobs.config import EmbedConfig
@@ -307,7 +306,7 @@ def test_duplicate_keys_fail_by_default_or_keep_the_latest(trained, tmp_path):
 
     # Killed (SIGKILL) after settling the duplicates, before the commit: the re-run finishes the run.
     killed = subprocess.run(
-        [sys.executable, "-m", "ray_jobs.cli", "embed", *flags(**config, on_duplicate_keys="keep-latest")],
+        vaectl_command("embed", *flags(**config, on_duplicate_keys="keep-latest")),
         env={**os.environ, "VAE_KILL_AT": "embed.settled"},
         capture_output=True,
         text=True,

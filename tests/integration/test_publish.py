@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 from conftest import T3, version_rows
+from helpers.cli import vaectl_command
 
 import ray_jobs.publish
 from feast_embeddings import current_features, fetch_online
@@ -113,15 +114,7 @@ def test_a_rollback_killed_between_the_record_and_feast_is_finished_by_its_retry
     v1, v2, _ = versions["names"]
     publish(config(versions, feature_repo, model_version=v1, verify_rows=0))
     publish(config(versions, feature_repo, model_version=v2, verify_rows=0))
-    command = [
-        sys.executable,
-        "-m",
-        "ray_jobs.cli",
-        "publish",
-        "--feature-repo",
-        str(feature_repo),
-        "--rollback",
-    ]
+    command = vaectl_command("publish", "--feature-repo", str(feature_repo), "--rollback")
     killed = subprocess.run(
         command, env={**os.environ, "VAE_KILL_AT": "publish.recorded"}, capture_output=True
     )
@@ -336,7 +329,6 @@ def test_a_consumer_of_the_repo_sees_nothing_but_its_features(versions, feature_
     output is its features, nothing on stderr (no warning from Feast, pydantic or MLflow)."""
     import os
     import subprocess
-    import sys
 
     v1 = versions["names"][0]
     publish(config(versions, feature_repo, model_version=v1, verify_rows=0, show=0))
