@@ -243,22 +243,29 @@ class EmbeddingsCatalog:
         while snapshot is not None:
             chain.append(snapshot)
             snapshot = by_id.get(snapshot.parent_snapshot_id)
-        rows = _rows_from_summaries(chain)
-        if rows is None:  # a batch committed without its row count (a migrated table): count the files
-            rows = rows_per_batch(table, chain[0].snapshot_id)
-        live: dict[str, Batch] = {}
+        commits: dict = {}  # batch -> the snapshot that last committed it
         for snap in reversed(chain):  # oldest first: a later commit of a batch replaces the earlier one
+            batch = snap.summary.additional_properties.get(Properties.BATCH)
+            if batch is not None and snap.summary.operation.value == "append":
+                commits.pop(batch, None)
+                commits[batch] = snap
+        # rows per batch from the commits' own records (no manifest read: a year of batches costs what a
+        # week does); a batch committed without its count (a migrated table): count the files
+        counts = [
+            snap.summary.additional_properties.get(Properties.EMBEDDED_ROWS) for snap in commits.values()
+        ]
+        if None in counts:
+            rows = rows_per_batch(table, chain[0].snapshot_id)
+        else:
+            rows = {batch: int(count) for batch, count in zip(commits, counts, strict=True)}
+        live: dict[str, Batch] = {}
+        for batch, snap in commits.items():
             properties = snap.summary.additional_properties
-            batch = properties.get(Properties.BATCH)
-            if batch is None or snap.summary.operation.value != "append":
-                continue
-            committed = datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat()
-            live.pop(batch, None)
             live[batch] = Batch(
                 batch,
                 rows.get(batch, 0),
                 snap.snapshot_id,
-                committed,
+                datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat(),
                 properties.get(Properties.RUN, ""),
                 properties.get(Properties.EVENT_TIME),
                 dict(properties),
@@ -424,21 +431,6 @@ def snapshot_of(table, as_of: str | int | None):
     if snapshot is None:
         raise InputError(f"{'.'.join(table.name())} did not exist yet at {moment.isoformat()}")
     return snapshot
-
-
-def _rows_from_summaries(chain: list) -> dict[str, int] | None:
-    """Rows per live batch from the commits' own records (no manifest read: a year of batches costs the
-    same as a week); None when a batch commit lacks its count. `chain`: newest snapshot first."""
-    rows: dict[str, int] = {}
-    for snapshot in reversed(chain):
-        properties = snapshot.summary.additional_properties
-        batch = properties.get(Properties.BATCH)
-        if batch is None or snapshot.summary.operation.value != "append":
-            continue
-        if Properties.EMBEDDED_ROWS not in properties:
-            return None
-        rows[batch] = int(properties[Properties.EMBEDDED_ROWS])
-    return rows
 
 
 def rows_per_batch(table, snapshot_id: int | None = None) -> dict[str, int]:
