@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from benchmarks.month import START, day_table, pipeline_options
 
 log = logging.getLogger("benchmarks.year")
+RETENTION_SECONDS = 5.0  # the version tables' snapshot retention: about a week of the benchmark's days
 
 
 class PeakRss:
@@ -58,6 +59,8 @@ def run_year(work: Path, feature_repo: Path, days: int, rows: int, shift_day: in
 
     options = pipeline_options(work, feature_repo)
     options["html_reports"] = False
+    # a day here takes about a second, so the tables' week of snapshot retention shrinks with it
+    options["embed"] = {"snapshot_retention_hours": RETENTION_SECONDS / 3600}
     per_day = []
     for day in range(1, days + 1):
         path = work / "daily" / f"date=day-{day:03d}" / "part-0.parquet"

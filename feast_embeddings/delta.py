@@ -23,29 +23,47 @@ from vae.errors import InputError
 
 @dataclass(frozen=True)
 class Delta:
-    snapshot_id: int  # the table snapshot the delta was read from: recorded as written afterwards
+    snapshot_id: int  # the table snapshot the delta was read from
+    sequence: int  # its sequence number: batches committed later are the next publish's delta
     batches: list[str]  # batches committed since the last write (all of them on a first publish)
     rows: pa.Table  # the rows of those batches, each key's latest among them
     first: bool  # nothing of the version was written before: the delta is the whole version
 
+    @property
+    def mark(self) -> str:
+        """What the publication records as written (or indexed): '<snapshot id>@<sequence>'."""
+        return f"{self.snapshot_id}@{self.sequence}"
 
-def online_delta(catalog: EmbeddingsCatalog, table, join_key: str, written_snapshot: int | None) -> Delta:
-    """The delta of a version's table against the snapshot last written online (None: write it all)."""
+
+def written_sequence(table, mark: str | None) -> int | None:
+    """The sequence number a written/indexed mark stands for; None when nothing was written, or for a
+    mark from before sequences were recorded (a snapshot id alone) whose snapshot has expired."""
+    if mark is None:
+        return None
+    snapshot_id, _, sequence = mark.partition("@")
+    if sequence:
+        return int(sequence)
+    snapshot = table.snapshot_by_id(int(snapshot_id))
+    return snapshot.sequence_number if snapshot is not None else None
+
+
+def online_delta(catalog: EmbeddingsCatalog, table, join_key: str, mark: str | None) -> Delta:
+    """The delta of a version's table against the mark last written online (None: write it all): the
+    batches committed after it, found in the table's batch index (no history read)."""
     snapshot = table.current_snapshot()
     if snapshot is None:
         raise InputError(
             f"{'.'.join(table.name())} has no batches yet; run the embed job first (vaectl embed)"
         )
-    live = catalog.batches(table, snapshot.snapshot_id)
-    first = written_snapshot is None or table.snapshot_by_id(written_snapshot) is None
-    already: set[tuple[str, int]] = set()
-    if not first:
-        already = {(b.batch_id, b.snapshot_id) for b in catalog.batches(table, written_snapshot)}
-    new = [b.batch_id for b in live if (b.batch_id, b.snapshot_id) not in already]
+    since = written_sequence(table, mark)
+    first = since is None
+    new = [b.batch_id for b in catalog.batches(table) if first or b.sequence > since]
     if not new:
-        return Delta(snapshot.snapshot_id, [], _empty(table, join_key), first)
+        return Delta(snapshot.snapshot_id, snapshot.sequence_number, [], _empty(table, join_key), first)
     rows = catalog.read(table, [join_key, *COLUMNS], batches=new, as_of=snapshot.snapshot_id)
-    return Delta(snapshot.snapshot_id, new, latest_per_key(rows, join_key, new), first)
+    return Delta(
+        snapshot.snapshot_id, snapshot.sequence_number, new, latest_per_key(rows, join_key, new), first
+    )
 
 
 def latest_per_key(rows: pa.Table, join_key: str, commit_order: list[str]) -> pa.Table:

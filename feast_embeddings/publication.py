@@ -8,10 +8,13 @@ reader shares, updated in the catalog's own transactions).
     rolled_back         the version the last rollback moved away from (until the next switch)
     switching           a switch of current begun (MLflow's @champion moved first), not finished
     published.<v>       when v was first published (ISO time); its view stays registered for ever
-    online.<v>          "true" while v's view is online (the keep_online newest), "false" after
-    written.<v>         the table snapshot whose rows are online: the next publish writes the rest
+    online.<v>          "true" while v's view is online (the keep_online newest), "false" after;
+                        "retiring" between the record and the drop of its online rows (a retire cut
+                        short: the next retire drops them)
+    written.<v>         the table snapshot whose rows are online, as <snapshot id>@<sequence number>:
+                        the next publish writes the batches committed after it
     keys.<v>            the keys of v written online so far (counted on its first publish, then added to)
-    indexed.<v>         the table snapshot whose rows are in the vector-search index
+    indexed.<v>         the same for the rows in the vector-search index
     writing.<v>         a publish of v is under way (since the ISO time): no other publisher retires v
 
 The Feast objects (views, the current service) are derived from this record (feast_embeddings.repo).
@@ -39,8 +42,9 @@ class Publication:
     rolled_back: str | None = None
     published: dict[str, str] = field(default_factory=dict)  # version -> first published at (ISO)
     online: dict[str, bool] = field(default_factory=dict)
-    written: dict[str, int] = field(default_factory=dict)  # version -> snapshot id written online
-    indexed: dict[str, int] = field(default_factory=dict)  # version -> snapshot id in the vector index
+    retiring: list[str] = field(default_factory=list)  # out of service, their online rows not yet dropped
+    written: dict[str, str] = field(default_factory=dict)  # version -> the mark written online
+    indexed: dict[str, str] = field(default_factory=dict)  # version -> the mark in the vector index
     writing: dict[str, str] = field(default_factory=dict)  # version -> when a publish of it began (ISO)
     keys: dict[str, int] = field(default_factory=dict)  # version -> its keys written online so far
 
@@ -59,8 +63,12 @@ class Publication:
                 getattr(state, kind)[version] = value
             elif kind == "online" and version:
                 state.online[version] = value == "true"
-            elif kind in ("written", "indexed", "keys") and version:
-                getattr(state, kind)[version] = int(value)
+                if value == "retiring":
+                    state.retiring.append(version)
+            elif kind in ("written", "indexed") and version:
+                getattr(state, kind)[version] = value
+            elif kind == "keys" and version:
+                state.keys[version] = int(value)
         return state
 
 

@@ -67,10 +67,10 @@ def finish_writing(repo: EmbeddingsRepo, entity: str, version: str) -> None:
     repo.update_publication(entity, **{f"writing.{version}": None})
 
 
-def record_written(repo: EmbeddingsRepo, entity: str, version: str, snapshot_id: int, keys: int) -> None:
-    """The table snapshot whose rows are now online (the next publish of the version writes only newer
-    batches), and the version's keys written online so far."""
-    repo.update_publication(entity, **{f"written.{version}": str(snapshot_id), f"keys.{version}": str(keys)})
+def record_written(repo: EmbeddingsRepo, entity: str, version: str, mark: str, keys: int) -> None:
+    """The table snapshot whose rows are now online (a Delta's mark: the next publish of the version
+    writes only batches committed after it), and the version's keys written online so far."""
+    repo.update_publication(entity, **{f"written.{version}": mark, f"keys.{version}": str(keys)})
 
 
 def switch_current(repo: EmbeddingsRepo, entity: str, version: str, rollback: bool = False) -> None:
@@ -197,14 +197,18 @@ def retire_old_versions(
         others = [v for v in online if v not in pinned]
         keep = pinned | set(others[: max(0, keep_online - len(pinned))])
         retired = [v for v in online if v not in keep]
-        if not retired:
+        if not retired and not state.retiring:
             return []
-        updates = {f"online.{v}": "false" for v in retired}
+        # out of service first (views offline), then the rows dropped, then recorded as done: a retire
+        # killed between leaves "retiring", and the next one drops what is left
+        updates = {f"online.{v}": "retiring" for v in retired}
         updates |= {f"{kind}.{v}": None for v in retired for kind in ("written", "keys")}
         repo.update_publication(entity, **updates)
         repo.apply()
+        killpoint("publish.retiring")
         # apply() keeps the online tables of views it updates; dropping them is the provider's infra update.
-        views = [repo.store.get_feature_view(repo.version_view_name(entity, v)) for v in retired]
+        dropped = [*state.retiring, *retired]
+        views = [repo.store.get_feature_view(repo.version_view_name(entity, v)) for v in dropped]
         repo.store._get_provider().update_infra(
             project=repo.store.project,
             tables_to_delete=views,
@@ -213,5 +217,8 @@ def retire_old_versions(
             entities_to_keep=[],
             partial=False,
         )
+        repo.update_publication(entity, **{f"online.{v}": "false" for v in dropped})
+    if not retired:
+        return []
     log.info("%s: removed from the online store (offline data kept): %s", entity, ", ".join(retired))
     return retired

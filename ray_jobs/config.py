@@ -586,6 +586,13 @@ class EmbedOutput(Section):
         description="is_anomaly = score above this quantile of the version's validation scores "
         "(default: the threshold chosen at training, anomaly_quantile there)",
     )
+    snapshot_retention_hours: float = Field(
+        168.0,
+        gt=0,
+        description="the version table's snapshots older than this are expired by its commits (the newest "
+        "10 always stay): how far back time travel (--as-of) reaches; kept as Iceberg's own "
+        "history.expire.max-snapshot-age-ms, so a year of batches costs a commit what a week does",
+    )
 
 
 class EmbedExecution(Section):

@@ -138,8 +138,12 @@ def start_batch(
     """Make the version's table (registering the entity set on first use) and start the batch's run."""
     entity = catalog.register(config.entity, model_version.features.key_column, plan.key_type)
     schema = contract.schema(entity.join_key, _arrow_key(plan.key_type))
+    retention = str(int(config.snapshot_retention_hours * 3600 * 1000))
     table = catalog.create_table(
-        entity, model_version.version, schema, {Properties.MODEL_PATH: model_version.path}
+        entity,
+        model_version.version,
+        schema,
+        {Properties.MODEL_PATH: model_version.path, Properties.MAX_SNAPSHOT_AGE_MS: retention},
     )
     run = run_id(config.data, model_version.version, plan.listing, options, config.rows_per_file)
     paths = RunPaths.of(table.location(), options.batch_id, run)

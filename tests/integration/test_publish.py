@@ -129,6 +129,34 @@ def test_a_rollback_killed_between_the_record_and_feast_is_finished_by_its_retry
     assert serving_in_registry(repo, "item") == repo.version_view_name("item", v1)
 
 
+def test_a_retire_killed_before_the_drop_is_finished_by_the_next_publish(versions, feature_repo):
+    """SIGKILL after the record takes v1 out of service, before its online rows are dropped: v1 reads
+    as offline at once, and the re-run drops its rows and records it as retired."""
+    v1, v2, v3 = versions["names"]
+    for name in (v1, v2):
+        publish(config(versions, feature_repo, model_version=name, keep_online=2, verify_rows=0))
+    command = vaectl_command(
+        "publish",
+        *("--feature-repo", str(feature_repo), "--model-root", str(versions["model_root"])),
+        *("--model-version", v3, "--keep-online", "2", "--verify-rows", "0"),
+    )
+    killed = subprocess.run(
+        command, env={**os.environ, "VAE_KILL_AT": "publish.retiring"}, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    repo = load_repo(feature_repo)
+    v1_table = next(
+        name for name in online_tables(feature_repo) if repo.version_view_name("item", v1) in name
+    )
+    assert len(online_tables(feature_repo)[v1_table]) > 0  # killed before the drop
+    assert repo.publication("item").retiring == [v1] and not repo.publication("item").online[v1]
+    retried = subprocess.run(command, capture_output=True, text=True)
+    assert retried.returncode == 0, retried.stderr[-2000:]
+    assert v1_table not in online_tables(feature_repo)
+    state = load_repo(feature_repo).publication("item")
+    assert state.retiring == [] and state.online == {v1: False, v2: True, v3: True}
+
+
 def test_a_reader_of_current_never_mixes_versions_during_publish_and_rollback(versions, feature_repo):
     from feast import FeatureStore
 

@@ -7,15 +7,23 @@ version), one batch per embed run.
                 packages record there (feast_embeddings keeps its publication record in them)
     table       vae.<entity>.v_<version>, partitioned by batch_id: a batch is whole files
     a batch     one Iceberg commit: rows of batch_id = B deleted and the run's files added, in one
-                transaction; its snapshot carries the Properties below (batch, run, event time, counts)
+                transaction; its snapshot carries the Properties below (batch, run, event time, counts),
+                and the same transaction writes the batch's record into the table's batch index (a
+                table property per live batch), so finding a table's batches never walks its history
 
-Readers see a batch whole or not at all; earlier snapshots stay readable (time travel). A commit that
-loses the optimistic-concurrency race (another batch landed first) is retried on the new metadata.
+Readers see a batch whole or not at all. Snapshots older than the table's retention (Iceberg's own
+history.expire.* properties; a week by default) are expired by the commits, so a year of daily
+batches keeps a table's metadata as small as a week's: time travel reaches back that far. The data
+files only expired snapshots referenced (a re-embedded batch's old files) are deleted by a later
+commit, and listed in the table's properties until then. A commit that loses the optimistic-
+concurrency race (another batch landed first) is retried on the new metadata.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -59,6 +67,17 @@ class Properties:
     INPUT_LISTING = "vae.input-listing-sha256"
     INPUT_FILES = "vae.input-files"
     CODE_VERSION = "vae.code-version"
+    # on a version's table: its batch index and garbage (see the module's docstring)
+    BATCH_RECORD = "vae.batch."  # + batch id: the live batch's record (JSON: its commit and properties)
+    BATCH_INDEX = "vae.batch-index"  # "1" once the table keeps the index (tables from before walk history)
+    UNREFERENCED = "vae.unreferenced."  # + sequence n: files unreferenced once the snapshots before n expire
+    # Iceberg's own retention properties (other engines' expire_snapshots honour the same)
+    MAX_SNAPSHOT_AGE_MS = "history.expire.max-snapshot-age-ms"
+    MIN_SNAPSHOTS = "history.expire.min-snapshots-to-keep"
+
+
+DEFAULT_MAX_SNAPSHOT_AGE_MS = 7 * 24 * 3600 * 1000
+DEFAULT_MIN_SNAPSHOTS = 10
 
 
 logging.getLogger("pyiceberg").setLevel(logging.WARNING)
@@ -80,6 +99,7 @@ class Batch:
     batch_id: str
     rows: int
     snapshot_id: int
+    sequence: int  # the commit's place in the table's history: a later commit has a larger one
     committed_at: str
     run_id: str
     event_time: str | None
@@ -211,12 +231,23 @@ class EmbeddingsCatalog:
         return version
 
     def create_table(self, entity: EntitySet, version: str, schema: pa.Schema, properties: dict[str, str]):
-        """The version's table, created (partitioned by batch_id) if it does not exist yet."""
-        from pyiceberg.exceptions import TableAlreadyExistsError
+        """The version's table, created (partitioned by batch_id) if it does not exist yet; an existing
+        one takes a changed retention setting."""
+        from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
 
         table_id = (NAMESPACE, entity.name, table_name(version))
         if self.catalog.table_exists(table_id):  # create_table writes a metadata file before it checks
             table = self.table(entity.name, version)  # refuses a name that maps to another's table
+            changed = {
+                key: value
+                for key, value in properties.items()
+                if key == Properties.MAX_SNAPSHOT_AGE_MS and table.properties.get(key) != value
+            }
+            if changed:  # losing a race to a commit leaves it to the next run
+                with storage_errors(self.warehouse), contextlib.suppress(CommitFailedException):
+                    with table.transaction() as transaction:
+                        transaction.set_properties(changed)
+                table = self.catalog.load_table(table_id)
             missing = [name for name in schema.names if name not in table.schema().column_names]
             if missing:  # a table from before a column joined the contract (attribution): add it
                 with storage_errors(self.warehouse), table.update_schema() as update:
@@ -234,43 +265,28 @@ class EmbeddingsCatalog:
     # -- batches ---------------------------------------------------------------------------------------
 
     def batches(self, table, as_of: str | int | None = None) -> list[Batch]:
-        """The batches a snapshot of the table holds (default: the current one), oldest commit first."""
+        """The batches a snapshot of the table holds (default: the current one), oldest commit first.
+
+        The current snapshot's come from the table's batch index (no history read); an earlier
+        snapshot's from its data files and the commits still in the table's history."""
         snapshot = snapshot_of(table, as_of)
         if snapshot is None:
             return []
-        by_id = {s.snapshot_id: s for s in table.snapshots()}
-        chain = []
-        while snapshot is not None:
-            chain.append(snapshot)
-            snapshot = by_id.get(snapshot.parent_snapshot_id)
-        commits: dict = {}  # batch -> the snapshot that last committed it
-        for snap in reversed(chain):  # oldest first: a later commit of a batch replaces the earlier one
-            batch = snap.summary.additional_properties.get(Properties.BATCH)
-            if batch is not None and snap.summary.operation.value == "append":
-                commits.pop(batch, None)
-                commits[batch] = snap
-        # rows per batch from the commits' own records (no manifest read: a year of batches costs what a
-        # week does); a batch committed without its count (a migrated table): count the files
-        counts = [
-            snap.summary.additional_properties.get(Properties.EMBEDDED_ROWS) for snap in commits.values()
-        ]
-        if None in counts:
-            rows = rows_per_batch(table, chain[0].snapshot_id)
-        else:
-            rows = {batch: int(count) for batch, count in zip(commits, counts, strict=True)}
-        live: dict[str, Batch] = {}
-        for batch, snap in commits.items():
-            properties = snap.summary.additional_properties
-            live[batch] = Batch(
-                batch,
-                rows.get(batch, 0),
-                snap.snapshot_id,
-                datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat(),
-                properties.get(Properties.RUN, ""),
-                properties.get(Properties.EVENT_TIME),
-                dict(properties),
-            )
-        return [b for b in live.values() if b.batch_id in rows]
+        if snapshot.snapshot_id == table.current_snapshot().snapshot_id:
+            if table.properties.get(Properties.BATCH_INDEX):
+                return indexed_batches(table.properties)
+            return _walked_batches(table, snapshot)  # a table from before the index: until its next commit
+        rows = rows_per_batch(table, snapshot.snapshot_id)
+        walked = {b.batch_id: b for b in _walked_batches(table, snapshot)}
+        indexed = {b.batch_id: b for b in indexed_batches(table.properties)}
+        found = []
+        for batch_id, count in rows.items():
+            batch = walked.get(batch_id) or indexed.get(batch_id)
+            if batch is None or batch.sequence > snapshot.sequence_number:  # its commit has expired
+                moment = datetime.fromtimestamp(snapshot.timestamp_ms / 1000, UTC).isoformat()
+                batch = Batch(batch_id, count, 0, 0, moment, "", None, {})
+            found.append(dataclasses.replace(batch, rows=count))
+        return sorted(found, key=lambda b: b.sequence)
 
     def read(
         self,
@@ -320,32 +336,29 @@ class EmbeddingsCatalog:
         Another batch landing first makes the commit retry on the new metadata. Another run of the same
         batch landing after this run started is a conflict: it is named, nothing is replaced."""
         from pyiceberg.exceptions import CommitFailedException
-        from pyiceberg.expressions import EqualTo
 
         snapshot_properties = {Properties.BATCH: batch_id, Properties.RUN: run_id, **properties}
         _ensure_working_directory()
         for attempt in range(attempts):
             table.refresh()
-            landed = next((b for b in self.batches(table) if b.batch_id == batch_id), None)
+            live = self.batches(table)
+            landed = next((b for b in live if b.batch_id == batch_id), None)
             if landed is not None and landed.run_id != run_id and _committed_ms(landed) > started_ms:
                 raise InputError(
                     f"batch '{batch_id}' of {table.name()[-1]} was committed by another run "
                     f"({landed.run_id}) at {landed.committed_at}, after this run started; nothing was "
                     "replaced (run again to replace it)"
                 )
-            if (
-                landed is not None
-                and landed.run_id == run_id
-                and set(files) <= self._files_of(table, batch_id)
-            ):
+            replaced = self._files_of(table, batch_id) if landed is not None else set()
+            if landed is not None and landed.run_id == run_id and set(files) <= replaced:
                 return landed, False  # this very run already landed (a concurrent twin, or a re-run)
+            collected = _delete_collected(table)  # garbage of earlier expiries, before its record goes
             try:
                 with table.transaction() as transaction:
-                    if landed is not None:
-                        transaction.delete(
-                            EqualTo("batch_id", batch_id), snapshot_properties=snapshot_properties
-                        )
-                    transaction.add_files(files, snapshot_properties=snapshot_properties)
+                    _replace_batch(transaction, batch_id, files, replaced, snapshot_properties)
+                    _record_batch(transaction, table, live, batch_id, snapshot_properties)
+                    _expire_snapshots(transaction, collected)
+                table.refresh()
                 return next(b for b in self.batches(table) if b.batch_id == batch_id), True
             except CommitFailedException:
                 time.sleep(0.05 * (attempt + 1))
@@ -441,6 +454,147 @@ def rows_per_batch(table, snapshot_id: int | None = None) -> dict[str, int]:
     for partition, count in zip(partitions, files.column("record_count").to_pylist(), strict=True):
         rows[partition["batch_id"]] = rows.get(partition["batch_id"], 0) + count
     return rows
+
+
+def indexed_batches(properties: dict[str, str]) -> list[Batch]:
+    """The live batches a table's batch index records, oldest commit first."""
+    found = []
+    for key, value in properties.items():
+        if key.startswith(Properties.BATCH_RECORD):
+            record = json.loads(value)
+            found.append(
+                Batch(
+                    key.removeprefix(Properties.BATCH_RECORD),
+                    record["rows"],
+                    record["snapshot"],
+                    record["sequence"],
+                    datetime.fromtimestamp(record["committed_ms"] / 1000, UTC).isoformat(),
+                    record["properties"].get(Properties.RUN, ""),
+                    record["properties"].get(Properties.EVENT_TIME),
+                    record["properties"],
+                )
+            )
+    return sorted(found, key=lambda b: b.sequence)
+
+
+def _walked_batches(table, snapshot) -> list[Batch]:
+    """The batches of a snapshot from the commits in its history (tables from before the batch index,
+    and time travel): the last commit of each batch, oldest first."""
+    by_id = {s.snapshot_id: s for s in table.snapshots()}
+    chain = []
+    while snapshot is not None:
+        chain.append(snapshot)
+        snapshot = by_id.get(snapshot.parent_snapshot_id)
+    commits: dict = {}  # batch -> the snapshot that last committed it
+    for snap in reversed(chain):  # oldest first: a later commit of a batch replaces the earlier one
+        batch = snap.summary.additional_properties.get(Properties.BATCH)
+        if batch is not None and snap.summary.operation.value == "append":
+            commits.pop(batch, None)
+            commits[batch] = snap
+    counts = [snap.summary.additional_properties.get(Properties.EMBEDDED_ROWS) for snap in commits.values()]
+    if None in counts:  # a batch committed without its count (a migrated table): count the files
+        rows = rows_per_batch(table, chain[0].snapshot_id)
+    else:
+        rows = {batch: int(count) for batch, count in zip(commits, counts, strict=True)}
+    return [
+        Batch(
+            batch,
+            rows[batch],
+            snap.snapshot_id,
+            snap.sequence_number,
+            datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat(),
+            snap.summary.additional_properties.get(Properties.RUN, ""),
+            snap.summary.additional_properties.get(Properties.EVENT_TIME),
+            {k: v for k, v in snap.summary.additional_properties.items() if k.startswith("vae.")},
+        )
+        for batch, snap in commits.items()
+        if batch in rows
+    ]
+
+
+def _replace_batch(transaction, batch_id: str, files: list[str], replaced: set[str], properties) -> None:
+    """Stage the batch's rows replaced by the files; the replaced files join the garbage that the
+    expiry of every snapshot before this commit frees."""
+    from pyiceberg.expressions import EqualTo
+
+    if replaced:
+        transaction.delete(EqualTo("batch_id", batch_id), snapshot_properties=properties)
+    # the run's files are new (named by the run), and a re-run that landed them returned above: the
+    # check would read every manifest of the table, a cost that grows with its history
+    transaction.add_files(files, snapshot_properties=properties, check_duplicate_files=False)
+    if replaced - set(files):
+        sequence = transaction.table_metadata.current_snapshot().sequence_number
+        key = f"{Properties.UNREFERENCED}{sequence}"
+        transaction.set_properties({key: json.dumps(sorted(replaced - set(files)))})
+
+
+def _record_batch(transaction, table, live: list[Batch], batch_id: str, properties: dict[str, str]) -> None:
+    """Stage the batch's record in the table's batch index (and, on a table from before the index,
+    the records of every live batch: once)."""
+    committed = transaction.table_metadata.current_snapshot()
+    records = {}
+    if not table.properties.get(Properties.BATCH_INDEX):
+        records = _records(live) | {Properties.BATCH_INDEX: "1"}
+    records[Properties.BATCH_RECORD + batch_id] = json.dumps(
+        {
+            "rows": int(committed.summary.additional_properties.get("added-records", 0)),  # the files' count
+            "snapshot": committed.snapshot_id,
+            "sequence": committed.sequence_number,
+            "committed_ms": committed.timestamp_ms,
+            "properties": properties,
+        },
+        sort_keys=True,
+    )
+    transaction.set_properties(records)
+
+
+def _records(batches: list[Batch]) -> dict[str, str]:
+    return {
+        Properties.BATCH_RECORD + b.batch_id: json.dumps(
+            {
+                "rows": b.rows,
+                "snapshot": b.snapshot_id,
+                "sequence": b.sequence,
+                "committed_ms": _committed_ms(b),
+                "properties": b.properties,
+            },
+            sort_keys=True,
+        )
+        for b in batches
+    }
+
+
+def _expire_snapshots(transaction, collected: list[str]) -> None:
+    """Stage the expiry of the snapshots past the table's retention (the newest few always stay), and
+    drop the garbage records whose files were deleted before this commit."""
+    from pyiceberg.table.update.snapshot import ExpireSnapshots
+
+    metadata = transaction.table_metadata
+    max_age = int(metadata.properties.get(Properties.MAX_SNAPSHOT_AGE_MS, DEFAULT_MAX_SNAPSHOT_AGE_MS))
+    keep = max(1, int(metadata.properties.get(Properties.MIN_SNAPSHOTS, DEFAULT_MIN_SNAPSHOTS)))
+    newest_first = sorted(metadata.snapshots, key=lambda s: s.sequence_number, reverse=True)
+    cutoff = time.time() * 1000 - max_age
+    expired = [s.snapshot_id for s in newest_first[keep:] if s.timestamp_ms < cutoff]
+    if expired:
+        ExpireSnapshots(transaction).by_ids(expired).commit()
+    if collected:
+        transaction.remove_properties(*collected)
+
+
+def _delete_collected(table) -> list[str]:
+    """Delete the files of the garbage records that no snapshot references any more (every snapshot
+    before the record's sequence has expired); returns those records' keys, dropped by the commit."""
+    oldest = min((s.sequence_number for s in table.snapshots()), default=0)
+    collected = []
+    for key, value in table.properties.items():
+        freed_after = key.removeprefix(Properties.UNREFERENCED)
+        if key.startswith(Properties.UNREFERENCED) and int(freed_after) <= oldest:
+            for path in json.loads(value):
+                fs, name = filesystem(path)
+                with storage_errors(path), contextlib.suppress(FileNotFoundError):
+                    fs.rm(name)
+            collected.append(key)
+    return collected
 
 
 def _committed_ms(batch: Batch) -> int:
