@@ -9,6 +9,7 @@ checked:
     no orphan and no missing data files (every file a snapshot references exists; every data file
         is referenced by a snapshot)
     online equals each key's latest row of the current version (every key, bit for bit)
+    MLflow's vae-item@champion is the current version (with --mlflow: a SQLite tracking store)
     exactly one decision of each kind per batch and version
     the step's lock is free once the step is done
 
@@ -51,6 +52,7 @@ POINTS = (
     "publish.recorded",
     "publish.recorded_written",
     "publish.written",
+    "publish.retiring",
     "pipeline.rolled_back",
     "pipeline.backfilled",
 )
@@ -106,6 +108,7 @@ def sweep(
     seed: int,
     points: tuple[str, ...] = POINTS,
     random_kills: bool = True,
+    tracking_uri: str | None = None,
 ) -> Sweep:
     """The days' steps, each killed up to kills_per_day times (at one of `points`, or at a random moment)
     and run again until it completes; the invariants checked after every completed step."""
@@ -114,6 +117,8 @@ def sweep(
     result = Sweep()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)  # each step starts its own local Ray when it needs one
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
     switched_on = None
     for day in range(1, days + 1):
         regression = switched_on is not None and day == switched_on + 2
@@ -132,7 +137,7 @@ def sweep(
             code = run_step(config, path.parent, day, env)
             result.runs += 1
         result.steps += 1
-        problems, kinds = check_invariants(work, feature_repo, day)
+        problems, kinds = check_invariants(work, feature_repo, day, tracking_uri)
         result.violations += problems
         result.decisions[day] = kinds
         if "switched" in kinds and day > 1 and switched_on is None:
@@ -150,7 +155,9 @@ def _plan_kill(rng: random.Random, points: tuple[str, ...], random_kills: bool) 
     return {"point": f"{point}:{nth}", "env": {"VAE_KILL_AT": f"{point}:{nth}"}}
 
 
-def check_invariants(work: Path, feature_repo: Path, day: int) -> tuple[list[str], list[str]]:
+def check_invariants(
+    work: Path, feature_repo: Path, day: int, tracking_uri: str | None = None
+) -> tuple[list[str], list[str]]:
     """The invariants after a completed step; returns (violations, the day's decision kinds)."""
     from feast_embeddings.repo import EmbeddingsRepo
     from vae.pipeline.decisions import DecisionLog, of_batch
@@ -165,6 +172,8 @@ def check_invariants(work: Path, feature_repo: Path, day: int) -> tuple[list[str
     counts = Counter((d.batch_id, d.kind, d.model_version) for d in decisions)
     problems += [f"decision {key} logged {n} times" for key, n in counts.items() if n > 1]
     problems += _lock_free(catalog)
+    if tracking_uri:
+        problems += _champion_is_current(repo, tracking_uri)
     kinds = [d.kind for d in of_batch(decisions, f"day-{day:02d}")]
     return [f"day {day}: {p}" for p in problems], kinds
 
@@ -191,6 +200,10 @@ def _whole_batches_and_files(catalog, table) -> list[str]:
     problems += [f"missing data file {path}" for path in current if not Path(path).exists()]
     location = Path(table.location().removeprefix("file://")) / "data"
     on_disk = {str(path) for path in location.rglob("*.parquet")}
+    # files of a replaced batch that only expired snapshots referenced: listed until a commit deletes them
+    for key, value in table.properties.items():
+        if key.startswith(Properties.UNREFERENCED):
+            referenced |= {path.removeprefix("file://") for path in json.loads(value)}
     problems += [f"orphan data file {path}" for path in on_disk - referenced]
     return problems
 
@@ -225,6 +238,14 @@ def _online_is_latest(repo) -> list[str]:
     )
 
 
+def _champion_is_current(repo, tracking_uri: str) -> list[str]:
+    from vae.versions.mlflow_registry import CHAMPION, Registry, registered_model_name
+
+    current = repo.publication("item").current
+    champion = Registry(tracking_uri).alias(registered_model_name("item"), CHAMPION)
+    return [] if champion == current else [f"MLflow @champion is {champion}, current is {current}"]
+
+
 def _lock_free(catalog) -> list[str]:
     from sqlalchemy import text
 
@@ -244,11 +265,15 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=10)
     parser.add_argument("--kills-per-day", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-mlflow", action="store_true", help="no MLflow tracking store (no @champion check)"
+    )
     args = parse_args(parser, days=2, kills_per_day=1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        result = sweep(Path(tmp), args.days, args.kills_per_day, args.seed)
+        tracking_uri = None if args.no_mlflow else f"sqlite:///{tmp}/mlflow.db"
+        result = sweep(Path(tmp), args.days, args.kills_per_day, args.seed, tracking_uri=tracking_uri)
     figures = {
         "days": args.days,
         "seed": args.seed,

@@ -17,6 +17,7 @@ from typing import TypeVar
 from ray_jobs import config
 from vae.embeddings.lock import LeaseLost
 from vae.errors import InputError, StorageUnavailable, first_line
+from vae.storage import is_transient
 
 E = TypeVar("E", bound=BaseException)
 TRY_AGAIN_EXIT = 75  # EX_TEMPFAIL: not bad input; the same command, run again, carries on
@@ -110,6 +111,14 @@ def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = 
         if input_error is None and (later := find_cause(error, (LeaseLost, StorageUnavailable))) is not None:
             print(f"error: {first_line(later, limit=100_000)}", file=sys.stderr)
             sys.exit(TRY_AGAIN_EXIT)
+        if input_error is None and (hiccup := find_cause(error, Exception, is_transient)) is not None:
+            # storage unavailable where no retry wraps the call: every step is safe to run again
+            print(
+                f"error: storage unavailable: {first_line(hiccup)}; nothing is lost: run the same command "
+                "again",
+                file=sys.stderr,
+            )
+            sys.exit(TRY_AGAIN_EXIT)
         if input_error is None:
             raise
         print(f"error: {first_line(input_error, limit=100_000)}", file=sys.stderr)
@@ -121,8 +130,13 @@ def find_input_error(error: BaseException) -> InputError | None:
     return find_cause(error, InputError)
 
 
-def find_cause(error: BaseException, kind: type[E] | tuple[type[E], ...]) -> E | None:
-    """The exception of a kind behind an exception, looking through Ray's task and training wrappers."""
+def find_cause(
+    error: BaseException,
+    kind: type[E] | tuple[type[E], ...],
+    where: Callable[[BaseException], bool] = lambda _: True,
+) -> E | None:
+    """The exception of a kind (for which `where` holds) behind an exception, looking through Ray's task
+    and training wrappers."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
     while pending:
@@ -130,7 +144,7 @@ def find_cause(error: BaseException, kind: type[E] | tuple[type[E], ...]) -> E |
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, kind):
+        if isinstance(current, kind) and where(current):
             # Ray's RayTaskError(InputError) carries the original as .cause, without Ray's traceback text.
             original = getattr(current, "cause", None)
             return original if isinstance(original, kind) else current

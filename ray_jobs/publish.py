@@ -62,6 +62,7 @@ from vae.errors import first_line
 from vae.killpoints import killpoint
 from vae.monitoring.gate import SAMPLED_COLUMNS, LatentSample, comparable, evaluate
 from vae.monitoring.report import write_report
+from vae.storage import with_retries
 
 log = logging.getLogger("ray_jobs.publish")
 
@@ -110,7 +111,7 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
     join_key = catalog.entity_set(entity).join_key
     state = repo.publication(entity)
     written = state.written.get(version) if state.online.get(version) else None
-    delta = online_delta(catalog, table, join_key, written)
+    delta = with_retries(lambda: online_delta(catalog, table, join_key, written), catalog.warehouse)
     log.info(
         "%s %s: %d batch(es) to write online (%s rows, each key's latest)",
         entity,
@@ -139,7 +140,7 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
         rows / max(write_seconds, 1e-9),
     )
     verify_online(repo.store, view.name, newer, join_key, config.verify_rows)
-    record_written(repo, entity, version, delta.snapshot_id, version_keys)
+    record_written(repo, entity, version, delta.mark, version_keys)
     killpoint("publish.recorded_written")
     if config.vector_search:
         index_delta(config, repo, version, table, join_key)
@@ -169,9 +170,9 @@ def _publish(config: PublishConfig, repo: EmbeddingsRepo) -> dict:
 def index_delta(config: PublishConfig, repo: EmbeddingsRepo, version: str, table, join_key: str) -> None:
     """The batches not yet in the vector index (all of them the first time), each key's latest row."""
     indexed = repo.publication(config.entity).indexed.get(version)
-    delta = online_delta(repo.catalog, table, join_key, indexed)
+    delta = with_retries(lambda: online_delta(repo.catalog, table, join_key, indexed), repo.catalog.warehouse)
     index_vectors(repo, config.entity, version, delta.rows, config.write_batch_rows, config.keep_online)
-    repo.update_publication(config.entity, **{f"indexed.{version}": str(delta.snapshot_id)})
+    repo.update_publication(config.entity, **{f"indexed.{version}": delta.mark})
 
 
 def check_gate(config: PublishConfig, repo: EmbeddingsRepo, version: str, table, join_key: str) -> dict:
