@@ -4,7 +4,7 @@ history holds? 365 daily batches of new items (generated, as in benchmarks/month
 trigger fires once: a retrain, and a backfill of every batch the champion holds.
 
     python -m benchmarks.year [--days 365] [--rows 300]            # ~10 minutes on the 2-core machine
-    python -m benchmarks.year --days 60 --rows 100000              # the large run
+    python -m benchmarks.year --days 60 --rows 100000 [--online redis]   # the large run
     writes benchmarks/results/year.json
 
 Per day: the step's wall time and the process's peak RSS during it (sampled every 20 ms). Reported:
@@ -124,30 +124,48 @@ def summary(per_day: list[dict], rows: int) -> dict:
 
 
 def main() -> None:
+    import contextlib
+    import os
+    import sys
     import tempfile
 
     from benchmarks.common import parse_args, save
     from ray_jobs.cluster import ray_session
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the servers the tests start
+    from helpers.servers import redis_server
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--days", type=int, default=365)
     parser.add_argument("--rows", type=int, default=300)
     parser.add_argument("--shift-day", type=int, default=None, help="default: mid-year")
     parser.add_argument("--work", type=Path, default=None, help="keep the tables here (default: a temp dir)")
+    parser.add_argument(
+        "--online", choices=("sqlite", "redis"), default="sqlite", help="redis: a redis-server started here"
+    )
     args = parse_args(parser, days=8, rows=200, shift_day=4)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("feast", "ray_jobs", "vae", "feast_embeddings", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     shift_day = args.shift_day or args.days // 2
     repo_template = Path(__file__).resolve().parents[1] / "feature_repo"
-    with tempfile.TemporaryDirectory() as tmp, ray_session():
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         work = args.work or Path(tmp)
         feature_repo = work / "feature_repo"
         feature_repo.mkdir(parents=True)
-        for name in ("feature_store.yaml", "features.py"):
-            (feature_repo / name).write_text((repo_template / name).read_text())
+        (feature_repo / "features.py").write_text((repo_template / "features.py").read_text())
+        text = (repo_template / "feature_store.yaml").read_text()
+        if args.online == "redis":  # the documented switch: the online_store block replaced
+            port, password = servers.enter_context(redis_server())
+            os.environ["REDIS_CONNECTION_STRING"] = f"127.0.0.1:{port},password={password}"
+            start = text.index("online_store:\n    type: sqlite")
+            end = text.index("\n", text.index("path: data/online_store.db", start)) + 1
+            redis = "online_store:\n    type: redis\n    connection_string: ${REDIS_CONNECTION_STRING}\n"
+            text = text[:start] + redis + text[end:]
+        (feature_repo / "feature_store.yaml").write_text(text)
+        servers.enter_context(ray_session())
         per_day = run_year(work, feature_repo, args.days, args.rows, shift_day)
-    figures = summary(per_day, args.rows) | {"per_day": per_day}
+    figures = summary(per_day, args.rows) | {"online_store": args.online, "per_day": per_day}
     print(
         f"quiet step: days 2-31 {figures['median_step_seconds_days_2_31']:.2f} s, last 30 "
         f"{figures['median_step_seconds_last_30']:.2f} s: growth {figures['step_growth']:.2f}x; "
