@@ -67,7 +67,7 @@ class Sweep:
     decisions: dict[int, list[str]] = field(default_factory=dict)
 
     def points(self) -> list[str]:
-        return sorted({k["point"] for k in self.kills if "point" in k})
+        return sorted({k["point"].partition(":")[0] for k in self.kills if "point" in k})
 
 
 def prepare(work: Path) -> tuple[Path, Path]:
@@ -109,6 +109,7 @@ def sweep(
     points: tuple[str, ...] = POINTS,
     random_kills: bool = True,
     tracking_uri: str | None = None,
+    nth_point_kills: bool = True,
 ) -> Sweep:
     """The days' steps, each killed up to kills_per_day times (at one of `points`, or at a random moment)
     and run again until it completes; the invariants checked after every completed step."""
@@ -126,11 +127,13 @@ def sweep(
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(day_table(day, 400, shifted=day >= 4, regression=regression), path)
         for _ in range(kills_per_day):
-            kill = _plan_kill(rng, points, random_kills)
+            kill = _plan_kill(rng, points, random_kills, nth_point_kills, work / "kill-trace.txt")
             code = run_step(config, path.parent, day, {**env, **kill.pop("env")}, kill.get("after_seconds"))
             result.runs += 1
             if code == 0:
                 break  # the kill point was not on this day's path: the step completed
+            if "nth_point" in kill:  # the point it died at: the trace's last line
+                kill["point"] = (work / "kill-trace.txt").read_text().split()[-1]
             result.kills.append({"day": day, **kill, "returncode": code})
             log.info("day %d: killed %s", day, kill)
         else:
@@ -148,11 +151,21 @@ def sweep(
     return result
 
 
-def _plan_kill(rng: random.Random, points: tuple[str, ...], random_kills: bool) -> dict:
-    if random_kills and rng.random() < 0.25:
+def _plan_kill(
+    rng: random.Random, points: tuple[str, ...], random_kills: bool, nth_point_kills: bool, trace: Path
+) -> dict:
+    """A random moment (a quarter of the kills), a named point, or the n-th point the step reaches
+    whichever it is (so that the busy days' switch, rollback and backfill points are hit as often as
+    they are passed); the trace says which point that was."""
+    draw = rng.random()
+    if random_kills and draw < 0.25:
         return {"after_seconds": round(rng.uniform(2.0, 25.0), 1), "env": {}}
-    point, nth = rng.choice(points), rng.choice((1, 1, 2))
-    return {"point": f"{point}:{nth}", "env": {"VAE_KILL_AT": f"{point}:{nth}"}}
+    if draw < 0.6 or not nth_point_kills:
+        point, nth = rng.choice(points), rng.choice((1, 1, 2))
+        return {"point": f"{point}:{nth}", "env": {"VAE_KILL_AT": f"{point}:{nth}"}}
+    trace.unlink(missing_ok=True)
+    nth = rng.randint(1, 12)
+    return {"nth_point": nth, "env": {"VAE_KILL_AT": f"any:{nth}", "VAE_KILL_LOG": str(trace)}}
 
 
 def check_invariants(

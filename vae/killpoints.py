@@ -3,6 +3,7 @@ between two writes whose order the design relies on. Free when unused: one dicti
 
     VAE_KILL_AT=embed.settled            die the first time the point is reached
     VAE_KILL_AT=embed.committed:3        die the third time
+    VAE_KILL_AT=any:5                    die at the fifth point reached, whichever it is
     VAE_KILL_LOG=/tmp/points.txt         append every point reached (the points a step passes)
     VAE_PAUSE_AT=publish.recorded=5      sleep 5 s there instead (widens a race window for a test)
 
@@ -34,5 +35,6 @@ def killpoint(name: str) -> None:
             log.write(f"{name}\n")
     if target:
         point, _, nth = target.partition(":")
-        if point == name and _reached[name] == int(nth or 1):
+        any_point = point == "any" and sum(_reached.values()) == int(nth or 1)
+        if any_point or (point == name and _reached[name] == int(nth or 1)):
             os.kill(os.getpid(), signal.SIGKILL)
