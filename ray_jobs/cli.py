@@ -17,7 +17,6 @@ from typing import TypeVar
 from ray_jobs import config
 from vae.embeddings.lock import LeaseLost
 from vae.errors import InputError, StorageUnavailable, first_line
-from vae.storage import is_transient
 
 E = TypeVar("E", bound=BaseException)
 TRY_AGAIN_EXIT = 75  # EX_TEMPFAIL: not bad input; the same command, run again, carries on
@@ -111,6 +110,8 @@ def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = 
         if input_error is None and (later := find_cause(error, (LeaseLost, StorageUnavailable))) is not None:
             print(f"error: {first_line(later, limit=100_000)}", file=sys.stderr)
             sys.exit(TRY_AGAIN_EXIT)
+        from vae.storage import is_transient  # here: `vaectl --help` stays free of pyarrow and fsspec
+
         if input_error is None and (hiccup := find_cause(error, Exception, is_transient)) is not None:
             # storage unavailable where no retry wraps the call: every step is safe to run again
             print(
