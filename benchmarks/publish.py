@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from benchmarks.common import http_load, parse_args, save, synthetic_embeddings, timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the servers the tests start
-from helpers.servers import free_port, redis_server, wait_for_port  # noqa: E402
+from helpers.servers import free_port, redis_server, wait_for_port, with_redis_online_store  # noqa: E402
 
 from vae.embeddings import contract
 
@@ -78,13 +78,7 @@ def make_repo(work: Path, store_kind: str) -> Path:
     shutil.copy(REPO / "feature_repo" / "features.py", repo)
     text = (REPO / "feature_repo" / "feature_store.yaml").read_text()
     if store_kind == "redis":
-        start = text.index("online_store:\n    type: sqlite")
-        end = text.index("\n", text.index("path: data/online_store.db", start)) + 1
-        text = (
-            text[:start]
-            + "online_store:\n    type: redis\n    connection_string: ${REDIS_CONNECTION_STRING}\n"
-            + text[end:]
-        )
+        text = with_redis_online_store(text)
     (repo / "feature_store.yaml").write_text(text)
     (repo / "vector_search").mkdir()
     shutil.copy(REPO / "feature_repo" / "vector_search" / "feature_store.yaml", repo / "vector_search")

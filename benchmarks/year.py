@@ -133,7 +133,7 @@ def main() -> None:
     from ray_jobs.cluster import ray_session
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the servers the tests start
-    from helpers.servers import redis_server
+    from helpers.servers import redis_server, with_redis_online_store
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--days", type=int, default=365)
@@ -158,10 +158,7 @@ def main() -> None:
         if args.online == "redis":  # the documented switch: the online_store block replaced
             port, password = servers.enter_context(redis_server())
             os.environ["REDIS_CONNECTION_STRING"] = f"127.0.0.1:{port},password={password}"
-            start = text.index("online_store:\n    type: sqlite")
-            end = text.index("\n", text.index("path: data/online_store.db", start)) + 1
-            redis = "online_store:\n    type: redis\n    connection_string: ${REDIS_CONNECTION_STRING}\n"
-            text = text[:start] + redis + text[end:]
+            text = with_redis_online_store(text)
         (feature_repo / "feature_store.yaml").write_text(text)
         servers.enter_context(ray_session())
         per_day = run_year(work, feature_repo, args.days, args.rows, shift_day)

@@ -218,7 +218,6 @@ def retire_old_versions(
             partial=False,
         )
         repo.update_publication(entity, **{f"online.{v}": "false" for v in dropped})
-    if not retired:
-        return []
-    log.info("%s: removed from the online store (offline data kept): %s", entity, ", ".join(retired))
+    if retired:
+        log.info("%s: removed from the online store (offline data kept): %s", entity, ", ".join(retired))
     return retired

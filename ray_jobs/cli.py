@@ -106,13 +106,16 @@ def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = 
         sys.exit(130)
     except Exception as error:
         input_error = find_input_error(error)
+        if input_error is not None:
+            print(f"error: {first_line(input_error, limit=100_000)}", file=sys.stderr)
+            sys.exit(2)
         # not bad input: the same command, run again, finishes the work
-        if input_error is None and (later := find_cause(error, (LeaseLost, StorageUnavailable))) is not None:
+        if (later := find_cause(error, (LeaseLost, StorageUnavailable))) is not None:
             print(f"error: {first_line(later, limit=100_000)}", file=sys.stderr)
             sys.exit(TRY_AGAIN_EXIT)
         from vae.storage import is_transient  # here: `vaectl --help` stays free of pyarrow and fsspec
 
-        if input_error is None and (hiccup := find_cause(error, Exception, is_transient)) is not None:
+        if (hiccup := find_cause(error, Exception, is_transient)) is not None:
             # storage unavailable where no retry wraps the call: every step is safe to run again
             print(
                 f"error: storage unavailable: {first_line(hiccup)}; nothing is lost: run the same command "
@@ -120,10 +123,7 @@ def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = 
                 file=sys.stderr,
             )
             sys.exit(TRY_AGAIN_EXIT)
-        if input_error is None:
-            raise
-        print(f"error: {first_line(input_error, limit=100_000)}", file=sys.stderr)
-        sys.exit(2)
+        raise
 
 
 def find_input_error(error: BaseException) -> InputError | None:

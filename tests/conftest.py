@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from helpers.servers import free_port, moto_server, redis_server
+from helpers.servers import free_port, moto_server, redis_server, with_redis_online_store
 
 REPO = Path(__file__).resolve().parent.parent
 # No usage telemetry from the test clusters (Ray Data would also query a Prometheus on :9090 per dataset).
@@ -257,10 +257,7 @@ REDIS_BLOCK = """online_store:
 def redis_repo(feature_repo, monkeypatch):
     """The project's repo switched to Redis the documented way: the online_store block replaced."""
     yaml_path = feature_repo / "feature_store.yaml"
-    text = yaml_path.read_text()
-    start = text.index("online_store:\n    type: sqlite")
-    end = text.index("\n", text.index("path: data/online_store.db", start)) + 1
-    yaml_path.write_text(text[:start] + REDIS_BLOCK + text[end:])
+    yaml_path.write_text(with_redis_online_store(yaml_path.read_text(), REDIS_BLOCK))
     with redis_server() as (port, password):
         monkeypatch.setenv("REDIS_CONNECTION_STRING", f"127.0.0.1:{port},password={password}")
         yield feature_repo, port, password

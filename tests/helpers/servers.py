@@ -61,6 +61,17 @@ def moto_server(require_auth: bool = False) -> Iterator[str]:
         process.wait(timeout=10)
 
 
+REDIS_ONLINE_STORE = "online_store:\n    type: redis\n    connection_string: ${REDIS_CONNECTION_STRING}\n"
+
+
+def with_redis_online_store(feature_store_yaml: str, block: str = REDIS_ONLINE_STORE) -> str:
+    """The project's feature_store.yaml switched to Redis the documented way: the online_store block
+    replaced (the password comes from REDIS_CONNECTION_STRING)."""
+    start = feature_store_yaml.index("online_store:\n    type: sqlite")
+    end = feature_store_yaml.index("\n", feature_store_yaml.index("path: data/online_store.db", start)) + 1
+    return feature_store_yaml[:start] + block + feature_store_yaml[end:]
+
+
 @contextlib.contextmanager
 def redis_server() -> Iterator[tuple[int, str]]:
     """Yield (port, password) of a fresh password-protected redis-server with no persistence."""

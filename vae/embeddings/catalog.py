@@ -283,8 +283,7 @@ class EmbeddingsCatalog:
         for batch_id, count in rows.items():
             batch = walked.get(batch_id) or indexed.get(batch_id)
             if batch is None or batch.sequence > snapshot.sequence_number:  # its commit has expired
-                moment = datetime.fromtimestamp(snapshot.timestamp_ms / 1000, UTC).isoformat()
-                batch = Batch(batch_id, count, 0, 0, moment, "", None, {})
+                batch = Batch(batch_id, count, 0, 0, _iso(snapshot.timestamp_ms), "", None, {})
             found.append(dataclasses.replace(batch, rows=count))
         return sorted(found, key=lambda b: b.sequence)
 
@@ -358,7 +357,6 @@ class EmbeddingsCatalog:
                     _replace_batch(transaction, batch_id, files, replaced, snapshot_properties)
                     _record_batch(transaction, table, live, batch_id, snapshot_properties)
                     _expire_snapshots(transaction, collected)
-                table.refresh()
                 return next(b for b in self.batches(table) if b.batch_id == batch_id), True
             except CommitFailedException:
                 time.sleep(0.05 * (attempt + 1))
@@ -468,13 +466,29 @@ def indexed_batches(properties: dict[str, str]) -> list[Batch]:
                     record["rows"],
                     record["snapshot"],
                     record["sequence"],
-                    datetime.fromtimestamp(record["committed_ms"] / 1000, UTC).isoformat(),
+                    _iso(record["committed_ms"]),
                     record["properties"].get(Properties.RUN, ""),
                     record["properties"].get(Properties.EVENT_TIME),
                     record["properties"],
                 )
             )
     return sorted(found, key=lambda b: b.sequence)
+
+
+def _record(batch: Batch) -> dict[str, str]:
+    """A batch's entry in the table's batch index (what indexed_batches reads back)."""
+    record = {
+        "rows": batch.rows,
+        "snapshot": batch.snapshot_id,
+        "sequence": batch.sequence,
+        "committed_ms": _committed_ms(batch),
+        "properties": batch.properties,
+    }
+    return {Properties.BATCH_RECORD + batch.batch_id: json.dumps(record, sort_keys=True)}
+
+
+def _iso(milliseconds: int) -> str:
+    return datetime.fromtimestamp(milliseconds / 1000, UTC).isoformat()
 
 
 def _walked_batches(table, snapshot) -> list[Batch]:
@@ -502,7 +516,7 @@ def _walked_batches(table, snapshot) -> list[Batch]:
             rows[batch],
             snap.snapshot_id,
             snap.sequence_number,
-            datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat(),
+            _iso(snap.timestamp_ms),
             snap.summary.additional_properties.get(Properties.RUN, ""),
             snap.summary.additional_properties.get(Properties.EVENT_TIME),
             {k: v for k, v in snap.summary.additional_properties.items() if k.startswith("vae.")},
@@ -534,34 +548,19 @@ def _record_batch(transaction, table, live: list[Batch], batch_id: str, properti
     committed = transaction.table_metadata.current_snapshot()
     records = {}
     if not table.properties.get(Properties.BATCH_INDEX):
-        records = _records(live) | {Properties.BATCH_INDEX: "1"}
-    records[Properties.BATCH_RECORD + batch_id] = json.dumps(
-        {
-            "rows": int(committed.summary.additional_properties.get("added-records", 0)),  # the files' count
-            "snapshot": committed.snapshot_id,
-            "sequence": committed.sequence_number,
-            "committed_ms": committed.timestamp_ms,
-            "properties": properties,
-        },
-        sort_keys=True,
+        records = {key: value for b in live for key, value in _record(b).items()}
+        records[Properties.BATCH_INDEX] = "1"
+    batch = Batch(
+        batch_id,
+        int(committed.summary.additional_properties.get("added-records", 0)),  # the files' own count
+        committed.snapshot_id,
+        committed.sequence_number,
+        _iso(committed.timestamp_ms),
+        properties.get(Properties.RUN, ""),
+        properties.get(Properties.EVENT_TIME),
+        properties,
     )
-    transaction.set_properties(records)
-
-
-def _records(batches: list[Batch]) -> dict[str, str]:
-    return {
-        Properties.BATCH_RECORD + b.batch_id: json.dumps(
-            {
-                "rows": b.rows,
-                "snapshot": b.snapshot_id,
-                "sequence": b.sequence,
-                "committed_ms": _committed_ms(b),
-                "properties": b.properties,
-            },
-            sort_keys=True,
-        )
-        for b in batches
-    }
+    transaction.set_properties(records | _record(batch))
 
 
 def _expire_snapshots(transaction, collected: list[str]) -> None:
@@ -598,7 +597,7 @@ def _delete_collected(table) -> list[str]:
 
 
 def _committed_ms(batch: Batch) -> int:
-    return int(datetime.fromisoformat(batch.committed_at).timestamp() * 1000)
+    return round(datetime.fromisoformat(batch.committed_at).timestamp() * 1000)
 
 
 def redact(text: str) -> str:
