@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/vaectl demo
 
+# Two pytest-xdist workers, a module each at a time (its module fixtures once), the slowest modules
+# first (tests/conftest.py orders them): the suite mostly waits on servers and clusters starting.
 test: setup redis-server postgresql chromium prometheus mlflow-server
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # The library, configs and deployment files without servers or Ray: seconds.
 test-unit: setup
