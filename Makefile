@@ -72,6 +72,7 @@ bench: setup redis-server
 	$(BIN)/python -m benchmarks.drift
 	$(BIN)/python -m benchmarks.cluster
 	$(BIN)/python -m benchmarks.month
+	$(BIN)/python -m benchmarks.upstream
 	$(BIN)/python -m benchmarks.registry
 	$(BIN)/python -m benchmarks.year
 	$(BIN)/python -m benchmarks.crash

@@ -14,7 +14,12 @@ torch threads. For each size, in the same process run:
 A 784-d image case (uint8 28x28, MLP 784-512-256, z=32) is reported against the compute limit:
 the best matmul FLOP/s measured in this run times the model's FLOPs per row.
 
-    python -m benchmarks.embed [--rows 1000000 4000000] [--repeats 3]
+The data checks' cost: the job on a 1M-row mixed table (8 numeric, 2 categorical columns) with its
+checks (the default: the inputs profiled in the encode pass, checked at the commit) against every
+check off, with and without attribution.
+
+    python -m benchmarks.embed [--rows 1000000 4000000] [--repeats 3] [--table-rows 1000000]
+    python -m benchmarks.embed --only-checks --repeats 3      # writes results/embed_checks.json
 """
 
 from __future__ import annotations
@@ -175,6 +180,82 @@ def compare(work: Path, data: Path, version: str, rows: int, repeats: int, batch
     }
 
 
+def write_table_days(directory: Path, rows: int, files: int = 4, seed: int = 0) -> Path:
+    """A mixed table: 8 numeric columns (2% missing) and 2 categorical ones, in `files` Parquet files."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True)
+    per_file = rows // files
+    for i in range(files):
+        columns = {"item_id": np.arange(i * per_file, (i + 1) * per_file)}
+        for j in range(8):
+            values = rng.normal(j, 1 + j, per_file)
+            columns[f"x{j}"] = pa.array(values, mask=rng.random(per_file) < 0.02)
+        columns["country"] = pa.array(rng.choice([f"c{k}" for k in range(20)], per_file))
+        columns["channel"] = pa.array(rng.choice(["web", "app", "store"], per_file))
+        pq.write_table(pa.table(columns), directory / f"part-{i:03d}.parquet", row_group_size=65536)
+    return directory
+
+
+def table_version(model_root: Path, data: Path) -> str:
+    """An untrained mixed-table version with the data's own input profile (what training would store)."""
+    from vae.data.keys import key_hash
+    from vae.data.tabular import TableStats, fit_table
+    from vae.monitoring.profile import InputProfile
+
+    sample = pq.read_table(sorted(data.iterdir())[0]).slice(0, 50_000)
+    kinds = tuple((name, "numeric") for name in sample.column_names[1:9]) + (
+        ("country", "categorical"),
+        ("channel", "categorical"),
+    )
+    hashes = key_hash(sample.column("item_id"))
+    table = fit_table(TableStats.of(sample, kinds, hashes), kinds, {})
+    features = FeatureSchema("item_id", len(kinds), feature_columns=tuple(n for n, _ in kinds), table=table)
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(len(kinds), 16, (256, 128), "mixed", column_layout=table.layout))
+    stats = FeatureStats.of(features_to_numpy(sample, features))
+    profile = InputProfile.of(sample, features, hashes)
+    return save_model_version(
+        model_root, model, Normalizer.fit(stats, "mixed"), features, {}, {}, {}, profile=profile.to_json()
+    )
+
+
+def data_check_cost(work: Path, rows: int, repeats: int, attribution: bool) -> dict:
+    """The embed job on a mixed table with its data checks (the default) and with every check off (no
+    input profile gathered), alternating: what profiling the batch in the encode pass and checking it
+    at the commit cost."""
+    from ray_jobs.config import EmbedConfig
+    from ray_jobs.embed import embed
+
+    data = write_table_days(work / f"table-{rows}", rows)
+    version = table_version(work / "models", data)
+    off = {name: "off" for name in ("null_rate", "scale", "range", "new_categories", "vanished_categories")}
+    off |= {"duplicate_keys": "off", "row_count": "off"}
+    seconds: dict[str, list[float]] = {"checks": [], "no_checks": []}
+    for repeat in range(repeats):
+        for kind, checks in (("no_checks", off), ("checks", {})):
+            config = EmbedConfig(
+                data=str(data),
+                model_root=str(work / "models"),
+                model_version=version,
+                catalog=f"sqlite:///{work}/checks/catalog.db",
+                warehouse=str(work / "checks" / "warehouse"),
+                attribution=attribution,
+                data_checks=checks,
+            )
+            elapsed, result = timed(lambda: embed(config))  # noqa: B023
+            assert result.embedded_rows == rows and bool(result.data_checks) == (kind == "checks")
+            seconds[kind].append(elapsed)
+            shutil.rmtree(work / "checks")
+            print(f"  data checks, {rows:,} rows, repeat {repeat}: {kind} {elapsed:.1f}s", flush=True)
+    shutil.rmtree(data)
+    return {
+        "rows": rows,
+        "attribution": attribution,
+        "seconds_median": {kind: round(median(v), 2) for kind, v in seconds.items()},
+        "ratio_checks_vs_no_checks": round(median(seconds["checks"]) / median(seconds["no_checks"]), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000])
@@ -182,7 +263,9 @@ def main() -> None:
     parser.add_argument("--image-rows", type=int, default=400_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8192)
-    args = parse_args(parser, rows=[20_000], image_rows=4_000, repeats=1)
+    parser.add_argument("--table-rows", type=int, default=1_000_000, help="the data checks' cost case")
+    parser.add_argument("--only-checks", action="store_true", help="only the data checks' cost")
+    args = parse_args(parser, rows=[20_000], image_rows=4_000, repeats=1, table_rows=20_000)
 
     import ray
 
@@ -205,6 +288,13 @@ def main() -> None:
             "sizes": [],
         }
         with ray_session():
+            results["data_checks"] = [
+                data_check_cost(work, args.table_rows, args.repeats, attribution)
+                for attribution in (True, False)
+            ]
+            if args.only_checks:
+                save("embed_checks", results)
+                return
             version = untrained_version(work / "models", args.dim)
             for rows in args.rows:
                 data = write_vectors(work / f"data-{rows}", rows, args.dim)

@@ -30,6 +30,7 @@ BENCHMARKS = (
     "crash",
     "year",
     "month",
+    "upstream",
     "publish",
     "drift",
     "gpu",

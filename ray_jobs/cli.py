@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from ray_jobs import config
 from vae.embeddings.lock import LeaseLost
-from vae.errors import InputError, StorageUnavailable, first_line
+from vae.errors import DATA_REFUSED_EXIT, DataRefused, InputError, StorageUnavailable, first_line
 
 E = TypeVar("E", bound=BaseException)
 TRY_AGAIN_EXIT = 75  # EX_TEMPFAIL: not bad input; the same command, run again, carries on
@@ -108,7 +108,7 @@ def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = 
         input_error = find_input_error(error)
         if input_error is not None:
             print(f"error: {first_line(input_error, limit=100_000)}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(DATA_REFUSED_EXIT if isinstance(input_error, DataRefused) else 2)
         # not bad input: the same command, run again, finishes the work
         if (later := find_cause(error, (LeaseLost, StorageUnavailable))) is not None:
             print(f"error: {first_line(later, limit=100_000)}", file=sys.stderr)

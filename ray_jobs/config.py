@@ -25,6 +25,7 @@ from pydantic.fields import FieldInfo
 from ray_jobs.cluster import resource_request
 from vae.embeddings.names import check_entity_name
 from vae.errors import InputError
+from vae.monitoring.datachecks import CHECKS, CheckSettings
 from vae.monitoring.thresholds import Thresholds
 
 
@@ -550,6 +551,56 @@ class EmbedTarget(EmbeddingsLocation):
     )
 
 
+CheckSeverity = Literal["off", "warn", "block-retrain", "refuse"]
+SEVERITY_HELP = (
+    "off, warn (recorded), block-retrain (embedded and served, never trains) or refuse (not embedded)"
+)
+
+
+class DataChecks(JobConfig):
+    """The checks of a batch's inputs against its model version's training inputs, run in the embed
+    pass (vae.monitoring.datachecks): a severity and a limit per check."""
+
+    null_rate: CheckSeverity = Field("block-retrain", description=SEVERITY_HELP)
+    null_rate_jump: float = Field(
+        0.2, gt=0, le=1, description="a column's missing share may rise by this much"
+    )
+    scale: CheckSeverity = Field("block-retrain", description=SEVERITY_HELP)
+    scale_factor: float = Field(10.0, gt=1, description="a numeric column's spread may change by this factor")
+    range: CheckSeverity = Field("block-retrain", description=SEVERITY_HELP)
+    out_of_range_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of a numeric column's values that may lie outside training's range",
+    )
+    new_categories: CheckSeverity = Field("block-retrain", description=SEVERITY_HELP)
+    new_category_share: float = Field(
+        0.1, gt=0, le=1, description="share of rows that may hold categories training never saw"
+    )
+    vanished_categories: CheckSeverity = Field("block-retrain", description=SEVERITY_HELP)
+    vanished_min_share: float = Field(
+        0.05, gt=0, le=1, description="a category this frequent in training must not (nearly) vanish"
+    )
+    duplicate_keys: CheckSeverity = Field("block-retrain", description=SEVERITY_HELP)
+    duplicate_key_share: float = Field(
+        0.01, ge=0, le=1, description="share of rows that may repeat a key (on_duplicate_keys: keep-latest)"
+    )
+    row_count: CheckSeverity = Field("warn", description=SEVERITY_HELP)
+    row_count_factor: float = Field(
+        10.0, gt=1, description="rows may differ from training's per batch by this factor"
+    )
+
+    def without_refusal(self) -> dict[str, str]:
+        """The checks set to refuse, at block-retrain (a backfill re-embeds batches already served)."""
+        return {name: "block-retrain" for name in CHECKS if getattr(self, name) == "refuse"}
+
+    def settings(self) -> CheckSettings:
+        values = self.model_dump()
+        severity = {name: values.pop(name) for name in CHECKS}
+        return CheckSettings(severity=severity, **values)
+
+
 class EmbedOutput(Section):
     """Rows: bad rows, duplicates, what is written."""
 
@@ -562,6 +613,12 @@ class EmbedOutput(Section):
         "fail",
         description="a key twice in the batch stops the job (fail), or only its latest row by "
         "event_timestamp is kept (keep-latest)",
+    )
+    data_checks: DataChecks = Field(
+        default_factory=DataChecks,
+        description="the batch's inputs checked against the version's training inputs in the embed pass, "
+        "each check with a severity and a limit, e.g. {scale: refuse, null_rate_jump: 0.3} (see "
+        "docs/monitoring.md, Data checks)",
     )
     attribution: bool = Field(
         True,

@@ -187,8 +187,9 @@ def commit_batch(catalog, table, model_version: ModelVersion, run: BatchRun, sum
         Properties.ANOMALY_THRESHOLD: str(run.options.threshold),
         Properties.ON_BAD_ROWS: run.config.on_bad_rows,
     }
+    checks = run.config.data_checks.settings()
     return commit_run(
-        catalog, table, run.paths, model_version, run.plan, run.options, summaries, settings, started
+        catalog, table, run.paths, model_version, run.plan, run.options, summaries, settings, started, checks
     )
 
 
@@ -202,6 +203,12 @@ def _log_result(result: EmbedResult, paths: RunPaths, summaries: list[dict]) -> 
         )
         return
     _log_imputation(summaries, paths)
+    if result.profile is None:
+        log.info(
+            "batch %s: no data checks (model version %s has no input profile)",
+            result.batch_id,
+            result.model_version,
+        )
     log.info(
         "embedded %s rows as batch %s of %s: %s quarantined, %s duplicate rows dropped, %s rows/s end to end",
         f"{result.embedded_rows:,}",
@@ -256,6 +263,7 @@ def encode_options(config: EmbedConfig, model_version: ModelVersion, plan: Plan)
         config.unseen_categories,
         config.impute,
         config.attribution,
+        config.data_checks.settings().enabled,
     )
 
 

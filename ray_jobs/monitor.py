@@ -29,7 +29,14 @@ from ray_jobs.config import MonitorConfig, parse_config
 from vae import InputError
 from vae.embeddings.catalog import EmbeddingsCatalog, model_version_info
 from vae.embeddings.contract import latent_matrix
-from vae.monitoring.gate import SAMPLED_COLUMNS, LatentSample, evaluate, sample_mask
+from vae.monitoring.gate import (
+    SAMPLED_COLUMNS,
+    LatentSample,
+    batch_inputs,
+    evaluate,
+    explain_inputs,
+    sample_mask,
+)
 from vae.monitoring.report import write_report
 
 log = logging.getLogger("ray_jobs.monitor")
@@ -64,9 +71,10 @@ def monitor(config: MonitorConfig) -> dict:
     if config.baseline_version:
         other = catalog.table(config.entity, config.version(catalog, config.baseline_version))
         baseline = read_embeddings(catalog, other, None, config)
+    info = model_version_info(table, config.model_root)
     report, arrays = evaluate(
         new,
-        model_version_info(table, config.model_root),
+        info,
         config.thresholds(),
         reference=reference,
         baseline=baseline,
@@ -75,6 +83,8 @@ def monitor(config: MonitorConfig) -> dict:
         seed=config.seed,
     )
     report["batches"] = batches
+    if batches and len(batches) == 1:  # one batch: the input columns that moved, against training's
+        explain_inputs(report, arrays, info, *batch_inputs(catalog, table, batches[0]))
     json_path, html_path = write_report(config.output, report, arrays)
     for check in report["checks"]:
         log.info("%s %s: %s", "pass" if check["passed"] else "FAIL", check["name"], check["detail"])

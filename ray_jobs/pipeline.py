@@ -4,12 +4,16 @@
               the step runs, so a crashed step cannot hold it for ever
     champion  the version "current" points at; the first step uses initial_version or trains one
     embed     the batch with the champion (and, while a new version is watched, with the version it
-              replaced, so that a rollback needs no re-encoding)
+              replaced, so that a rollback needs no re-encoding); its inputs are profiled in the same
+              pass and checked against the champion's training inputs: a failed check is recorded
+              (warn), keeps the batch out of training and the trigger (block-retrain), or stops the
+              step before anything is embedded (refuse)
     monitor   drift against the champion's validation reference, anomaly rate against the calibrated
-              one, collapse (vae.monitoring.gate)
+              one, collapse (vae.monitoring.gate); an alarm names the input columns that moved most
     publish   the batch online under the champion (and the watched-over version)
     watch     a version switched to within the last watch_batches batches that breaches on this batch
-              is rolled back: "current" points at the version it replaced
+              is rolled back: "current" points at the version it replaced (not on a batch the data
+              checks blocked: that breach is the upstream's)
     retrain   when the trigger fires (vae.pipeline.policy): a challenger trained on the recent batches,
               backfilled (every batch the champion serves, embedded with the challenger), gated
               (collapse, movement against the champion on shared entities, held-out ELBO) and either
@@ -50,10 +54,10 @@ from ray_jobs.embed import embed, embed_batches
 from ray_jobs.publish import publish
 from vae.embeddings.catalog import Properties, model_version_info
 from vae.embeddings.lock import Lease, LockHeld
-from vae.embeddings.runs import check_batch_id
-from vae.errors import InputError, first_line
+from vae.embeddings.runs import EmbedResult, check_batch_id
+from vae.errors import DataRefused, InputError, first_line
 from vae.killpoints import killpoint
-from vae.monitoring.gate import SAMPLED_COLUMNS, LatentSample, evaluate
+from vae.monitoring.gate import SAMPLED_COLUMNS, LatentSample, batch_inputs, evaluate, explain_inputs
 from vae.monitoring.report import write_report
 from vae.pipeline.decisions import Decision, DecisionLog, exit_code, of_batch
 from vae.pipeline.policy import (
@@ -181,7 +185,11 @@ def daily_step(step: Step) -> StepResult:
     serving = step.repo.publication(step.entity).current
     record_an_unlogged_switch(step, serving)
     champion = serving or first_version(step)
-    embed_batch(step, champion, step.config.data, step.batch)
+    try:
+        result = embed_batch(step, champion, step.config.data, step.batch)
+    except DataRefused as refused:
+        return refuse_batch(step, champion, refused)
+    record_data_checks(step, champion, result)
     watched = watched_over(step.log(), champion, step.batch, step.config.watch_batches)
     if watched:  # the version a rollback would return to gets the batch too
         embed_batch(step, watched, step.config.data, step.batch)
@@ -193,13 +201,21 @@ def daily_step(step: Step) -> StepResult:
         publish_version(step, watched)
     step.flush()
     multiple = step.config.anomaly_rate_multiple
-    if watched and (breach := watch_breach(health, multiple)):
+    # a batch the data checks blocked says the upstream broke, not the new version: no rollback
+    blocked = step.recorded("data_blocked", champion) is not None
+    if watched and not blocked and (breach := watch_breach(health, multiple)):
         roll_back(step, champion, watched, breach)
     elif not watched and (reason := retrain_due(step, champion)):
         retrain(step, champion, reason)
+    return finish(step)
+
+
+def finish(step: Step) -> StepResult:
+    """Log the batch's decisions, push the current version's figures, return the step's outcome."""
     step.flush()
     current = step.repo.publication(step.entity).current
-    push_current(step, current)
+    if current:
+        push_current(step, current)
     decisions = of_batch(step.decisions.read(), step.batch)
     code = exit_code(decisions)
     log.info(
@@ -280,6 +296,29 @@ def embed_batch(step: Step, version: str, data: str, batch: str, event_time: dat
     return result
 
 
+def record_data_checks(step: Step, version: str, result: EmbedResult) -> None:
+    """The batch's failed data checks as one decision: data_warning (recorded only) or data_blocked (kept
+    out of training and the retrain trigger), the most severe checks first."""
+    severity = result.data_severity
+    if severity not in ("warn", "block-retrain"):
+        return
+    order = {"refuse": 0, "block-retrain": 1, "warn": 2}
+    failed = sorted((c for c in result.data_checks if not c["passed"]), key=lambda c: order[c["severity"]])
+    kind = "data_blocked" if severity == "block-retrain" else "data_warning"
+    reason = "; ".join(f"{c['name']}: {c['detail']}" for c in failed)
+    if kind == "data_blocked":
+        reason = f"kept out of training and the retrain trigger: {reason}"
+    step.decide(kind, version, reason, later=True, checks=failed)
+
+
+def refuse_batch(step: Step, version: str, refused: DataRefused) -> StepResult:
+    """The batch's data checks refused it: nothing embedded, monitored or published; the decision (and
+    the exit code, 8) says which checks."""
+    pushgateway.data_check_figures(step.metrics, version, step.batch, refused.checks)
+    step.decide("data_refused", version, first_line(refused), checks=refused.checks)
+    return finish(step)
+
+
 def monitor_batch(step: Step, version: str) -> tuple[BatchHealth, dict]:
     """The batch's drift, anomaly rate and collapse against the version's own validation reference."""
     started = time.perf_counter()
@@ -288,13 +327,9 @@ def monitor_batch(step: Step, version: str) -> tuple[BatchHealth, dict]:
     join_key = catalog.entity_set(step.entity).join_key
     rows = catalog.read(table, [join_key, *SAMPLED_COLUMNS], batches=[step.batch])
     new = LatentSample.of_table(rows, f"{'.'.join(table.name())} batch {step.batch}", config.sample_rows)
-    report, arrays = evaluate(
-        new,
-        model_version_info(table, config.model_root),
-        config.thresholds(),
-        permutations=config.permutations,
-        seed=0,
-    )
+    info = model_version_info(table, config.model_root)
+    report, arrays = evaluate(new, info, config.thresholds(), permutations=config.permutations, seed=0)
+    explain_inputs(report, arrays, info, *batch_inputs(catalog, table, step.batch))
     health = BatchHealth.of_report(step.batch, report)
     problems = health.problems(config.anomaly_rate_multiple)
     # the plots (a second or more) where a person will look: a batch with a problem
@@ -305,9 +340,10 @@ def monitor_batch(step: Step, version: str) -> tuple[BatchHealth, dict]:
     step.timings["monitor"] = time.perf_counter() - started
     pushgateway.stage(step.metrics, "monitor", step.timings["monitor"], rows.num_rows, model_version=version)
     summary = "healthy" if not problems else "; ".join(problems)
+    inputs = report["inputs"]
     step.decide("monitored", version, summary, later=True, health=health.__dict__, report=html or json_path)
     if problems:
-        step.decide("drift_seen", version, summary, later=True, report=html)
+        step.decide("drift_seen", version, summary, later=True, report=html, inputs=inputs["columns"][:5])
     return health, report
 
 
@@ -442,7 +478,10 @@ def backfill(step: Step, champion: str, challenger: str) -> None:
         if not source:
             raise InputError(f"batch {batch.batch_id} of {champion} does not record its input data")
         when = datetime.fromisoformat(batch.event_time) if batch.event_time else None
-        configs.append(embed_config(step, challenger, source, batch.batch_id, when))
+        config = embed_config(step, challenger, source, batch.batch_id, when)
+        # the champion serves these batches: the challenger must too (its checks are recorded, never refuse)
+        checks = config.data_checks.model_copy(update=config.data_checks.without_refusal())
+        configs.append(config.model_copy(update={"data_checks": checks}))
     step.before_write()
     results = embed_batches(configs)
     killpoint("pipeline.backfilled")

@@ -77,6 +77,22 @@ def embed_figures(metrics: JobMetrics, result, batch_label: str | None = None) -
     metrics.set("rows_embedded", result.embedded_rows, "rows written to the version's table", **labels)
     metrics.set("rows_quarantined", result.quarantined_rows, "bad rows sent to quarantine", **labels)
     metrics.set("rows_duplicate_dropped", result.duplicate_rows, "duplicate keys dropped", **labels)
+    data_check_figures(metrics, result.model_version, labels["batch"], result.data_checks)
+
+
+def data_check_figures(metrics: JobMetrics, version: str, batch: str, checks: list[dict]) -> None:
+    """Each data check of a batch: failed (1) or passed (0), and what it measured."""
+    for check in checks:
+        labels = {
+            "model_version": version,
+            "batch": batch,
+            "check": check["name"],
+            "column": check["column"] or "",
+            "check_severity": check["severity"],
+        }
+        failed = 0 if check["passed"] else 1
+        metrics.set("data_check_failed", failed, "1 when a data check of the batch failed", **labels)
+        metrics.set("data_check_value", check["value"], "what a data check measured", **labels)
 
 
 def publish_figures(metrics: JobMetrics, summary: dict, seconds: float) -> None:
@@ -108,6 +124,10 @@ def monitoring_figures(metrics: JobMetrics, report: dict, batch: str) -> None:
         "the rate's excess over the calibration's rows",
         **labels,
     )
+    for shift in (report.get("inputs") or {}).get("columns", []):
+        column = {"column": shift["column"], "test": shift["test"], **labels}
+        metrics.set("input_column_shift", shift["effect"], "how far an input column moved (0..1)", **column)
+        metrics.set("input_column_shift_p_value", shift["p_value"], "its Holm-adjusted p-value", **column)
     collapse = next(c for c in report["checks"] if c["name"] == "collapse")
     metrics.set("active_units_share", collapse["value"], "share of latent units active", **labels)
     moved = report.get("movement")

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from ray_jobs.cli import JOBS
-from ray_jobs.config import BLOCKS, JobConfig, title
+from ray_jobs.config import BLOCKS, DataChecks, JobConfig, title
 
 INTRO = """# Configuration reference
 
@@ -30,6 +30,9 @@ the thresholds, `in_process_rows`).
 """
 
 
+MAPPINGS = {DataChecks: "data_checks"}  # mapping options with keys of their own, documented after the jobs
+
+
 def reference() -> str:
     parts = [INTRO]
     for name, job in JOBS.items():
@@ -37,6 +40,7 @@ def reference() -> str:
             parts.append(f"## vaectl {name}\n\n{job.summary}: its own options, `vaectl {name} --help`.\n")
             continue
         parts.append(job_reference(name, job.config))
+    parts += [mapping_reference(name, mapping) for mapping, name in MAPPINGS.items()]
     return "\n".join(parts)
 
 
@@ -58,6 +62,16 @@ def job_reference(name: str, config: type[JobConfig]) -> str:
     return "\n".join(lines)
 
 
+def mapping_reference(name: str, mapping: type[BaseModel]) -> str:
+    """A mapping option's own keys (e.g. the embed job's data_checks)."""
+    lines = [f"## {name}", "", " ".join((mapping.__doc__ or "").split()), ""]
+    lines += ["| key | type | default | what it does |", "| --- | --- | --- | --- |"]
+    for key, field in mapping.model_fields.items():
+        description = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `{key}` | {type_text(field.annotation)} | `{yaml_text(field)}` | {description} |")
+    return "\n".join(lines) + "\n"
+
+
 def yaml_text(field) -> str:
     """A default as it would be written in a config file."""
     if field.default_factory is not None:
@@ -77,7 +91,9 @@ def type_text(annotation) -> str:
     if annotation is datetime:
         return "ISO time"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        job = next(name for name, (_, options) in BLOCKS.items() if options is annotation)
+        job = next((name for name, (_, options) in BLOCKS.items() if options is annotation), None)
+        if job is None:  # a mapping of its own, documented after the jobs
+            return f"mapping: see [{MAPPINGS[annotation]}](#{MAPPINGS[annotation]})"
         return f"mapping: `vaectl {job}` options"
     if origin is list:
         return f"list of {type_text(arguments[0])}"

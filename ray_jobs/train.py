@@ -49,6 +49,7 @@ from vae.data.normalizer import FeatureStats, Normalizer
 from vae.data.tabular import ColumnSpec, TableSchema, TableStats, fit_table, infer_kinds, with_unseen
 from vae.errors import InputError
 from vae.model import VAE, ModelConfig
+from vae.monitoring.profile import InputProfile
 from vae.monitoring.statistics import anomaly_calibration
 from vae.storage import filesystem, is_local, parquet_schema, storage_errors
 from vae.training import (
@@ -128,6 +129,7 @@ class PreparedRun:
     normalizer: Normalizer
     stats: FeatureStats
     validation_rows: int
+    profile: InputProfile  # the training inputs, per column: what each embedded batch is checked against
     run_name: str
     storage_path: str
     dataset: ray.data.Dataset
@@ -231,7 +233,8 @@ def prepare(config: TrainConfig, features: FeatureSchema, model: ModelConfig) ->
         dataset = dataset.materialize()  # read once; every worker then loads its shard from the object store
     if features.table is not None:
         features, model = fit_mixed(config, dataset, features, model)
-    stats, validation_rows = dataset_stats(dataset, features, config.validation_fraction)
+    stats, validation_rows, profile = dataset_stats(dataset, features, config.validation_fraction)
+    profile.batches = len(config.data) if isinstance(config.data, list) else 1
     if stats.count == 0:
         raise InputError(f"{config.data}: the dataset has no rows")
     if validation_rows in (0, stats.count):
@@ -249,7 +252,9 @@ def prepare(config: TrainConfig, features: FeatureSchema, model: ModelConfig) ->
         log.info("run %s exists under %s: resuming from its latest checkpoint", run_name, storage)
     shape = f"{stats.count} rows ({validation_rows} validation) x {features.dim} features"
     log.info("run %s: %s, %d workers, storage %s", run_name, shape, config.num_workers, storage)
-    return PreparedRun(features, model, normalizer, stats, validation_rows, run_name, storage, dataset)
+    return PreparedRun(
+        features, model, normalizer, stats, validation_rows, profile, run_name, storage, dataset
+    )
 
 
 @dataclass
@@ -463,6 +468,7 @@ def save_version(
             report_dir=report_dir,
             reference=reference,
             anomaly=anomaly,
+            profile=prepared.profile.to_json(),
         )
 
 
@@ -544,22 +550,26 @@ def _describe_table(table: TableSchema) -> str:
 
 def dataset_stats(
     dataset: ray.data.Dataset, features: FeatureSchema, fraction: float
-) -> tuple[FeatureStats, int]:
+) -> tuple[FeatureStats, int, InputProfile]:
     """One pass over the data in Ray tasks: validates every row, gathers the normalizer's statistics and
-    counts the validation keys."""
+    the input profile, and counts the validation keys."""
 
     def batch_stats(batch: pa.Table) -> dict[str, np.ndarray]:
-        validation = is_validation(key_hash(batch.column(features.key_column)), fraction)
+        hashes = key_hash(batch.column(features.key_column))
         stats = FeatureStats.of(features_to_numpy(batch, features))
-        return {**stats.to_row(), "validation": np.array([validation.sum()])}
+        profile = InputProfile.of(batch, features, hashes).to_json()
+        validation = is_validation(hashes, fraction).sum()
+        return {**stats.to_row(), "validation": np.array([validation]), "profile": np.array([profile])}
 
     merged, validation_rows = FeatureStats.of(np.empty((0, features.dim), np.float32)), 0
+    profile = InputProfile()
     parts = dataset.map_batches(batch_stats, batch_format="pyarrow", batch_size=None)
     for part in parts.iter_batches(batch_format="numpy"):
         for i in range(len(part["count"])):
             merged = merged.merge(FeatureStats.from_rows(part, i))
             validation_rows += int(part["validation"][i])
-    return merged, validation_rows
+            profile = profile.merge(InputProfile.from_json(str(part["profile"][i])))
+    return merged, validation_rows, profile
 
 
 def _rank_shards(dataset: ray.data.Dataset, features: FeatureSchema, world: int) -> list[list[ray.ObjectRef]]:

@@ -15,6 +15,18 @@ class StorageRefused(InputError):
     configuration; the input itself may be fine, so a run's staged work is kept."""
 
 
+class DataRefused(InputError):
+    """A batch whose data checks (vae.monitoring.datachecks) refuse it: nothing was embedded. Jobs exit
+    with DATA_REFUSED_EXIT, which the pipeline's data_refused decision shares."""
+
+    def __init__(self, message: str, checks: list[dict]):
+        super().__init__(message)
+        self.checks = checks
+
+
+DATA_REFUSED_EXIT = 8
+
+
 class StorageUnavailable(RuntimeError):
     """Storage that did not answer after the retries: not bad input. Run the same command again."""
 

@@ -21,7 +21,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
 def test_rules_and_config_pass_promtool_check():
     rules = promtool("check", "rules", "rules.yml")
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 7 rules found" in rules.stdout
+    assert "SUCCESS: 8 rules found" in rules.stdout
     config = promtool("check", "config", "prometheus.yml")
     assert config.returncode == 0, config.stdout + config.stderr
 

@@ -67,6 +67,9 @@ class Properties:
     INPUT_LISTING = "vae.input-listing-sha256"
     INPUT_FILES = "vae.input-files"
     CODE_VERSION = "vae.code-version"
+    PROFILE = "vae.input-profile"  # the batch's input profile (a JSON file in the run's folder)
+    DATA_CHECKS = "vae.data-checks"  # JSON: the data checks the batch failed (severity, column, detail)
+    DATA_SEVERITY = "vae.data-severity"  # the worst failed check's severity; "" when all passed
     # on a version's table: its batch index and garbage (see the module's docstring)
     BATCH_RECORD = "vae.batch."  # + batch id: the live batch's record (JSON: its commit and properties)
     BATCH_INDEX = "vae.batch-index"  # "1" once the table keeps the index (tables from before walk history)

@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -37,12 +38,15 @@ import pyarrow.parquet as pq
 import torch
 
 from vae.data.features import FeatureSchema, check_arrow_schema, features_to_numpy, split_bad_rows
+from vae.data.keys import key_hash
 from vae.data.tabular import with_unseen
 from vae.embeddings import contract
 from vae.embeddings.catalog import Properties
 from vae.encode import attributes, encode_matrix, encode_with_attribution
-from vae.errors import InputError, StorageUnavailable, first_line
+from vae.errors import DataRefused, InputError, StorageUnavailable, first_line
 from vae.killpoints import killpoint
+from vae.monitoring.datachecks import CheckSettings, DataCheck, check_batch, failed, worst
+from vae.monitoring.profile import InputProfile
 from vae.storage import (
     describe_storage_error,
     filesystem,
@@ -53,9 +57,10 @@ from vae.storage import (
     with_retries,
     write_bytes_atomically,
 )
-from vae.versions.artifacts import ModelVersion, code_version
+from vae.versions.artifacts import ModelVersion, code_version, load_profile_text
 
 RUN_MARKER = "_run.json"
+log = logging.getLogger("vae.embeddings.runs")
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,8 @@ class EncodeOptions:
     impute: bool = False
     # table models: the top columns of each row's score (costs one encoder pass per column)
     attribution: bool = True
+    # gather the batch's input profile for its data checks (not in the run id: it shapes no row)
+    profile_inputs: bool = True
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -132,6 +139,15 @@ class EmbedResult:
     startup_seconds: float  # run start until the first unit began encoding
     encode_seconds: float  # first unit began until the last one finished
     commit_seconds: float  # reconcile, settle duplicates, the Iceberg commit
+    data_checks: list[dict] = field(default_factory=list)  # every data check run (DataCheck.to_dict)
+    profile: str | None = (
+        None  # the batch's input profile (JSON); None: the version has none to check against
+    )
+
+    @property
+    def data_severity(self) -> str | None:
+        """The worst failed data check's severity (None: all passed, or unchecked)."""
+        return worst([DataCheck.from_dict(c) for c in self.data_checks])
 
     @property
     def rows_per_second(self) -> float:
@@ -322,6 +338,11 @@ class RunPaths:
     quarantine: str  # <table>/runs/<run id>/quarantine: bad rows, never in the table
     marker: str  # <table>/runs/<run id>/run.json
 
+    @property
+    def profiles(self) -> str:
+        """<table>/runs/<run id>/profiles: each unit's input profile; profile.json beside it, the batch's."""
+        return self.marker.rsplit("/", 1)[0] + "/profiles"
+
     @classmethod
     def of(cls, table_location: str, batch_id: str, run: str) -> RunPaths:
         root = table_location.removeprefix("file://").rstrip("/")
@@ -394,6 +415,8 @@ class UnitEncoder:
             and bool(model_version.features.feature_columns)
         )
         self.imputes = options.impute and model_version.features.table is not None
+        # the batch's input profile, for its data checks: only against a version that has one
+        self.profiles = options.profile_inputs and model_version.metadata.get("profile_sha256") is not None
         self.input_fs, _ = filesystem(data)
         self.output_fs, _ = filesystem(paths.data)
         self.key_type = pa.int64() if options.key_type == "int64" else pa.string()
@@ -409,8 +432,13 @@ class UnitEncoder:
         embedded: list[pa.Table] = []
         quarantined: list[pa.Table] = []
         imputed: list[tuple[pa.Array, np.ndarray]] = []  # (keys, codes) of the encoded rows
+        profile = InputProfile()
+        features = self.model_version.features
         with storage_errors(url), _naming_the_file(url):
             for batch in self._read(unit, url):
+                if self.profiles:  # every row read, bad ones too: the checks see the input as it came
+                    hashes = key_hash(batch.column(features.key_column))
+                    profile = profile.merge(InputProfile.of(batch, features, hashes))
                 good, matrix, bad = self._split(batch, url)
                 posterior_mean, anomaly_score, surprise = self._encode(matrix)
                 finite = np.isfinite(posterior_mean).all(axis=1) & np.isfinite(anomaly_score)
@@ -429,6 +457,9 @@ class UnitEncoder:
             if quarantined:
                 self._write(f"{self.paths.quarantine}/{unit.output_name}", pa.concat_tables(quarantined))
             quality = self._write_imputed(unit, imputed) if self.imputes else None
+            if self.profiles:
+                path = filesystem(f"{self.paths.profiles}/{unit.output_name}.json")[1]
+                write_bytes_atomically(self.output_fs, path, profile.to_json().encode())
             self._write(
                 f"{self.paths.data}/{unit.output_name}",
                 pa.concat_tables(embedded) if embedded else self._empty(),
@@ -591,9 +622,11 @@ def commit_run(
     summaries: list[dict],
     settings: dict[str, str],
     started: float,
+    data_checks: CheckSettings | None = None,
 ) -> EmbedResult:
-    """Reconcile the staged files with the plan, settle duplicate keys, and replace the batch in the
-    version's table with one Iceberg commit. `settings`: what the batch records beyond its counts."""
+    """Reconcile the staged files with the plan, settle duplicate keys, check the batch's inputs against
+    the version's (refused: DataRefused, nothing committed), and replace the batch in the version's
+    table with one Iceberg commit. `settings`: what the batch records beyond its counts."""
     fs, data = filesystem(paths.data)
     files, quarantine_files = _staged_counts(fs, paths, plan.units)
     input_rows = sum(u.rows for u in plan.units)
@@ -610,9 +643,16 @@ def commit_run(
         lambda: settle_duplicates(fs, staged, key_column, options.on_duplicate_keys), paths.data
     )
     killpoint("embed.settled")
+    profile, checks = with_retries(
+        lambda: check_inputs(paths, plan, model_version, options.batch_id, duplicates, data_checks),
+        paths.data,
+    )
     urls = [file_url(fs, settled.get(path, path)) for path in staged]
     properties = {
         **settings,
+        Properties.PROFILE: profile or "",
+        Properties.DATA_CHECKS: json.dumps([c.to_dict() for c in failed(checks)]) if checks else "",
+        Properties.DATA_SEVERITY: worst(checks) or "",
         Properties.EVENT_TIME: options.event_time.isoformat(),
         Properties.INPUT_ROWS: str(input_rows),
         Properties.EMBEDDED_ROWS: str(embedded - duplicates),
@@ -654,7 +694,54 @@ def commit_run(
         startup_seconds=max(0.0, first_start - started),
         encode_seconds=last_finish - first_start,
         commit_seconds=now - commit_started,
+        data_checks=[c.to_dict() for c in checks],
+        profile=profile,
     )
+
+
+def check_inputs(
+    paths: RunPaths,
+    plan: Plan,
+    model_version: ModelVersion,
+    batch_id: str,
+    duplicates: int,
+    settings: CheckSettings | None,
+) -> tuple[str | None, list[DataCheck]]:
+    """The batch's input profile (its units' merged, written as the run's profile.json) and its data checks
+    against the version's training profile: (profile URL, checks). Raises DataRefused when a failed check's
+    severity is refuse. (None, []) when the version has no profile or a unit's is missing (a unit staged
+    before profiles existed): the batch is embedded unchecked, with a warning."""
+    reference_text = load_profile_text(model_version) if settings is not None and settings.enabled else None
+    if reference_text is None:
+        return None, []
+    fs, folder = filesystem(paths.profiles)
+    profile = InputProfile()
+    wanted = [f"{folder}/{unit.output_name}.json" for unit in plan.units]
+    with storage_errors(paths.profiles):
+        staged = (
+            {p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False, refresh=True)}
+            if fs.isdir(folder)
+            else set()
+        )
+        if not {w.rsplit("/", 1)[-1] for w in wanted} <= staged:
+            log.warning("%s: a unit was staged without its input profile: no data checks", paths.data)
+            return None, []
+        texts = fs.cat(wanted)
+        for path in wanted:
+            profile = profile.merge(InputProfile.from_json(texts[path].decode()))
+        write_bytes_atomically(fs, f"{folder}/profile.json", profile.to_json().encode())
+    checks = check_batch(InputProfile.from_json(reference_text), profile, duplicates, settings)
+    for check in failed(checks):
+        log.warning("data check %s (%s): %s", check.name, check.severity, check.detail)
+    refused = failed(checks, "refuse")
+    if refused:
+        reasons = "; ".join(f"{c.name}: {c.detail}" for c in refused)
+        raise DataRefused(
+            f"batch {batch_id} refused by its data checks: {reasons}; nothing was embedded (set the "
+            "check's severity in data_checks to embed such a batch anyway)",
+            [c.to_dict() for c in refused],
+        )
+    return url_of(fs, f"{folder}/profile.json"), checks
 
 
 def settle_duplicates(fs, paths: list[str], key_column: str, policy: str) -> tuple[int, dict[str, str]]:

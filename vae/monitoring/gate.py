@@ -17,14 +17,18 @@ import pyarrow as pa
 
 from vae.data.keys import in_sample, key_hash
 from vae.diagnostics import ACTIVE_UNIT_THRESHOLD
+from vae.embeddings.catalog import Properties
 from vae.embeddings.contract import key_column, latent_matrix
 from vae.errors import InputError
+from vae.monitoring.explain import anomaly_attribution, input_explanation
+from vae.monitoring.profile import InputProfile, read_profile
 from vae.monitoring.statistics import drift_test, movement
 from vae.monitoring.thresholds import Thresholds
-from vae.versions.artifacts import ModelVersionInfo, load_reference
+from vae.versions.artifacts import ModelVersionInfo, load_profile_text, load_reference
 
 MIN_DRIFT_ROWS = 20  # below this the drift tests have no power worth a gate
 SAMPLED_COLUMNS = ("latent", "anomaly_score", "model_version")  # what a sample reads besides the key
+MAX_INPUT_PLOTS = 3  # input columns the report plots, reference vs batch
 
 
 @dataclass(frozen=True)
@@ -291,3 +295,41 @@ def _verdict(checks: list[Check], moved: dict | None) -> str:
         text
         + " The geometry changed: downstream models trained on the baseline's vectors should be retrained."
     )
+
+
+def explain_inputs(
+    report: dict,
+    arrays: dict,
+    version: ModelVersionInfo,
+    batch_profile: InputProfile | None,
+    anomalous: pa.Table | None = None,
+) -> None:
+    """Add what moved in the inputs to a batch's report (report["inputs"]: ranked columns, a summary
+    phrase for the decision line, a note) and the top columns' values to its plots; with the batch's
+    anomalous rows (top_columns, top_shares), each column's share of their surprise."""
+    text = load_profile_text(version)
+    reference = InputProfile.from_json(text) if text else None
+    inputs = input_explanation(reference, batch_profile, report.get("drift"))
+    if anomalous is not None and anomalous.num_rows and "top_columns" in anomalous.column_names:
+        inputs["anomaly_attribution"] = anomaly_attribution(
+            anomalous.column("top_columns").to_pylist(), anomalous.column("top_shares").to_pylist()
+        )
+    report["inputs"] = inputs
+    if reference is not None and batch_profile is not None:
+        arrays["input_columns"] = [
+            (shift["column"], reference, batch_profile) for shift in inputs["columns"][:MAX_INPUT_PLOTS]
+        ]
+
+
+def batch_inputs(catalog, table, batch_id: str) -> tuple[InputProfile | None, pa.Table | None]:
+    """A committed batch's input profile (None: embedded without one) and its anomalous rows' top
+    columns and shares (None: a table from before attribution), for explain_inputs."""
+    import pyarrow.compute as pc
+
+    batch = next((b for b in catalog.batches(table) if b.batch_id == batch_id), None)
+    url = batch.properties.get(Properties.PROFILE) if batch else None
+    profile = read_profile(url) if url else None
+    if "top_columns" not in table.schema().column_names:
+        return profile, None
+    rows = catalog.read(table, ["is_anomaly", "top_columns", "top_shares"], batches=[batch_id])
+    return profile, rows.filter(pc.fill_null(rows.column("is_anomaly"), False))

@@ -45,6 +45,7 @@ def write_monitoring_report(
     new_scores: np.ndarray,
     movement_distances: np.ndarray | None,
     html: bool = True,
+    input_columns: list | None = None,
 ) -> tuple[Path, Path | None]:
     """Write report.json and (html) report.html into directory; returns their paths."""
     directory = Path(directory)
@@ -76,6 +77,9 @@ def write_monitoring_report(
         figures.append(
             ("movement", "Per-entity movement after Procrustes alignment", _movement(movement_distances))
         )
+    if input_columns:
+        caption = "The input columns that moved most: training inputs (reference) vs this batch"
+        figures.append(("inputs", caption, _input_columns(input_columns)))
     anomaly = report.get("anomaly") or {}
     figures.append(
         (
@@ -117,6 +121,45 @@ def _dimensions(reference: np.ndarray, new: np.ndarray, drifted: set[int]) -> by
         hspace=0.55,
     )
     return _png(figure, tight=False)
+
+
+def _input_columns(columns: list) -> bytes:
+    """One panel per column: the key-hash samples' histograms (numeric) or the value shares (categorical)."""
+    figure, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3), squeeze=False)
+    for axis, (name, reference, batch) in zip(axes.flat, columns, strict=True):
+        kind = reference.columns[name].kind
+        if kind == "categorical":
+            _shares(axis, reference.columns[name], batch.columns[name])
+        else:
+            before, now = reference.present_sample(name), batch.present_sample(name)
+            both = np.concatenate([before, now])
+            if len(both) and np.ptp(both) > 0:
+                bins = np.linspace(*np.percentile(both, [0.5, 99.5]), 40)
+                axis.hist(before, bins=bins, density=True, alpha=0.5, label="training")
+                if len(now):
+                    axis.hist(now, bins=bins, density=True, alpha=0.5, label="batch")
+            if not len(now):
+                axis.text(0.5, 0.5, "batch: all missing", ha="center", transform=axis.transAxes)
+            axis.legend(fontsize=7)
+        axis.set_title(name, fontsize=9)
+        axis.tick_params(labelsize=7)
+    return _png(figure)
+
+
+def _shares(axis, trained, seen) -> None:
+    values = sorted(
+        set(trained.values) | set(seen.values),
+        key=lambda v: (
+            -max(trained.values.get(v, 0) / max(trained.count, 1), seen.values.get(v, 0) / max(seen.count, 1))
+        ),
+    )[:8]
+    positions = np.arange(len(values))
+    for offset, (label, column) in ((-0.2, ("training", trained)), (0.2, ("batch", seen))):
+        shares = [column.values.get(v, 0) / max(column.count, 1) for v in values]
+        axis.bar(positions + offset, shares, width=0.4, label=label, alpha=0.7)
+    axis.set_xticks(positions, [str(v)[:10] for v in values], rotation=45, fontsize=7)
+    axis.set_ylabel("share of rows", fontsize=8)
+    axis.legend(fontsize=7)
 
 
 def _mmd_null(null: np.ndarray, observed: float, p_value: float) -> bytes:
@@ -187,6 +230,7 @@ def _page(report: dict, figures: list[tuple[str, str, bytes]]) -> str:
         for name, caption, png in figures
     )
     sampling = html.escape(report.get("sampling", ""))
+    inputs = _inputs_section(report.get("inputs"))
     title = html.escape(f"Latent monitoring: {report.get('model_version', '')}")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
@@ -207,6 +251,7 @@ img.plot{{max-width:100%}} figure{{margin:1.5em 0}}</style></head>
         else ""
     }
 {"<h2>Top movers</h2><table><tr><th>key</th><th>movement</th></tr>" + movers + "</table>" if movers else ""}
+{inputs}
 <h2>Plots</h2>{plots}
 <script>
 // Marks the page once every plot has decoded, for a headless browser to check.
@@ -216,6 +261,31 @@ window.addEventListener("load", () => {{
 }});
 </script></body></html>
 """
+
+
+def _inputs_section(inputs: dict | None) -> str:
+    """The input columns that moved (ranked), the anomalous rows' surprise per column, or the note."""
+    if not inputs:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(c['column'])}</td><td>{html.escape(c['test'])}</td><td>{c['p_value']:.3g}</td>"
+        f"<td>{c['effect']:.3f}</td><td>{html.escape(c['phrase'])}</td></tr>"
+        for c in inputs.get("columns", [])
+    )
+    table = (
+        "<table><tr><th>column</th><th>test</th><th>adjusted p</th><th>effect</th><th>what moved</th></tr>"
+        + rows
+        + "</table>"
+        if rows
+        else ""
+    )
+    shares = ", ".join(
+        f"{html.escape(c)} {s:.0%}" for c, s in (inputs.get("anomaly_attribution") or {}).items()
+    )
+    surprise = f"<p>Anomalous rows' surprise by column: {shares}</p>" if shares else ""
+    note = f"<p>{html.escape(inputs['note'])}</p>" if inputs.get("note") else ""
+    summary = f"<p>{html.escape(inputs['summary'])}</p>" if inputs.get("summary") and not rows else ""
+    return f"<h2>Inputs</h2>{table}{summary}{note}{surprise}"
 
 
 def _effect(name: str, test: dict) -> str:

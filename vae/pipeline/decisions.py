@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from vae.embeddings.catalog import NAMESPACE, EmbeddingsCatalog
 from vae.embeddings.names import check_entity_name
+from vae.errors import DATA_REFUSED_EXIT
 from vae.killpoints import killpoint
 
 log = logging.getLogger("vae.pipeline.decisions")
@@ -30,15 +31,25 @@ KINDS = (
     "embedded",
     "monitored",
     "published",
+    "data_warning",
     "drift_seen",
+    "data_blocked",
     "retrain_started",
     "challenger_trained",
     "backfilled",
     "switched",
     "challenger_refused",
     "rolled_back",
+    "data_refused",
 )
-EXIT_CODES = {"drift_seen": 3, "switched": 4, "challenger_refused": 5, "rolled_back": 6}
+EXIT_CODES = {
+    "drift_seen": 3,
+    "switched": 4,
+    "challenger_refused": 5,
+    "rolled_back": 6,
+    "data_blocked": 7,
+    "data_refused": DATA_REFUSED_EXIT,
+}
 
 SCHEMA = pa.schema(
     [
@@ -184,9 +195,10 @@ def of_batch(decisions: list[Decision], batch_id: str) -> list[Decision]:
 
 
 def exit_code(decisions: list[Decision]) -> int:
-    """0, or the code of the most notable decision (3 drift seen, 4 switched, 5 challenger refused,
-    6 rolled back)."""
-    return max((EXIT_CODES.get(d.kind, 0) for d in decisions), default=0)
+    """0, or the code of the most notable decision with one, in KINDS' order (3 drift seen, 7 data
+    blocked, 4 switched, 5 challenger refused, 6 rolled back, 8 data refused)."""
+    coded = [d.kind for d in decisions if d.kind in EXIT_CODES]
+    return EXIT_CODES[max(coded, key=KINDS.index)] if coded else 0
 
 
 def _plain(value):

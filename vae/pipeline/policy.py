@@ -6,7 +6,8 @@ version is rolled back: pure functions of monitoring reports and of the decision
                anomaly rate against the calibrated one, collapse
     trigger    drift in K of the last N batches the champion embedded since it became current (or
                since the last retrain), or the anomaly rate above a multiple of the calibrated one;
-               after a refused challenger, not before `retry_batches` more batches
+               after a refused challenger, not before `retry_batches` more batches; a batch the data
+               checks blocked (vae.monitoring.datachecks) neither fires it nor counts
     watch      after a switch, each of the next M batches against the new version's own reference:
                any problem rolls it back (the version watched over is the one a rollback returns to)
     window     the batches a challenger trains on: the recent ones, less a batch that broke a watch
@@ -50,11 +51,15 @@ class BatchHealth:
     active_share: float
     collapsed: bool
     anomaly_p_value: float | None = None  # the excess over the calibration's own rows (Fisher exact)
+    explanation: str = ""  # the input columns (or latent dimensions) that moved most, one phrase
+    anomaly_columns: str = ""  # the columns that make the anomalous rows' surprise, e.g. "amount 71%"
 
     @classmethod
     def of_report(cls, batch_id: str, report: dict) -> BatchHealth:
         checks = {check["name"]: check for check in report["checks"]}
         drift = report.get("drift") or {}
+        inputs = report.get("inputs") or {}
+        shares = list((inputs.get("anomaly_attribution") or {}).items())[:3]
         return cls(
             batch_id,
             report["model_version"],
@@ -66,6 +71,8 @@ class BatchHealth:
             float(checks["collapse"]["value"]),
             not checks["collapse"]["passed"],
             report["anomaly"].get("p_value"),
+            inputs.get("summary", ""),
+            ", ".join(f"{column} {share:.0%}" for column, share in shares),
         )
 
     @classmethod
@@ -84,12 +91,14 @@ class BatchHealth:
         """Everything wrong with the batch, one phrase each (empty: healthy)."""
         found = []
         if self.drift:
-            found.append(f"drift (combined p = {self.drift_p_value:.3g})")
+            why = f": {self.explanation}" if self.explanation else ""
+            found.append(f"drift (combined p = {self.drift_p_value:.3g}){why}")
         if self.anomaly_spike(multiple):
             evidence = f", p = {self.anomaly_p_value:.2g}" if self.anomaly_p_value is not None else ""
+            surprise = f" (surprise: {self.anomaly_columns})" if self.anomaly_columns else ""
             found.append(
                 f"anomaly rate {self.anomaly_rate:.1%}, above {multiple:g}x the calibrated "
-                f"{self.expected_anomaly_rate:.1%}{evidence}"
+                f"{self.expected_anomaly_rate:.1%}{evidence}{surprise}"
             )
         if self.collapsed:
             found.append(f"collapse ({self.active_share:.0%} of latent units active)")
@@ -244,8 +253,15 @@ def watched_over(decisions: list[Decision], champion: str, batch: str, watch_bat
     return switch.detail["from"] if len(watched) < watch_batches else None
 
 
+def data_blocked(decisions: list[Decision]) -> set[str]:
+    """Batches whose data checks kept them out of training and the trigger (block-retrain), or refused
+    them: an upstream breakage, not a changed world."""
+    return {d.batch_id for d in decisions if d.kind in ("data_blocked", "data_refused")}
+
+
 def champion_history(decisions: list[Decision], champion: str) -> list[BatchHealth]:
-    """The champion's monitored batches since it last became current or was last retrained."""
+    """The champion's monitored batches since it last became current or was last retrained, less the
+    batches the data checks blocked."""
     start = 0
     for i, d in enumerate(decisions):
         made_current = (d.kind == "switched" and d.model_version == champion) or (
@@ -253,10 +269,11 @@ def champion_history(decisions: list[Decision], champion: str) -> list[BatchHeal
         )
         if made_current or d.kind == "retrain_started":
             start = i + 1
+    blocked = data_blocked(decisions)
     return [
         BatchHealth.of_decision(d)
         for d in decisions[start:]
-        if d.kind == "monitored" and d.model_version == champion
+        if d.kind == "monitored" and d.model_version == champion and d.batch_id not in blocked
     ]
 
 
@@ -269,6 +286,8 @@ def pending_retrain(
     if started is not None:
         done = recorded(decisions, batch, "switched") or recorded(decisions, batch, "challenger_refused")
         return None if done else started.reason
+    if batch in data_blocked(decisions):
+        return None  # a batch the data checks blocked cannot fire the trigger
     history = champion_history(decisions, champion)
     refused = [d for d in decisions if d.kind == "challenger_refused"]
     retrains = [d for d in decisions if d.kind == "retrain_started"]
@@ -280,10 +299,11 @@ def pending_retrain(
 
 def training_window(decisions: list[Decision], train_window: int) -> list[tuple[str, str]]:
     """(batch, data) of the last train_window batches embedded, less a batch that rolled a version back
-    (its data broke the watch) and less the window's leading batches that the version serving them
-    found healthy: those are the distribution the champion already models, and a challenger whose
-    reference mixed them in would see drift on every batch after the change."""
-    breached = {d.batch_id for d in decisions if d.kind == "rolled_back"}
+    (its data broke the watch), less a batch the data checks blocked (a broken upstream) and less the
+    window's leading batches that the version serving them found healthy: those are the distribution
+    the champion already models, and a challenger whose reference mixed them in would see drift on
+    every batch after the change."""
+    breached = {d.batch_id for d in decisions if d.kind == "rolled_back"} | data_blocked(decisions)
     data: dict[str, str] = {}
     for d in decisions:
         if d.kind == "embedded" and d.batch_id not in breached:

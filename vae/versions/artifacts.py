@@ -8,6 +8,9 @@
     <model_root>/<version>/reference.safetensors  validation rows' posterior means and anomaly
                                                scores: the drift reference and the source of the
                                                anomaly thresholds in model.json
+    <model_root>/<version>/profile.json        the training inputs' profile, per column
+                                               (vae.monitoring.profile): what batches are checked
+                                               against before they count
 
 model_root is a local path or an s3:// URL. Locally a version is written under
 <model_root>/.staging-*/ and renamed into place; on S3 (no rename) the files are uploaded with
@@ -46,6 +49,7 @@ FORMAT = "vae-model-version/1"
 WEIGHTS_FILE = "model.safetensors"
 REFERENCE_FILE = "reference.safetensors"  # the version's monitoring reference (cf. the checkpoint's .npz)
 METADATA_FILE = "model.json"
+PROFILE_FILE = "profile.json"
 STAGING_PREFIX = ".staging-"
 
 
@@ -78,12 +82,14 @@ def save_model_version(
     report_dir: str | os.PathLike | None = None,
     reference: dict[str, np.ndarray] | None = None,
     anomaly: dict[str, Any] | None = None,
+    profile: str | None = None,
 ) -> str:
     """Write a new immutable version under model_root and return its name.
 
     report_dir: files (the training report) copied into <version>/report/ before the commit.
     reference: named float32 arrays (validation posterior means, anomaly scores) saved as
-    reference.safetensors; anomaly: the calibrated thresholds, stored in model.json.
+    reference.safetensors; anomaly: the calibrated thresholds, stored in model.json; profile: the
+    training inputs' profile (JSON), saved as profile.json.
     """
     fs, root = filesystem(model_root)
     local = is_local(fs)
@@ -115,6 +121,9 @@ def save_model_version(
             "weights_sha256": weights_sha256,
         }
         metadata |= _write_extras(staging, reference, anomaly, report_dir)
+        if profile is not None:
+            (staging / PROFILE_FILE).write_text(profile)
+            metadata["profile_sha256"] = _sha256(staging / PROFILE_FILE)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
         _commit(fs, root, staging, version)
     finally:
@@ -223,21 +232,34 @@ def load_model_version(model_root: str | os.PathLike, version: str = "latest") -
 def load_reference(version: ModelVersionInfo) -> dict[str, np.ndarray] | None:
     """The version's reference sample (validation posterior means and anomaly scores), checksum
     verified; None for a version saved without one."""
-    expected = version.metadata.get("reference_sha256")
+    data = _verified_file(version, REFERENCE_FILE, "reference_sha256")
+    return None if data is None else {name: t.numpy() for name, t in load_safetensors(data).items()}
+
+
+def load_profile_text(version: ModelVersionInfo) -> str | None:
+    """The version's training input profile (JSON), checksum verified; None for a version saved
+    without one (before input profiles)."""
+    data = _verified_file(version, PROFILE_FILE, "profile_sha256")
+    return None if data is None else data.decode()
+
+
+def _verified_file(version: ModelVersionInfo, name: str, checksum: str) -> bytes | None:
+    """A file of the version whose sha256 model.json records under `checksum`; None if it records none."""
+    expected = version.metadata.get(checksum)
     if expected is None:
         return None
     fs, path = filesystem(version.path)
     try:
         with storage_errors(version.path):
-            data = fs.cat_file(f"{path}/{REFERENCE_FILE}")
+            data = fs.cat_file(f"{path}/{name}")
     except OSError:
         data = None
     if data is None or hashlib.sha256(data).hexdigest() != expected:
         raise InputError(
-            f"model version {version.path}: {REFERENCE_FILE} is missing or does not match its checksum; the "
+            f"model version {version.path}: {name} is missing or does not match its checksum; the "
             "version is corrupt"
         )
-    return {name: tensor.numpy() for name, tensor in load_safetensors(data).items()}
+    return data
 
 
 def anomaly_threshold(version: ModelVersionInfo, quantile: float | None = None) -> float | None:
