@@ -5,6 +5,7 @@ breakage is caught by its own data check, names its column first, never trains a
 the trigger; the real change still retrains and its alarms name the shifted columns."""
 
 import logging
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -76,6 +77,9 @@ def test_the_real_change_retrains_and_its_alarms_name_the_shifted_columns(fortni
         else:  # an anomaly-rate alarm: the columns that make the anomalous rows' surprise
             assert alarm.reason.split("(surprise: ")[1].split(" ")[0] in SHIFTED, alarm.reason
     assert figures["false_data_alarm_days"] == [], figures
+    # the report a person opens shows the moved columns, training vs batch
+    page = Path(alarms[0].detail["report"]).read_text()
+    assert "<h2>Inputs</h2>" in page and "id='plot-inputs'" in page and "f0 (KS p" in page
 
 
 def test_a_refused_batch_is_not_embedded_and_says_why(fortnight):

@@ -72,8 +72,10 @@ class InputProfile:
     rows: int = 0
     batches: int = 1
     columns: dict[str, ColumnProfile] = field(default_factory=dict)
-    sample_hashes: list[int] = field(default_factory=list)
-    sample: dict[str, list[float | None]] = field(default_factory=dict)  # numeric and binary columns
+    # the bottom-k key-hash sample: its rows' hashes, and their values per numeric and binary column
+    # (NaN: missing); numpy arrays in memory, lists in JSON
+    sample_hashes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    sample: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -81,7 +83,7 @@ class InputProfile:
     ) -> InputProfile:
         """The profile of one batch of rows (any of the feature schema's column layouts)."""
         keep = np.argsort(hashes, kind="stable")[:SAMPLE_ROWS]
-        profile = cls(rows=batch.num_rows, sample_hashes=[int(h) for h in hashes[keep]])
+        profile = cls(rows=batch.num_rows, sample_hashes=hashes[keep])
         for name, kind in column_kinds(features):
             column = batch.column(name)
             if kind == "categorical":
@@ -91,25 +93,29 @@ class InputProfile:
             else:
                 values = _floats(column)
                 profile.columns[name] = _numeric(kind, values)
-                profile.sample[name] = [None if math.isnan(v) else float(v) for v in values[keep]]
+                profile.sample[name] = values[keep]
         return profile
 
     def merge(self, other: InputProfile) -> InputProfile:
         if not self.rows and not self.columns:
             return other
-        hashes = np.array(self.sample_hashes + other.sample_hashes, dtype=np.uint64)
+        hashes = np.concatenate([self.sample_hashes, other.sample_hashes])
         keep = np.argsort(hashes, kind="stable")[:SAMPLE_ROWS]
         return InputProfile(
             self.rows + other.rows,
             self.batches,
             {name: column.merge(other.columns[name]) for name, column in self.columns.items()},
-            [int(h) for h in hashes[keep]],
-            {name: [(values + other.sample[name])[i] for i in keep] for name, values in self.sample.items()},
+            hashes[keep],
+            {
+                name: np.concatenate([values, other.sample[name]])[keep]
+                for name, values in self.sample.items()
+            },
         )
 
     def present_sample(self, name: str) -> np.ndarray:
         """The sampled rows' present values of a numeric or binary column."""
-        return np.array([v for v in self.sample.get(name, []) if v is not None], np.float64)
+        values = self.sample.get(name, np.empty(0))
+        return values[~np.isnan(values)]
 
     def quantile(self, name: str, q: float) -> float | None:
         values = self.present_sample(name)
@@ -124,14 +130,28 @@ class InputProfile:
         return self.rows / max(self.batches, 1)
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, **asdict(self)}, separators=(",", ":"))
+        values = {
+            "format": FORMAT,
+            "rows": self.rows,
+            "batches": self.batches,
+            "columns": {name: asdict(column) for name, column in self.columns.items()},
+            "sample_hashes": [int(h) for h in self.sample_hashes],
+            "sample": {
+                name: [None if v != v else float(v) for v in values] for name, values in self.sample.items()
+            },
+        }
+        return json.dumps(values, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> InputProfile:
         values = json.loads(text)
-        values.pop("format", None)
-        columns = {name: ColumnProfile(**column) for name, column in values.pop("columns").items()}
-        return cls(**values, columns=columns)
+        return cls(
+            values["rows"],
+            values["batches"],
+            {name: ColumnProfile(**column) for name, column in values["columns"].items()},
+            np.array(values["sample_hashes"], np.uint64),
+            {name: np.array(v, np.float64) for name, v in values["sample"].items()},  # None -> NaN
+        )
 
 
 def read_profile(url: str) -> InputProfile:
