@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.upstream import BREAKAGES, BROKEN_COLUMN, SHIFT_DAY, SHIFTED, simulate, summary
+from benchmarks.upstream import BREAKAGES, BROKEN_COLUMN, SHIFT_DAY, SHIFTED, day_table, simulate, summary
 from ray_jobs.config import PipelineConfig
 from ray_jobs.pipeline import step
 from vae.errors import DATA_REFUSED_EXIT
@@ -85,7 +85,7 @@ def test_the_real_change_retrains_and_its_alarms_name_the_shifted_columns(fortni
 def test_a_refused_batch_is_not_embedded_and_says_why(fortnight):
     """The same unit change with scale set to refuse: exit code 8, a data_refused decision naming the check,
     and the version's table without the batch."""
-    from benchmarks.upstream import day_table, options
+    from benchmarks.upstream import options
     from feast_embeddings.repo import EmbeddingsRepo
 
     work, repo = fortnight["work"], fortnight["repo"]
@@ -101,3 +101,35 @@ def test_a_refused_batch_is_not_embedded_and_says_why(fortnight):
     catalog = EmbeddingsRepo(str(repo)).catalog
     table = catalog.table("item", outcome.current)
     assert "day-40" not in {b.batch_id for b in catalog.batches(table)}
+
+
+def test_vaectl_embed_refuses_with_exit_code_8_and_one_line(fortnight):
+    """The plain job: a refused batch is one line naming the check and the column, exit 8, no batch."""
+    import subprocess
+
+    from helpers.cli import flags, vaectl_command
+
+    from feast_embeddings.repo import EmbeddingsRepo
+
+    work, repo = fortnight["work"], fortnight["repo"]
+    path = work / "refused-cli" / "part-0.parquet"
+    path.parent.mkdir()
+    pq.write_table(day_table(41, 1000, "null"), path)
+    current = fortnight["result"].current[max(fortnight["result"].decisions)]
+    options = flags(
+        data=path.parent,
+        feature_store_yaml=repo / "feature_store.yaml",
+        model_root=work / "models",
+        model_version=current,
+        batch="day-41",
+        in_process_rows=100_000,
+        data_checks="{null_rate: refuse}",
+    )
+    done = subprocess.run(vaectl_command("embed", *options), capture_output=True, text=True, timeout=300)
+    assert done.returncode == DATA_REFUSED_EXIT, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: batch day-41 refused by its data checks: null_rate: f4: missing 0% -> 100%"
+    )
+    catalog = EmbeddingsRepo(str(repo)).catalog
+    assert "day-41" not in {b.batch_id for b in catalog.batches(catalog.table("item", current))}
