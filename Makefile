@@ -23,7 +23,7 @@ demo: setup
 # Two pytest-xdist workers, a module each at a time (its module fixtures once), the slowest modules
 # first (tests/conftest.py orders them): the suite mostly waits on servers and clusters starting.
 test: setup redis-server postgresql chromium prometheus mlflow-server
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 # The library, configs and deployment files without servers or Ray: seconds.
 test-unit: setup
