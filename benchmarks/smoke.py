@@ -59,11 +59,11 @@ def stand_in_odds(directory: Path, rows: int = 400) -> Path:
     """An ODDS .mat file (X, y) for every set the anomaly benchmark knows, 5% of rows planted."""
     from scipy.io import savemat
 
-    from benchmarks.anomaly import SETS
+    from benchmarks.anomaly import ODDS
 
     rng = np.random.default_rng(0)
     directory.mkdir(parents=True)
-    for name in SETS:
+    for name in ODDS:
         x = rng.standard_normal((rows, 6))
         y = np.zeros(rows, int)
         y[: rows // 20] = 1

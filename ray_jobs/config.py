@@ -334,10 +334,11 @@ class MixedTable(Section):
     column_transforms: dict[str, Literal["auto", "robust", "standard", "log", "quantile"]] = Field(
         {}, description="per-column numeric transforms, e.g. {amount: log}"
     )
-    missing: Literal["model", "refuse"] = Field(
+    missing: Literal["model", "skip", "refuse"] = Field(
         "model",
-        description="missing values (null, NaN) are part of the model (skipped by the likelihood, "
-        "seen by the encoder as a mask) or bad rows (refuse)",
+        description="missing values (null, NaN): model (the encoder sees the mask and the decoder "
+        "predicts it, so a row's score counts what it lacks: an always-filled column empty is "
+        "surprising), skip (the likelihood skips them; versions from before) or bad rows (refuse)",
     )
     max_categories: int = Field(
         64, gt=0, description="categories kept per column (most frequent); the rest share 'other'"

@@ -442,10 +442,13 @@ def train_challenger(step: Step, champion: str | None, data: list[str]) -> str:
     config = step.config
     options: dict = {}
     if champion is not None:
-        recipe = read_model_version_info(config.model_root, champion).metadata["training"]
+        metadata = read_model_version_info(config.model_root, champion).metadata
+        recipe = metadata["training"]
         # its options, not its targets; nor its storage_path, as its run resolved it (an absolute path on
         # that run's machine): the block's, else the default, holds the challenger's checkpoints
         options = {k: v for k, v in recipe.items() if k in TrainOptions.model_fields and k != "storage_path"}
+        if options.get("missing") == "model" and not metadata["architecture"].get("missingness"):
+            options["missing"] = "skip"  # a champion from before the missingness head: scored as it was
     options.update(config.train.model_dump(exclude_unset=True))
     options["entity"] = step.entity
     # the registry the feature store names: the challenger's run and version land where its alias will

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -167,12 +168,22 @@ def check(config: TrainConfig) -> tuple[FeatureSchema, ModelConfig]:
     )
     layout = features.table.layout if features.table else ()  # mixed: category counts come with the fit
     try:
-        model = ModelConfig(*shape, conv_shape, tuple(config.conv_channels), layout)
+        model = ModelConfig(*shape, conv_shape, tuple(config.conv_channels), layout, missingness(config))
     except ValueError as error:
         raise InputError(f"invalid architecture: {error}") from None
     if config.init_from and features.table is None:  # a mixed table's is known once fitted (prepare)
-        check_init_from(config, model)
+        model = check_init_from(config, model)
     return features, model
+
+
+def missingness(config: TrainConfig) -> bool:
+    """Whether the model predicts which values are missing (mixed tables, missing: model)."""
+    return config.likelihood == "mixed" and config.missing == "model"
+
+
+def refusal(config: TrainConfig) -> Literal["model", "refuse"]:
+    """The table schema's rule for a row with a missing value: encode it (model, skip) or refuse it."""
+    return "refuse" if config.missing == "refuse" else "model"
 
 
 def mixed_features(config: TrainConfig, schema: pa.Schema, source: str) -> FeatureSchema:
@@ -199,19 +210,27 @@ def mixed_features(config: TrainConfig, schema: pa.Schema, source: str) -> Featu
         raise InputError(
             f"column_transforms names {', '.join(map(repr, unknown))}, not numeric feature columns"
         )
-    table = TableSchema(tuple(ColumnSpec(name, kind) for name, kind in kinds), missing=config.missing)
+    table = TableSchema(tuple(ColumnSpec(name, kind) for name, kind in kinds), missing=refusal(config))
     features = FeatureSchema(config.key_column, len(columns), feature_columns=columns, table=table)
     check_arrow_schema(schema, features, source)
     return features
 
 
-def check_init_from(config: TrainConfig, model: ModelConfig) -> None:
+def check_init_from(config: TrainConfig, model: ModelConfig) -> ModelConfig:
+    """The run's architecture, refused unless it is the starting version's. A warm start keeps the
+    starting version's missingness head or its absence (a version from before the head trains on)."""
     initial = read_model_version_info(config.model_root, config.init_from)
-    if ModelConfig.from_dict(initial.metadata["architecture"]) != model:
+    architecture = ModelConfig.from_dict(initial.metadata["architecture"])
+    if architecture.missingness != model.missingness:
+        kept = "predicts" if architecture.missingness else "skips"
+        log.info("init_from %s %s missing values: so does this run", config.init_from, kept)
+        model = replace(model, missingness=architecture.missingness)
+    if architecture != model:
         raise InputError(
             f"init_from {config.init_from}: its architecture {initial.metadata['architecture']} is not "
             f"this run's {model.to_dict()}; train from scratch or match latent_dim, hidden_dims, ..."
         )
+    return model
 
 
 def prepare(config: TrainConfig, features: FeatureSchema, model: ModelConfig) -> PreparedRun:
@@ -496,7 +515,7 @@ def fit_mixed(
         dict(config.column_transforms),
         config.numeric_transform,
         config.max_categories,
-        missing=config.missing,
+        missing=refusal(config),
     )
     table = with_unseen(table, "other")  # the categories beyond max_categories train as other
     if config.init_from:
@@ -506,7 +525,7 @@ def fit_mixed(
     missing = {name: count for name, count in merged.missing.items() if count}
     log.info("mixed table: %s; missing values %s", _describe_table(table), missing or "none")
     if config.init_from:
-        check_init_from(config, model)
+        model = check_init_from(config, model)
     return features, model
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from vae.data.normalizer import Normalizer
-from vae.losses import column_nll, elbo_terms
+from vae.losses import column_nll, elbo_terms, missingness_nll, value_nll
 from vae.model import VAE
 
 
@@ -47,8 +47,10 @@ def encode_with_attribution(
 
     Mixed tables predict each column from the others: the column is marked missing on the way in
     (the model's own missingness mask), so an outlier cannot explain itself through the latent and
-    push the blame onto the columns it distorts. One forward pass over rows x columns. Gaussian
-    models (no mask) use the full reconstruction. The KL term stays apart.
+    push the blame onto the columns it distorts. One forward pass over rows x columns. A column's
+    missingness term (models with the head) comes from the row as it is: hiding an observed column
+    would make its presence look surprising. Gaussian models (no mask) use the full reconstruction.
+    The KL term stays apart.
     """
     x = torch.from_numpy(normalizer(matrix)).to(device, non_blocking=True)
     posterior, decoded = model(x, sample=False)
@@ -64,8 +66,9 @@ def encode_with_attribution(
             torch.arange(columns, device=x.device).repeat_interleave(rows),
         ] = math.nan
         _, predicted = model(hidden, sample=False)
-        every = column_nll(model, predicted.float(), targets, surprise=True).view(columns, rows, columns)
+        every = value_nll(model, predicted.float(), targets, surprise=True).view(columns, rows, columns)
         surprise = torch.diagonal(every, dim1=0, dim2=2)  # (rows, columns): block j's column j
+        surprise = surprise + missingness_nll(model, decoded.float(), x, surprise=True)
     return (
         posterior.mean.float().cpu().numpy(),
         score.float().cpu().numpy(),

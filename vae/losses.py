@@ -38,12 +38,21 @@ def _decoder_logvar(model: VAE) -> torch.Tensor:
 
 
 def column_nll(model: VAE, decoded: torch.Tensor, x: torch.Tensor, surprise: bool = False) -> torch.Tensor:
-    """-log p(x_j|z) per example and column (rows, columns), 0 where x_j is missing (NaN): the
-    likelihood skips missing entries (as HI-VAE does), so the ELBO is of the observed values.
+    """-log p(x_j|z) per example and column (rows, columns). Mixed tables: missing entries (NaN) have
+    no value term; a model with the missingness head adds each column's -log p(present_j|z), so the
+    terms are of what the row holds and of what it lacks, -log p(x_observed, mask | z) (as not-MIWAE
+    with the mask depending on z only), and every row has one mask term per column. Without the head
+    (versions from before it) missing entries are skipped (as HI-VAE does).
 
-    surprise=True: each term minus its value at the decoder's most likely x_j, so >= 0 and 0 when
-    the row's value is the decoder's best guess: how much each column makes the row unusual.
+    surprise=True: each term minus its value at the decoder's most likely outcome, so >= 0 and 0 when
+    the row's value (and presence) is the decoder's best guess: how much each column makes the row
+    unusual.
     """
+    return value_nll(model, decoded, x, surprise) + missingness_nll(model, decoded, x, surprise)
+
+
+def value_nll(model: VAE, decoded: torch.Tensor, x: torch.Tensor, surprise: bool = False) -> torch.Tensor:
+    """The values' terms of `column_nll`: 0 where x_j is missing."""
     logvar = _decoder_logvar(model)
     if model.layout is None:  # gaussian: one column per feature
         squared = (x - decoded).pow(2) / logvar.exp()
@@ -57,9 +66,9 @@ def column_nll(model: VAE, decoded: torch.Tensor, x: torch.Tensor, surprise: boo
         squared = (values[:, layout.numeric] - mean).pow(2) / column_logvar.exp()
         nll[:, layout.numeric] = 0.5 * squared if surprise else 0.5 * (LOG_2PI + column_logvar + squared)
     if layout.binary:
-        logits = decoded[:, layout.binary_outputs]
-        binary = F.binary_cross_entropy_with_logits(logits, values[:, layout.binary], reduction="none")
-        nll[:, layout.binary] = binary - F.softplus(-logits.abs()) if surprise else binary
+        nll[:, layout.binary] = _bernoulli_nll(
+            decoded[:, layout.binary_outputs], values[:, layout.binary], surprise
+        )
     for j, start, width in layout.categorical:
         logits = decoded[:, start : start + width]
         categorical = F.cross_entropy(logits, values[:, j].long().clamp(0, width - 1), reduction="none")
@@ -67,6 +76,23 @@ def column_nll(model: VAE, decoded: torch.Tensor, x: torch.Tensor, surprise: boo
             categorical = categorical - (torch.logsumexp(logits, dim=-1) - logits.max(dim=-1).values)
         nll[:, j] = categorical
     return nll * observed
+
+
+def missingness_nll(
+    model: VAE, decoded: torch.Tensor, x: torch.Tensor, surprise: bool = False
+) -> torch.Tensor:
+    """The mask's terms of `column_nll`: -log p(present_j | z) per example and column (0 without the head)."""
+    layout = model.layout
+    if layout is None or not layout.missingness:
+        return torch.zeros_like(x)
+    present = (~torch.isnan(x)).to(decoded.dtype)
+    return _bernoulli_nll(decoded[:, layout.outputs : layout.decoded], present, surprise)
+
+
+def _bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, surprise: bool) -> torch.Tensor:
+    nll = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    # the most likely outcome's -log p is softplus(-|logit|)
+    return nll - F.softplus(-logits.abs()) if surprise else nll
 
 
 @dataclass

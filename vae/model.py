@@ -31,10 +31,15 @@ class ModelConfig:
     conv_channels: tuple[int, ...] = (32, 64)
     # mixed: (kind, width) per input column (vae.data.tabular.TableSchema.layout); input_dim = columns
     column_layout: tuple[tuple[str, int], ...] = ()
+    # mixed: a Bernoulli head per column for "the value is present", so that a row's score is the
+    # surprise of what it holds and of what it lacks (False: versions from before, missing values skipped)
+    missingness: bool = False
 
     def __post_init__(self) -> None:
         if self.likelihood == "mixed" and len(self.column_layout) != self.input_dim:
             raise ValueError(f"a mixed model needs a (kind, width) per each of its {self.input_dim} columns")
+        if self.missingness and self.likelihood != "mixed":
+            raise ValueError("missingness is modelled for mixed tables only")
         if self.architecture == "conv":
             if self.image_shape is None or len(self.image_shape) != 3:
                 raise ValueError(
@@ -53,6 +58,8 @@ class ModelConfig:
         if not self.column_layout:
             # versions and run claims of other models keep their shape (a resumed run compares it)
             del values["column_layout"]
+        if not self.missingness:
+            del values["missingness"]  # as versions from before the head wrote it
         return values
 
     @classmethod
@@ -65,6 +72,7 @@ class ModelConfig:
                 "image_shape": tuple(shape) if shape else None,
                 "conv_channels": tuple(values.get("conv_channels", (32, 64))),
                 "column_layout": tuple((kind, int(width)) for kind, width in values.get("column_layout", ())),
+                "missingness": bool(values.get("missingness", False)),
             }
         )
 
@@ -166,14 +174,17 @@ def _conv_sizes(image_shape: tuple[int, ...], stages: int) -> list[tuple[int, in
 
 
 class ColumnLayout:
-    """Where each column of a mixed table sits in the decoder's output, grouped by kind."""
+    """Where each column of a mixed table sits in the decoder's output, grouped by kind; with
+    missingness, one "present" logit per column follows the values' outputs."""
 
-    def __init__(self, layout: tuple[tuple[str, int], ...]):
+    def __init__(self, layout: tuple[tuple[str, int], ...], missingness: bool = False):
         starts = [0]
         for _, width in layout:
             starts.append(starts[-1] + width)
-        self.outputs = starts[-1]
+        self.outputs = starts[-1]  # the values' outputs (means, logits, category logits)
         self.columns = len(layout)
+        self.missingness = missingness
+        self.decoded = self.outputs + (self.columns if missingness else 0)
 
         def of(kind: str) -> tuple[list[int], list[int]]:
             picked = [j for j, (k, _) in enumerate(layout) if k == kind]
@@ -205,7 +216,8 @@ class VAE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.layout = ColumnLayout(config.column_layout) if config.likelihood == "mixed" else None
+        mixed = config.likelihood == "mixed"
+        self.layout = ColumnLayout(config.column_layout, config.missingness) if mixed else None
         hidden = list(config.hidden_dims)
         # The encoder emits mean and logvar side by side.
         if config.architecture == "conv":
@@ -219,7 +231,7 @@ class VAE(nn.Module):
         elif self.layout is not None:
             inputs = self.layout.outputs + self.layout.columns  # expanded columns + the observed mask
             self.encoder = _mlp([inputs, *hidden, 2 * config.latent_dim])
-            self.decoder = _mlp([config.latent_dim, *reversed(hidden), self.layout.outputs])
+            self.decoder = _mlp([config.latent_dim, *reversed(hidden), self.layout.decoded])
         else:
             self.encoder = _mlp([config.input_dim, *hidden, 2 * config.latent_dim])
             self.decoder = _mlp([config.latent_dim, *reversed(hidden), config.input_dim])
@@ -239,7 +251,7 @@ class VAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Bernoulli logits or Gaussian means, one per input feature; for mixed tables each column's
-        mean, logit or category logits (vae.model.ColumnLayout)."""
+        mean, logit or category logits, then each column's "present" logit (vae.model.ColumnLayout)."""
         return self.decoder(z)
 
     def forward(

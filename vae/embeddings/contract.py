@@ -114,10 +114,11 @@ def _no_attribution(rows: int) -> tuple[pa.Array, pa.Array]:
 
 
 def attribution_columns(
-    surprise: np.ndarray, names: tuple[str, ...], top: int = 3
+    surprise: np.ndarray, names: tuple[str, ...], top: int = 3, missing: np.ndarray | None = None
 ) -> tuple[pa.Array, pa.Array]:
     """(top_columns, top_shares) from per-column surprise (rows, columns, nats >= 0): the `top`
-    columns with the most, and each one's share of the row's total (shares of a row sum to <= 1)."""
+    columns with the most, and each one's share of the row's total (shares of a row sum to <= 1).
+    `missing` (rows, columns): where the row has no value, the column is named "<column> (missing)"."""
     surprise = np.maximum(surprise, 0.0)  # >= 0 up to float rounding
     rows, width = surprise.shape
     top = min(top, width)
@@ -125,7 +126,10 @@ def attribution_columns(
     total = surprise.sum(axis=1, keepdims=True)
     shares = np.take_along_axis(surprise, order, axis=1) / np.where(total > 0, total, 1.0)
     offsets = pa.array(np.arange(0, (rows + 1) * top, top, dtype=np.int32))
-    labels = pa.DictionaryArray.from_arrays(pa.array(order.ravel().astype(np.int32)), list(names))
+    if missing is not None:  # a missing column's label is the second copy of the names
+        order = order + width * np.take_along_axis(missing, order, axis=1)
+    vocabulary = [*names, *(f"{name} (missing)" for name in names)]
+    labels = pa.DictionaryArray.from_arrays(pa.array(order.ravel().astype(np.int32)), vocabulary)
     return (
         pa.ListArray.from_arrays(offsets, labels.cast(pa.string())),
         pa.ListArray.from_arrays(offsets, pa.array(shares.astype(np.float32).ravel())),

@@ -451,7 +451,8 @@ class UnitEncoder:
                 attribution = None
                 if surprise is not None:
                     names = self.model_version.features.feature_columns
-                    attribution = contract.attribution_columns(surprise[finite], names)
+                    missing = np.isnan(matrix[finite])  # mixed tables' codes: NaN = no value
+                    attribution = contract.attribution_columns(surprise[finite], names, missing=missing)
                 embedded.append(self._rows(good, posterior_mean, anomaly_score, attribution))
             # The quarantine file first: the embeddings file is the unit's "done" marker.
             if quarantined:
