@@ -83,9 +83,8 @@ def flights_set(rows: int = FLIGHT_ROWS, seed: int = 0) -> tuple[pa.Table, np.nd
     path = Path(package.submodule_search_locations[0]) / "data" / "flights.csv.zip"
 
     with zipfile.ZipFile(path) as archive:
-        flights = csv.read_csv(
-            archive.open(archive.namelist()[0]), csv.ConvertOptions(null_values=["NA", ""])
-        )
+        missing = csv.ConvertOptions(null_values=["NA", ""], strings_can_be_null=True)
+        flights = csv.read_csv(archive.open(archive.namelist()[0]), convert_options=missing)
     columns = ["month", "day", "sched_dep_time", "carrier", "origin", "dest", "distance"]
     measured = ["dep_delay", "arr_delay", "air_time"]
     picked = np.sort(np.random.default_rng(seed).choice(flights.num_rows, rows, replace=False))
@@ -119,6 +118,7 @@ def vae_scores(table: pa.Table, work: Path, seed: int, epochs: int, settings: di
     columns = table.column_names[1:]
     config = TrainConfig(
         data=str(data),
+        key_column=table.column_names[0],
         feature_columns=columns,
         epochs=epochs,
         batch_size=64,

@@ -99,9 +99,10 @@ def _bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, surprise: bool) -
 class ElboTerms:
     """Per-example terms; the negative ELBO is reconstruction + kl (nats)."""
 
-    reconstruction: torch.Tensor  # -E_q[log p(x|z)], one sample
+    reconstruction: torch.Tensor  # -E_q[log p(x|z)], one sample (with the presence terms, if any)
     kl: torch.Tensor  # KL(q(z|x) || N(0, I)), closed form
     posterior: DiagonalGaussian
+    presence: torch.Tensor | None = None  # the missingness head's part of reconstruction
 
     @property
     def negative_elbo(self) -> torch.Tensor:
@@ -113,17 +114,21 @@ class ElboTerms:
         free_bits > 0 (Kingma et al. 2016): each latent dimension's batch-mean KL counts as at
         least free_bits nats, so the optimizer gains nothing by shutting a dimension off entirely.
         trim_fraction > 0: the batch's highest-loss rows (that share) are left out of the mean, so
-        the outliers in unlabeled data shape the model less and keep high anomaly scores.
+        the outliers in unlabeled data shape the model less and keep high anomaly scores. The
+        presence terms count on every row and do not choose the trimmed ones: rows with missing
+        values would be trimmed first, and the head would learn missing values rarer than they are.
         """
+        presence = self.presence if self.presence is not None else torch.zeros_like(self.reconstruction)
+        values = self.reconstruction - presence
         keep = torch.ones_like(self.reconstruction, dtype=torch.bool)
         if trim_fraction > 0.0:
-            per_row = (self.reconstruction + beta * self.kl).detach()
+            per_row = (values + beta * self.kl).detach()
             kept = max(1, math.ceil(len(per_row) * (1.0 - trim_fraction)))
             keep = torch.zeros_like(keep).index_fill_(0, per_row.topk(kept, largest=False).indices, True)
         if free_bits <= 0.0:
-            return (self.reconstruction + beta * self.kl)[keep].mean()
+            return (values + beta * self.kl)[keep].mean() + presence.mean()
         kl_per_dim = self.posterior.kl_per_dim()[keep].mean(dim=0)
-        return self.reconstruction[keep].mean() + beta * kl_per_dim.clamp(min=free_bits).sum()
+        return values[keep].mean() + presence.mean() + beta * kl_per_dim.clamp(min=free_bits).sum()
 
 
 def elbo_terms(
@@ -140,4 +145,6 @@ def elbo_terms(
     posterior, decoded = model(x, sample=sample, generator=generator)
     vae = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     # float32 even under bf16 autocast: sums over hundreds of features need the precision.
-    return ElboTerms(reconstruction_nll(vae, decoded.float(), x), posterior.kl(), posterior)
+    decoded = decoded.float()
+    presence = missingness_nll(vae, decoded, x).sum(dim=-1) if vae.layout is not None else None
+    return ElboTerms(reconstruction_nll(vae, decoded, x), posterior.kl(), posterior, presence)
