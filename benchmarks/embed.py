@@ -196,8 +196,9 @@ def write_table_days(directory: Path, rows: int, files: int = 4, seed: int = 0) 
     return directory
 
 
-def table_version(model_root: Path, data: Path) -> str:
-    """An untrained mixed-table version with the data's own input profile (what training would store)."""
+def table_version(model_root: Path, data: Path, missingness: bool = True) -> str:
+    """An untrained mixed-table version with the data's own input profile (what training would store);
+    missingness: with the decoder's presence head (the default), else scored as before it."""
     from vae.data.keys import key_hash
     from vae.data.tabular import TableStats, fit_table
     from vae.monitoring.profile import InputProfile
@@ -211,7 +212,9 @@ def table_version(model_root: Path, data: Path) -> str:
     table = fit_table(TableStats.of(sample, kinds, hashes), kinds, {})
     features = FeatureSchema("item_id", len(kinds), feature_columns=tuple(n for n, _ in kinds), table=table)
     torch.manual_seed(0)
-    model = VAE(ModelConfig(len(kinds), 16, (256, 128), "mixed", column_layout=table.layout))
+    model = VAE(
+        ModelConfig(len(kinds), 16, (256, 128), "mixed", column_layout=table.layout, missingness=missingness)
+    )
     stats = FeatureStats.of(features_to_numpy(sample, features))
     profile = InputProfile.of(sample, features, hashes)
     return save_model_version(
@@ -256,6 +259,38 @@ def data_check_cost(work: Path, rows: int, repeats: int, attribution: bool) -> d
     }
 
 
+def missingness_cost(work: Path, rows: int, repeats: int) -> dict:
+    """The embed job (attribution on, the default) on the same mixed table with a version that has the
+    missingness head and one from before it (missing values skipped), alternating."""
+    from ray_jobs.config import EmbedConfig
+    from ray_jobs.embed import embed
+
+    data = write_table_days(work / f"scores-{rows}", rows)
+    versions = {kind: table_version(work / "models", data, kind == "head") for kind in ("skip", "head")}
+    seconds: dict[str, list[float]] = {kind: [] for kind in versions}
+    for repeat in range(repeats):
+        for kind, version in versions.items():
+            config = EmbedConfig(
+                data=str(data),
+                model_root=str(work / "models"),
+                model_version=version,
+                catalog=f"sqlite:///{work}/scores/catalog.db",
+                warehouse=str(work / "scores" / "warehouse"),
+            )
+            elapsed, result = timed(lambda: embed(config))  # noqa: B023
+            assert result.embedded_rows == rows
+            seconds[kind].append(elapsed)
+            shutil.rmtree(work / "scores")
+            print(f"  missingness head, {rows:,} rows, repeat {repeat}: {kind} {elapsed:.1f}s", flush=True)
+    shutil.rmtree(data)
+    head, skip = median(seconds["head"]), median(seconds["skip"])
+    return {
+        "rows": rows,
+        "seconds_median": {"head": round(head, 2), "skip": round(skip, 2)},
+        "rows_per_second_ratio_head_vs_skip": round(skip / head, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000])
@@ -265,6 +300,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--table-rows", type=int, default=1_000_000, help="the data checks' cost case")
     parser.add_argument("--only-checks", action="store_true", help="only the data checks' cost")
+    parser.add_argument("--only-scores", action="store_true", help="only the missingness head's cost")
     args = parse_args(parser, rows=[20_000], image_rows=4_000, repeats=1, table_rows=20_000)
 
     import ray
@@ -288,6 +324,10 @@ def main() -> None:
             "sizes": [],
         }
         with ray_session():
+            results["missingness_head"] = missingness_cost(work, args.table_rows, args.repeats)
+            if args.only_scores:
+                save("embed_scores", results)
+                return
             results["data_checks"] = [
                 data_check_cost(work, args.table_rows, args.repeats, attribution)
                 for attribution in (True, False)
