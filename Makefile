@@ -69,6 +69,7 @@ bench: setup redis-server
 	$(BIN)/python -m benchmarks.history
 	$(BIN)/python -m benchmarks.train
 	$(BIN)/python -m benchmarks.anomaly
+	$(BIN)/python -m benchmarks.anomaly_variants
 	$(BIN)/python -m benchmarks.drift
 	$(BIN)/python -m benchmarks.cluster
 	$(BIN)/python -m benchmarks.month

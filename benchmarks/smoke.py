@@ -36,6 +36,7 @@ BENCHMARKS = (
     "gpu",
     "cluster",
     "anomaly",
+    "anomaly_variants",
     "embed",
     "history",
 )
@@ -75,7 +76,7 @@ def stand_in_odds(directory: Path, rows: int = 400) -> Path:
 def run(name: str, work: Path, env: dict[str, str]) -> tuple[bool, float, str]:
     """(passed, seconds, what went wrong) of one benchmark's smoke run."""
     command = [sys.executable, "-m", f"benchmarks.{name}", "--smoke"]
-    if name == "anomaly":
+    if name in ("anomaly", "anomaly_variants"):
         command += ["--data-dir", str(work / "odds")]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
