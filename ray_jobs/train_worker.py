@@ -183,13 +183,14 @@ class TrainingWorker:
         """Add an epoch to the run's history, keep the best weights; returns whether to stop early."""
         state = self.state
         state.history.append(metrics)
-        if metrics["val_negative_elbo"] < state.best_val:
-            state.best_val, state.best_epoch = metrics["val_negative_elbo"], metrics["epoch"]
+        loss = self.objective.validation_loss(metrics)
+        if loss < state.best_val:
+            state.best_val, state.best_epoch = loss, metrics["epoch"]
             state.stale_epochs = 0
             self.best_weights = _copy(self.model)
         elif (
             state.step >= self.objective.schedule.kl_warmup_steps
-        ):  # the ELBO is expected to worsen while beta rises
+        ):  # the loss at the final beta is expected to worsen while beta rises
             state.stale_epochs += 1
         patience = self.config.early_stopping_patience
         stop = patience > 0 and state.stale_epochs >= patience

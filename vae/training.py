@@ -138,7 +138,7 @@ class RunState:
     step: int = 0  # optimizer steps so far
     history: list[dict] = field(default_factory=list)  # per-epoch metrics
     best_epoch: int = 0
-    best_val: float = math.inf  # best validation negative ELBO so far
+    best_val: float = math.inf  # best validation loss so far (Objective.validation_loss)
     stale_epochs: int = 0  # epochs since the best, counted after KL warm-up
     final: dict | None = None  # set once the run has finished (IW-NLL, collapse check)
     resumed_from: list[int] = field(default_factory=list)  # epochs this run was restarted from
@@ -164,6 +164,16 @@ class Objective:
     grad_clip_norm: float | None = None
     binarize: bool = False  # dynamic binarization of [0, 1] targets
     autocast: dict = field(default_factory=lambda: {"device_type": "cpu", "enabled": False})
+
+    def validation_loss(self, metrics: dict) -> float:
+        """What the run keeps its best weights by: the validation value of the loss it trains on, at
+        the KL weight it warms up to (reconstruction + beta * KL, free bits per dimension as in
+        training). beta 1 (the default): the negative ELBO. With another beta the ELBO would prefer the
+        epochs before the warm-up reached it, a model that is not the one asked for."""
+        kl = metrics["val_kl"]
+        if self.free_bits > 0.0:
+            kl = sum(max(value, self.free_bits) for value in metrics["val_kl_per_dim"])
+        return metrics["val_reconstruction"] + self.schedule.beta * kl
 
 
 def train_epoch(

@@ -271,6 +271,36 @@ def test_default_run_reports_to_ray_train_once_and_keeps_every_epoch(trained):
     assert len(history) == 6 and metrics["best_epoch"] == 1 + int(np.argmin(history))
 
 
+def test_a_run_with_another_beta_keeps_the_best_epoch_of_the_loss_it_trains_on(
+    ray_cluster, digits_parquet, tmp_path
+):
+    """beta 8 warmed up over the run (the anomaly recipe): the -ELBO prefers an early epoch, before the
+    KL weight reached 8; the version keeps the epoch with the best reconstruction + 8 * KL."""
+    config = TrainConfig(
+        data=str(digits_parquet),
+        vector_column="pixels",
+        latent_dim=4,
+        hidden_dims=[32],
+        epochs=8,
+        batch_size=32,
+        learning_rate=1e-2,
+        beta=8.0,
+        kl_warmup_epochs=6,
+        lr_schedule="constant",
+        early_stopping_patience=0,
+        iw_samples=0,
+        report_rows=0,
+        model_root=str(tmp_path / "models"),
+        storage_path=str(tmp_path / "ray_results"),
+    )
+    metrics = load_model_version(tmp_path / "models", train(config)).metadata["metrics"]
+    history = metrics["history"]
+    loss = [h["val_reconstruction"] + 8.0 * h["val_kl"] for h in history]
+    elbo = [h["val_negative_elbo"] for h in history]
+    assert metrics["best_epoch"] == 1 + int(np.argmin(loss))
+    assert np.argmin(elbo) < np.argmin(loss)  # the two criteria disagree here, so the test tells them apart
+
+
 def test_checkpoints_at_checkpoint_epochs_and_at_the_end(ray_cluster, digits_parquet, tmp_path):
     config = TrainConfig(
         data=str(digits_parquet),
