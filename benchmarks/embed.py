@@ -126,11 +126,27 @@ def image_version(model_root: Path) -> str:
     )
 
 
-def compare(work: Path, data: Path, version: str, rows: int, repeats: int, batch_size: int) -> dict:
-    """Plain loop (1 and 2 threads) and the Ray job, alternating, `repeats` times."""
+def embed_once(work: Path, data: Path, version: str, rows: int, **options):
+    """One embed job run into a scratch catalog under `work`, removed afterwards: (seconds, result)."""
     from ray_jobs.config import EmbedConfig
     from ray_jobs.embed import embed
 
+    config = EmbedConfig(
+        data=str(data),
+        model_root=str(work / "models"),
+        model_version=version,
+        catalog=f"sqlite:///{work}/scratch/catalog.db",
+        warehouse=str(work / "scratch" / "warehouse"),
+        **options,
+    )
+    seconds, result = timed(lambda: embed(config))
+    assert result.embedded_rows == rows
+    shutil.rmtree(work / "scratch")
+    return seconds, result
+
+
+def compare(work: Path, data: Path, version: str, rows: int, repeats: int, batch_size: int) -> dict:
+    """Plain loop (1 and 2 threads) and the Ray job, alternating, `repeats` times."""
     plain: dict[int, list[float]] = {1: [], 2: []}
     job_end_to_end: list[float] = []
     job_steady: list[float] = []
@@ -145,21 +161,11 @@ def compare(work: Path, data: Path, version: str, rows: int, repeats: int, batch
             assert written == rows
             plain[threads].append(rows / seconds)
             shutil.rmtree(output)
-        config = EmbedConfig(
-            data=str(data),
-            model_root=str(work / "models"),
-            model_version=version,
-            catalog=f"sqlite:///{work}/ray/catalog.db",
-            warehouse=str(work / "ray" / "warehouse"),
-            batch_size=batch_size,
-        )
-        seconds, result = timed(lambda: embed(config))  # noqa: B023
-        assert result.embedded_rows == rows
+        seconds, result = embed_once(work, data, version, rows, batch_size=batch_size)
         job_end_to_end.append(rows / seconds)
         job_steady.append(rows / result.encode_seconds)
         job_startup.append(result.startup_seconds)
         job_commit.append(result.commit_seconds)
-        shutil.rmtree(work / "ray")
         print(
             f"  {rows:,} rows, repeat {repeat}: plain 1 thread {plain[1][-1]:,.0f} rows/s, 2 threads "
             f"{plain[2][-1]:,.0f}; "
@@ -222,35 +228,22 @@ def table_version(model_root: Path, data: Path, missingness: bool = True) -> str
     )
 
 
-def data_check_cost(work: Path, rows: int, repeats: int, attribution: bool) -> dict:
+def data_check_cost(work: Path, data: Path, rows: int, repeats: int, attribution: bool) -> dict:
     """The embed job on a mixed table with its data checks (the default) and with every check off (no
     input profile gathered), alternating: what profiling the batch in the encode pass and checking it
     at the commit cost."""
-    from ray_jobs.config import EmbedConfig
-    from ray_jobs.embed import embed
-
-    data = write_table_days(work / f"table-{rows}", rows)
     version = table_version(work / "models", data)
     off = {name: "off" for name in ("null_rate", "scale", "range", "new_categories", "vanished_categories")}
     off |= {"duplicate_keys": "off", "row_count": "off"}
     seconds: dict[str, list[float]] = {"checks": [], "no_checks": []}
     for repeat in range(repeats):
         for kind, checks in (("no_checks", off), ("checks", {})):
-            config = EmbedConfig(
-                data=str(data),
-                model_root=str(work / "models"),
-                model_version=version,
-                catalog=f"sqlite:///{work}/checks/catalog.db",
-                warehouse=str(work / "checks" / "warehouse"),
-                attribution=attribution,
-                data_checks=checks,
+            elapsed, result = embed_once(
+                work, data, version, rows, attribution=attribution, data_checks=checks
             )
-            elapsed, result = timed(lambda: embed(config))  # noqa: B023
-            assert result.embedded_rows == rows and bool(result.data_checks) == (kind == "checks")
+            assert bool(result.data_checks) == (kind == "checks")
             seconds[kind].append(elapsed)
-            shutil.rmtree(work / "checks")
             print(f"  data checks, {rows:,} rows, repeat {repeat}: {kind} {elapsed:.1f}s", flush=True)
-    shutil.rmtree(data)
     return {
         "rows": rows,
         "attribution": attribution,
@@ -259,30 +252,16 @@ def data_check_cost(work: Path, rows: int, repeats: int, attribution: bool) -> d
     }
 
 
-def missingness_cost(work: Path, rows: int, repeats: int) -> dict:
+def missingness_cost(work: Path, data: Path, rows: int, repeats: int) -> dict:
     """The embed job (attribution on, the default) on the same mixed table with a version that has the
     missingness head and one from before it (missing values skipped), alternating."""
-    from ray_jobs.config import EmbedConfig
-    from ray_jobs.embed import embed
-
-    data = write_table_days(work / f"scores-{rows}", rows)
     versions = {kind: table_version(work / "models", data, kind == "head") for kind in ("skip", "head")}
     seconds: dict[str, list[float]] = {kind: [] for kind in versions}
     for repeat in range(repeats):
         for kind, version in versions.items():
-            config = EmbedConfig(
-                data=str(data),
-                model_root=str(work / "models"),
-                model_version=version,
-                catalog=f"sqlite:///{work}/scores/catalog.db",
-                warehouse=str(work / "scores" / "warehouse"),
-            )
-            elapsed, result = timed(lambda: embed(config))  # noqa: B023
-            assert result.embedded_rows == rows
+            elapsed, _ = embed_once(work, data, version, rows)
             seconds[kind].append(elapsed)
-            shutil.rmtree(work / "scores")
             print(f"  missingness head, {rows:,} rows, repeat {repeat}: {kind} {elapsed:.1f}s", flush=True)
-    shutil.rmtree(data)
     head, skip = median(seconds["head"]), median(seconds["skip"])
     return {
         "rows": rows,
@@ -324,14 +303,16 @@ def main() -> None:
             "sizes": [],
         }
         with ray_session():
-            results["missingness_head"] = missingness_cost(work, args.table_rows, args.repeats)
+            table = write_table_days(work / "table", args.table_rows)  # one mixed table for both costs
+            results["missingness_head"] = missingness_cost(work, table, args.table_rows, args.repeats)
             if args.only_scores:
                 save("embed_scores", results)
                 return
             results["data_checks"] = [
-                data_check_cost(work, args.table_rows, args.repeats, attribution)
+                data_check_cost(work, table, args.table_rows, args.repeats, attribution)
                 for attribution in (True, False)
             ]
+            shutil.rmtree(table)
             if args.only_checks:
                 save("embed_checks", results)
                 return

@@ -27,9 +27,21 @@ def gaussian_log_likelihood(mean: torch.Tensor, logvar: torch.Tensor, x: torch.T
 
 def reconstruction_nll(model: VAE, decoded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """-log p(x|z) per example under the model's likelihood, given the decoder's output for z."""
+    values, presence = reconstruction_terms(model, decoded, x)
+    return values if presence is None else values + presence
+
+
+def reconstruction_terms(
+    model: VAE, decoded: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-log p(x|z) per example split into the values' terms and the missingness head's (None for a
+    model without the head)."""
     if model.config.likelihood == "bernoulli":
-        return -bernoulli_log_likelihood(decoded, x)
-    return column_nll(model, decoded, x).sum(dim=-1)
+        return -bernoulli_log_likelihood(decoded, x), None
+    values = value_nll(model, decoded, x).sum(dim=-1)
+    if model.layout is None or not model.layout.missingness:
+        return values, None
+    return values, missingness_nll(model, decoded, x).sum(dim=-1)
 
 
 def _decoder_logvar(model: VAE) -> torch.Tensor:
@@ -145,6 +157,6 @@ def elbo_terms(
     posterior, decoded = model(x, sample=sample, generator=generator)
     vae = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     # float32 even under bf16 autocast: sums over hundreds of features need the precision.
-    decoded = decoded.float()
-    presence = missingness_nll(vae, decoded, x).sum(dim=-1) if vae.layout is not None else None
-    return ElboTerms(reconstruction_nll(vae, decoded, x), posterior.kl(), posterior, presence)
+    values, presence = reconstruction_terms(vae, decoded.float(), x)
+    reconstruction = values if presence is None else values + presence
+    return ElboTerms(reconstruction, posterior.kl(), posterior, presence)
