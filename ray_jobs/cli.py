@@ -55,6 +55,11 @@ JOBS = {
         config.PipelineConfig,
         "the daily step: embed, monitor, publish a batch; retrain, gate, switch, roll back",
     ),
+    "serve": Job(
+        "ray_jobs.serve",
+        config.ServeConfig,
+        "the online encoding service (Ray Serve): POST /embed, follows current, writes through",
+    ),
     "submit": Job(
         "ray_jobs.submit",
         None,

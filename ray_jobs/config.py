@@ -854,6 +854,80 @@ class PublishConfig(PublishTarget, PublishOptions):
 
 
 # ---------------------------------------------------------------------------------------------
+# serve
+
+
+class ServeTarget(Section):
+    """What the service serves: the entity set's current version, followed."""
+
+    entity: Entity = "item"
+    feature_repo: FeatureRepo = "feature_repo"
+    feature_store_yaml: str | None = Field(
+        None, description="another feature_store.yaml for the same definitions (default: the repo's)"
+    )
+    model_root: ModelRoot = "models"
+    follow_seconds: float = Field(
+        5.0, gt=0, description="how often each replica checks which version is current (and loads a new one)"
+    )
+    unseen_categories: Literal["refuse", "other"] = Field(
+        "refuse", description="a category the version never saw: refuse the row (422), or map it to other"
+    )
+    attribution: bool = Field(True, description="name the columns that make each row unusual (tables)")
+
+
+class ServeWrites(Section):
+    """Write-through: Feast online at once, the version's Iceberg table in micro-commits."""
+
+    write: bool = Field(True, description="write every embedded row to Feast's online store and the table")
+    commit_seconds: float = Field(
+        10.0, gt=0, description="a micro-commit to the table at least this often while rows wait"
+    )
+    commit_rows: int = Field(10_000, gt=0, description="... or as soon as this many rows wait")
+
+
+class ServeScale(Section):
+    """Replicas, batching, HTTP."""
+
+    host: str = Field("127.0.0.1", description="HTTP address of Ray Serve's proxy (0.0.0.0: every interface)")
+    port: int = Field(8000, gt=0, lt=65536, description="HTTP port")
+    replicas: int = Field(1, ge=1, description="replicas (the least, with autoscaling)")
+    max_replicas: int | None = Field(
+        None, ge=1, description="autoscale up to this many replicas (default: a fixed number)"
+    )
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="autoscaling: requests in flight per replica it aims at"
+    )
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved by each replica")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (a fraction shares one)")
+    max_batch_size: int = Field(64, gt=0, description="requests encoded together (@serve.batch)")
+    batch_wait_seconds: float = Field(
+        0.002, ge=0, description="how long a batch waits for more requests before it runs"
+    )
+    detach: bool = Field(
+        False, description="deploy and return (on a cluster that RAY_ADDRESS names); else serve until Ctrl-C"
+    )
+
+    def deployment_options(self) -> dict:
+        resources: dict = {"num_cpus": self.cpus_per_replica}
+        if self.gpus_per_replica:
+            resources["num_gpus"] = self.gpus_per_replica
+        options: dict = {"ray_actor_options": resources, "max_ongoing_requests": 4 * self.max_batch_size}
+        if self.max_replicas is None or self.max_replicas <= self.replicas:
+            return options | {"num_replicas": self.replicas}
+        scaling = {
+            "min_replicas": self.replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+        }
+        return options | {"autoscaling_config": scaling}
+
+
+class ServeConfig(ServeTarget, ServeWrites, ServeScale):
+    """The online encoding service (Ray Serve): POST /embed returns each row's latent, anomaly score,
+    is_anomaly, attribution and model version, and writes them through to Feast and the table."""
+
+
+# ---------------------------------------------------------------------------------------------
 # pipeline
 
 

@@ -331,12 +331,15 @@ class EmbeddingsCatalog:
         run_id: str,
         started_ms: int,
         attempts: int = 10,
+        append: bool = False,
     ) -> tuple[Batch, bool]:
         """Replace batch B's rows with these files in one transaction; returns the batch as it landed,
         and False where this run had already landed it (nothing committed now).
 
         Another batch landing first makes the commit retry on the new metadata. Another run of the same
-        batch landing after this run started is a conflict: it is named, nothing is replaced."""
+        batch landing after this run started is a conflict: it is named, nothing is replaced.
+        append=True: add the files to the batch's (the online service's micro-commits: any writer of the
+        batch may land after another, and none drops another's files)."""
         from pyiceberg.exceptions import CommitFailedException
 
         snapshot_properties = {Properties.BATCH: batch_id, Properties.RUN: run_id, **properties}
@@ -345,13 +348,18 @@ class EmbeddingsCatalog:
             table.refresh()
             live = self.batches(table)
             landed = next((b for b in live if b.batch_id == batch_id), None)
-            if landed is not None and landed.run_id != run_id and _committed_ms(landed) > started_ms:
+            stale = landed is not None and landed.run_id != run_id and _committed_ms(landed) > started_ms
+            if stale and not append:
                 raise InputError(
                     f"batch '{batch_id}' of {table.name()[-1]} was committed by another run "
                     f"({landed.run_id}) at {landed.committed_at}, after this run started; nothing was "
                     "replaced (run again to replace it)"
                 )
             replaced = self._files_of(table, batch_id) if landed is not None else set()
+            if append:  # only the files not in the batch yet, nothing deleted
+                files, replaced = sorted(set(files) - replaced), set()
+                if not files:
+                    return landed, False
             if landed is not None and landed.run_id == run_id and set(files) <= replaced:
                 return landed, False  # this very run already landed (a concurrent twin, or a re-run)
             collected = _delete_collected(table)  # garbage of earlier expiries, before its record goes
