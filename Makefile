@@ -66,6 +66,7 @@ $(MLFLOW_VENV)/.installed:
 bench: setup redis-server
 	$(BIN)/python -m benchmarks.embed
 	$(BIN)/python -m benchmarks.publish
+	$(BIN)/python -m benchmarks.serve
 	$(BIN)/python -m benchmarks.history
 	$(BIN)/python -m benchmarks.train
 	$(BIN)/python -m benchmarks.anomaly

@@ -32,6 +32,7 @@ BENCHMARKS = (
     "month",
     "upstream",
     "publish",
+    "serve",
     "drift",
     "gpu",
     "cluster",

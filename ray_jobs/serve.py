@@ -34,7 +34,7 @@ from feast_embeddings.repo import EmbeddingsRepo
 from feast_embeddings.stream import StreamWriter
 from ray_jobs.config import ServeConfig
 from vae.embeddings.catalog import model_version_info
-from vae.embeddings.online import Encoded, OnlineEncoder, stream_batch_id
+from vae.embeddings.requests import Encoded, RequestEncoder, stream_batch_id
 from vae.errors import InputError
 from vae.versions.artifacts import anomaly_threshold, load_model_version
 
@@ -46,7 +46,7 @@ ARROW = "application/vnd.apache.arrow.stream"
 class Serving:
     """What a replica serves now: one loaded version and its write-through."""
 
-    encoder: OnlineEncoder
+    encoder: RequestEncoder
     writer: StreamWriter | None
 
 
@@ -70,7 +70,7 @@ class EmbeddingService:
         info = model_version_info(table, self.config.model_root)
         model_version = load_model_version(info.path.rstrip("/").rsplit("/", 1)[0], version)
         model_version.model.eval()
-        encoder = OnlineEncoder(
+        encoder = RequestEncoder(
             model_version,
             anomaly_threshold(model_version),
             self.key_type,
@@ -188,7 +188,12 @@ def deployment(config: ServeConfig):
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
 
-    @serve.deployment(name=f"vae-{config.entity}-encoder", **config.deployment_options())
+    # no access log: a line per request through the driver costs more than encoding the request
+    quiet = {"enable_access_log": False}
+
+    @serve.deployment(
+        name=f"vae-{config.entity}-encoder", logging_config=quiet, **config.deployment_options()
+    )
     class Encoder:
         def __init__(self, values: dict):
             logging.basicConfig(level=logging.INFO)
@@ -254,6 +259,7 @@ def run(config: ServeConfig) -> str:
 
     from ray_jobs.cluster import is_private_cluster, ray_session
 
+    served_version(config)  # nothing published: one line, before Ray starts
     with ray_session():
         url = start(config)
         if config.detach and not is_private_cluster():
@@ -270,10 +276,15 @@ def start(config: ServeConfig) -> str:
     """Deploy the application on the Ray cluster this process is connected to; returns its /embed URL."""
     from ray import serve
 
-    catalog = EmbeddingsRepo(config.feature_repo, config.feature_store_yaml).catalog
-    version = resolve_version(catalog, config.entity, "current")  # nothing published: one line, here
+    version = served_version(config)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(deployment(config), name=f"vae-{config.entity}", route_prefix=f"/{config.entity}")
     url = f"http://{config.host}:{config.port}/{config.entity}/embed"
     log.info("serving %s embeddings (model version %s) at %s", config.entity, version, url)
     return url
+
+
+def served_version(config: ServeConfig) -> str:
+    """The version the service will serve first; InputError when the entity set has none published."""
+    catalog = EmbeddingsRepo(config.feature_repo, config.feature_store_yaml).catalog
+    return resolve_version(catalog, config.entity, "current")

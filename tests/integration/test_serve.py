@@ -167,3 +167,12 @@ def test_a_publish_switch_moves_the_service_without_a_failed_request(service, ve
     # once switched, never back
     first_new = seen.index(versions["names"][1])
     assert set(seen[first_new:]) == {versions["names"][1]}
+
+
+def test_serving_an_entity_set_with_nothing_published_is_one_line_before_ray_starts(
+    versions, feature_repo, capsys
+):
+    from test_cli import assert_one_line_error
+
+    args = ["serve", "--feature-repo", str(feature_repo), "--model-root", str(versions["model_root"])]
+    assert_one_line_error(capsys, args, "entity 'item' has no current version yet")

@@ -35,7 +35,7 @@ class Encoded:
     positions: np.ndarray  # each embedded row's position in the request
 
 
-class OnlineEncoder:
+class RequestEncoder:
     """One loaded model version, ready to encode requests: as `vae.embeddings.runs.UnitEncoder` does for a
     file, with the threshold and key type fixed when the version is loaded."""
 
