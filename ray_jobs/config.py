@@ -873,6 +873,39 @@ class ServeTarget(Section):
         "refuse", description="a category the version never saw: refuse the row (422), or map it to other"
     )
     attribution: bool = Field(True, description="name the columns that make each row unusual (tables)")
+    canary: Canary | None = Field(
+        None,
+        description="a challenger on a share of the traffic, e.g. {version: <v>, fraction: 0.1, "
+        "max_p99_ms: 200}; see the canary options below",
+    )
+
+
+class Canary(JobConfig):
+    """A challenger version beside the current one, on a share of the traffic, withdrawn automatically when
+    it breaches a limit (vae.monitoring.canary); promote a healthy one with `vaectl publish`."""
+
+    version: str = Field(description="the canary model version (a name or models:/ URI)")
+    fraction: float = Field(0.1, gt=0, le=1, description="the share of requests it serves")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="share of its rows it fails to embed")
+    max_p99_ms: float = Field(1000.0, gt=0, description="p99 of its requests' encoding time, ms")
+    max_anomaly_rate_multiple: float = Field(
+        5.0, gt=0, description="its anomaly rate over the rate its calibration expects"
+    )
+    drift_alpha: float = Field(
+        1e-6, gt=0, lt=1, description="drift of its outputs from its own reference (KS per unit, Holm)"
+    )
+    min_rows: int = Field(200, ge=1, description="rows it serves before it is judged")
+
+    def limits(self):
+        from vae.monitoring.canary import CanaryLimits
+
+        return CanaryLimits(
+            self.max_error_rate,
+            self.max_p99_ms,
+            self.max_anomaly_rate_multiple,
+            self.drift_alpha,
+            self.min_rows,
+        )
 
 
 class ServeWrites(Section):

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from ray_jobs.cli import JOBS
-from ray_jobs.config import BLOCKS, DataChecks, JobConfig, title
+from ray_jobs.config import BLOCKS, Canary, DataChecks, JobConfig, title
 
 INTRO = """# Configuration reference
 
@@ -30,7 +30,8 @@ the thresholds, `in_process_rows`).
 """
 
 
-MAPPINGS = {DataChecks: "data_checks"}  # mapping options with keys of their own, documented after the jobs
+# mapping options with keys of their own, documented after the jobs
+MAPPINGS = {DataChecks: "data_checks", Canary: "canary"}
 
 
 def reference() -> str:
@@ -76,6 +77,8 @@ def yaml_text(field) -> str:
     """A default as it would be written in a config file."""
     if field.default_factory is not None:
         return "{}"
+    if field.is_required():
+        return "required"
     return yaml.safe_dump(field.default, default_flow_style=True, width=1000).removesuffix("...\n").strip()
 
 

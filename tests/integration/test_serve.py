@@ -104,6 +104,24 @@ def test_bad_rows_get_422_naming_row_and_column_and_the_others_are_embedded(serv
     assert status == 422 and "not JSON" in body["error"]
 
 
+def test_bulk_callers_send_and_get_arrow(service, versions):
+    keys = list(range(40, 104))
+    picked = service["digits"].filter(pa.compute.is_in(service["digits"].column("item_id"), pa.array(keys)))
+    picked = picked.select(["item_id", "pixels"])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, picked.schema) as stream:
+        stream.write_table(picked)
+    status, body = post(service["url"], sink.getvalue().to_pybytes(), "application/vnd.apache.arrow.stream")
+    assert status == 200
+    rows = pa.ipc.open_stream(body).read_all()
+    assert rows.column("item_id").to_pylist() == picked.column("item_id").to_pylist()
+    assert set(rows.column("model_version").to_pylist()) == {versions["names"][0]}
+    _, answer = post(service["url"], {"rows": rows_of(service["digits"], keys[:5])})
+    by_key = {row["item_id"]: row["latent"] for row in answer["rows"]}
+    for key, latent in zip(keys[:5], rows.column("latent").to_pylist()[:5], strict=True):
+        np.testing.assert_allclose(latent, by_key[key], atol=1e-6)
+
+
 def test_rows_are_written_through_to_feast_online_and_the_table(service, versions):
     from feast_embeddings.verify import fetch_online
 
@@ -176,3 +194,87 @@ def test_serving_an_entity_set_with_nothing_published_is_one_line_before_ray_sta
 
     args = ["serve", "--feature-repo", str(feature_repo), "--model-root", str(versions["model_root"])]
     assert_one_line_error(capsys, args, "entity 'item' has no current version yet")
+
+
+def broken_version(versions) -> str:
+    """versions[0] with its encoder zeroed (every row gets the same posterior), calibration kept."""
+    import torch
+
+    from vae import load_model_version, save_model_version
+    from vae.versions.artifacts import load_reference
+
+    good = load_model_version(versions["model_root"], versions["names"][0])
+    with torch.no_grad():
+        for parameter in good.model.encoder.parameters():
+            parameter.zero_()
+    return save_model_version(
+        versions["model_root"],
+        good.model,
+        good.normalizer,
+        good.features,
+        {},
+        {},
+        {"broken": True},
+        reference=load_reference(good),
+        anomaly=good.metadata["anomaly"],
+    )
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read().decode()
+
+
+def redeploy(service, **options):
+    from ray_jobs.serve import start
+
+    return start(service["config"].model_copy(update=options))
+
+
+def test_a_canary_serves_its_share_and_a_broken_one_is_withdrawn_with_a_decision(service, versions):
+    from vae.pipeline.decisions import DecisionLog
+
+    current, canary = versions["names"][1], versions["names"][2]  # current since the switch test
+    # the canary's rows are written through to its own view: it is published, not current
+    publish(
+        PublishConfig(
+            feature_repo=str(service["repo"]),
+            model_version=canary,
+            switch_current=False,
+            verify_rows=0,
+            show=0,
+        )
+    )
+    url = redeploy(service, canary={"version": canary, "fraction": 0.5})
+    rows = rows_of(service["digits"], [31])
+    served = [post(url, {"rows": rows})[1]["model_version"] for _ in range(40)]
+    assert {current, canary} == set(served) and 8 <= served.count(canary) <= 32, served
+    metrics = get(url.replace("/embed", "/metrics"))
+    for version in (current, canary):
+        assert (
+            f'vae_serve_requests_total{{entity="item",model_version="{version}"}} {served.count(version)}.0'
+            in (metrics)
+        ), metrics
+
+    broken = broken_version(versions)
+    url = redeploy(service, write=False, canary={"version": broken, "fraction": 0.5, "min_rows": 40})
+    assert json.loads(get(url.replace("/embed", "/version")))["canary"] == broken
+    keys = list(range(100, 400))
+    answers, deadline = [], time.time() + 60
+    while time.time() < deadline and json.loads(get(url.replace("/embed", "/version")))["canary"] is not None:
+        key = keys[len(answers) % len(keys)]
+        status, body = post(url, {"rows": rows_of(service["digits"], [key])})
+        assert status == 200, body
+        answers.append(body["model_version"])
+    assert broken in answers, "the canary never served"
+    assert json.loads(get(url.replace("/embed", "/version")))["canary"] is None, "never withdrawn"
+    withdrawn = [
+        d
+        for d in DecisionLog(EmbeddingsRepo(service["repo"]).catalog, "item").read()
+        if d.kind == "canary_withdrawn"
+    ]
+    assert [d.model_version for d in withdrawn] == [broken]
+    assert "drift" in withdrawn[0].reason or "anomaly rate" in withdrawn[0].reason, withdrawn[0].reason
+    assert withdrawn[0].detail["current"] == current
+    after = [post(url, {"rows": rows})[1]["model_version"] for _ in range(10)]
+    assert set(after) == {current}

@@ -14,11 +14,12 @@ import yaml
 
 from ray_jobs.cli import JOBS
 from ray_jobs.cluster import node_capacity
-from ray_jobs.config import EmbedConfig, PublishConfig, TrainConfig, parse_config
+from ray_jobs.config import EmbedConfig, PublishConfig, ServeConfig, TrainConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO / "cluster.yaml"
 RAYJOB_YAML = REPO / "deploy" / "kuberay" / "rayjob.yaml"
+RAYSERVICE_YAML = REPO / "deploy" / "kuberay" / "rayservice.yaml"
 IMAGE = re.compile(r"rayproject/ray:2\.60\.\d+-py311-gpu")
 PIN = re.compile(r"vae-feast(?:\.git@|/archive/)([0-9a-f]{40})\b")
 
@@ -210,6 +211,38 @@ def test_kuberay_rayjob_structure():
         assert step[:3] == ["python", "-m", "ray_jobs.cli"]
         arguments = [a.replace("deploy/", f"{REPO}/deploy/") for a in step[4:]]
         parse_config(JOBS[step[3]].config, arguments, prog=step[3])
+
+
+def test_kuberay_rayservice_runs_the_encoding_service_on_the_rayjobs_cluster():
+    """The RayService: the RayJob's reviewed cluster, the same pinned commit, and a Serve application whose
+    import path is the service's builder and whose config parses with the service's own config class."""
+    import importlib
+
+    service = yaml.safe_load(RAYSERVICE_YAML.read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    reviewed = yaml.safe_load(RAYJOB_YAML.read_text())["spec"]["rayClusterSpec"]
+    assert service["spec"]["rayClusterConfig"] == reviewed
+    assert pinned_commits(RAYSERVICE_YAML.read_text()) == pinned_commits(CLUSTER_YAML.read_text())
+
+    (application,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    module, _, builder = application["import_path"].partition(":")
+    from ray.serve import Application
+
+    built = getattr(importlib.import_module(module), builder)(
+        {"config": str(REPO / "deploy/jobs/serve.yaml")}
+    )
+    assert isinstance(built, Application)
+    config = deploy_config(ServeConfig, "serve")
+    assert application["args"] == {"config": "deploy/jobs/serve.yaml"}
+    assert application["route_prefix"] == f"/{config.entity}" and config.write
+    assert config.feature_store_yaml == "deploy/feature_store.yaml"
+    cpu_nodes = [group_resources(g) for g in reviewed["workerGroupSpecs"] if not group_resources(g)["GPU"]]
+    assert any(fits({"CPU": config.cpus_per_replica}, node) for node in cpu_nodes)
+    runtime = application["runtime_env"]
+    assert runtime["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http") and set(runtime) >= {
+        "working_dir",
+        "pip",
+    }
 
 
 CRONJOB_YAML = REPO / "deploy" / "kuberay" / "pipeline-cronjob.yaml"

@@ -33,6 +33,12 @@ class Encoded:
     rows: pa.Table
     errors: dict[int, str]
     positions: np.ndarray  # each embedded row's position in the request
+    version: str  # the model version that encoded it
+
+    @property
+    def failed(self) -> int:
+        """Rows the version failed to embed (its outputs not finite), as opposed to bad input."""
+        return sum(message == NOT_FINITE for message in self.errors.values())
 
 
 class RequestEncoder:
@@ -65,7 +71,8 @@ class RequestEncoder:
         absent = [name for name in features.columns if name not in request.column_names]
         if absent:  # no row has the column: every row is bad, and says which column
             reason = f"has no value in column '{absent[0]}'"
-            return Encoded(self._empty(), dict.fromkeys(range(request.num_rows), reason), np.zeros(0, int))
+            errors = dict.fromkeys(range(request.num_rows), reason)
+            return Encoded(self._empty(), errors, np.zeros(0, int), self.version)
         problems = row_problems(request, features)
         good = np.ones(request.num_rows, bool) if problems is None else np.equal(problems, None)
         if problems is not None:
@@ -101,7 +108,7 @@ class RequestEncoder:
             contract.constant_timestamps(event_time, rows.num_rows),
             attribution,
         )
-        return Encoded(table, errors, positions)
+        return Encoded(table, errors, positions, self.version)
 
     def _encode(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         model, normalizer = self.model_version.model, self.model_version.normalizer

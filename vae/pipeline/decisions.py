@@ -31,6 +31,7 @@ KINDS = (
     "embedded",
     "monitored",
     "published",
+    "canary_withdrawn",  # by the encoding service, not a step: a canary version taken out of traffic
     "data_warning",
     "drift_seen",
     "data_blocked",
