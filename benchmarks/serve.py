@@ -4,8 +4,10 @@ the same encoding (benchmarks.plain_encoder, one uvicorn worker, no batching), s
 A 64-d vector version (hidden [256, 128], latent 16) is embedded and published into a feature repo of
 its own; then for 1-row and 64-row requests at 1, 8 and 32 concurrent clients (each one HTTP/1.1
 connection, back to back for --seconds): requests/s, rows/s, p50 and p99 latency of the service without
-write-through, with write-through (Feast online SQLite + Iceberg micro-commits), and of the plain
-process. Medians of --repeats runs; the ratio is the service's rows/s over the plain process's.
+write-through, with write-through (Feast online SQLite + Iceberg micro-commits), of the plain process, of
+Ray Serve's floor (a deployment answering a constant: what any Serve app pays here) and of `feast serve`
+reading the same keys' already-written vectors. Medians of --repeats runs; the ratios: the service's
+rows/s over the plain process's, its requests/s over Serve's floor.
 
     python -m benchmarks.serve [--seconds 5] [--repeats 3]
 """
@@ -63,12 +65,12 @@ def published_repo(work: Path, rows: int) -> tuple[Path, Path, str, list[dict]]:
     return repo, work / "models", version, requests
 
 
-def load(url: str, requests: list[dict], args) -> list[dict]:
+def load(url: str, requests: list[dict], args, payload=lambda rows: {"rows": rows}) -> list[dict]:
     figures = []
     for rows in (1, 64):
         for clients in (1, 8, 32):
             runs = [
-                http_load(url, {"rows": requests[:rows]}, clients, args.seconds) for _ in range(args.repeats)
+                http_load(url, payload(requests[:rows]), clients, args.seconds) for _ in range(args.repeats)
             ]
             figures.append(
                 {
@@ -96,6 +98,47 @@ def served(repo: Path, models: Path, requests: list[dict], args, write: bool) ->
         return load(url, requests, args)
     finally:
         serve.shutdown()
+
+
+def serve_floor(requests: list[dict], args) -> list[dict]:
+    """Ray Serve's own cost here: a deployment that reads the body and answers a constant."""
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(logging_config={"enable_access_log": False}, max_ongoing_requests=256)
+    class Constant:
+        async def __call__(self, request):
+            await request.body()
+            return JSONResponse({"rows": []})
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(Constant.bind(), name="floor", route_prefix="/floor")
+    try:
+        return load(f"http://127.0.0.1:{port}/floor", requests, args)
+    finally:
+        serve.shutdown()
+
+
+def feast_serve(repo: Path, requests: list[dict], args) -> list[dict]:
+    """`feast serve` reading the already-written vectors of the same keys (the current service)."""
+    port = free_port()
+    feast = shutil.which("feast", path=str(Path(sys.executable).parent)) or "feast"
+    command = [feast, "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log", "--max-requests", "0"]
+    server = subprocess.Popen(command, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def payload(rows: list[dict]) -> dict:
+        return {
+            "feature_service": "item_embeddings_current",
+            "entities": {"item_id": [r["item_id"] for r in rows]},
+        }
+
+    try:
+        wait_for_port(port, server, "feast serve", seconds=120)
+        return load(f"http://127.0.0.1:{port}/get-online-features", requests, args, payload)
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def plain(models: Path, version: str, requests: list[dict], args) -> list[dict]:
@@ -129,6 +172,8 @@ def main() -> None:
                 "serve": served(repo, models, requests, args, write=False),
                 "serve_write_through": served(repo, models, requests, args, write=True),
                 "plain_fastapi": plain(models, version, requests, args),
+                "serve_floor": serve_floor(requests, args),
+                "feast_serve": feast_serve(repo, requests, args),
             }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -136,7 +181,14 @@ def main() -> None:
         f"{s['rows_per_request']}x{s['clients']}": round(s["rows_per_s"] / max(p["rows_per_s"], 1e-9), 2)
         for s, p in zip(results["serve"], results["plain_fastapi"], strict=True)
     }
+    results["floor_ratio_requests_per_s"] = {
+        f"{s['rows_per_request']}x{s['clients']}": round(
+            s["requests_per_s"] / max(f["requests_per_s"], 1e-9), 2
+        )
+        for s, f in zip(results["serve"], results["serve_floor"], strict=True)
+    }
     print("service rows/s over the plain process:", results["ratio_rows_per_s"])
+    print("service requests/s over Ray Serve's floor:", results["floor_ratio_requests_per_s"])
     save("serve", results, show=False)
 
 

@@ -934,7 +934,10 @@ class ServeScale(Section):
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (a fraction shares one)")
     max_batch_size: int = Field(64, gt=0, description="requests encoded together (@serve.batch)")
     batch_wait_seconds: float = Field(
-        0.002, ge=0, description="how long a batch waits for more requests before it runs"
+        0.0,
+        ge=0,
+        description="how long a batch waits for more requests (0: it takes the requests queued while the "
+        "last one encoded, which is how batches form under load without delaying a lone request)",
     )
     detach: bool = Field(
         False, description="deploy and return (on a cluster that RAY_ADDRESS names); else serve until Ctrl-C"

@@ -52,8 +52,9 @@ from ray_jobs.config import (
 )
 from ray_jobs.embed import embed, embed_batches
 from ray_jobs.publish import publish
-from vae.embeddings.catalog import Properties, model_version_info
+from vae.embeddings.catalog import Batch, Properties, model_version_info
 from vae.embeddings.lock import Lease, LockHeld
+from vae.embeddings.requests import is_stream_batch
 from vae.embeddings.runs import EmbedResult, check_batch_id
 from vae.errors import DataRefused, InputError, first_line
 from vae.killpoints import killpoint
@@ -474,7 +475,7 @@ def backfill(step: Step, champion: str, challenger: str) -> None:
     commit. O(the champion's history), once per retrain; a re-run commits only what is missing."""
     catalog = step.repo.catalog
     started = time.perf_counter()
-    batches = catalog.batches(catalog.table(step.entity, champion))
+    batches = replayable(catalog.batches(catalog.table(step.entity, champion)))
     configs = []
     for batch in batches:
         source = batch.properties.get(Properties.DATA)
@@ -493,6 +494,15 @@ def backfill(step: Step, champion: str, challenger: str) -> None:
     step.timings["backfill"] = seconds
     pushgateway.stage(step.metrics, "backfill", seconds, rows, model_version=challenger)
     step.decide("backfilled", challenger, f"{len(batches)} batches, {rows:,} rows", champion=champion)
+
+
+def replayable(batches: list[Batch]) -> list[Batch]:
+    """The batches a backfill embeds again: those with an input; the rows the encoding service embedded on
+    request have none, and the daily batches that follow embed those items from their input again."""
+    streamed = [b.batch_id for b in batches if is_stream_batch(b.batch_id)]
+    if streamed:
+        log.info("backfill leaves out %d batches embedded on request: %s", len(streamed), ", ".join(streamed))
+    return [b for b in batches if not is_stream_batch(b.batch_id)]
 
 
 def gate_challenger(

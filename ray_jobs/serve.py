@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from feast_embeddings.publication import resolve_version
 from feast_embeddings.repo import EmbeddingsRepo
@@ -89,10 +90,12 @@ class EmbeddingService:
             info = model_version_info(catalog.table(entity, version), self.config.model_root)
             root = info.path.rstrip("/").rsplit("/", 1)[0]
         model_version = load_model_version(root, version)
-        model_version.model.eval()
+        device = "cuda" if self.config.gpus_per_replica and torch.cuda.is_available() else "cpu"
+        model_version.model.to(device).eval()
         threshold = anomaly_threshold(model_version)
+        config = self.config
         encoder = RequestEncoder(
-            model_version, threshold, self.key_type, self.config.unseen_categories, self.config.attribution
+            model_version, threshold, self.key_type, config.unseen_categories, config.attribution, device
         )
         writer = self.writer(version) if self.config.write else None
         reference = load_reference(model_version)

@@ -150,6 +150,19 @@ def test_rows_are_written_through_to_feast_online_and_the_table(service, version
     row = streamed.set_index("item_id").loc[900_002]
     np.testing.assert_allclose(row["latent"], body["rows"][1]["latent"], rtol=1e-6)
 
+    # point in time: the vector exists from when it was embedded, not before
+    import pandas as pd
+
+    embedded_at = pd.Timestamp(body["rows"][1]["event_timestamp"])
+    entity_df = pd.DataFrame(
+        {"item_id": [900_002, 900_002], "event_timestamp": [embedded_at - pd.Timedelta(hours=1), embedded_at]}
+    )
+    offline = repo.store.get_historical_features(entity_df=entity_df, features=[f"{view}:latent"]).to_df()
+    offline = offline.sort_values("event_timestamp")
+    before = offline["latent"].iloc[0]
+    assert before is None or (isinstance(before, float) and np.isnan(before)) or len(before) == 0, before
+    np.testing.assert_allclose(list(offline["latent"].iloc[1]), body["rows"][1]["latent"], rtol=1e-6)
+
 
 def test_a_publish_switch_moves_the_service_without_a_failed_request(service, versions):
     statuses, seen, stop = [], [], threading.Event()
@@ -268,11 +281,15 @@ def test_a_canary_serves_its_share_and_a_broken_one_is_withdrawn_with_a_decision
         answers.append(body["model_version"])
     assert broken in answers, "the canary never served"
     assert json.loads(get(url.replace("/embed", "/version")))["canary"] is None, "never withdrawn"
-    withdrawn = [
-        d
-        for d in DecisionLog(EmbeddingsRepo(service["repo"]).catalog, "item").read()
-        if d.kind == "canary_withdrawn"
-    ]
+    # out of traffic first, then the decision appended: wait for it
+    log, withdrawn, deadline = (
+        DecisionLog(EmbeddingsRepo(service["repo"]).catalog, "item"),
+        [],
+        time.time() + 30,
+    )
+    while not withdrawn and time.time() < deadline:
+        withdrawn = [d for d in log.read() if d.kind == "canary_withdrawn"]
+        time.sleep(0.2)
     assert [d.model_version for d in withdrawn] == [broken]
     assert "drift" in withdrawn[0].reason or "anomaly rate" in withdrawn[0].reason, withdrawn[0].reason
     assert withdrawn[0].detail["current"] == current

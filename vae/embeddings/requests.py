@@ -52,11 +52,13 @@ class RequestEncoder:
         key_type: pa.DataType,
         unseen_categories: str = "refuse",
         attribution: bool = True,
+        device: str = "cpu",  # where the model is (a GPU replica moves it there)
     ):
         if model_version.features.table is not None:
             table = with_unseen(model_version.features.table, unseen_categories)
             model_version = replace(model_version, features=replace(model_version.features, table=table))
         self.model_version, self.threshold, self.key_type = model_version, threshold, key_type
+        self.device = device
         features = model_version.features
         self.attributes = attribution and attributes(model_version.model) and bool(features.feature_columns)
 
@@ -113,13 +115,21 @@ class RequestEncoder:
     def _encode(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         model, normalizer = self.model_version.model, self.model_version.normalizer
         if self.attributes:
-            return encode_with_attribution(model, normalizer, matrix)
-        return (*encode_matrix(model, normalizer, matrix), None)
+            return encode_with_attribution(model, normalizer, matrix, self.device)
+        return (*encode_matrix(model, normalizer, matrix, self.device), None)
 
     def _empty(self) -> pa.Table:
         return contract.schema(self.model_version.features.key_column, self.key_type).empty_table()
 
 
+STREAM_PREFIX = "stream-"
+
+
 def stream_batch_id(moment: datetime) -> str:
-    """The batch that rows embedded online on a day belong to, e.g. stream-2026-12-07."""
-    return f"stream-{moment:%Y-%m-%d}"
+    """The batch that rows embedded on request on a day belong to, e.g. stream-2026-12-07."""
+    return f"{STREAM_PREFIX}{moment:%Y-%m-%d}"
+
+
+def is_stream_batch(batch_id: str) -> bool:
+    """Rows embedded on request: no input file to embed again (a backfill leaves them to the daily batch)."""
+    return batch_id.startswith(STREAM_PREFIX)

@@ -1,4 +1,5 @@
-"""A canary's limits: each breach is found once the canary served enough rows, and named with its figure."""
+"""The encoding service's rules without a server: a canary's limits (each breach found once it served enough
+rows, and named with its figure), and what a backfill leaves to the daily batches."""
 
 import numpy as np
 
@@ -33,3 +34,14 @@ def test_each_limit_is_named_with_its_figure():
     found = breaches(served(1000, shift=1.0), LIMITS, 0.01, reference)
     assert len(found) == 1 and found[0].startswith("drift of its outputs"), found
     assert breaches(served(1000, anomalous_share=0.2), LIMITS, None, None) == []  # no calibration: not judged
+
+
+def test_a_backfill_leaves_out_the_batches_embedded_on_request():
+    from ray_jobs.pipeline import replayable
+    from vae.embeddings.catalog import Batch
+
+    def batch(name: str) -> Batch:
+        return Batch(name, 10, 1, 1, "2026-12-07T00:00:00+00:00", "run", None, {"vae.data": "s3://x/" + name})
+
+    kept = replayable([batch("day-1"), batch("stream-2026-12-07"), batch("day-2")])
+    assert [b.batch_id for b in kept] == ["day-1", "day-2"]
