@@ -249,13 +249,21 @@ def test_validation_split_needs_rows_on_both_sides(ray_cluster, tmp_path):
 
 
 def test_the_session_cluster_leaves_rays_default_ports_free(ray_cluster):
-    """Other clusters (a job's private one, `ray start` in test_cluster) start while this one runs."""
-    import socket
+    """Other clusters (a job's private one, `ray start` in test_cluster) start while this one runs. Another
+    test worker's private cluster may hold a default port meanwhile: only this session's processes (this
+    process's descendants) must not."""
+    import os
+
+    import psutil
 
     assert ray_cluster.is_initialized()
+    ours = {child.pid for child in psutil.Process(os.getpid()).children(recursive=True)} | {os.getpid()}
+    assert len(ours) > 2, "the session cluster's processes are this process's children"
     for port in (8265, 52365):  # Ray's default dashboard and dashboard-agent ports
-        with socket.socket() as probe:
-            probe.bind(("", port))  # raises if a process of the session cluster listens there
+        listening = {
+            c.pid for c in psutil.net_connections(kind="tcp") if c.laddr.port == port and c.status == "LISTEN"
+        }
+        assert not listening & ours, f"the session cluster listens on {port}"
 
 
 def test_default_run_reports_to_ray_train_once_and_keeps_every_epoch(trained):
