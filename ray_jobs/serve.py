@@ -451,9 +451,9 @@ def run(config: ServeConfig) -> str:
 
     from ray_jobs.cluster import is_private_cluster, ray_session
 
-    served_version(config)  # nothing published: one line, before Ray starts
+    version = served_version(config)  # nothing published: one line, before Ray starts
     with ray_session():
-        url = start(config)
+        url = start(config, version)
         if config.detach and not is_private_cluster():
             log.info("deployed; `serve shutdown` or `vaectl serve` again to change it")
             return url
@@ -464,11 +464,11 @@ def run(config: ServeConfig) -> str:
             serve.shutdown()
 
 
-def start(config: ServeConfig) -> str:
+def start(config: ServeConfig, version: str | None = None) -> str:
     """Deploy the application on the Ray cluster this process is connected to; returns its /embed URL."""
     from ray import serve
 
-    version = served_version(config)
+    version = version or served_version(config)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(deployment(config), name=f"vae-{config.entity}", route_prefix=f"/{config.entity}")
     url = f"http://{config.host}:{config.port}/{config.entity}/embed"

@@ -16,13 +16,9 @@ import pyarrow as pa
 from vae.data.features import features_to_numpy, row_problems
 from vae.data.tabular import with_unseen
 from vae.embeddings import contract
+from vae.embeddings.runs import NOT_FINITE
 from vae.encode import attributes, encode_matrix, encode_with_attribution
 from vae.versions.artifacts import ModelVersion
-
-NOT_FINITE = (
-    "has a model output (posterior mean or anomaly score) that is not finite: the row is far outside the "
-    "data the model was trained on"
-)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,13 @@ RUN_MARKER = "_run.json"
 log = logging.getLogger("vae.embeddings.runs")
 
 
+# why a row whose model outputs overflow is refused or quarantined (the embed job and the service)
+NOT_FINITE = (
+    "has a model output (posterior mean or anomaly score) that is not finite: the row is far outside the "
+    "data the model was trained on"
+)
+
+
 @dataclass(frozen=True)
 class WorkUnit:
     """Consecutive row groups of one input file, encoded into one output file."""
@@ -514,8 +521,7 @@ class UnitEncoder:
         finite = np.isfinite(posterior_mean).all(axis=1) & np.isfinite(anomaly_score)
         if finite.all():
             return good, posterior_mean, anomaly_score, None
-        reason = "has a model output (posterior mean or anomaly score) that is not finite: the row is far "
-        reason += "outside the data the model was trained on"
+        reason = NOT_FINITE
         if self.options.on_bad_rows != "quarantine":
             key_column = self.model_version.features.key_column
             key = good.column(key_column)[int(np.flatnonzero(~finite)[0])].as_py()

@@ -41,6 +41,7 @@ class VersionHealth:
     anomalies: int = 0
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=2000))
     latents: deque = field(default_factory=lambda: deque(maxlen=2000))
+    _drift: tuple[int, float] | None = field(default=None, repr=False)  # (rows when computed, p-value)
 
     def record(
         self, latency_ms: float, posterior_mean: np.ndarray, is_anomaly: np.ndarray, failed: int
@@ -66,10 +67,13 @@ class VersionHealth:
         return float(np.percentile(self.latencies_ms, 99)) if self.latencies_ms else 0.0
 
     def drift_p_value(self, reference: np.ndarray | None) -> float | None:
-        """Of its recent outputs against its reference posterior means (None without either)."""
+        """Of its recent outputs against its reference posterior means (None without either); computed
+        once per rows served (the canary's judge, its decision and the metrics all ask)."""
         if reference is None or len(self.latents) < 20:
             return None
-        return per_dimension_test(reference, np.asarray(self.latents))["p_value"]
+        if self._drift is None or self._drift[0] != self.rows:
+            self._drift = (self.rows, per_dimension_test(reference, np.asarray(self.latents))["p_value"])
+        return self._drift[1]
 
 
 def breaches(
