@@ -3,6 +3,7 @@ MLflow tracking server over HTTP on 127.0.0.1: tracked training runs, registered
 moving with Feast's "current", models:/ URIs in embed, the pyfunc model, lineage from a downstream run,
 and a tracking outage."""
 
+import hashlib
 import json
 import logging
 import os
@@ -239,13 +240,39 @@ def test_the_pyfunc_model_predicts_what_embed_wrote(world):
     flavor = (folder / "MLmodel").read_text()
     assert "model_code_path" in flavor and "python_model.pkl" not in flavor
     assert not list(folder.rglob("*.pkl"))
-    # a folder registered before the library's subpackages runs the old copy of the code: it still loads
+    # a folder registered before the library's subpackages (and before manifests) runs the old copy of
+    # the code: it still loads
     before = Path(world["models"]).parent / "registered-before" / world["tracked"]
     shutil.copytree(folder, before)
     shutil.copy(REPO / "tests" / "data" / "mlflow_pyfunc_before_subpackages.py", before / "mlflow_pyfunc.py")
+    (before / "manifest.json").unlink()
     assert "from vae.artifacts import" in (before / "mlflow_pyfunc.py").read_text()
     again = mlflow.pyfunc.load_model(str(before)).predict(frame)
     np.testing.assert_array_equal(np.stack(again.latent), np.stack(predicted.latent))
+
+
+def test_registering_covers_the_pyfunc_code_and_a_swapped_copy_never_runs(world, tmp_path):
+    from vae.versions.manifest import ManifestError
+    from vae.versions.mlflow_registry import add_pyfunc_files, load_pyfunc
+
+    folder = world["models"] / world["tracked"]
+    listed = json.loads((folder / "manifest.json").read_text())["files"]
+    for name in ("MLmodel", "mlflow_pyfunc.py", "python_env.yaml", "requirements.txt", "model.json"):
+        assert listed[name] == hashlib.sha256((folder / name).read_bytes()).hexdigest(), name
+    frame = pq.read_table(world["data"]).to_pandas().head(20)
+    assert len(load_pyfunc("models:/vae-item@champion").predict(frame)) == 20
+    # whoever can write to the folder swaps the code every consumer would run
+    swapped = tmp_path / "models" / world["tracked"]
+    shutil.copytree(folder, swapped)
+    marker = tmp_path / "executed"
+    code = swapped / "mlflow_pyfunc.py"
+    code.write_text(f"open({str(marker)!r}, 'w').close()\n" + code.read_text())
+    with pytest.raises(ManifestError, match="mlflow_pyfunc.py changed"):
+        load_pyfunc(str(swapped))
+    assert not marker.exists()
+    with pytest.raises(ManifestError, match="mlflow_pyfunc.py changed"):
+        add_pyfunc_files(str(swapped))  # registering again never keeps a different copy silently
+    assert not marker.exists()
 
 
 def test_lineage_from_a_downstream_run_back_to_the_vae_run(world, capsys):

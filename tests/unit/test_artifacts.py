@@ -46,26 +46,40 @@ def test_round_trip_is_bit_exact(saved):
     assert not [p for p in root.iterdir() if p.name.startswith(".staging")]
 
 
-def test_truncated_weights_are_refused(saved):
+def saved_before_manifests(root, version) -> None:
+    """A folder as versions were saved before manifests: model.json's checksums are the only defence."""
+    (root / version / "manifest.json").unlink()
+
+
+@pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "before-manifests"])
+def test_truncated_weights_are_refused(saved, manifest):
     root, version, *_ = saved
+    if not manifest:
+        saved_before_manifests(root, version)
     weights = root / version / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(InputError, match="does not match the checksum"):
+    expected = "model.safetensors changed" if manifest else "does not match the checksum"
+    with pytest.raises(InputError, match=expected):
         load_model_version(root, version)
 
 
-def test_tampered_weights_are_refused(saved):
+@pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "before-manifests"])
+def test_tampered_weights_are_refused(saved, manifest):
     root, version, *_ = saved
+    if not manifest:
+        saved_before_manifests(root, version)
     weights = root / version / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(InputError, match="does not match the checksum"):
+    expected = "model.safetensors changed" if manifest else "does not match the checksum"
+    with pytest.raises(InputError, match=expected):
         load_model_version(root, version)
 
 
 def test_architecture_that_does_not_fit_the_weights_is_refused(saved):
     root, version, *_ = saved
+    saved_before_manifests(root, version)  # else the manifest refuses the changed model.json first
     metadata_path = root / version / "model.json"
     metadata = json.loads(metadata_path.read_text())
     metadata["architecture"]["latent_dim"] = 3
@@ -76,6 +90,7 @@ def test_architecture_that_does_not_fit_the_weights_is_refused(saved):
 
 def test_pickle_in_place_of_safetensors_is_refused_without_running_it(saved, tmp_path):
     root, version, model, _ = saved
+    saved_before_manifests(root, version)  # else the manifest refuses the changed files first
     weights = root / version / "model.safetensors"
     marker = tmp_path / "executed"
 
@@ -113,5 +128,5 @@ def test_version_info_reads_the_metadata_without_the_weights(saved):
     (root / version / "model.safetensors").write_bytes(b"not read")  # loading would refuse this version
     info = read_model_version_info(root, "latest")
     assert (info.version, info.metadata["version"], info.metadata["data"]) == (version, version, {"rows": 20})
-    with pytest.raises(InputError, match="does not match the checksum"):
+    with pytest.raises(InputError, match="model.safetensors changed"):
         load_model_version(root, version)

@@ -11,18 +11,22 @@
     <model_root>/<version>/profile.json        the training inputs' profile, per column
                                                (vae.monitoring.profile): what batches are checked
                                                against before they count
+    <model_root>/<version>/manifest.json       sha256 of every file above (and, once registered, of
+                                               MLflow's files), optionally signed (vae.versions.manifest)
 
 model_root is a local path or an s3:// URL. Locally a version is written under
 <model_root>/.staging-*/ and renamed into place; on S3 (no rename) the files are uploaded with
 model.json last, and only a directory holding model.json counts as a version. Either way a crash
-never leaves a version that looks complete. Loading verifies the checksum and every tensor
-shape before building the model.
+never leaves a version that looks complete. Reading model.json checks it against the manifest (and
+the manifest's signature when a key is set); loading checks every file of the folder and every
+tensor shape before building the model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -43,7 +47,10 @@ from vae.data.features import FeatureSchema
 from vae.data.normalizer import Normalizer
 from vae.errors import InputError
 from vae.model import VAE, ModelConfig
+from vae.versions import manifest
 from vae.storage import filesystem, is_local, storage_errors, url_of
+
+log = logging.getLogger("vae.versions.artifacts")
 
 FORMAT = "vae-model-version/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -125,6 +132,7 @@ def save_model_version(
             (staging / PROFILE_FILE).write_text(profile)
             metadata["profile_sha256"] = _sha256(staging / PROFILE_FILE)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        manifest.write_manifest(staging, version)
         _commit(fs, root, staging, version)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -189,11 +197,19 @@ def read_model_version_info(model_root: str | os.PathLike, version: str = "lates
     path = url_of(fs, f"{root}/{version}")
     try:
         with storage_errors(path):
-            metadata = json.loads(fs.cat_file(f"{root}/{version}/{METADATA_FILE}"))
+            metadata_bytes = fs.cat_file(f"{root}/{version}/{METADATA_FILE}")
+        metadata = json.loads(metadata_bytes)
     except (OSError, json.JSONDecodeError) as error:
         raise InputError(
             f"model version {path}: {METADATA_FILE} is unreadable ({error}); the version is corrupt"
         ) from None
+    listed = read_manifest(path)
+    if listed is not None:
+        if listed.get(METADATA_FILE) != manifest.sha256(metadata_bytes):
+            raise manifest.ManifestError(
+                f"model version {path} does not match its manifest: {METADATA_FILE} changed; someone or "
+                "something changed the folder after it was saved. Restore it or train a new version"
+            )
     if metadata.get("format") != FORMAT:
         raise InputError(f"model version {path}: format {metadata.get('format')!r} is not {FORMAT!r}")
     return ModelVersionInfo(version, path, metadata)
@@ -208,6 +224,7 @@ def load_model_version(model_root: str | os.PathLike, version: str = "latest") -
             weights_bytes = fs.cat_file(f"{path}/{WEIGHTS_FILE}")
     except OSError:
         weights_bytes = None
+    verify_folder(info.path, {WEIGHTS_FILE: weights_bytes} if weights_bytes is not None else {})
     if weights_bytes is None or hashlib.sha256(weights_bytes).hexdigest() != info.metadata.get(
         "weights_sha256"
     ):
@@ -227,6 +244,51 @@ def load_model_version(model_root: str | os.PathLike, version: str = "latest") -
     model.load_state_dict(weights, strict=True)
     model.eval()
     return ModelVersion(info.version, info.path, info.metadata, model, normalizer, features)
+
+
+_UNLISTED: set[str] = set()  # folders without a manifest already warned about
+
+
+def read_manifest(where: str) -> dict[str, str] | None:
+    """The files a version folder's manifest lists (path -> sha256), its signature checked; None for a folder saved before manifests
+    (then only the checksums in model.json are checked), refused when a manifest key is set."""
+    fs, path = filesystem(where)
+    try:
+        with storage_errors(where):
+            data = fs.cat_file(f"{path}/{manifest.MANIFEST_FILE}")
+    except FileNotFoundError:
+        if manifest.signing_required():
+            raise manifest.ManifestError(
+                f"model version {where} has no {manifest.MANIFEST_FILE} (saved before manifests, or it was "
+                "removed) and a manifest key is set; refusing to load it"
+            ) from None
+        if where not in _UNLISTED:
+            _UNLISTED.add(where)
+            log.warning(
+                "model version %s has no manifest (saved before manifests): only its weights, reference "
+                "and profile are checked; train a new version to have every file checked",
+                where,
+            )
+        return None
+    return manifest.parse(where, data)
+
+
+def verify_folder(where: str, already_read: dict[str, bytes] | None = None) -> None:
+    """Refuse a version folder with a file changed, added or missing against its manifest, naming it
+    (a no-op for a folder saved before manifests)."""
+    listed = read_manifest(where)
+    if listed is None:
+        return
+    fs, path = filesystem(where)
+    hashes = {}
+    with storage_errors(where):
+        for found in sorted(fs.find(path)):
+            name = found[len(path) :].lstrip("/")
+            if name == manifest.MANIFEST_FILE or name.startswith(f"{manifest.MANIFEST_FILE}.tmp-"):
+                continue  # the manifest itself, or what a crash left of rewriting it (never loaded)
+            data = (already_read or {}).get(name)
+            hashes[name] = manifest.sha256(data if data is not None else fs.cat_file(found))
+    manifest.check_files(where, listed, hashes)
 
 
 def load_reference(version: ModelVersionInfo) -> dict[str, np.ndarray] | None:

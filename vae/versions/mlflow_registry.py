@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vae.errors import InputError, first_line
-from vae.storage import filesystem, is_local, storage_errors
+from vae.storage import filesystem, is_local, storage_errors, write_bytes_atomically
 
 log = logging.getLogger("vae.versions.mlflow_registry")
 
@@ -275,38 +275,68 @@ def resolve_model_version(model_version: str, tracking_uri: str | None, fix: str
     return Registry(tracking_uri).resolve(model_version)
 
 
+def load_pyfunc(model_uri: str):
+    """`mlflow.pyfunc.load_model(model_uri)`, after checking the folder it loads against its manifest:
+    MLflow executes the folder's mlflow_pyfunc.py while loading, so the check has to come first. The
+    folder is downloaded once, checked, and loaded from that same copy."""
+    import mlflow
+
+    from vae.versions.artifacts import verify_folder
+
+    _fail_fast()
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+    verify_folder(local)
+    return mlflow.pyfunc.load_model(local)
+
+
 def add_pyfunc_files(path: str) -> None:
     """Make a version folder an MLflow pyfunc model (models from code): MLmodel, the code file and its
-    environment, written next to model.json (which, and the weights, stay as they are)."""
+    environment, written next to model.json (which, and the weights, stay as they are), and added to
+    the folder's manifest. Files the manifest already lists must match it (else the folder is refused,
+    naming them); copies it does not list (a registration cut short) are replaced by this code's."""
+    from vae.versions import manifest
+    from vae.versions.artifacts import read_manifest, verify_folder
+
     fs, root = filesystem(path)
-    with storage_errors(path):
-        if fs.exists(f"{root}/MLmodel"):
-            return
+    listed = read_manifest(path)
+    if listed is None:  # a folder saved before manifests: as then, never rewritten
+        with storage_errors(path):
+            if fs.exists(f"{root}/MLmodel"):
+                return
+    elif "MLmodel" in listed:
+        verify_folder(path)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = Path(scratch) / "model"
+        _save_pyfunc(model_dir)
+        written = [name for name in MLMODEL_FILES if (model_dir / name).exists()]
+        if listed is not None:
+            listed = listed | {name: manifest.sha256((model_dir / name).read_bytes()) for name in written}
+            version = Path(root).name
+            document = manifest.manifest_bytes(version, listed)  # signed now: no key, no files written
+        with storage_errors(path):
+            for name in reversed(written):  # MLmodel last: a folder with it is complete
+                if is_local(fs):
+                    shutil.copy(model_dir / name, Path(root) / name)
+                else:
+                    fs.put_file(str(model_dir / name), f"{root}/{name}")
+            if listed is not None:
+                write_bytes_atomically(fs, f"{root}/{manifest.MANIFEST_FILE}", document)
+
+
+def _save_pyfunc(model_dir: Path) -> None:
     import mlflow.pyfunc  # seconds: only when the files are missing
 
     from vae import __version__
 
-    with tempfile.TemporaryDirectory() as scratch:
-        model_dir = Path(scratch) / "model"
-        requirements = [f"vae-feast=={__version__}"]
-        pyfunc_log = logging.getLogger("mlflow.pyfunc")
-        level = pyfunc_log.level
-        pyfunc_log.setLevel(logging.ERROR)  # "cannot infer a signature": the columns depend on the version
-        try:
-            mlflow.pyfunc.save_model(
-                str(model_dir), python_model=str(PYFUNC_CODE), pip_requirements=requirements
-            )
-        finally:
-            pyfunc_log.setLevel(level)
-        with storage_errors(path):
-            if is_local(fs):
-                for name in MLMODEL_FILES:
-                    if (model_dir / name).exists():
-                        shutil.copy(model_dir / name, Path(root) / name)
-                return
-            for name in reversed(MLMODEL_FILES):  # MLmodel last: a folder with it is complete
-                if (model_dir / name).exists():
-                    fs.put_file(str(model_dir / name), f"{root}/{name}")
+    requirements = [f"vae-feast=={__version__}"]
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    pyfunc_log.setLevel(logging.ERROR)  # "cannot infer a signature": the columns depend on the version
+    try:
+        mlflow.pyfunc.save_model(str(model_dir), python_model=str(PYFUNC_CODE), pip_requirements=requirements)
+    finally:
+        pyfunc_log.setLevel(level)
 
 
 def epoch_metrics(metrics: dict[str, Any]) -> dict[str, float]:
