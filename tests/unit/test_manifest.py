@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from vae import VAE, FeatureSchema, FeatureStats, ModelConfig, Normalizer, load_model_version, save_model_version
+from vae import (
+    VAE,
+    FeatureSchema,
+    FeatureStats,
+    ModelConfig,
+    Normalizer,
+    load_model_version,
+    save_model_version,
+)
 from vae.versions import manifest
 from vae.versions.artifacts import load_reference, read_model_version_info, verify_folder
 from vae.versions.manifest import ManifestError
@@ -70,7 +78,8 @@ def test_the_manifest_lists_every_file_of_the_folder(tmp_path):
     folder = tmp_path / version
     listed = json.loads((folder / "manifest.json").read_text())["files"]
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
-    assert set(listed) == on_disk == {"model.safetensors", "model.json", "reference.safetensors", "profile.json"}
+    expected = {"model.safetensors", "model.json", "reference.safetensors", "profile.json"}
+    assert set(listed) == on_disk == expected
     assert listed["model.safetensors"] == manifest.sha256((folder / "model.safetensors").read_bytes())
 
 
@@ -145,7 +154,9 @@ def test_ed25519_readers_need_only_the_public_key_and_refuse_unsigned_versions(t
         read_model_version_info(tmp_path / "b", version)
 
 
-def test_a_version_saved_before_manifests_loads_with_a_warning_unless_a_key_is_set(tmp_path, monkeypatch, caplog):
+def test_a_version_saved_before_manifests_loads_with_a_warning_unless_a_key_is_set(
+    tmp_path, monkeypatch, caplog
+):
     version = save(tmp_path)
     (tmp_path / version / "manifest.json").unlink()
     with caplog.at_level(logging.WARNING):

@@ -47,8 +47,8 @@ from vae.data.features import FeatureSchema
 from vae.data.normalizer import Normalizer
 from vae.errors import InputError
 from vae.model import VAE, ModelConfig
-from vae.versions import manifest
 from vae.storage import filesystem, is_local, storage_errors, url_of
+from vae.versions import manifest
 
 log = logging.getLogger("vae.versions.artifacts")
 
@@ -250,8 +250,9 @@ _UNLISTED: set[str] = set()  # folders without a manifest already warned about
 
 
 def read_manifest(where: str) -> dict[str, str] | None:
-    """The files a version folder's manifest lists (path -> sha256), its signature checked; None for a folder saved before manifests
-    (then only the checksums in model.json are checked), refused when a manifest key is set."""
+    """The files a version folder's manifest lists (path -> sha256), its signature checked; None for a
+    folder saved before manifests (then only the checksums in model.json are checked), refused when a
+    manifest key is set."""
     fs, path = filesystem(where)
     try:
         with storage_errors(where):

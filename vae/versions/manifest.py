@@ -87,7 +87,9 @@ def parse(where: str, data: bytes) -> dict[str, str]:
         if document.get("format") != FORMAT or not isinstance(files, dict):
             raise ValueError
     except (ValueError, KeyError, TypeError):
-        raise ManifestError(f"model version {where}: {MANIFEST_FILE} is unreadable; the version is corrupt")
+        raise ManifestError(
+            f"model version {where}: {MANIFEST_FILE} is unreadable; the version is corrupt"
+        ) from None
     verify_signature(where, _signed_part(version, files), signature)
     return files
 
@@ -153,7 +155,8 @@ def check_files(where: str, listed: Mapping[str, str], found: Mapping[str, str])
         raise ManifestError(
             f"model version {where} does not match its manifest: {', '.join(problems[:5])}"
             + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
-            + "; someone or something changed the folder after it was saved. Restore it or train a new version"
+            + "; someone or something changed the folder after it was saved. Restore it or train a new "
+            "version"
         )
 
 
