@@ -86,8 +86,12 @@ def test_the_manifest_lists_every_file_of_the_folder(tmp_path):
 @pytest.mark.parametrize(
     "change, named",
     [
-        (lambda f: (f / "model.json").write_text((f / "model.json").read_text().replace('"loss"', '"lost"')),
-         "model.json changed"),
+        (
+            lambda f: (f / "model.json").write_text(
+                (f / "model.json").read_text().replace('"loss"', '"lost"')
+            ),
+            "model.json changed",
+        ),
         (lambda f: (f / "reference.safetensors").write_bytes(b"x" * 64), "reference.safetensors changed"),
         (lambda f: (f / "profile.json").unlink(), "profile.json missing"),
         (lambda f: (f / "mlflow_pyfunc.py").write_text("import os\n"), "mlflow_pyfunc.py added"),
