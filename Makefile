@@ -56,11 +56,12 @@ prometheus:
 # pins (pyarrow<26) do not fit the project's environment: it gets a virtual environment of its own.
 # The project itself needs only mlflow-skinny (the client). Also what `mlflow ui` runs from.
 MLFLOW_VENV ?= .mlflow-venv
-mlflow-server: $(MLFLOW_VENV)/.installed
+mlflow-server: $(MLFLOW_VENV)/.installed-auth
 
-$(MLFLOW_VENV)/.installed:
+# [auth]: Flask-WTF, which the basic-auth app (the deploy's, and the tests') needs
+$(MLFLOW_VENV)/.installed-auth:
 	$(PYTHON) -m venv $(MLFLOW_VENV)
-	$(MLFLOW_VENV)/bin/python -m pip install --quiet "mlflow==3.17.*"
+	$(MLFLOW_VENV)/bin/python -m pip install --quiet "mlflow[auth]==3.17.*"
 	touch $@
 
 bench: setup redis-server

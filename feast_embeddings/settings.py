@@ -63,10 +63,11 @@ class StoreSettings:
     def open_catalog(self):
         """The embeddings catalog the file names (vae.embeddings.catalog.EmbeddingsCatalog); a URI with a
         password in it is refused: Feast's registry would store it."""
-        from vae.embeddings.catalog import EmbeddingsCatalog, redact
+        from vae.embeddings.catalog import EmbeddingsCatalog
+        from vae.secrets import holds_credentials
 
         uri, warehouse = self.embeddings_catalog()
-        if redact(uri) != uri:
+        if holds_credentials(uri):
             raise InputError(
                 f"{self.path}: the catalog URI holds a password, which Feast's registry would store; give it "
                 "to PostgreSQL in PGPASSWORD instead"

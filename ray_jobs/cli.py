@@ -17,6 +17,7 @@ from typing import TypeVar
 from ray_jobs import config
 from vae.embeddings.lock import LeaseLost
 from vae.errors import DATA_REFUSED_EXIT, DataRefused, InputError, StorageUnavailable, first_line
+from vae.secrets import redact, redact_logs
 
 E = TypeVar("E", bound=BaseException)
 TRY_AGAIN_EXIT = 75  # EX_TEMPFAIL: not bad input; the same command, run again, carries on
@@ -103,6 +104,7 @@ def embeddings_positionals(argv: list[str]) -> list[str]:
 def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run a job's main: bad input ends with one line on stderr and exit code 2, no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logs()
     # Feast logs "Registry cache expired, so refreshing" on nearly every call; its warnings still show.
     logging.getLogger("feast").setLevel(logging.WARNING)
     try:
@@ -112,18 +114,19 @@ def run_cli(job: Callable[[list[str] | None], object], argv: list[str] | None = 
     except Exception as error:
         input_error = find_input_error(error)
         if input_error is not None:
-            print(f"error: {first_line(input_error, limit=100_000)}", file=sys.stderr)
+            print(f"error: {redact(first_line(input_error, limit=100_000))}", file=sys.stderr)
             sys.exit(DATA_REFUSED_EXIT if isinstance(input_error, DataRefused) else 2)
         # not bad input: the same command, run again, finishes the work
         if (later := find_cause(error, (LeaseLost, StorageUnavailable))) is not None:
-            print(f"error: {first_line(later, limit=100_000)}", file=sys.stderr)
+            print(f"error: {redact(first_line(later, limit=100_000))}", file=sys.stderr)
             sys.exit(TRY_AGAIN_EXIT)
         from vae.storage import is_transient  # here: `vaectl --help` stays free of pyarrow and fsspec
 
         if (hiccup := find_cause(error, Exception, is_transient)) is not None:
             # storage unavailable where no retry wraps the call: every step is safe to run again
             print(
-                f"error: storage unavailable: {first_line(hiccup)}; nothing is lost: run the same command "
+                f"error: storage unavailable: {redact(first_line(hiccup))}; nothing is lost: run the same "
+                "command "
                 "again",
                 file=sys.stderr,
             )

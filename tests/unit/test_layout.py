@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 # the model core (torch only), the shared plumbing, and two old import paths registered pyfunc folders use
 TOP_LEVEL = {"model", "losses", "encode", "impute", "diagnostics", "training", "training_report"}
-TOP_LEVEL |= {"errors", "storage", "killpoints", "artifacts", "preprocessing"}
+TOP_LEVEL |= {"errors", "storage", "killpoints", "artifacts", "preprocessing", "secrets"}
 SUBPACKAGES = {"data", "versions", "embeddings", "monitoring", "pipeline"}
 
 

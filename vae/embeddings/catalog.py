@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +36,7 @@ import pyarrow as pa
 from vae.embeddings.lock import lease_lock
 from vae.embeddings.names import check_entity_name, identifier
 from vae.errors import InputError, first_line
+from vae.secrets import holds_credentials, redact
 from vae.storage import filesystem, is_local, storage_errors, url_of
 
 NAMESPACE = "vae"
@@ -120,6 +120,11 @@ class EmbeddingsCatalog:
     def __init__(self, uri: str, warehouse: str):
         from pyiceberg.catalog.sql import SqlCatalog
 
+        if holds_credentials(uri):  # readers are handed the URI (connection_properties): it is stored
+            raise InputError(
+                f"catalog {redact(uri)}: the URI holds a password or token, which would be stored where "
+                "readers find the catalog; give it to PostgreSQL in PGPASSWORD instead"
+            )
         _ensure_working_directory()
         fs, root = filesystem(warehouse)
         self.warehouse = f"file://{root}" if is_local(fs) else url_of(fs, root)
@@ -609,8 +614,3 @@ def _delete_collected(table) -> list[str]:
 
 def _committed_ms(batch: Batch) -> int:
     return round(datetime.fromisoformat(batch.committed_at).timestamp() * 1000)
-
-
-def redact(text: str) -> str:
-    """A database URI or message with any password replaced by ***."""
-    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)

@@ -22,6 +22,7 @@ from vae.embeddings.catalog import NAMESPACE, EmbeddingsCatalog
 from vae.embeddings.names import check_entity_name
 from vae.errors import DATA_REFUSED_EXIT
 from vae.killpoints import killpoint
+from vae.secrets import redact
 
 log = logging.getLogger("vae.pipeline.decisions")
 
@@ -154,7 +155,7 @@ class DecisionLog:
             if not new:
                 return []
             rows = pa.Table.from_pylist(
-                [{**d.__dict__, "detail": json.dumps(d.detail, default=_plain)} for d in new], SCHEMA
+                [{**d.__dict__, "detail": redact(json.dumps(d.detail, default=_plain))} for d in new], SCHEMA
             )
             table = self.table(create=True)
             try:

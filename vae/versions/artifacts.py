@@ -47,6 +47,7 @@ from vae.data.features import FeatureSchema
 from vae.data.normalizer import Normalizer
 from vae.errors import InputError
 from vae.model import VAE, ModelConfig
+from vae.secrets import redact_values
 from vae.storage import filesystem, is_local, storage_errors, url_of
 from vae.versions import manifest
 
@@ -121,9 +122,10 @@ def save_model_version(
             "architecture": model.config.to_dict(),
             "normalizer": normalizer.to_dict(),
             "features": features.to_dict(),
-            "training": training,
+            # whatever a config or a data location carried in a URI stays out of the folder
+            "training": redact_values(training),
             "metrics": metrics,
-            "data": data,
+            "data": redact_values(data),
             "code_version": code_version(),
             "weights_sha256": weights_sha256,
         }

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vae.errors import InputError, first_line
+from vae.secrets import redact
 from vae.storage import filesystem, is_local, storage_errors, write_bytes_atomically
 
 log = logging.getLogger("vae.versions.mlflow_registry")
@@ -50,6 +51,19 @@ PARAM_LIMIT = 6000  # MLflow's longest parameter value
 
 class TrackingUnavailable(InputError):
     """The tracking server or store cannot be reached or refused a call: one line naming it."""
+
+
+def _refused(error: Exception) -> str | None:
+    """The one line for a server that refused the job's credentials (basic auth or a token proxy)."""
+    text = str(error)
+    code = next((c for c in (401, 403) if f"error code {c}" in text or f"status code {c}" in text), None)
+    if code is None:
+        return None
+    if code == 403:
+        return "the server refused access (403): the user in MLFLOW_TRACKING_USERNAME lacks the permission"
+    if os.environ.get("MLFLOW_TRACKING_USERNAME") or os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return "the server refused the credentials (401): check MLFLOW_TRACKING_USERNAME and _PASSWORD"
+    return "the server wants credentials (401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
 
 
 def registered_model_name(entity: str) -> str:
@@ -95,7 +109,8 @@ class Registry:
             raise
         except Exception as error:
             raise TrackingUnavailable(
-                f"MLflow tracking at {self.uri}: {what} failed: {type(error).__name__}: {first_line(error)}"
+                f"MLflow tracking at {redact(self.uri)}: {what} failed: "
+                + (_refused(error) or f"{type(error).__name__}: {redact(first_line(error))}")
             ) from None
 
     # -- tracking ---------------------------------------------------------------------------------
@@ -123,7 +138,8 @@ class Registry:
                 self.client.update_run(run_id, status="RUNNING")
                 log.info("MLflow: continuing run %s (%s) in %s", run_id, run_name, self.uri)
                 return run_id
-            run = self.client.create_run(experiment_id, run_name=run_name, tags={RUN_TAG: ray_run, **tags})
+            run_tags = {name: redact(value) for name, value in {RUN_TAG: ray_run, **tags}.items()}
+            run = self.client.create_run(experiment_id, run_name=run_name, tags=run_tags)
             self.log_params(run.info.run_id, params)
         log.info(
             "MLflow: run %s (%s) in experiment %s at %s", run.info.run_id, run_name, experiment, self.uri
@@ -133,7 +149,7 @@ class Registry:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        values = [Param(name, str(value)[:PARAM_LIMIT]) for name, value in sorted(params.items())]
+        values = [Param(name, redact(str(value))[:PARAM_LIMIT]) for name, value in sorted(params.items())]
         with self.calls("log parameters"):
             for start in range(0, len(values), 100):  # MLflow takes 100 parameters per call
                 self.client.log_batch(run_id, params=values[start : start + 100])
@@ -151,7 +167,7 @@ class Registry:
         """Tags, artifacts ((local path, artifact directory)) and the run marked finished."""
         with self.calls("finish the training run"):
             for name, value in tags.items():
-                self.client.set_tag(run_id, name, value)
+                self.client.set_tag(run_id, name, redact(value))
             for path, directory in artifacts:
                 if Path(path).is_dir():
                     self.client.log_artifacts(run_id, path, directory)
@@ -191,7 +207,7 @@ class Registry:
             elif is_local(filesystem(path)[0]):
                 source = Path(path).absolute().as_uri()
             registered = self.client.create_model_version(
-                name, source, run_id=run_id, tags={VERSION_TAG: version, PATH_TAG: str(path)}
+                name, source, run_id=run_id, tags={VERSION_TAG: version, PATH_TAG: redact(str(path))}
             )
         log.info("MLflow: %s registered as %s version %s", version, name, registered.version)
         return registered.version
