@@ -86,10 +86,12 @@ bench-smoke: setup redis-server
 	$(BIN)/python -m benchmarks.smoke
 
 # Point cluster.yaml and the KubeRay RayJob at this checkout's commit (push it before `ray up`).
+PINNED := cluster.yaml deploy/kuberay/rayjob.yaml deploy/kuberay/pipeline-cronjob.yaml \
+	deploy/kuberay/rayservice.yaml deploy/feast/feature-server.yaml
 cluster-pin:
 	@git diff --quiet HEAD || { echo "commit your changes first: the clusters install a commit, not a working tree" >&2; exit 1; }
-	sed -i -E "s/(vae-feast(\.git@|\/archive\/))[0-9a-f]{40}/\1$$(git rev-parse HEAD)/g" cluster.yaml deploy/kuberay/rayjob.yaml deploy/kuberay/pipeline-cronjob.yaml deploy/kuberay/rayservice.yaml
-	@grep -hoE "vae-feast(\.git@|/archive/)[0-9a-f]{40}" cluster.yaml deploy/kuberay/rayjob.yaml deploy/kuberay/pipeline-cronjob.yaml deploy/kuberay/rayservice.yaml | sort -u
+	sed -i -E "s/(vae-feast(\.git@|\/archive\/))[0-9a-f]{40}/\1$$(git rev-parse HEAD)/g" $(PINNED)
+	@grep -hoE "vae-feast(\.git@|/archive/)[0-9a-f]{40}" $(PINNED) | sort -u
 
 SOURCES := vae feast_embeddings ray_jobs feature_repo tests benchmarks
 # Lines of at most 110 characters (pyproject.toml), imports in order, one formatting.

@@ -95,8 +95,8 @@ class EmbeddingsRepo:
         return self.definitions.vector_view(owner, version, self.source(entity, version), online)
 
     def published_objects(self) -> list:
-        """Every entity set's entity, published version views and current service, as the catalog
-        records them."""
+        """The permissions, and every entity set's entity, published version views and current service,
+        as the catalog records them."""
         return published_objects(self.catalog, self.definitions)
 
     def apply(self) -> None:
@@ -113,7 +113,8 @@ class EmbeddingsRepo:
 
 
 def published_objects(catalog: EmbeddingsCatalog, definitions) -> list:
-    objects: list = []
+    # a features.py from before permissions declares none
+    objects: list = list(definitions.permissions()) if hasattr(definitions, "permissions") else []
     for found in catalog.entity_sets():
         objects += _entity_objects(catalog, definitions, found)
     return objects

@@ -5,6 +5,10 @@
 from datetime import timedelta
 
 from feast import Entity, FeatureService, FeatureView, Field, ValueType
+from feast.feast_object import ALL_RESOURCE_TYPES
+from feast.permissions.action import AuthzedAction
+from feast.permissions.permission import Permission
+from feast.permissions.policy import RoleBasedPolicy
 from feast.types import Array, Bool, Float32, Int64, String
 
 from feast_embeddings.repo import PREVIOUS_TAG, PUBLISHED_TAG, VERSION_TAG, declare_published
@@ -105,10 +109,37 @@ def vector_view(owner: Entity, model_version: str, source, online: bool = True) 
     )
 
 
+# Who may do what through Feast's servers (`feast serve`, the registry and offline servers), by the
+# roles in a caller's OIDC token (resource_access.<client_id>.roles, or roles). Enforced only where
+# feature_store.yaml sets an auth type (deploy/feature_store.yaml: oidc); the laptop default is no_auth.
+CONSUMER_ROLE, PUBLISHER_ROLE = "vae-consumer", "vae-publisher"
+READ_ACTIONS = [AuthzedAction.DESCRIBE, AuthzedAction.READ_ONLINE, AuthzedAction.READ_OFFLINE]
+WRITE_ACTIONS = [a for a in AuthzedAction if a not in READ_ACTIONS]
+
+
+def permissions() -> list[Permission]:
+    """Consumers (and the publisher) read and describe; only the publisher writes, applies or deletes.
+    The two never match the same request (Feast requires every matching permission to agree)."""
+    return [
+        Permission(
+            name="embeddings_read",
+            types=ALL_RESOURCE_TYPES,
+            policy=RoleBasedPolicy(roles=[CONSUMER_ROLE, PUBLISHER_ROLE]),
+            actions=READ_ACTIONS,
+        ),
+        Permission(
+            name="embeddings_write",
+            types=ALL_RESOURCE_TYPES,
+            policy=RoleBasedPolicy(roles=[PUBLISHER_ROLE]),
+            actions=WRITE_ACTIONS,
+        ),
+    ]
+
+
 def _key_type(owner: Entity) -> str:
     return "int64" if owner.value_type == ValueType.INT64 else "string"
 
 
-# Everything published, declared from the catalog with the factories above (module-level objects are
-# what `feast apply` collects).
+# Everything published and the permissions, declared from the catalog with the factories above
+# (module-level objects are what `feast apply` collects).
 globals().update(declare_published(globals()))

@@ -75,6 +75,7 @@ from vae.versions.mlflow_registry import (
     PATH_TAG,
     VERSION_TAG,
     Registry,
+    TrackingRefused,
     TrackingUnavailable,
     registered_model_name,
     resolve_tracking_uri,
@@ -340,7 +341,7 @@ def track_version(config: TrainConfig, tracking: Tracking, version: str) -> None
 
 
 def _untracked(config: TrainConfig, error: TrackingUnavailable, what: str = "training continues untracked"):
-    if config.tracking_required:
+    if config.tracking_required or isinstance(error, TrackingRefused):  # wrong credentials: fix, not wait
         raise error
     log.warning("%s; %s (tracking_required: true makes this an error)", error, what)
     return None

@@ -218,9 +218,11 @@ def prometheus_servers(rules: str) -> Iterator[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def mlflow_server(directory: str) -> Iterator[str]:
+def mlflow_server(directory: str, users: tuple[str, str] | None = None) -> Iterator[str]:
     """Yield the URL of a real MLflow tracking server (full mlflow, from the virtual environment of its
-    own that `make mlflow-server` makes) on 127.0.0.1, its store and artifacts under `directory`."""
+    own that `make mlflow-server` makes) on 127.0.0.1, its store and artifacts under `directory`. With
+    `users` (admin name, password): MLflow's basic-auth app, as deploy/mlflow/mlflow-server.yaml runs it
+    (no access without a user)."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     binary = os.environ.get("VAE_MLFLOW_SERVER", os.path.join(repo, ".mlflow-venv", "bin", "mlflow"))
     if not os.path.exists(binary):
@@ -240,8 +242,23 @@ def mlflow_server(directory: str) -> Iterator[str]:
         "--artifacts-destination",
         f"{directory}/artifacts",
     ]
+    env = dict(os.environ)
+    if users is not None:
+        config = os.path.join(directory, "basic_auth.ini")
+        with open(config, "w") as file:
+            file.write(
+                "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                f"database_uri = sqlite:///{directory}/auth.db\nadmin_username = {users[0]}\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            )
+        command += ["--app-name", "basic-auth"]
+        env |= {
+            "MLFLOW_AUTH_CONFIG_PATH": config,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": users[1],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        }
     log = open(os.path.join(directory, "server.log"), "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         wait_for_port(port, process, "mlflow server", seconds=90)
         url = f"http://127.0.0.1:{port}"

@@ -213,6 +213,17 @@ def test_kuberay_rayjob_structure():
         parse_config(JOBS[step[3]].config, arguments, prog=step[3])
 
 
+def manifest_keys(cluster: dict) -> set[str]:
+    """The manifest key variables of a cluster's containers, removed from them (the rest compares equal)."""
+    found = set()
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        for container in group["template"]["spec"]["containers"]:
+            env = container.get("env", [])
+            found |= {v["name"] for v in env if v["name"].startswith("VAE_MANIFEST_")}
+            container["env"] = [v for v in env if not v["name"].startswith("VAE_MANIFEST_")]
+    return found
+
+
 def test_kuberay_rayservice_runs_the_encoding_service_on_the_rayjobs_cluster():
     """The RayService: the RayJob's reviewed cluster, the same pinned commit, and a Serve application whose
     import path is the service's builder and whose config parses with the service's own config class."""
@@ -221,6 +232,11 @@ def test_kuberay_rayservice_runs_the_encoding_service_on_the_rayjobs_cluster():
     service = yaml.safe_load(RAYSERVICE_YAML.read_text())
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
     reviewed = yaml.safe_load(RAYJOB_YAML.read_text())["spec"]["rayClusterSpec"]
+    # the same cluster but for one key: the replicas hold the manifest's verifying key, not the signing one
+    service_keys = manifest_keys(service["spec"]["rayClusterConfig"])
+    assert service_keys == {"VAE_MANIFEST_VERIFY_KEY"} and manifest_keys(reviewed) == {
+        "VAE_MANIFEST_SIGNING_KEY"
+    }
     assert service["spec"]["rayClusterConfig"] == reviewed
     assert pinned_commits(RAYSERVICE_YAML.read_text()) == pinned_commits(CLUSTER_YAML.read_text())
 
@@ -311,3 +327,44 @@ def test_pipeline_cronjob_creates_the_days_rayjob_on_the_reviewed_cluster():
     assert config.exit_codes is False, "the RayJob fails only when the step fails; decisions go to Prometheus"
     train = config.train
     assert train.gpus_per_worker >= 1 and train.storage_path.startswith("s3://")
+
+
+def test_the_deployed_servers_authenticate_every_caller(monkeypatch):
+    """Feast's server: OIDC and the repo's permissions, the intra-server bypass never set; consumers'
+    client config: tokens from their own client credentials; MLflow: the basic-auth app, no access
+    without a user."""
+    from feast.permissions.auth_model import OidcAuthConfig, OidcClientAuthConfig
+    from feast.repo_config import load_repo_config
+
+    for name, value in {"REDIS_CONNECTION_STRING": "r:6379", "PGUSER": "vae", "PGHOST": "db"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OIDC_DISCOVERY_URL", "https://sso.example/.well-known/openid-configuration")
+    server = load_repo_config(REPO / "feature_repo", REPO / "deploy" / "feature_store.yaml").auth_config
+    assert isinstance(server, OidcAuthConfig) and server.auth_discovery_url.startswith("https://sso.example")
+    assert server.client_id == "vae-embeddings"
+    assert load_repo_config(REPO / "feature_repo", REPO / "feature_repo" / "feature_store.yaml").auth == {
+        "type": "no_auth"
+    }  # the laptop default, which says so where it is configured
+
+    deployment, _ = yaml.safe_load_all((REPO / "deploy" / "feast" / "feature-server.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    command = " ".join(container["args"])
+    assert "-f deploy/feature_store.yaml serve" in command
+    assert pinned_commits(command) == pinned_commits(CLUSTER_YAML.read_text())
+    env = {v["name"] for v in container["env"]}
+    named = set(re.findall(r"\$\{(\w+)\}", (REPO / "deploy" / "feature_store.yaml").read_text()))
+    assert named - {"MLFLOW_TRACKING_URI"} <= env and "INTRA_COMMUNICATION_BASE64" not in env
+
+    monkeypatch.setenv("OIDC_CLIENT_ID", "ranker")
+    monkeypatch.setenv("OIDC_CLIENT_SECRET", "s")
+    consumer = load_repo_config(REPO / "feature_repo", REPO / "deploy" / "consumer_feature_store.yaml")
+    assert isinstance(consumer.auth_config, OidcClientAuthConfig) and consumer.online_store.type == "remote"
+
+    config_map, mlflow, _ = yaml.safe_load_all(
+        (REPO / "deploy" / "mlflow" / "mlflow-server.yaml").read_text()
+    )
+    assert "default_permission = NO_PERMISSIONS" in config_map["data"]["basic_auth.ini"]
+    (container,) = mlflow["spec"]["template"]["spec"]["containers"]
+    assert "--app-name basic-auth" in " ".join(container["args"])
+    secrets = {v["name"] for v in container["env"] if "secretKeyRef" in v.get("valueFrom", {})}
+    assert {"MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= secrets

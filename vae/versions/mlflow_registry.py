@@ -53,6 +53,11 @@ class TrackingUnavailable(InputError):
     """The tracking server or store cannot be reached or refused a call: one line naming it."""
 
 
+class TrackingRefused(TrackingUnavailable):
+    """The server refused the job's credentials (401, 403): a configuration error that waiting does not
+    fix, so never "continue untracked"."""
+
+
 def _refused(error: Exception) -> str | None:
     """The one line for a server that refused the job's credentials (basic auth or a token proxy)."""
     text = str(error)
@@ -85,6 +90,9 @@ def _fail_fast() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    # MLflow prints "View run ... at: <tracking URI>" straight to stdout, past any log redaction, and the
+    # URI may hold a password; the jobs log the run and the URI themselves, redacted.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # Alembic logs every migration of a new SQLite store at INFO.
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -108,10 +116,10 @@ class Registry:
         except InputError:
             raise
         except Exception as error:
-            raise TrackingUnavailable(
-                f"MLflow tracking at {redact(self.uri)}: {what} failed: "
-                + (_refused(error) or f"{type(error).__name__}: {redact(first_line(error))}")
-            ) from None
+            where = f"MLflow tracking at {redact(self.uri)}: {what} failed: "
+            if refused := _refused(error):
+                raise TrackingRefused(where + refused) from None
+            raise TrackingUnavailable(f"{where}{type(error).__name__}: {redact(first_line(error))}") from None
 
     # -- tracking ---------------------------------------------------------------------------------
 
