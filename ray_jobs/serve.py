@@ -7,6 +7,10 @@ Serve application that embeds rows as they arrive, with the version the feature 
     GET  /version the version the replica serves (and its canary)
     GET  /metrics Prometheus metrics of the replica, by model version
 
+Behind the feature store's auth (feast_embeddings.access): with `auth: {type: oidc}`, /embed and /version
+take a bearer token, and Feast's permissions decide: writing through needs WRITE_ONLINE (the publisher),
+embedding without writing READ_ONLINE (a consumer).
+
 Requests are batched (@serve.batch); each replica follows 'current' (a publish switch or a rollback) by
 loading the new version beside the old one and swapping them between batches, so no request fails during
 a switch, and every response names the version that made it. Write-through (write: true): each batch to
@@ -31,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from feast_embeddings.access import AccessControl
 from feast_embeddings.publication import resolve_version
 from feast_embeddings.repo import EmbeddingsRepo
 from feast_embeddings.stream import StreamWriter
@@ -74,6 +79,7 @@ class EmbeddingService:
         self.join_key = found.join_key
         self.key_type = pa.int64() if found.key_type == "int64" else pa.string()
         self.decisions = DecisionLog(self.repo.catalog, config.entity)
+        self.access = AccessControl(self.repo.store)
         self.metrics = ServiceMetrics(config.entity)
         self.random = np.random.default_rng()
         self.serving = self.load(self.current_version())
@@ -396,17 +402,37 @@ def deployment(config: ServeConfig):
         async def embed_batch(self, requests: list[tuple[pa.Table, bool]]) -> list[Encoded]:
             return await asyncio.to_thread(self.service.embed, requests)
 
+        async def refused(self, request: Request, path: str) -> Response | None:
+            """The feature store's auth and permissions (feast_embeddings.access); None when allowed."""
+            from feast.permissions.action import AuthzedAction
+
+            service = self.service
+            if path.endswith("/version"):
+                action = AuthzedAction.DESCRIBE
+            else:  # with write-through, a caller's rows become vectors in the online store
+                action = AuthzedAction.WRITE_ONLINE if service.config.write else AuthzedAction.READ_ONLINE
+            view = service.repo.version_view_name(service.config.entity, self.version())
+            refusal = await service.access.check(request.headers.get("authorization"), view, action)
+            if refusal is None:
+                return None
+            headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
+            return JSONResponse({"error": refusal.reason}, status_code=refusal.status, headers=headers)
+
         async def __call__(self, request: Request) -> Response:
             path = request.url.path.rstrip("/")
+            if path.endswith("/version") and (refused := await self.refused(request, path)) is not None:
+                return refused
             if path.endswith("/version"):
                 canary = self.service.canary
                 return JSONResponse(
                     {"model_version": self.version(), "canary": None if canary is None else canary.version}
                 )
-            if path.endswith("/metrics"):
+            if path.endswith("/metrics"):  # counts only, no vectors: open to the scraper (docs/security.md)
                 return Response(self.service.metrics.text(), media_type="text/plain; version=0.0.4")
             if request.method != "POST" or not path.endswith("/embed"):
                 return JSONResponse({"error": "POST /embed, GET /version or /metrics"}, status_code=404)
+            if (refused := await self.refused(request, path)) is not None:
+                return refused
             service = self.service
             try:
                 rows = request_rows(

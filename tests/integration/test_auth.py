@@ -159,7 +159,9 @@ def test_an_unsigned_token_naming_a_user_gets_nothing_and_the_deploy_never_enabl
     )
     assert call(f"{url}/get-online-features", read_request(repo, version, [0]), unsigned)[0] == 401
     deploy = [*REPO.joinpath("deploy").rglob("*.yaml"), REPO / "cluster.yaml"]
-    assert not [p for p in deploy if re.search("INTRA_COMMUNICATION", p.read_text())]
+    setting = re.compile(r"name:\s*INTRA_COMMUNICATION_BASE64\b|INTRA_COMMUNICATION_BASE64\s*[:=]")
+    assert not [p for p in deploy if setting.search(p.read_text())]
+    assert setting.search("env:\n  - name: INTRA_COMMUNICATION_BASE64\n    value: x")  # it would be seen
 
 
 def test_a_consumer_client_reads_through_the_remote_online_store_with_its_token(secured, monkeypatch):
@@ -184,3 +186,39 @@ def test_a_consumer_client_reads_through_the_remote_online_store_with_its_token(
     monkeypatch.setenv("FEAST_CONSUMER_TOKEN", provider.token("ranker", []))
     with pytest.raises(Exception, match="403|ermission"):
         FeatureStore(repo_path=str(client)).get_online_features([f"{view}:model_version"], [{"item_id": 7}])
+
+
+def test_the_encoding_service_applies_the_same_tokens_and_permissions(secured, versions, trained):
+    """Writing through makes a caller's rows vectors in the online store: the publisher's right. Without
+    write-through, encoding is a read: a consumer's."""
+    import pyarrow.parquet as pq
+    from ray import serve
+
+    from ray_jobs.config import ServeConfig
+    from ray_jobs.serve import start
+
+    _, repo, provider, version = secured
+    digits = pq.read_table(trained["data"]).slice(0, 2).select(["item_id", "pixels"]).to_pylist()
+    consumer = provider.token("ranker", [CONSUMER])
+    publisher = provider.token("ingest", [PUBLISHER])
+    config = ServeConfig(
+        feature_repo=str(repo), model_root=str(versions["model_root"]), port=free_port(), follow_seconds=60
+    )
+    url = start(config)
+    try:
+        rows = {"rows": digits}
+        assert call(url, rows)[0] == 401
+        assert call(url, rows, provider.token("ranker", [CONSUMER], expires_in=-60))[0] == 401
+        status, body = call(url, rows, consumer)
+        assert status == 403 and "embeddings_write" in body, body
+        status, body = call(url, rows, publisher)
+        assert status == 200 and body["model_version"] == version, body
+        assert call(url.replace("/embed", "/version"), None, consumer)[0] == 200
+        assert call(url.replace("/embed", "/version"), None)[0] == 401
+
+        url = start(config.model_copy(update={"write": False}))  # the same app, redeployed
+        status, body = call(url, rows, consumer)
+        assert status == 200 and [r["item_id"] for r in body["rows"]] == [d["item_id"] for d in digits]
+        assert call(url, rows, provider.token("intruder", []))[0] == 403
+    finally:
+        serve.shutdown()
