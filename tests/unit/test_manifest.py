@@ -3,6 +3,7 @@ missing file is refused by name; with a key, a writer without it cannot forge a 
 
 import json
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -169,3 +170,44 @@ def test_a_version_saved_before_manifests_loads_with_a_warning_unless_a_key_is_s
     monkeypatch.setenv(manifest.HMAC_ENV, "publisher-secret")
     with pytest.raises(ManifestError, match="has no manifest.json .* a manifest key is set"):
         load_model_version(tmp_path, version)
+
+
+def test_keys_rotate_readers_accept_old_and_new_while_the_publisher_re_signs(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old_signing, old_public = ed25519_pair(tmp_path / "old")
+    new_signing, new_public = ed25519_pair(tmp_path / "new")
+    monkeypatch.setenv(manifest.SIGNING_ENV, old_signing)
+    version = save(tmp_path / "models")
+    # readers first accept both keys; the publisher then signs with the new one and re-signs what is kept
+    monkeypatch.delenv(manifest.SIGNING_ENV)
+    monkeypatch.setenv(manifest.VERIFY_ENV, old_public + new_public)
+    load_model_version(tmp_path / "models", version)
+    env = {**os.environ, manifest.SIGNING_ENV: new_signing}
+    resigned = subprocess.run(
+        [sys.executable, "-m", "vae.versions.artifacts", "resign", str(tmp_path / "models")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resigned.returncode == 0 and f"re-signed {version}" in resigned.stderr, resigned.stderr
+    monkeypatch.setenv(manifest.VERIFY_ENV, new_public)  # the old key dropped
+    assert load_model_version(tmp_path / "models", version).version == version
+    monkeypatch.setenv(manifest.VERIFY_ENV, old_public)
+    with pytest.raises(ManifestError, match="ed25519 key does not accept"):
+        load_model_version(tmp_path / "models", version)
+
+
+def test_hmac_rotation_the_first_key_signs_and_any_listed_key_verifies(tmp_path, monkeypatch):
+    monkeypatch.setenv(manifest.HMAC_ENV, "old-secret")
+    version = save(tmp_path)
+    monkeypatch.setenv(manifest.HMAC_ENV, "new-secret,old-secret")
+    load_model_version(tmp_path, version)
+    from vae.versions.artifacts import resign_model_version
+
+    resign_model_version(tmp_path, version)
+    monkeypatch.setenv(manifest.HMAC_ENV, "new-secret")
+    load_model_version(tmp_path, version)

@@ -48,7 +48,7 @@ from vae.data.normalizer import Normalizer
 from vae.errors import InputError
 from vae.model import VAE, ModelConfig
 from vae.secrets import redact_values
-from vae.storage import filesystem, is_local, storage_errors, url_of
+from vae.storage import filesystem, is_local, storage_errors, url_of, write_bytes_atomically
 from vae.versions import manifest
 
 log = logging.getLogger("vae.versions.artifacts")
@@ -381,3 +381,31 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{__version__}+g{commit}" if commit else __version__
+
+
+def resign_model_version(model_root: str | os.PathLike, version: str) -> None:
+    """Sign a version's manifest again with the environment's signing key (key rotation): only a folder
+    that matches its manifest, under a signature one of the accepted keys verifies, is re-signed."""
+    info = read_model_version_info(model_root, version)
+    verify_folder(info.path)
+    listed = read_manifest(info.path)
+    if listed is None:
+        raise manifest.ManifestError(
+            f"model version {info.path} has no manifest to sign (saved before manifests)"
+        )
+    fs, path = filesystem(info.path)
+    with storage_errors(info.path):
+        write_bytes_atomically(
+            fs, f"{path}/{manifest.MANIFEST_FILE}", manifest.manifest_bytes(version, listed)
+        )
+
+
+if __name__ == "__main__":  # python -m vae.versions.artifacts resign <model_root> [version ...]
+    import sys
+
+    if len(sys.argv) < 3 or sys.argv[1] != "resign":
+        sys.exit("usage: python -m vae.versions.artifacts resign <model_root> [version ...]")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in sys.argv[3:] or list_model_versions(sys.argv[2]):
+        resign_model_version(sys.argv[2], name)
+        log.info("re-signed %s", name)

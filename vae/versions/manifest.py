@@ -15,6 +15,9 @@ alone stop accidents and a writer who does not know the format; against a writer
     VAE_MANIFEST_VERIFY_KEY    the matching public key: readers require the signature, and cannot forge one
 
 With a key set, an unsigned or wrongly signed manifest is refused; with none, signatures are not checked.
+Rotation: readers accept several keys at once (HMAC keys comma-separated, the first one signs; several
+PEM public keys in one value), the publisher re-signs the kept versions with the new key
+(`python -m vae.versions.artifacts resign <model_root>`), then the old key is dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import hmac
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -97,8 +101,8 @@ def parse(where: str, data: bytes) -> dict[str, str]:
 def sign(data: bytes) -> str | None:
     """The signature of a manifest with the environment's key; None when no signing key is set; an
     error when a reader's key is set but no writer's (a manifest written then could never load)."""
-    if secret := os.environ.get(HMAC_ENV):
-        return "hmac-sha256:" + hmac.new(secret.encode(), data, hashlib.sha256).hexdigest()
+    if secrets := _hmac_keys():
+        return "hmac-sha256:" + hmac.new(secrets[0], data, hashlib.sha256).hexdigest()
     if pem := os.environ.get(SIGNING_ENV):
         signature = _private_key(pem).sign(data)
         return "ed25519:" + base64.b64encode(signature).decode()
@@ -113,23 +117,25 @@ def sign(data: bytes) -> str | None:
 def verify_signature(where: str, data: bytes, signature: str | None) -> None:
     """Refuse a manifest whose signature the environment's key does not accept; accept any when no
     key is set."""
-    if secret := os.environ.get(HMAC_ENV):
-        expected = "hmac-sha256:" + hmac.new(secret.encode(), data, hashlib.sha256).hexdigest()
-        if signature is None or not hmac.compare_digest(signature.strip(), expected):
+    if secrets := _hmac_keys():
+        expected = ["hmac-sha256:" + hmac.new(key, data, hashlib.sha256).hexdigest() for key in secrets]
+        if signature is None or not any(hmac.compare_digest(signature.strip(), e) for e in expected):
             raise ManifestError(_unsigned(where, signature, "HMAC"))
         return
-    public_key = _public_key()
-    if public_key is None:
+    public_keys = _public_keys()
+    if not public_keys:
         return
     from cryptography.exceptions import InvalidSignature
 
     kind, _, encoded = (signature or "").strip().partition(":")
-    try:
-        if kind != "ed25519":
-            raise InvalidSignature
-        public_key.verify(base64.b64decode(encoded, validate=True), data)
-    except (InvalidSignature, ValueError):
-        raise ManifestError(_unsigned(where, signature, "ed25519")) from None
+    for public_key in public_keys:
+        try:
+            if kind == "ed25519":
+                public_key.verify(base64.b64decode(encoded, validate=True), data)
+                return
+        except (InvalidSignature, ValueError):
+            continue
+    raise ManifestError(_unsigned(where, signature, "ed25519"))
 
 
 def _unsigned(where: str, signature: str | None, kind: str) -> str:
@@ -180,19 +186,28 @@ def _private_key(value: str):
     return key
 
 
-def _public_key():
-    """The verifying key: VAE_MANIFEST_VERIFY_KEY, else the signing key's public half; None if neither."""
+def _hmac_keys() -> list[bytes]:
+    return [key.strip().encode() for key in os.environ.get(HMAC_ENV, "").split(",") if key.strip()]
+
+
+def _public_keys() -> list:
+    """The verifying keys: every PEM public key in VAE_MANIFEST_VERIFY_KEY, and the signing key's public
+    half; none when neither is set."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+    keys = []
     if value := os.environ.get(VERIFY_ENV):
-        try:
-            key = load_pem_public_key(_key_text(value))
-        except ValueError as error:
-            raise ManifestError(f"{VERIFY_ENV} is not a PEM public key: {error}") from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise ManifestError(f"{VERIFY_ENV} is not an ed25519 key")
-        return key
+        text = _key_text(value).decode()
+        blocks = re.findall(r"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----", text, re.DOTALL)
+        for block in blocks or [text]:
+            try:
+                key = load_pem_public_key(block.encode())
+            except ValueError as error:
+                raise ManifestError(f"{VERIFY_ENV} is not a PEM public key: {error}") from None
+            if not isinstance(key, Ed25519PublicKey):
+                raise ManifestError(f"{VERIFY_ENV} holds a key that is not ed25519")
+            keys.append(key)
     if value := os.environ.get(SIGNING_ENV):
-        return _private_key(value).public_key()
-    return None
+        keys.append(_private_key(value).public_key())
+    return keys
