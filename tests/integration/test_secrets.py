@@ -1,8 +1,8 @@
-"""Credentials never leave the process: train, embed and publish run as a user runs them (`vaectl`, each
-on its own local Ray cluster) with a password in every URI and credential variable (MLflow behind basic
-auth, Redis, PostgreSQL, S3, the manifest key), then every output, log, written file, Iceberg table,
-the Feast registry and MLflow's store are searched for each secret: no hit. And MLflow's basic auth:
-no credentials is one clear line; the right ones run, track and register."""
+"""Credentials never leave the process: train, embed, publish and a daily pipeline step run as a user
+runs them (`vaectl`, each on its own local Ray cluster) with a password in every URI and credential
+variable (MLflow behind basic auth, Redis, PostgreSQL, S3, the manifest key), then every output, log,
+written file, Iceberg table, the Feast registry and MLflow's store are searched for each secret: no hit.
+And MLflow's basic auth: no credentials is one clear line; the right ones run, track and register."""
 
 import os
 import secrets
@@ -90,6 +90,12 @@ def credentialed(trained, s3_endpoint, tmp_path_factory):
                 "50",
                 "--force",  # two epochs: the gate would refuse a collapsed space, which is not the point here
                 "true",
+            ],
+            # the daily step on the next day: embed, monitor, publish, and its decision log
+            "pipeline": [
+                "pipeline",
+                *("--data", str(trained["data"]), "--batch", "day2", "--feature-repo", str(repo)),
+                *("--model-root", str(work / "models"), "--permutations", "50", "--exit-codes", "false"),
             ],
         }
         outputs = {}
