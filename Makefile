@@ -79,6 +79,7 @@ bench: setup redis-server
 	$(BIN)/python -m benchmarks.registry
 	$(BIN)/python -m benchmarks.year
 	$(BIN)/python -m benchmarks.crash
+	$(BIN)/python -m benchmarks.security
 
 # Every benchmark at a tiny size (benchmarks.gpu on the CPU): each must complete and write its JSON.
 # .ci/run runs it, so that no benchmark breaks unseen; the figures are not looked at.

@@ -40,6 +40,7 @@ BENCHMARKS = (
     "anomaly_variants",
     "embed",
     "history",
+    "security",
 )
 AT_A_TIME = 3
 

@@ -10,6 +10,7 @@ wherever it shows up.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -29,9 +30,13 @@ def redact(text: str) -> str:
     """The text with every credential in it replaced by ***."""
     if not text:
         return text
-    text = _URI_PASSWORD.sub(rf"\g<1>{MASK}@", text)
-    text = _SECRET_PAIR.sub(rf"\g<1>\g<2>{MASK}", text)
-    text = _SECRET_JSON.sub(rf"\g<1>\g<2>{MASK}", text)
+    # each pattern only where its anchor character is: this runs for every log record
+    if "@" in text:
+        text = _URI_PASSWORD.sub(rf"\g<1>{MASK}@", text)
+    if "=" in text:
+        text = _SECRET_PAIR.sub(rf"\g<1>\g<2>{MASK}", text)
+    if '"' in text:
+        text = _SECRET_JSON.sub(rf"\g<1>\g<2>{MASK}", text)
     for value in _secret_values():
         text = text.replace(value, MASK)
     return text
@@ -53,17 +58,31 @@ def redact_values(value: Any) -> Any:
     return value
 
 
-def _secret_values() -> list[str]:
+def _secret_values() -> tuple[str, ...]:
     """Values of the environment's credential variables (8 characters or more: shorter ones would mask
-    ordinary words), longest first, and the passwords inside its connection strings."""
-    values = [v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8]
-    for name in _CONNECTION_ENV:
-        connection = os.environ.get(name, "")
+    ordinary words), longest first, and the passwords inside its connection strings. Cached on what
+    they are computed from: this runs for every log record."""
+    names = _credential_names(tuple(os.environ))
+    return _values(
+        tuple(os.environ.get(name, "") for name in names),
+        tuple(os.environ.get(name, "") for name in _CONNECTION_ENV),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _credential_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(name for name in names if _SECRET_ENV.search(name))
+
+
+@functools.lru_cache(maxsize=16)
+def _values(credentials: tuple[str, ...], connections: tuple[str, ...]) -> tuple[str, ...]:
+    values = list(credentials)
+    for connection in connections:
         for match in _URI_PASSWORD.finditer(connection):
             values.append(match.group(0)[len(match.group(1)) : -1])
         for match in _SECRET_PAIR.finditer(connection):
             values.append(match.group(0).split("=", 1)[1])
-    return sorted({v for v in values if len(v) >= 8}, key=len, reverse=True)
+    return tuple(sorted({v for v in values if len(v) >= 8}, key=len, reverse=True))
 
 
 class _RedactingRecords:
