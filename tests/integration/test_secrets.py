@@ -65,6 +65,8 @@ def credentialed(trained, s3_endpoint, tmp_path_factory):
             "PGPASSWORD": pg_password,
             "AWS_SECRET_ACCESS_KEY": aws_secret,
             "VAE_MANIFEST_HMAC_KEY": hmac_key,
+            # the jobs' 15 s default is for a server that is down; this one is slow when the machine is busy
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "120",
         }
         train_config = trained["config"].model_dump(mode="json") | {
             "model_root": str(work / "models"),
@@ -183,6 +185,8 @@ def test_mlflow_basic_auth_tracks_and_registers_with_credentials(credentialed):
     client = MlflowClient(f"http://{PUBLISHER}:{secret}@{host}")
     (version,) = client.search_model_versions("name = 'vae-item'")
     run = client.get_run(version.run_id)
+    train = credentialed["outputs"]["train"]
+    assert "untracked" not in train and "not registered" not in train, train[-3000:]
     assert run.info.status == "FINISHED" and float(run.data.params["epochs"]) == 2
     assert client.get_model_version_by_alias("vae-item", "champion").version == version.version
     # the version's manifest covers the files registering added, signed with the job's key
