@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, version_rows
-from helpers.servers import free_port, mlflow_server
+from helpers.servers import free_port
 
 from feast_embeddings.repo import EmbeddingsRepo
 from ray_jobs.config import EmbedConfig, PublishConfig
@@ -339,41 +339,6 @@ def test_an_unreachable_tracking_server_is_one_line_and_training_goes_on(
     with pytest.raises(InputError, match=f"MLflow tracking at {uri}: .*failed"):
         train(config.model_copy(update={"tracking_required": True, "seed": 5}))
     assert time.monotonic() - started < 60
-
-
-def test_a_tracking_server_over_http(ray_cluster, trained, tmp_path, monkeypatch):
-    import mlflow
-
-    with mlflow_server(str(tmp_path)) as url:
-        config = trained["config"].model_copy(
-            update={
-                "epochs": 2,
-                "tracking_uri": url,
-                "model_root": str(tmp_path / "models"),
-                "storage_path": str(tmp_path / "ray_results"),
-            }
-        )
-        version = train(config)
-        client = _client(url)
-        run = client.search_runs([client.get_experiment_by_name(MODEL).experiment_id])[0]
-        assert run.info.status == "FINISHED" and run.data.tags[VERSION_TAG] == version
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_negative_elbo")] == [1, 2]
-        # a server takes no local source: the folder went up as the run's artifact `model`
-        registered = client.get_model_version(MODEL, "1")
-        assert (
-            registered.source == f"runs:/{run.info.run_id}/model" and registered.tags[VERSION_TAG] == version
-        )
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        predicted = mlflow.pyfunc.load_model(f"models:/{MODEL}/1").predict(
-            pq.read_table(trained["data"]).to_pandas().head(50)
-        )
-        loaded = load_model_version(tmp_path / "models", version)
-        expected, _ = encode_matrix(
-            loaded.model,
-            loaded.normalizer,
-            features_to_numpy(pq.read_table(trained["data"]), loaded.features)[:50],
-        )
-        np.testing.assert_allclose(np.stack(predicted.latent), expected, atol=1e-6)
 
 
 def test_a_version_on_s3_is_registered_where_it_is(world, s3_endpoint, monkeypatch):

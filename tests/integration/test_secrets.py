@@ -1,8 +1,8 @@
-"""Credentials never leave the process: train, embed, publish and a daily pipeline step run as a user
-runs them (`vaectl`, each on its own local Ray cluster) with a password in every URI and credential
-variable (MLflow behind basic auth, Redis, PostgreSQL, S3, the manifest key), then every output, log,
-written file, Iceberg table, the Feast registry and MLflow's store are searched for each secret: no hit.
-And MLflow's basic auth: no credentials is one clear line; the right ones run, track and register."""
+"""Credentials never leave the process: train, embed and publish run as a user runs them (`vaectl`,
+each on its own local Ray cluster) with a password in every URI and credential variable (MLflow behind
+basic auth, Redis, PostgreSQL, S3, the manifest key), then every output, log, written file, Iceberg
+table, the Feast registry and MLflow's store are searched for each secret: no hit. And MLflow over HTTP
+behind basic auth: no credentials is one clear line; the right ones track, register and load."""
 
 import os
 import secrets
@@ -12,6 +12,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import REPO
@@ -93,12 +95,6 @@ def credentialed(trained, s3_endpoint, tmp_path_factory):
                 "--force",  # two epochs: the gate would refuse a collapsed space, which is not the point here
                 "true",
             ],
-            # the daily step on the next day: embed, monitor, publish, and its decision log
-            "pipeline": [
-                "pipeline",
-                *("--data", str(trained["data"]), "--batch", "day2", "--feature-repo", str(repo)),
-                *("--model-root", str(work / "models"), "--permutations", "50", "--exit-codes", "false"),
-            ],
         }
         outputs = {}
         for name, arguments in steps.items():
@@ -107,6 +103,7 @@ def credentialed(trained, s3_endpoint, tmp_path_factory):
             assert result.returncode == 0, f"{name} failed:\n{outputs[name][-3000:]}"
         yield {
             "work": work,
+            "data": trained["data"],
             "ray_temp": ray_temp,
             "outputs": outputs,
             "env": env,
@@ -177,8 +174,11 @@ def context(data: bytes, secret: str) -> str:
     return data[max(0, at - 120) : at + len(secret) + 60].decode(errors="replace").replace(secret, "<SECRET>")
 
 
-def test_mlflow_basic_auth_tracks_and_registers_with_credentials(credentialed):
+def test_mlflow_over_http_with_basic_auth_tracks_registers_and_loads(credentialed, monkeypatch):
     from mlflow import MlflowClient
+
+    from vae import encode_matrix, features_to_numpy, load_model_version
+    from vae.versions.mlflow_registry import load_pyfunc
 
     secret = credentialed["secrets"]["mlflow password"]
     host = credentialed["mlflow"].removeprefix("http://")
@@ -189,10 +189,25 @@ def test_mlflow_basic_auth_tracks_and_registers_with_credentials(credentialed):
     assert "untracked" not in train and "not registered" not in train, train[-3000:]
     assert run.info.status == "FINISHED" and float(run.data.params["epochs"]) == 2
     assert client.get_model_version_by_alias("vae-item", "champion").version == version.version
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_negative_elbo")] == [1, 2]
+    # a server takes no local source: the folder went up as the run's artifact `model`
+    assert version.source == f"runs:/{run.info.run_id}/model"
     # the version's manifest covers the files registering added, signed with the job's key
-    folder = credentialed["work"] / "models" / version.tags["vae.model_version"]
-    listed = yaml.safe_load((folder / "manifest.json").read_text())
+    name = version.tags["vae.model_version"]
+    listed = yaml.safe_load((credentialed["work"] / "models" / name / "manifest.json").read_text())
     assert {"MLmodel", "mlflow_pyfunc.py"} <= set(listed["files"]) and listed["signature"].startswith("hmac-")
+    # a consumer with the credentials and the manifest key loads the checked pyfunc from the server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    monkeypatch.setenv("VAE_MANIFEST_HMAC_KEY", credentialed["secrets"]["manifest key"])
+    frame = pq.read_table(credentialed["data"]).to_pandas().head(50)
+    predicted = load_pyfunc(f"models:/vae-item/{version.version}").predict(frame)
+    loaded = load_model_version(credentialed["work"] / "models", name)
+    expected, _ = encode_matrix(
+        loaded.model,
+        loaded.normalizer,
+        features_to_numpy(pq.read_table(credentialed["data"]), loaded.features)[:50],
+    )
+    np.testing.assert_allclose(np.stack(predicted.latent), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("credentials", ["none", "wrong"])
@@ -201,7 +216,9 @@ def test_mlflow_without_the_right_credentials_is_one_clear_line(credentialed, cr
     env["MLFLOW_TRACKING_URI"] = credentialed["mlflow"]
     if credentials == "wrong":
         env |= {"MLFLOW_TRACKING_USERNAME": PUBLISHER, "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
-    result = run(["train", "--config", str(credentialed["work"] / "train.yaml")], env, credentialed["work"])
+    # resolving a registry URI is the job's first call to MLflow, before Ray starts
+    arguments = ["embed", "--data", str(credentialed["data"]), "--model-version", "models:/vae-item@champion"]
+    result = run([*arguments, "--batch", "day3"], env, credentialed["work"], timeout=120)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
     expected = "wants credentials (401)" if credentials == "none" else "refused the credentials (401)"

@@ -155,7 +155,15 @@ class DecisionLog:
             if not new:
                 return []
             rows = pa.Table.from_pylist(
-                [{**d.__dict__, "detail": redact(json.dumps(d.detail, default=_plain))} for d in new], SCHEMA
+                [
+                    {
+                        **d.__dict__,
+                        "reason": redact(d.reason),
+                        "detail": redact(json.dumps(d.detail, default=_plain)),
+                    }
+                    for d in new
+                ],
+                SCHEMA,
             )
             table = self.table(create=True)
             try:

@@ -273,7 +273,12 @@ class Registry:
                     name, _, number = body.partition("/")
                     found = self.client.get_model_version(name, number)
             except Exception as error:
-                raise InputError(f"{uri}: not found in MLflow at {self.uri} ({first_line(error)})") from None
+                if _refused(error):
+                    raise  # one line from calls(): the credentials, not the name
+                where = redact(self.uri)
+                raise InputError(
+                    f"{uri}: not found in MLflow at {where} ({redact(first_line(error))})"
+                ) from None
         path = found.tags.get(PATH_TAG)
         if not path:
             raise InputError(

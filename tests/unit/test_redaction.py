@@ -70,3 +70,19 @@ def test_a_catalog_uri_with_a_password_is_refused_by_option_and_by_file(uri, tmp
     store.write_text(f"project: p\nvae_embeddings:\n    catalog: {uri}\n    warehouse: {tmp_path}/w\n")
     with pytest.raises(InputError, match="the catalog URI holds a password"):
         StoreSettings.read(store).open_catalog()
+
+
+def test_the_decision_log_stores_no_credential(tmp_path):
+    """The pipeline's decisions name data, reports and errors: what they carry is redacted when written."""
+    from vae.embeddings.catalog import EmbeddingsCatalog
+    from vae.pipeline.decisions import Decision, DecisionLog
+
+    catalog = EmbeddingsCatalog(f"sqlite:///{tmp_path / 'catalog.db'}", str(tmp_path / "warehouse"))
+    failed = "online store: redis.internal:6379,password=decision-secret refused"
+    detail = {"report": "http://u:decision-secret@reports/day-1.html", "rows": 10}
+    DecisionLog(catalog, "item").append([Decision("d1", "embedded", "v1", failed, detail)], step="d1")
+    (stored,) = DecisionLog(catalog, "item").read()
+    assert stored.reason == "online store: redis.internal:6379,password=*** refused"
+    assert stored.detail == {"report": "http://u:***@reports/day-1.html", "rows": 10}
+    stored_files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert b"decision-secret" not in stored_files
