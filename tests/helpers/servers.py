@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 
 _PORTS_GIVEN: set[int] = set()
@@ -278,4 +279,35 @@ def mlflow_server(directory: str, users: tuple[str, str] | None = None) -> Itera
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, 15)
         process.wait(timeout=30)
+        log.close()
+
+
+@contextlib.contextmanager
+def feast_serve(repo, *options: str, env: dict | None = None) -> Iterator[str]:
+    """Yield the URL of a real `feast serve` of a feature repo on 127.0.0.1 (its output in
+    <repo>/serve.log), once /health answers."""
+    port = free_port()
+    feast = shutil.which("feast", path=os.path.dirname(sys.executable)) or "feast"
+    log_path = os.path.join(repo, "serve.log")
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    command = [feast, "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log", *options]
+    server = subprocess.Popen(
+        command, cwd=repo, env=env or os.environ.copy(), stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    with open(log_path) as output:
+                        raise RuntimeError(f"feast serve did not start: {output.read()[-2000:]}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
         log.close()

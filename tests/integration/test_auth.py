@@ -5,8 +5,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import REPO, use_catalog
 from helpers.oidc import CLIENT_ID, new_key, oidc_provider
-from helpers.servers import free_port
+from helpers.servers import feast_serve, free_port
 
 from feast_embeddings import EmbeddingsRepo
 from ray_jobs.config import PublishConfig
@@ -59,35 +57,9 @@ def secured(versions, tmp_path_factory):
         yaml_path = repo / "feature_store.yaml"
         text = yaml_path.read_text()
         yaml_path.write_text(text.replace("auth:\n    type: no_auth\n", oidc_block(provider.discovery_url)))
-        port = free_port()
-        feast = shutil.which("feast", path=str(Path(sys.executable).parent)) or "feast"
         env = {k: v for k, v in os.environ.items() if k != "INTRA_COMMUNICATION_BASE64"}
-        log = open(repo / "serve.log", "w")  # noqa: SIM115 - closed below
-        server = subprocess.Popen(
-            [feast, "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log", "-w", "1"],
-            cwd=repo,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/health", timeout=2)
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"feast serve did not start: {(repo / 'serve.log').read_text()[-2000:]}"
-                        ) from None
-                    time.sleep(0.5)
+        with feast_serve(repo, "-w", "1", env=env) as url:
             yield url, repo, provider, versions["names"][0]
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-            log.close()
 
 
 def values(body: dict) -> dict:

@@ -2,17 +2,11 @@
 SDK's, for a pinned version and for the "current" service, and 16 concurrent clients get no errors."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.servers import free_port
+from helpers.servers import feast_serve
 
 from benchmarks.common import http_load
 from feast_embeddings import EmbeddingsRepo, fetch_online
@@ -35,45 +29,10 @@ def served(versions, feature_repo):
             verify_rows=0,
         )
     )
-    port = free_port()
-    feast = shutil.which("feast", path=str(Path(sys.executable).parent)) or "feast"
     # --max-requests 0: gunicorn's default recycles the worker every ~1000 requests, resetting open
     # connections
-    server = subprocess.Popen(
-        [
-            feast,
-            "serve",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--no-access-log",
-            "-r",
-            "2",
-            "--max-requests",
-            "0",
-        ],
-        cwd=feature_repo,
-        env=os.environ.copy(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"feast serve did not start: {server.stderr.read()[-2000:]}") from None
-                time.sleep(0.5)
+    with feast_serve(feature_repo, "-r", "2", "--max-requests", "0") as url:
         yield url, feature_repo
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_http_values_equal_the_sdk_and_survive_16_clients(served, versions):

@@ -276,12 +276,12 @@ def read_manifest(where: str) -> dict[str, str] | None:
     return manifest.parse(where, data)
 
 
-def verify_folder(where: str, already_read: dict[str, bytes] | None = None) -> None:
-    """Refuse a version folder with a file changed, added or missing against its manifest, naming it
-    (a no-op for a folder saved before manifests)."""
+def verify_folder(where: str, already_read: dict[str, bytes] | None = None) -> dict[str, str] | None:
+    """Refuse a version folder with a file changed, added or missing against its manifest, naming it;
+    the files the manifest lists (None, and nothing checked, for a folder saved before manifests)."""
     listed = read_manifest(where)
     if listed is None:
-        return
+        return None
     fs, path = filesystem(where)
     hashes = {}
     with storage_errors(where):
@@ -292,6 +292,7 @@ def verify_folder(where: str, already_read: dict[str, bytes] | None = None) -> N
             data = (already_read or {}).get(name)
             hashes[name] = manifest.sha256(data if data is not None else fs.cat_file(found))
     manifest.check_files(where, listed, hashes)
+    return listed
 
 
 def load_reference(version: ModelVersionInfo) -> dict[str, np.ndarray] | None:
@@ -387,8 +388,7 @@ def resign_model_version(model_root: str | os.PathLike, version: str) -> None:
     """Sign a version's manifest again with the environment's signing key (key rotation): only a folder
     that matches its manifest, under a signature one of the accepted keys verifies, is re-signed."""
     info = read_model_version_info(model_root, version)
-    verify_folder(info.path)
-    listed = read_manifest(info.path)
+    listed = verify_folder(info.path)
     if listed is None:
         raise manifest.ManifestError(
             f"model version {info.path} has no manifest to sign (saved before manifests)"
