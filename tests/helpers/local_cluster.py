@@ -67,14 +67,15 @@ def _node_ports() -> list[str]:
 
 @contextlib.contextmanager
 def local_cluster(
-    work: Path, head_cpus: int, nodes: list[dict], timeout: float = 150
+    work: Path, head_cpus: int, nodes: list[dict], timeout: float = 150, environment: dict | None = None
 ) -> Iterator[LocalCluster]:
-    """nodes: one dict per joined node, e.g. {"num_cpus": 2, "num_gpus": 1, "resources": {...}}."""
+    """nodes: one dict per joined node, e.g. {"num_cpus": 2, "num_gpus": 1, "resources": {...}};
+    environment: the nodes' environment (their workers inherit it), this process's by default."""
     ray = str(Path(sys.executable).parent / "ray")
     token = secrets.token_hex(32)
     token_path = work / "auth_token"
     token_path.write_text(token)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env = {k: v for k, v in (environment or os.environ).items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env |= {
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path),
@@ -115,30 +116,44 @@ def local_cluster(
         _wait(
             lambda: len(cluster.nodes()) == 1, timeout, "the head node", work / "head.log", cluster.processes
         )
-        for index, node in enumerate(nodes):
-            cluster.processes.append(
-                _start(
-                    [
-                        ray,
-                        "start",
-                        f"--address={cluster.gcs_address}",
-                        f"--num-cpus={node['num_cpus']}",
-                        f"--num-gpus={node.get('num_gpus', 0)}",
-                        f"--resources={json.dumps(node.get('resources', {}))}",
-                        *_node_ports(),
-                        *common,
-                    ],
-                    env,
-                    work / f"node{index}.log",
-                )
+
+        def join(index: int, node: dict) -> subprocess.Popen:
+            return _start(
+                [
+                    ray,
+                    "start",
+                    f"--address={cluster.gcs_address}",
+                    f"--num-cpus={node['num_cpus']}",
+                    f"--num-gpus={node.get('num_gpus', 0)}",
+                    f"--resources={json.dumps(node.get('resources', {}))}",
+                    *_node_ports(),
+                    *common,
+                ],
+                env,
+                work / f"node{index}.log",
             )
-        _wait(
-            lambda: sum(n["state"] == "ALIVE" for n in cluster.nodes()) == 1 + len(nodes),
-            timeout,
-            "the nodes",
-            work / "node0.log",
-            cluster.processes,
-        )
+
+        cluster.processes.extend(join(index, node) for index, node in enumerate(nodes))
+        for retries_left in reversed(range(3)):
+            try:
+                _wait(
+                    lambda: sum(n["state"] == "ALIVE" for n in cluster.nodes()) == 1 + len(nodes),
+                    timeout,
+                    "the nodes",
+                    work / "node0.log",
+                    cluster.processes,
+                )
+                break
+            except RuntimeError:
+                # A joining `ray start` gives up when the GCS answers slowly (Ray waits 30 s for its
+                # raylet to register, a fixed limit): on a busy 2-core machine that happened once. Start
+                # the nodes that gave up again; a head that exited, or no retries left, is a failure.
+                exited = [i for i, p in enumerate(cluster.processes) if i > 0 and p.poll() is not None]
+                if not exited or not retries_left or cluster.processes[0].poll() is not None:
+                    raise
+                for i in exited:
+                    stop([cluster.processes[i]])
+                    cluster.processes[i] = join(i - 1, nodes[i - 1])
         yield cluster
     finally:
         stop(cluster.processes)
@@ -146,7 +161,7 @@ def local_cluster(
 
 def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     # Its own process group: everything this node starts (GCS, raylet, workers, job drivers) is in it.
-    with open(log, "wb") as output:
+    with open(log, "ab") as output:  # a restarted node's log follows its first try
         return subprocess.Popen(
             command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -170,9 +185,10 @@ def stop(processes: list[subprocess.Popen], grace: float = 20) -> None:
 
     members = set()
     for process in processes:
-        with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
-            group = os.getpgid(process.pid)
-            members.update(p for p in psutil.process_iter() if _group(p) == group)
+        # `_start` made each process its group's leader: the group outlives a leader that exited
+        group = process.pid
+        members.update(p for p in psutil.process_iter() if _group(p) == group)
+        with contextlib.suppress(psutil.NoSuchProcess):
             # and descendants in other groups (a job's driver gets its own session)
             members.update(psutil.Process(process.pid).children(recursive=True))
     for process in reversed(processes):

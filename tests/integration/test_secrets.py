@@ -1,8 +1,9 @@
-"""Credentials never leave the process: train, embed and publish run as a user runs them (`vaectl`,
-each on its own local Ray cluster) with a password in every URI and credential variable (MLflow behind
-basic auth, Redis, PostgreSQL, S3, the manifest key), then every output, log, written file, Iceberg
-table, the Feast registry and MLflow's store are searched for each secret: no hit. And MLflow over HTTP
-behind basic auth: no credentials is one clear line; the right ones track, register and load."""
+"""Credentials never leave the process: train, embed and publish run as a user runs them (`vaectl`, on
+a local Ray cluster started with the credentials) with a password in every URI and credential variable
+(MLflow behind basic auth, Redis, PostgreSQL, S3, the manifest key), then every output, log, written
+file, Iceberg table, the Feast registry and MLflow's store are searched for each secret: no hit. And
+MLflow over HTTP behind basic auth: no credentials is one clear line; the right ones track, register
+and load."""
 
 import os
 import secrets
@@ -18,6 +19,7 @@ import pytest
 import yaml
 from conftest import REPO
 from helpers.cli import vaectl_command
+from helpers.local_cluster import local_cluster
 from helpers.servers import mlflow_server, postgres_server, redis_server, with_redis_online_store
 
 PUBLISHER = "vae-publisher"
@@ -97,10 +99,13 @@ def credentialed(trained, s3_endpoint, tmp_path_factory):
             ],
         }
         outputs = {}
-        for name, arguments in steps.items():
-            result = run(arguments, env, work)
-            outputs[name] = result.stdout + result.stderr
-            assert result.returncode == 0, f"{name} failed:\n{outputs[name][-3000:]}"
+        # One Ray cluster for the three steps, started with the credentials as a deployment's pods get
+        # them (its workers inherit its environment); its logs are under ray_temp with the drivers'.
+        with local_cluster(work, head_cpus=2, nodes=[], environment=env) as cluster:
+            for name, arguments in steps.items():
+                result = run(arguments, {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}, work)
+                outputs[name] = result.stdout + result.stderr
+                assert result.returncode == 0, f"{name} failed:\n{outputs[name][-3000:]}"
         yield {
             "work": work,
             "data": trained["data"],

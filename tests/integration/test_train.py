@@ -187,26 +187,6 @@ def test_streaming_from_ray_data_trains_on_the_same_split(ray_cluster, digits_pa
     assert loaded.metadata["metrics"]["iw_nll"] is None
 
 
-def test_a_run_name_cannot_resume_a_different_model(ray_cluster, digits_parquet, tmp_path):
-    base = {
-        "data": str(digits_parquet),
-        "vector_column": "pixels",
-        "hidden_dims": [16],
-        "epochs": 1,
-        "iw_samples": 0,
-        "report_rows": 0,
-        "run_name": "shared",
-        "storage_path": str(tmp_path / "ray_results"),
-        "model_root": str(tmp_path / "models"),
-    }
-    train(TrainConfig(**base, latent_dim=4))
-    with pytest.raises(Exception) as raised:
-        train(TrainConfig(**base, latent_dim=6))
-    error = find_input_error(raised.value)
-    assert error is not None and "run 'shared'" in str(error) and "different model" in str(error)
-    assert len(list((tmp_path / "models").iterdir())) == 1
-
-
 @pytest.mark.parametrize(
     ("update", "message"),
     [
@@ -279,29 +259,38 @@ def test_default_run_reports_to_ray_train_once_and_keeps_every_epoch(trained):
     assert len(history) == 6 and metrics["best_epoch"] == 1 + int(np.argmin(history))
 
 
-def test_a_run_with_another_beta_keeps_the_best_epoch_of_the_loss_it_trains_on(
-    ray_cluster, digits_parquet, tmp_path
-):
-    """beta 8 warmed up over the run (the anomaly recipe): the -ELBO prefers an early epoch, before the
-    KL weight reached 8; the version keeps the epoch with the best reconstruction + 8 * KL."""
+@pytest.fixture(scope="module")
+def beta_run(ray_cluster, digits_parquet, tmp_path_factory) -> dict:
+    """One named run, shared by three tests (each training run costs half a minute of Ray Train start-up):
+    beta 8 warmed up over the run (the anomaly recipe), a checkpoint every 2 epochs and at the end."""
+    work = tmp_path_factory.mktemp("beta_run")
     config = TrainConfig(
         data=str(digits_parquet),
         vector_column="pixels",
         latent_dim=4,
         hidden_dims=[32],
-        epochs=8,
+        epochs=7,
         batch_size=32,
         learning_rate=1e-2,
         beta=8.0,
         kl_warmup_epochs=6,
         lr_schedule="constant",
         early_stopping_patience=0,
+        checkpoint_every=2,
+        keep_checkpoints=10,
         iw_samples=0,
         report_rows=0,
-        model_root=str(tmp_path / "models"),
-        storage_path=str(tmp_path / "ray_results"),
+        model_root=str(work / "models"),
+        storage_path=str(work / "ray_results"),
+        run_name="every-2",
     )
-    metrics = load_model_version(tmp_path / "models", train(config)).metadata["metrics"]
+    return {"config": config, "work": work, "version": train(config)}
+
+
+def test_a_run_with_another_beta_keeps_the_best_epoch_of_the_loss_it_trains_on(beta_run):
+    """The -ELBO prefers an early epoch, before the KL weight reached 8; the version keeps the epoch
+    with the best reconstruction + 8 * KL."""
+    metrics = load_model_version(beta_run["work"] / "models", beta_run["version"]).metadata["metrics"]
     history = metrics["history"]
     loss = [h["val_reconstruction"] + 8.0 * h["val_kl"] for h in history]
     elbo = [h["val_negative_elbo"] for h in history]
@@ -309,32 +298,30 @@ def test_a_run_with_another_beta_keeps_the_best_epoch_of_the_loss_it_trains_on(
     assert np.argmin(elbo) < np.argmin(loss)  # the two criteria disagree here, so the test tells them apart
 
 
-def test_checkpoints_at_checkpoint_epochs_and_at_the_end(ray_cluster, digits_parquet, tmp_path):
-    config = TrainConfig(
-        data=str(digits_parquet),
-        vector_column="pixels",
-        latent_dim=4,
-        hidden_dims=[32],
-        epochs=5,
-        batch_size=32,
-        checkpoint_every=2,
-        keep_checkpoints=10,
-        iw_samples=0,
-        report_rows=0,
-        model_root=str(tmp_path / "models"),
-        storage_path=str(tmp_path / "ray_results"),
-        run_name="every-2",
-    )
-    train(config)
+def test_checkpoints_at_checkpoint_epochs_and_at_the_end(beta_run):
     states = [
         json.loads((c / "state.json").read_text())
-        for c in (tmp_path / "ray_results" / "every-2").glob("checkpoint_*")
+        for c in (beta_run["work"] / "ray_results" / "every-2").glob("checkpoint_*")
         if c.is_dir()
     ]
-    assert sorted(s["epoch"] for s in states) == [2, 4, 5]
+    assert sorted(s["epoch"] for s in states) == [2, 4, 6, 7]
     # each checkpoint holds the history up to its epoch; the final one is marked final
-    assert sorted(len(s["history"]) for s in states) == [2, 4, 5]
-    assert [s["final"] is not None for s in sorted(states, key=lambda s: s["epoch"])] == [False, False, True]
+    assert sorted(len(s["history"]) for s in states) == [2, 4, 6, 7]
+    assert [s["final"] is not None for s in sorted(states, key=lambda s: s["epoch"])] == [
+        False,
+        False,
+        False,
+        True,
+    ]
+
+
+def test_a_run_name_cannot_resume_a_different_model(beta_run):
+    other_model = beta_run["config"].model_copy(update={"latent_dim": 6})
+    with pytest.raises(Exception) as raised:
+        train(other_model)
+    error = find_input_error(raised.value)
+    assert error is not None and "run 'every-2'" in str(error) and "different model" in str(error)
+    assert len(list((beta_run["work"] / "models").iterdir())) == 1
 
 
 def test_the_workers_reference_is_the_validation_rows_encoded_by_the_best_weights(trained):
@@ -432,7 +419,8 @@ from ray_jobs.train import train
 from vae import load_model_version
 
 work = sys.argv[1]
-rows, dim = 80_000, 512  # 164 MB of float32 features against a 100 MB object store
+# 164 MB of float32 features against a 100 MB object store, in few wide rows: Ray Data's cost is per row
+rows, dim = 20_000, 2048
 generator = np.random.default_rng(0)
 for part in range(8):
     vectors = generator.standard_normal((rows // 8, dim), dtype=np.float32)
@@ -469,5 +457,5 @@ def test_streaming_trains_on_a_dataset_larger_than_the_object_store(tmp_path):
         int(done.stdout.rsplit(" ", 1)[1]),
     )
     # both epochs streamed every training row (Ray's equal split drops at most one per worker)
-    assert len(rows) == 2 and all(80_000 - validation_rows - 2 <= r <= 80_000 - validation_rows for r in rows)
-    assert 7_000 < validation_rows < 9_000
+    assert len(rows) == 2 and all(20_000 - validation_rows - 2 <= r <= 20_000 - validation_rows for r in rows)
+    assert 1_700 < validation_rows < 2_300
