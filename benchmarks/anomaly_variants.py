@@ -8,6 +8,8 @@ row several ways; IsolationForest in the same run. Variants:
     robust-z2      the recipe in README today: robust/log transforms, latent 2, -ELBO at the posterior mean
     robust         the same with latent 8
     quantile       quantile transforms (normal scores), latent 8: heavy tails and point masses tamed
+    asinh-z2       the recipe with the asinh transform (robust scaling, then a signed log of the tails)
+    asinh          the same with latent 8
     knn            the robust model's posterior mean: mean distance to its 10 nearest validation rows
     max3 / mean3   robust, quantile and knn, each as its quantile among the validation rows (never
                    trained on), combined by max (a row is as unusual as its most unusual view) or mean
@@ -82,12 +84,16 @@ def variants(table: pa.Table, seed: int, epochs: int) -> dict[str, np.ndarray]:
     today, _ = view(table, "auto", validation, seed, 2, epochs)
     robust, posterior_mean = view(table, "auto", validation, seed, 8, epochs)
     quantile, _ = view(table, "quantile", validation, seed, 8, epochs)
+    asinh_z2, _ = view(table, "asinh", validation, seed, 2, epochs)
+    asinh, _ = view(table, "asinh", validation, seed, 8, epochs)
     knn = knn_distance(posterior_mean, posterior_mean[validation])
     views = np.stack([calibrated(s, validation) for s in (robust, quantile, knn)])
     return {
         "robust-z2": today,
         "robust": robust,
         "quantile": quantile,
+        "asinh-z2": asinh_z2,
+        "asinh": asinh,
         "knn": knn,
         "max3": views.max(axis=0) + 1e-3 * views.mean(axis=0),  # ties at the top broken by the mean
         "mean3": views.mean(axis=0),

@@ -326,12 +326,13 @@ class MixedTable(Section):
         description="a column's kind where the Parquet type does not say it (inferred: bool -> "
         "binary, string/dictionary -> categorical, numbers -> numeric), e.g. {merchant_id: categorical}",
     )
-    numeric_transform: Literal["auto", "robust", "standard", "log", "quantile"] = Field(
+    numeric_transform: Literal["auto", "robust", "asinh", "standard", "log", "quantile"] = Field(
         "auto",
         description="numeric columns' transform before their Gaussian (auto: robust median/IQR "
-        "scaling, log1p first for skewed non-negative columns)",
+        "scaling, log1p first for skewed non-negative columns; asinh: robust, then a signed log of "
+        "the tails)",
     )
-    column_transforms: dict[str, Literal["auto", "robust", "standard", "log", "quantile"]] = Field(
+    column_transforms: dict[str, Literal["auto", "robust", "asinh", "standard", "log", "quantile"]] = Field(
         {}, description="per-column numeric transforms, e.g. {amount: log}"
     )
     missing: Literal["model", "skip", "refuse"] = Field(

@@ -42,7 +42,8 @@ def decode_column(spec: ColumnSpec, codes: np.ndarray) -> pa.Array:
         return pa.array(names[index], pa.string())
     if spec.kind == "binary":
         return pa.array(codes == 1, mask=np.isnan(codes))
-    first = codes.astype(np.float64) * spec.scale + spec.center
+    scaled = codes.astype(np.float64)
+    first = (np.sinh(scaled) if spec.transform == "asinh" else scaled) * spec.scale + spec.center
     if spec.transform == "log":
         first = np.sign(first) * np.expm1(np.abs(first))
     elif spec.transform == "quantile":

@@ -3,7 +3,7 @@ training data, and the conversion of Arrow batches to the model's per-column cod
 
 A table's rows become a float32 matrix with one column per table column ("codes"):
 
-    numeric      the transformed value (robust / standard / log / quantile, fitted at training)
+    numeric      the transformed value (robust / asinh / standard / log / quantile, fitted at training)
     binary       0 or 1
     categorical  the category's index in the fitted vocabulary; len(categories) is the "other" bucket
     any          NaN where the value is missing (null, or NaN in a float column)
@@ -28,9 +28,9 @@ from vae.data.ranges import BEYOND_FLOAT32, beyond_float32
 from vae.errors import InputError
 
 Kind = Literal["numeric", "binary", "categorical"]
-Transform = Literal["auto", "robust", "standard", "log", "quantile"]
+Transform = Literal["auto", "robust", "asinh", "standard", "log", "quantile"]
 KINDS = ("numeric", "binary", "categorical")
-TRANSFORMS = ("auto", "robust", "standard", "log", "quantile")
+TRANSFORMS = ("auto", "robust", "asinh", "standard", "log", "quantile")
 OTHER = "<other>"  # the bucket of categories outside the vocabulary
 SAMPLE_ROWS = 20_000  # rows of the bottom-k key-hash sample that numeric transforms are fitted on
 QUANTILE_KNOTS = 201
@@ -44,7 +44,7 @@ class ColumnSpec:
 
     name: str
     kind: Kind
-    transform: str = "none"  # numeric: robust, standard, log or quantile (auto resolves to one of them)
+    transform: str = "none"  # numeric: robust, asinh, standard, log or quantile (auto: robust or log)
     center: float = 0.0  # numeric: subtracted after the transform's first step ...
     scale: float = 1.0  # ... then divided by
     knots: tuple[float, ...] = ()  # quantile: the training sample's quantiles, mapped to normal scores
@@ -164,7 +164,11 @@ def _category_codes(spec: ColumnSpec, column: pa.Array | pa.ChunkedArray) -> tup
 
 def _transform(spec: ColumnSpec, values: np.ndarray) -> np.ndarray:
     """A numeric column's fitted transform; NaN stays NaN (missing)."""
-    return (_first_step(spec.transform, values, spec.knots) - spec.center) / spec.scale
+    scaled = (_first_step(spec.transform, values, spec.knots) - spec.center) / spec.scale
+    # asinh: robust scaling, then a signed log past one robust scale, so that one column's heavy tail
+    # (a near-constant column: IQR tiny against its rare values) cannot outweigh every other column's
+    # surprise; the order of values is kept, so an extreme value is still the most surprising
+    return np.arcsinh(scaled) if spec.transform == "asinh" else scaled
 
 
 def _first_step(transform: str, values: np.ndarray, knots: tuple[float, ...]) -> np.ndarray:
@@ -369,7 +373,7 @@ def _fit_numeric(name: str, values: np.ndarray, transform: str) -> ColumnSpec:
         return ColumnSpec(name, "numeric", transform, 0.0, 1.0, knots)
     if transform == "standard":
         center, scale = float(first.mean()), float(first.std())
-    else:  # robust (and log, which scales robustly after log1p): median and IQR / 1.349 (= std if normal)
+    else:  # robust, asinh and log (after log1p): median and IQR / 1.349 (= std if normal)
         q25, center, q75 = (float(q) for q in np.quantile(first, [0.25, 0.5, 0.75]))
         scale = (q75 - q25) / 1.349
         if scale <= 1e-8 * max(1.0, abs(center)):  # mostly one value (e.g. zeros): fall back to the std
