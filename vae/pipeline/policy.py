@@ -138,7 +138,7 @@ def heldout_negative_elbo(scores: np.ndarray, metadata: dict) -> float:
     if metadata["architecture"]["likelihood"] == "gaussian":
         mean += float(np.sum(np.log(metadata["normalizer"]["scale"])))
     elif metadata["architecture"]["likelihood"] == "mixed":
-        # affine numeric transforms only: log and quantile columns stay in their transformed units
+        # affine numeric transforms only: log, quantile and asinh columns stay in their transformed units
         # (two versions compare exactly when they fitted the same transforms)
         columns = metadata["features"]["table"]["columns"]
         mean += sum(
