@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +30,7 @@ from vae.errors import InputError
 Kind = Literal["numeric", "binary", "categorical"]
 Transform = Literal["auto", "robust", "asinh", "standard", "log", "quantile"]
 KINDS = ("numeric", "binary", "categorical")
-TRANSFORMS = ("auto", "robust", "asinh", "standard", "log", "quantile")
+TRANSFORMS: tuple[str, ...] = get_args(Transform)
 OTHER = "<other>"  # the bucket of categories outside the vocabulary
 SAMPLE_ROWS = 20_000  # rows of the bottom-k key-hash sample that numeric transforms are fitted on
 QUANTILE_KNOTS = 201
