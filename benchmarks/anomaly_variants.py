@@ -5,10 +5,11 @@ Each seed trains small mixed-table VAEs with the library (vae.model, vae.losses)
 recipe does (10% key-hash validation split, KL warm-up, 5% trimmed loss), without Ray, and scores every
 row several ways; IsolationForest in the same run. Variants:
 
-    robust-z2      the recipe in README today: robust/log transforms, latent 2, -ELBO at the posterior mean
+    robust-z2      the recipe before 2026-12-07: robust/log transforms (benchmarks.anomaly.legacy_transforms),
+                   latent 2, -ELBO at the posterior mean
     robust         the same with latent 8
     quantile       quantile transforms (normal scores), latent 8: heavy tails and point masses tamed
-    asinh-z2       the recipe with the asinh transform (robust scaling, then a signed log of the tails)
+    asinh-z2       today's recipe: the asinh transform (robust scaling, then a signed log of the tails)
     asinh          the same with latent 8
     knn            the robust model's posterior mean: mean distance to its 10 nearest validation rows
     knn-asinh      the same over the asinh model's posterior mean
@@ -33,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from benchmarks.anomaly import DATA_DIR, ODDS, load_odds, odds_table
+from benchmarks.anomaly import DATA_DIR, ODDS, legacy_transforms, load_odds, odds_table
 from benchmarks.common import parse_args, save
 from vae.data.keys import is_validation, key_hash
 from vae.data.tabular import TableStats, fit_table
@@ -85,9 +86,12 @@ def trained(codes: np.ndarray, layout: tuple, train: np.ndarray, seed: int, late
 
 
 def view(table: pa.Table, transform: str, validation: np.ndarray, seed: int, latent: int, epochs: int):
-    """(-ELBO at the posterior mean, posterior mean) of every row under one transform."""
+    """(-ELBO at the posterior mean, posterior mean) of every row under one transform (robust-log: the
+    old auto's choice per column)."""
     kinds = tuple((name, "numeric") for name in table.column_names[1:])
-    schema = fit_table(TableStats.of(table, kinds, key_hash(table.column(0))), kinds, {}, transform)
+    chosen = legacy_transforms(table) if transform == "robust-log" else {}
+    stats = TableStats.of(table, kinds, key_hash(table.column(0)))
+    schema = fit_table(stats, kinds, chosen, "robust" if chosen else transform)
     codes = schema.codes(table)[0]
     model = trained(codes, schema.layout, ~validation, seed, latent, epochs)
     with torch.no_grad():
@@ -108,8 +112,8 @@ def calibrated(score: np.ndarray, validation: np.ndarray) -> np.ndarray:
 
 def variants(table: pa.Table, seed: int, epochs: int) -> dict[str, np.ndarray]:
     validation = is_validation(key_hash(table.column(0)), VALIDATION)
-    today, _ = view(table, "auto", validation, seed, 2, epochs)
-    robust, posterior_mean = view(table, "auto", validation, seed, 8, epochs)
+    before, _ = view(table, "robust-log", validation, seed, 2, epochs)
+    robust, posterior_mean = view(table, "robust-log", validation, seed, 8, epochs)
     quantile, _ = view(table, "quantile", validation, seed, 8, epochs)
     asinh_z2, _ = view(table, "asinh", validation, seed, 2, epochs)
     asinh, asinh_mean = view(table, "asinh", validation, seed, 8, epochs)
@@ -118,7 +122,7 @@ def variants(table: pa.Table, seed: int, epochs: int) -> dict[str, np.ndarray]:
     views = np.stack([calibrated(s, validation) for s in (robust, quantile, knn)])
     asinh_views = np.stack([calibrated(s, validation) for s in (asinh, quantile, knn_asinh)])
     return {
-        "robust-z2": today,
+        "robust-z2": before,
         "robust": robust,
         "quantile": quantile,
         "asinh-z2": asinh_z2,

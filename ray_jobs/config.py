@@ -332,9 +332,9 @@ class MixedTable(Section):
     )
     numeric_transform: NumericTransform = Field(
         "auto",
-        description="numeric columns' transform before their Gaussian (auto: robust median/IQR "
-        "scaling, log1p first for skewed non-negative columns; asinh: robust, then a signed log of "
-        "the tails)",
+        description="numeric columns' transform before their Gaussian (auto: asinh, i.e. robust "
+        "median/IQR scaling, then a signed log of the tails; robust: the scaling alone; log: log1p "
+        "first)",
     )
     column_transforms: dict[str, NumericTransform] = Field(
         {}, description="per-column numeric transforms, e.g. {amount: log}"

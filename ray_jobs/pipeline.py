@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import pyarrow as pa
+
 from feast_embeddings.repo import EmbeddingsRepo
 from feast_embeddings.versions import rollback, switch_current
 from ray_jobs import pushgateway
@@ -67,13 +69,15 @@ from vae.pipeline.policy import (
     heldout_check,
     pending_retrain,
     recorded,
+    table_schema,
     training_window,
     unlogged_rollback,
     unlogged_switch,
     watch_breach,
     watched_over,
 )
-from vae.versions.artifacts import list_model_versions, read_model_version_info
+from vae.storage import open_parquet_dataset
+from vae.versions.artifacts import ModelVersionInfo, list_model_versions, read_model_version_info
 from vae.versions.mlflow_registry import CHALLENGER, GATE_TAG, registered_model_name
 
 log = logging.getLogger("ray_jobs.pipeline")
@@ -413,7 +417,7 @@ def retrain(step: Step, champion: str, reason: str) -> None:
         step.decide("challenger_trained", challenger, f"on {len(window)} batches", champion=champion)
     name_challenger(step, challenger)
     backfill(step, champion, challenger)
-    passed, failures, report = gate_challenger(step, champion, challenger, [batch for batch, _ in window])
+    passed, failures, report = gate_challenger(step, champion, challenger, window)
     if not passed:
         step.decide("challenger_refused", challenger, "; ".join(failures), champion=champion, report=report)
         if registry := step.repo.model_registry:
@@ -496,6 +500,23 @@ def backfill(step: Step, champion: str, challenger: str) -> None:
     step.decide("backfilled", challenger, f"{len(batches)} batches, {rows:,} rows", champion=champion)
 
 
+def window_inputs(
+    window: list[tuple[str, str]], join_key: str, versions: tuple[ModelVersionInfo, ...]
+) -> pa.Table | None:
+    """The window's raw rows (key, batch_id and the numeric columns) that the held-out check needs to put
+    mixed tables' scores in raw units; None for vectors and images. The same data the challenger was
+    trained on, read on retraining days only."""
+    schemas = [schema for info in versions if (schema := table_schema(info.metadata)) is not None]
+    numeric = sorted({c.name for schema in schemas for c in schema.columns if c.kind == "numeric"})
+    if not schemas:
+        return None
+    parts = []
+    for batch, data in window:
+        part = open_parquet_dataset(data).to_table(columns=[join_key, *numeric])
+        parts.append(part.append_column("batch_id", pa.array([batch] * part.num_rows, pa.string())))
+    return pa.concat_tables(parts)
+
+
 def replayable(batches: list[Batch]) -> list[Batch]:
     """The batches a backfill embeds again: those with an input; the rows the encoding service embedded on
     request have none, and the daily batches that follow embed those items from their input again."""
@@ -506,16 +527,18 @@ def replayable(batches: list[Batch]) -> list[Batch]:
 
 
 def gate_challenger(
-    step: Step, champion: str, challenger: str, window: list[str]
+    step: Step, champion: str, challenger: str, window: list[tuple[str, str]]
 ) -> tuple[bool, list[str], str]:
-    """Collapse and drift of the challenger's window batches, movement against the champion on the same
-    entities, held-out -ELBO against the champion's on the same rows: (passed, failures, report)."""
+    """Collapse and drift of the challenger's window batches (batch, data), movement against the champion
+    on the same entities, held-out -ELBO against the champion's on the same rows: (passed, failures,
+    report)."""
     catalog, config = step.repo.catalog, step.config
     join_key = catalog.entity_set(step.entity).join_key
     tables = {v: catalog.table(step.entity, v) for v in (challenger, champion)}
     have = {b.batch_id for b in catalog.batches(tables[champion])}
-    shared = [batch for batch in window if batch in have]
-    rows = {v: catalog.read(t, [join_key, *SAMPLED_COLUMNS], batches=shared) for v, t in tables.items()}
+    shared = [batch for batch, _ in window if batch in have]
+    columns = [join_key, *SAMPLED_COLUMNS, "batch_id"]
+    rows = {v: catalog.read(t, columns, batches=shared) for v, t in tables.items()}
     samples = {
         v: LatentSample.of_table(rows[v], ".".join(tables[v].name()), config.sample_rows) for v in rows
     }
@@ -528,7 +551,8 @@ def gate_challenger(
         permutations=config.permutations,
     )
     champion_info = model_version_info(tables[champion], config.model_root)
-    check = heldout_check(rows, join_key, info, champion_info, config.elbo_margin)
+    inputs = window_inputs([(b, data) for b, data in window if b in have], join_key, (info, champion_info))
+    check = heldout_check(rows, join_key, info, champion_info, config.elbo_margin, inputs)
     report["checks"].append(check.__dict__)
     if not check.passed:
         report["failures"].append(f"{check.name}: {check.detail}")

@@ -55,6 +55,8 @@ def mixed(ray_cluster, tmp_path_factory) -> dict:
     config = TrainConfig(
         data=str(work / "data.parquet"),
         likelihood="mixed",
+        # amounts are multiplicative (lognormal per segment): log is their scale; the score gets auto
+        column_transforms={"amount": "log"},
         latent_dim=4,
         hidden_dims=[64, 32],
         epochs=30,
@@ -85,7 +87,7 @@ def test_the_schema_and_transforms_are_inferred_stored_and_applied_again(mixed):
     segment = table.columns[0]
     assert set(segment.categories) == set(SEGMENTS) and segment.width == 5  # + the other bucket
     transforms = {c.name: c.transform for c in table.columns if c.kind == "numeric"}
-    assert transforms == {"amount": "log", "score": "robust"}  # auto: log1p for the skewed amounts
+    assert transforms == {"amount": "log", "score": "asinh"}  # declared; auto: robust, then a signed log
     assert loaded.metadata["architecture"]["column_layout"] == [
         ["categorical", 5],
         ["numeric", 1],
@@ -102,6 +104,12 @@ def test_the_schema_and_transforms_are_inferred_stored_and_applied_again(mixed):
     np.testing.assert_allclose(
         codes[~np.isnan(amount), 1],
         (np.log1p(amount[~np.isnan(amount)]) - spec.center) / spec.scale,
+        rtol=1e-5,
+    )
+    score, spec = mixed["table"].column("score").to_numpy(), table.columns[3]
+    np.testing.assert_allclose(
+        codes[~np.isnan(score), 3],
+        np.arcsinh((score[~np.isnan(score)] - spec.center) / spec.scale),
         rtol=1e-5,
     )
     # the ELBO stays a likelihood in nats: the importance-weighted NLL bounds it from below

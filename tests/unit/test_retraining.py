@@ -305,13 +305,57 @@ def test_the_held_out_check_compares_both_versions_on_the_challengers_validation
     held_out = is_validation(key_hash(keys), 0.5)
     # the challenger is worse on training keys (which it memorized differently) but better held out
     scores = {"v2": np.where(held_out, 10.0, 99.0), "v1": np.full(200, 10.5)}
-    rows = {v: pa.table({"item_id": keys, "anomaly_score": s}) for v, s in scores.items()}
+    rows = {
+        v: pa.table({"item_id": keys, "anomaly_score": s, "batch_id": ["d1"] * 200})
+        for v, s in scores.items()
+    }
     check = heldout_check(rows, "item_id", new, old, margin=1.0)
     assert check.passed and check.value == pytest.approx(-0.5)
     assert check.detail.startswith("held-out -ELBO 10.00 vs champion 10.50 nats/example")
     rows["v2"] = rows["v2"].filter(pa.array(~held_out))  # no held-out row both embedded
     check = heldout_check(rows, "item_id", new, old, margin=1.0)
     assert not check.passed and check.detail == "no held-out rows both versions embedded"
+
+
+def test_the_held_out_check_compares_mixed_tables_in_raw_units_row_by_row():
+    """Two versions of a mixed table with different transforms (robust at scale 1, asinh at scale 10), each
+    scoring every row at the exact density of the raw values mapped into its own codes: in raw units they
+    are equal, whatever the transforms. An item embedded on two days is matched by key and batch."""
+    import pyarrow as pa
+
+    from vae.data.tabular import ColumnSpec, TableSchema
+    from vae.pipeline.policy import heldout_check
+    from vae.versions.artifacts import ModelVersionInfo
+
+    def version(name: str, transform: str, scale: float) -> tuple[ModelVersionInfo, TableSchema]:
+        schema = TableSchema((ColumnSpec("amount", "numeric", transform, 0.0, scale),))
+        metadata = {
+            "architecture": {"likelihood": "mixed"},
+            "training": {"validation_fraction": 1.0},
+            "features": {"table": schema.to_dict()},
+        }
+        return ModelVersionInfo(name, f"/m/{name}", metadata), schema
+
+    (new, new_schema), (old, old_schema) = version("v2", "asinh", 10.0), version("v1", "robust", 1.0)
+    rng = np.random.default_rng(0)
+    keys = np.tile(np.arange(100), 2)  # every item on two days, with different values
+    batches = ["d1"] * 100 + ["d2"] * 100
+    raw = pa.table({"item_id": keys, "batch_id": batches, "amount": rng.standard_normal(200) * 3})
+    true_nll = 0.5 * math.log(2 * math.pi) + 0.5 * raw.column("amount").to_numpy() ** 2
+    scores = {  # a code density that is the raw one carried over: -log p(code) = -log p(x) + log |dc/dx|
+        v.version: true_nll + schema.log_jacobian(raw) for v, schema in ((new, new_schema), (old, old_schema))
+    }
+    rows = {
+        v: raw.select(["item_id", "batch_id"]).append_column("anomaly_score", pa.array(s))
+        for v, s in scores.items()
+    }
+    order = np.argsort(-keys, kind="stable")  # the versions' tables list rows in other orders
+    rows["v1"] = rows["v1"].take(order)
+    check = heldout_check(rows, "item_id", new, old, margin=0.1, inputs=raw.take(order[::-1]))
+    assert check.value == pytest.approx(0.0, abs=1e-9)
+    assert check.detail.startswith(f"held-out -ELBO {true_nll.mean():.2f} vs champion {true_nll.mean():.2f}")
+    # without the rows' values the asinh version stays in its own units: a different answer
+    assert abs(heldout_check(rows, "item_id", new, old, margin=0.1).value) > 1.0
 
 
 def test_the_log_compacts_itself_so_a_year_of_appends_reads_as_a_few_files(catalog):

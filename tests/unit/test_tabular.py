@@ -56,7 +56,7 @@ def test_the_schema_survives_model_json_and_gives_the_same_codes():
     np.testing.assert_array_equal(features_to_numpy(data, again), features_to_numpy(data, features))
     city, amount, _ = schema.columns
     assert city.categories == ("oslo", "lima", "pune") and city.width == 4
-    assert amount.transform == "log"  # auto: skewed and non-negative
+    assert amount.transform == "asinh"  # auto: robust scaling, then a signed log of the tails
 
 
 def test_statistics_merge_the_same_in_any_order_and_split():
@@ -109,6 +109,30 @@ def test_asinh_keeps_the_order_tames_the_tail_and_decodes_back():
     assert list(codes) == sorted(codes) and codes[3] > codes[2]  # monotone: the extreme still ranks first
     decoded = decode_column(spec, codes[:3]).to_numpy(zero_copy_only=False)
     np.testing.assert_allclose(decoded, amounts[:3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("transform", ["robust", "standard", "log", "asinh", "quantile"])
+def test_the_log_jacobian_is_the_slope_of_each_transform_and_skips_missing_values(transform):
+    """Raw-units -log p = codes' -log p - log_jacobian: the slope of each transform at each value, checked
+    against a finite difference of the codes themselves; a missing value adds nothing."""
+    data = table(2000)
+    schema, features = fitted(data, default_transform=transform)
+    amounts = np.array([0.5, 5.0, 25.0, 80.0, 3e3, 1e5, math.nan])
+    step = 1e-4 * np.maximum(np.nan_to_num(amounts, nan=1.0), 1.0)  # within one quantile segment
+
+    def probe(values):
+        n = len(values)
+        return pa.table({"id": range(n), "city": ["oslo"] * n, "amount": values, "member": [True] * n})
+
+    def codes(values):
+        return features_to_numpy(probe(values), features)[:, 1].astype(np.float64)
+
+    slope = np.log(np.abs(codes(amounts + step) - codes(amounts - step)) / (2 * step))
+    found = schema.log_jacobian(probe(amounts))
+    np.testing.assert_allclose(found[:-1], slope[:-1], atol=2e-2)
+    assert found[-1] == 0.0
+    distinct = len(set(np.round(found[:-1], 3)))  # affine: one slope; the others: one per value
+    assert distinct == 1 if transform in ("robust", "standard") else distinct > 4
 
 
 def test_missing_values_are_nan_codes_and_unseen_categories_other_or_refused():

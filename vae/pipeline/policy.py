@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from vae.data.keys import is_validation, key_hash
+from vae.data.tabular import TableSchema
 from vae.monitoring.gate import Check
 from vae.pipeline.decisions import Decision, of_batch
 from vae.versions.artifacts import ModelVersionInfo
@@ -130,16 +131,21 @@ def watch_breach(health: BatchHealth, multiple: float) -> str | None:
     return f"batch {health.batch_id} against {health.model_version}'s own reference: " + "; ".join(problems)
 
 
-def heldout_negative_elbo(scores: np.ndarray, metadata: dict) -> float:
+def heldout_negative_elbo(
+    scores: np.ndarray, metadata: dict, log_jacobian: np.ndarray | None = None
+) -> float:
     """Mean negative ELBO (nats per example) of held-out rows, from their anomaly scores (the negative
     ELBO at the posterior mean, in the model's normalized space), in the raw data's units: a Gaussian
-    model's density of x is that of (x - offset) / scale divided by the product of the scales."""
+    model's density of x is that of (x - offset) / scale divided by the product of the scales. A mixed
+    table's transforms are not all affine (asinh, log, quantile): `log_jacobian` holds each row's
+    (vae.data.tabular.TableSchema.log_jacobian, from the rows' raw values), which makes it exact."""
+    if log_jacobian is not None and metadata["architecture"]["likelihood"] == "mixed":
+        return float(np.mean(scores - log_jacobian))
     mean = float(np.mean(scores))
     if metadata["architecture"]["likelihood"] == "gaussian":
         mean += float(np.sum(np.log(metadata["normalizer"]["scale"])))
     elif metadata["architecture"]["likelihood"] == "mixed":
-        # affine numeric transforms only: log, quantile and asinh columns stay in their transformed units
-        # (two versions compare exactly when they fitted the same transforms)
+        # without the rows' values: affine transforms only; the others stay in their transformed units
         columns = metadata["features"]["table"]["columns"]
         mean += sum(
             math.log(c["scale"])
@@ -149,30 +155,57 @@ def heldout_negative_elbo(scores: np.ndarray, metadata: dict) -> float:
     return mean
 
 
+def table_schema(metadata: dict) -> TableSchema | None:
+    """A version's mixed-table schema (None for vectors and images)."""
+    table = metadata["features"].get("table")
+    return TableSchema.from_dict(table) if table else None
+
+
 def heldout_check(
     rows: dict[str, pa.Table],
     join_key: str,
     challenger: ModelVersionInfo,
     champion: ModelVersionInfo,
     margin: float,
+    inputs: pa.Table | None = None,
 ) -> Check:
     """The gate's held-out check: both versions' -ELBO on the challenger's validation keys (never trained on
-    by it; the key-hash split is the same for both), from the rows each version embedded."""
+    by it; the key-hash split is the same for both), from the rows each version embedded, matched by key
+    and batch. `inputs`: the same batches' raw rows (key, batch_id, numeric columns), for mixed tables'
+    exact raw units (each version's own transforms' log-Jacobian at each row)."""
     fraction = challenger.metadata["training"]["validation_fraction"]
     held = {}
     for version, table in rows.items():
         table = table.filter(is_validation(key_hash(table.column(join_key)), fraction))
         held[version] = dict(
-            zip(table.column(join_key).to_pylist(), table.column("anomaly_score").to_pylist(), strict=True)
+            zip(row_ids(table, join_key), table.column("anomaly_score").to_pylist(), strict=True)
         )
     keys = sorted(held[challenger.version].keys() & held[champion.version].keys())
+    jacobians: dict[str, np.ndarray] = {}
+    if inputs is not None:
+        inputs = inputs.filter(is_validation(key_hash(inputs.column(join_key)), fraction))
+        position = {row: i for i, row in enumerate(row_ids(inputs, join_key))}
+        keys = [key for key in keys if key in position]
+        raw = inputs.take(pa.array([position[key] for key in keys], pa.int64()))
+        for info in (challenger, champion):
+            if (schema := table_schema(info.metadata)) is not None:
+                jacobians[info.version] = schema.log_jacobian(raw)
     if not keys:
         return Check("heldout_elbo", False, "no held-out rows both versions embedded", None)
     scores = {version: np.array([by_key[k] for k in keys], np.float64) for version, by_key in held.items()}
-    ours = heldout_negative_elbo(scores[challenger.version], challenger.metadata)
-    theirs = heldout_negative_elbo(scores[champion.version], champion.metadata)
+    ours = heldout_negative_elbo(
+        scores[challenger.version], challenger.metadata, jacobians.get(challenger.version)
+    )
+    theirs = heldout_negative_elbo(
+        scores[champion.version], champion.metadata, jacobians.get(champion.version)
+    )
     passed, detail = elbo_gate(ours, theirs, margin)
     return Check("heldout_elbo", passed, detail, ours - theirs)
+
+
+def row_ids(table: pa.Table, join_key: str) -> list[tuple]:
+    """(key, batch) of each row: an item embedded on several days is one row per day."""
+    return list(zip(table.column(join_key).to_pylist(), table.column("batch_id").to_pylist(), strict=True))
 
 
 def elbo_gate(challenger: float, champion: float, margin: float) -> tuple[bool, str]:
