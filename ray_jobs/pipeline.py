@@ -507,9 +507,9 @@ def window_inputs(
     mixed tables' scores in raw units; None for vectors and images. The same data the challenger was
     trained on, read on retraining days only."""
     schemas = [schema for info in versions if (schema := table_schema(info.metadata)) is not None]
-    numeric = sorted({c.name for schema in schemas for c in schema.columns if c.kind == "numeric"})
     if not schemas:
         return None
+    numeric = sorted({c.name for schema in schemas for c in schema.columns if c.kind == "numeric"})
     parts = []
     for batch, data in window:
         part = open_parquet_dataset(data).to_table(columns=[join_key, *numeric])
