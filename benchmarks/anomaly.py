@@ -199,6 +199,7 @@ def main() -> None:
                 x, y = load_odds(args.data_dir / f"{name}.mat")
                 table = odds_table(x)
             forest_x = forest_matrix(table)
+            legacy = {"column_transforms": legacy_transforms(table)}  # the mixed-robust-log recipe's
             runs = []
             for seed in range(args.seeds):
                 run: dict = {"seed": seed}
@@ -212,9 +213,7 @@ def main() -> None:
                         continue  # strings and nulls: the gaussian recipe refuses the table
                     if recipe == "mixed-skip" and name in ODDS:
                         continue  # no missing values: the same model as mixed
-                    settings = RECIPES[recipe]
-                    if recipe == "mixed-robust-log":
-                        settings = settings | {"column_transforms": legacy_transforms(table)}
+                    settings = RECIPES[recipe] | (legacy if recipe == "mixed-robust-log" else {})
                     with tempfile.TemporaryDirectory() as work:
                         seconds, scores = timed(
                             lambda: vae_scores(table, Path(work), seed, args.epochs, settings)  # noqa: B023

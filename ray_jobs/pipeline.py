@@ -536,9 +536,9 @@ def gate_challenger(
     join_key = catalog.entity_set(step.entity).join_key
     tables = {v: catalog.table(step.entity, v) for v in (challenger, champion)}
     have = {b.batch_id for b in catalog.batches(tables[champion])}
-    shared = [batch for batch, _ in window if batch in have]
+    shared = [(batch, data) for batch, data in window if batch in have]
     columns = [join_key, *SAMPLED_COLUMNS, "batch_id"]
-    rows = {v: catalog.read(t, columns, batches=shared) for v, t in tables.items()}
+    rows = {v: catalog.read(t, columns, batches=[batch for batch, _ in shared]) for v, t in tables.items()}
     samples = {
         v: LatentSample.of_table(rows[v], ".".join(tables[v].name()), config.sample_rows) for v in rows
     }
@@ -551,7 +551,7 @@ def gate_challenger(
         permutations=config.permutations,
     )
     champion_info = model_version_info(tables[champion], config.model_root)
-    inputs = window_inputs([(b, data) for b, data in window if b in have], join_key, (info, champion_info))
+    inputs = window_inputs(shared, join_key, (info, champion_info))
     check = heldout_check(rows, join_key, info, champion_info, config.elbo_margin, inputs)
     report["checks"].append(check.__dict__)
     if not check.passed:
