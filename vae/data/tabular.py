@@ -34,9 +34,9 @@ TRANSFORMS: tuple[str, ...] = get_args(Transform)
 OTHER = "<other>"  # the bucket of categories outside the vocabulary
 SAMPLE_ROWS = 20_000  # rows of the bottom-k key-hash sample that numeric transforms are fitted on
 QUANTILE_KNOTS = 201
-# auto: asinh for every numeric column. Measured against robust scaling with log1p for skewed
-# non-negative columns (benchmarks.anomaly_variants, docs/benchmarks.md): better anomaly ranking on 6 of
-# 8 public sets, and no skewness threshold: the signed log does for any tail what log1p did for a right one
+# auto: asinh for every numeric column: no skewness threshold, the signed log does for any tail what
+# log1p did for a right one. Against robust scaling with log1p for skewed non-negative columns, anomaly
+# ranking with the latent alive is a tie (docs/benchmarks.md, "Are the latents alive?")
 AUTO = "asinh"
 
 
