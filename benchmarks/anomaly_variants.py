@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import math
 from statistics import mean
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -101,6 +102,14 @@ def trained(
     return model.eval()
 
 
+class View(NamedTuple):
+    """One model's reading of every row."""
+
+    score: np.ndarray  # -ELBO at the posterior mean
+    posterior_mean: np.ndarray
+    active_units: int  # as the train job counts them: posterior-mean variance over validation rows > 0.01
+
+
 def view(
     table: pa.Table,
     transform: str,
@@ -109,10 +118,8 @@ def view(
     latent: int,
     epochs: int,
     beta: float = 8.0,
-):
-    """(-ELBO at the posterior mean, posterior mean, active units) of every row under one transform
-    (robust-log: the old auto's choice per column). Active units as the train job counts them: latent
-    dimensions whose posterior mean varies over the validation rows (variance > 0.01)."""
+) -> View:
+    """Every row under one transform (robust-log: the old auto's choice per column)."""
     kinds = tuple((name, "numeric") for name in table.column_names[1:])
     chosen = legacy_transforms(table) if transform == "robust-log" else {}
     stats = TableStats.of(table, kinds, key_hash(table.column(0)))
@@ -122,7 +129,9 @@ def view(
     with torch.no_grad():
         terms = elbo_terms(model, torch.from_numpy(codes), sample=False)
     posterior_mean = terms.posterior.mean.numpy()
-    return terms.negative_elbo.numpy(), posterior_mean, active_units(posterior_mean[validation].var(axis=0))
+    return View(
+        terms.negative_elbo.numpy(), posterior_mean, active_units(posterior_mean[validation].var(axis=0))
+    )
 
 
 def knn_distance(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -139,24 +148,26 @@ def calibrated(score: np.ndarray, validation: np.ndarray) -> np.ndarray:
 def variants(table: pa.Table, seed: int, epochs: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Every variant's scores, and the active latent units of each model they come from."""
     validation = is_validation(key_hash(table.column(0)), VALIDATION)
-    before, _, units_before = view(table, "robust-log", validation, seed, 2, epochs)
-    robust, posterior_mean, units_robust = view(table, "robust-log", validation, seed, 8, epochs)
-    quantile, _, units_quantile = view(table, "quantile", validation, seed, 8, epochs)
-    asinh_z2, _, units_asinh_z2 = view(table, "asinh", validation, seed, 2, epochs)
-    asinh, asinh_mean, units_asinh = view(table, "asinh", validation, seed, 8, epochs)
-    # beta 1: the latent stays informative (beta 8 ends with no unit active on most of these sets)
-    alive, alive_mean, units_alive = view(table, "asinh", validation, seed, 8, epochs, beta=1.0)
-    knn = knn_distance(posterior_mean, posterior_mean[validation])
-    knn_asinh = knn_distance(asinh_mean, asinh_mean[validation])
-    knn_alive = knn_distance(alive_mean, alive_mean[validation])
+    models = {
+        "robust-z2": view(table, "robust-log", validation, seed, 2, epochs),
+        "robust": view(table, "robust-log", validation, seed, 8, epochs),
+        "quantile": view(table, "quantile", validation, seed, 8, epochs),
+        "asinh-z2": view(table, "asinh", validation, seed, 2, epochs),
+        "asinh": view(table, "asinh", validation, seed, 8, epochs),
+        # beta 1: the latent stays informative (beta 8 ends with no unit active on most of these sets)
+        "asinh-b1": view(table, "asinh", validation, seed, 8, epochs, beta=1.0),
+    }
+    knn, knn_asinh, knn_alive = (
+        knn_distance(models[name].posterior_mean, models[name].posterior_mean[validation])
+        for name in ("robust", "asinh", "asinh-b1")
+    )
+    robust, quantile, asinh, alive = (
+        models[name].score for name in ("robust", "quantile", "asinh", "asinh-b1")
+    )
     views = np.stack([calibrated(s, validation) for s in (robust, quantile, knn)])
     asinh_views = np.stack([calibrated(s, validation) for s in (asinh, quantile, knn_asinh)])
     scores = {
-        "robust-z2": before,
-        "robust": robust,
-        "quantile": quantile,
-        "asinh-z2": asinh_z2,
-        "asinh": asinh,
+        **{name: model.score for name, model in models.items() if name != "asinh-b1"},
         "knn": knn,
         "knn-asinh": knn_asinh,
         "max3": views.max(axis=0) + 1e-3 * views.mean(axis=0),  # ties at the top broken by the mean
@@ -166,15 +177,7 @@ def variants(table: pa.Table, seed: int, epochs: int) -> tuple[dict[str, np.ndar
         "knn-b1": knn_alive,
         "mean-b1": (calibrated(alive, validation) + calibrated(knn_alive, validation)) / 2,
     }
-    units = {
-        "robust-z2": units_before,
-        "robust": units_robust,
-        "quantile": units_quantile,
-        "asinh-z2": units_asinh_z2,
-        "asinh": units_asinh,
-        "asinh-b1": units_alive,
-    }
-    return scores, units
+    return scores, {name: model.active_units for name, model in models.items()}
 
 
 def against_forest(group: str, sets: list[dict]) -> dict:
